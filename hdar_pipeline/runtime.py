@@ -1,0 +1,103 @@
+"""Reproducibility and resource accounting shared by every method: seeds, threads, runtime, peak memory."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+
+def configure_threads(threads: int | None) -> None:
+    """Set thread counts for ITK (ANTs, SimpleITK), OpenMP/BLAS and torch.
+
+    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when it starts, so call this before the
+    first ITK filter runs; SimpleITK's global default is also set for an already-started ITK.
+    """
+    if not threads:
+        return
+    n = str(int(threads))
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = n
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
+    except Exception:  # pragma: no cover - SimpleITK is a hard dependency, but keep this best-effort
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    except Exception:  # pragma: no cover
+        pass
+
+
+def seed_everything(seed: int | None, *, deterministic: bool = False) -> None:
+    """Seed Python, numpy, torch and ANTs (``ANTS_RANDOM_SEED``, read by ANTs at each registration)."""
+    if seed is None:
+        return
+    os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@dataclass
+class RunInfo:
+    """What one registration cost: wall time (s) and peak resident memory (MiB) of this process."""
+
+    runtime_s: float = float("nan")
+    peak_memory_mb: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):  # pragma: no cover - non-Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def measure() -> Iterator[RunInfo]:
+    """Time a block and sample this process's resident memory (every 20 ms) for its peak.
+
+    ANTs and ITK allocate outside Python, so the resident set size is sampled rather than traced.
+    """
+    info = RunInfo()
+    peak = [_rss_mb()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], _rss_mb())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        yield info
+    finally:
+        info.runtime_s = time.perf_counter() - start
+        stop.set()
+        thread.join()
+        info.peak_memory_mb = max(peak[0], _rss_mb())

@@ -1,0 +1,408 @@
+"""The one Transform type of hdar-pipeline: an optional affine plus an optional displacement field.
+
+Conventions (those of ITK and ANTs)
+-----------------------------------
+* A :class:`Transform` maps points of the **fixed** (atlas) space to the **moving** (subject) space.
+  Warping the moving image into fixed space samples the moving image at the mapped points.
+* Points and displacement vectors are **LPS+ world coordinates in millimetres**.
+* The mapping of a fixed-space point ``p`` is ``T(p) = A @ (p + u(p))``: first the displacement
+  field ``u`` (defined on the fixed grid, linearly interpolated, constant beyond its border), then
+  the affine ``A`` (4x4, homogeneous). A missing part is the identity.
+* On disk this is exactly what ``ants.apply_transforms(fixed, moving, transformlist=[warp, affine])``
+  and ``antsApplyTransforms -t warp.nii.gz -t affine.mat`` do: the displacement field is an ITK vector
+  NIfTI (LPS, mm) and the affine an ITK ``.mat``; :meth:`Transform.write` returns the file list in that
+  order. A composite ``.h5`` holds the same two transforms.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from .images import Grid, ImageError, new_image, to_sitk, grid_from_itk
+
+PathLike = str | os.PathLike
+Interpolation = Literal["linear", "nearest"]
+
+
+@dataclass
+class Transform:
+    """A fixed-to-moving point mapping ``T(p) = A @ (p + u(p))`` on a fixed grid.
+
+    Parameters
+    ----------
+    grid : Grid
+        The fixed-space grid: the domain of ``field`` and the grid that :meth:`apply` resamples onto.
+    affine : ndarray, shape (4, 4), optional
+        Homogeneous LPS affine applied after the field. ``None`` means identity.
+    field : ndarray, shape (*grid.shape, 3), optional
+        Displacement in mm (LPS components) at each fixed voxel. ``None`` means zero.
+    """
+
+    grid: Grid
+    affine: np.ndarray | None = None
+    field: np.ndarray | None = None
+    metadata: dict = dc_field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.affine is not None:
+            self.affine = np.asarray(self.affine, dtype=np.float64)
+            if self.affine.shape != (4, 4):
+                raise ValueError(f"affine must be 4x4, got {self.affine.shape}")
+        if self.field is not None:
+            self.field = np.asarray(self.field, dtype=np.float32)
+            if self.field.shape != (*self.grid.shape, 3):
+                raise ValueError(f"field must have shape {(*self.grid.shape, 3)}, got {self.field.shape}")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def identity(cls, grid: Grid | nib.spatialimages.SpatialImage) -> "Transform":
+        return cls(Grid.of(grid))
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray, grid: Grid | nib.spatialimages.SpatialImage) -> "Transform":
+        return cls(Grid.of(grid), affine=affine)
+
+    @property
+    def has_field(self) -> bool:
+        return self.field is not None
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The affine part (identity when absent)."""
+        return np.eye(4) if self.affine is None else self.affine
+
+    # ------------------------------------------------------------------ point mapping
+
+    def field_at(self, points: np.ndarray) -> np.ndarray:
+        """Displacement (mm, LPS) at arbitrary LPS points ``(..., 3)``; linear, edge-extended."""
+        if self.field is None:
+            return np.zeros_like(points, dtype=np.float32)
+        vox = _apply_affine(np.linalg.inv(self.grid.lps_affine), points)
+        coords = np.moveaxis(vox, -1, 0)
+        out = np.empty(points.shape, dtype=np.float32)
+        for c in range(3):
+            out[..., c] = ndimage.map_coordinates(self.field[..., c], coords, order=1, mode="nearest",
+                                                  prefilter=False)
+        return out
+
+    def map_points(self, points: np.ndarray) -> np.ndarray:
+        """Map fixed-space LPS points ``(..., 3)`` to moving-space LPS points."""
+        pts = np.asarray(points, dtype=np.float64)
+        if self.field is not None:
+            pts = pts + self.field_at(pts)
+        return _apply_affine(self.matrix, pts)
+
+    def mapped_grid(self) -> np.ndarray:
+        """Moving-space LPS point of every fixed voxel, shape ``(*grid.shape, 3)``, float32."""
+        pts = self.grid.lps_points(np.float32)
+        if self.field is not None:
+            pts += self.field
+        if self.affine is not None:
+            pts = _apply_affine(self.affine, pts).astype(np.float32)
+        return pts
+
+    # ------------------------------------------------------------------ resampling
+
+    def apply(
+        self,
+        moving: nib.spatialimages.SpatialImage,
+        *,
+        interpolation: Interpolation = "linear",
+        fill: float = 0.0,
+    ) -> nib.Nifti1Image:
+        """Warp ``moving`` into fixed space: sample it at ``T(p)`` for every fixed voxel ``p``.
+
+        Parameters
+        ----------
+        moving : nibabel image
+            Intensities (use ``"linear"``) or labels (use ``"nearest"``; integer dtype is kept).
+        interpolation : {"linear", "nearest"}
+        fill : float
+            Value for points that fall outside the moving image.
+
+        Returns
+        -------
+        nibabel.Nifti1Image on ``self.grid``.
+        """
+        data = np.asarray(moving.dataobj)
+        order = 1 if interpolation == "linear" else 0
+        if order == 1:
+            data = data.astype(np.float32, copy=False)
+        to_moving_vox = np.linalg.inv(Grid.of(moving).lps_affine)
+        if self.field is None:
+            # Pure affine: fixed voxel -> moving voxel is one matrix.
+            vox = to_moving_vox @ self.matrix @ self.grid.lps_affine
+            out = ndimage.affine_transform(data, vox[:3, :3], offset=vox[:3, 3], output_shape=self.grid.shape,
+                                           order=order, mode="constant", cval=fill, prefilter=False)
+        else:
+            pts = self.grid.lps_points(np.float32)
+            pts += self.field
+            vox = _apply_affine(to_moving_vox @ self.matrix, pts).astype(np.float32)
+            del pts
+            out = ndimage.map_coordinates(data, np.moveaxis(vox, -1, 0), order=order, mode="constant",
+                                          cval=fill, prefilter=False)
+        return new_image(out.astype(data.dtype, copy=False), self.grid)
+
+    # ------------------------------------------------------------------ algebra
+
+    def compose(self, inner: "Transform") -> "Transform":
+        """``self ∘ inner``: the transform that applies ``inner`` first, then ``self``.
+
+        Typical use: ``affine_stage.compose(deformable_stage)`` where the deformable stage was
+        estimated on the affinely resampled moving image. The result lives on ``inner.grid``. When
+        ``self`` is affine-only and ``inner`` has no affine the result is exact (no resampling);
+        otherwise ``self``'s field is linearly interpolated at ``inner``'s mapped points.
+        """
+        if self.field is None:
+            affine = None if (self.affine is None and inner.affine is None) else self.matrix @ inner.matrix
+            return Transform(inner.grid, affine=affine, field=None if inner.field is None else inner.field.copy())
+        if inner.field is None and inner.affine is None and self.grid.same_as(inner.grid):
+            return Transform(inner.grid, affine=self.affine, field=self.field.copy())
+        # result(p) = A_o(q + u_o(q)), q = inner(p): keep A_o, fold everything else into a field.
+        q = inner.mapped_grid()
+        q = q.astype(np.float64)
+        q += self.field_at(q)
+        disp = (q - inner.grid.lps_points(np.float64)).astype(np.float32)
+        return Transform(inner.grid, affine=None if self.affine is None else self.affine.copy(), field=disp)
+
+    def to_dense(self) -> "Transform":
+        """The same mapping as a displacement field alone (affine folded in)."""
+        if self.affine is None:
+            return Transform(self.grid, field=self.field if self.field is not None else
+                             np.zeros((*self.grid.shape, 3), np.float32))
+        disp = self.mapped_grid() - self.grid.lps_points(np.float32)
+        return Transform(self.grid, field=disp)
+
+    # ------------------------------------------------------------------ deformation quality
+
+    def jacobian_determinant(self) -> np.ndarray:
+        """Determinant of the Jacobian of ``T`` at every fixed voxel, shape ``grid.shape``, float32.
+
+        ``det(A[:3, :3]) * det(I + du/dp)`` with ``du/dp`` from central differences (one-sided at the
+        border) in physical units, so anisotropic and oblique grids are handled. Values <= 0 are folds.
+        """
+        det_a = float(np.linalg.det(self.matrix[:3, :3]))
+        if self.field is None:
+            return np.full(self.grid.shape, det_a, dtype=np.float32)
+        inv_l = np.linalg.inv(self.grid.lps_affine[:3, :3])  # d(voxel)/d(point)
+        # jac[..., c, k] = d(p + u)_c / d p_k
+        jac = np.empty((*self.grid.shape, 3, 3), dtype=np.float32)
+        for c in range(3):
+            grads = np.gradient(self.field[..., c], axis=(0, 1, 2))
+            for k in range(3):
+                jac[..., c, k] = grads[0] * inv_l[0, k] + grads[1] * inv_l[1, k] + grads[2] * inv_l[2, k]
+            del grads
+        jac[..., 0, 0] += 1.0
+        jac[..., 1, 1] += 1.0
+        jac[..., 2, 2] += 1.0
+        return (np.linalg.det(jac) * det_a).astype(np.float32)
+
+    # ------------------------------------------------------------------ files
+
+    def write(self, directory: PathLike, prefix: str = "") -> list[Path]:
+        """Write ITK files readable by ANTs; return them in ``ants.apply_transforms`` order.
+
+        Writes ``<prefix>warp.nii.gz`` (displacement field) when there is a field and
+        ``<prefix>affine.mat`` when there is an affine. An identity transform writes an identity
+        affine so the list is never empty.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths: list[Path] = []
+        if self.field is not None:
+            paths.append(write_displacement_field(self.field, self.grid, directory / f"{prefix}warp.nii.gz"))
+        if self.affine is not None or self.field is None:
+            paths.append(write_affine(self.matrix, directory / f"{prefix}affine.mat"))
+        return paths
+
+    def write_composite(self, path: PathLike) -> Path:
+        """Write an ITK composite transform (``.h5``) that ANTs applies as one file."""
+        import SimpleITK as sitk
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parts: list = []  # ITK composites apply the last-added transform first
+        if self.affine is not None or self.field is None:
+            parts.append(_sitk_affine(self.matrix))
+        if self.field is not None:
+            parts.append(_sitk_field_transform(self.field, self.grid))
+        composite = sitk.CompositeTransform(parts)
+        sitk.WriteTransform(composite, str(path))
+        return path
+
+    @classmethod
+    def read(cls, paths: PathLike | Sequence[PathLike], grid: Grid | nib.spatialimages.SpatialImage | None = None) -> "Transform":
+        """Read ITK/ANTs transform files given in ``ants.apply_transforms`` order.
+
+        Parameters
+        ----------
+        paths : path or list of paths
+            ``.mat``/``.txt`` affines, displacement-field NIfTI files and composite ``.h5`` files;
+            the first in the list is applied first to a fixed-space point (ANTs' convention).
+        grid : Grid or image, optional
+            The fixed grid. Required when no file holds a displacement field; otherwise the grid
+            of the first field is used.
+        """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        steps: list[tuple[str, object]] = []  # in point-application order
+        for p in paths:
+            steps.extend(_read_steps(Path(p)))
+        if grid is not None:
+            grid = Grid.of(grid)
+        else:
+            grids = [s[1][1] for s in steps if s[0] == "field"]
+            if not grids:
+                raise ValueError("reading an affine-only transform needs the fixed grid (grid=...)")
+            grid = grids[0]
+        result = Transform.identity(grid)
+        for kind, value in steps:
+            step = Transform(grid, affine=value) if kind == "affine" else Transform(value[1], field=value[0])
+            result = step.compose(result)
+        return result
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _sitk_affine(matrix: np.ndarray):
+    import SimpleITK as sitk
+
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(np.asarray(matrix[:3, :3], dtype=np.float64).flatten().tolist())
+    tx.SetTranslation(np.asarray(matrix[:3, 3], dtype=np.float64).tolist())
+    return tx
+
+
+def _sitk_field_transform(field: np.ndarray, grid: Grid):
+    import SimpleITK as sitk
+
+    img = to_sitk(field.astype(np.float64), grid)
+    # DisplacementFieldTransform takes ownership of (and empties) the image it is given.
+    return sitk.DisplacementFieldTransform(sitk.Image(img))
+
+
+def write_affine(matrix: np.ndarray, path: PathLike) -> Path:
+    """Write a 4x4 LPS affine as an ITK transform file (``.mat`` binary or ``.txt`` text)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteTransform(_sitk_affine(matrix), str(path))
+    return path
+
+
+def write_displacement_field(field: np.ndarray, grid: Grid, path: PathLike) -> Path:
+    """Write an ITK displacement field NIfTI (vector intent, LPS components in mm)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(to_sitk(np.asarray(field, dtype=np.float32), grid), str(path))
+    return path
+
+
+def _matrix_from_itk(tx) -> np.ndarray:
+    """4x4 LPS matrix of an ITK matrix-offset transform (affine, rigid, similarity...)."""
+    params = np.asarray(tx.GetParameters(), dtype=np.float64)
+    fixed = np.asarray(tx.GetFixedParameters(), dtype=np.float64)
+    if params.size != 12:
+        # Rigid/similarity/Euler types: let SimpleITK convert to an affine representation.
+        import SimpleITK as sitk
+
+        aff = sitk.AffineTransform(3)
+        aff.SetMatrix(tx.GetMatrix())
+        aff.SetTranslation(tx.GetTranslation())
+        aff.SetCenter(tx.GetCenter())
+        params = np.asarray(aff.GetParameters(), dtype=np.float64)
+        fixed = np.asarray(aff.GetFixedParameters(), dtype=np.float64)
+    m = params[:9].reshape(3, 3)
+    t = params[9:12]
+    c = fixed[:3] if fixed.size >= 3 else np.zeros(3)
+    out = np.eye(4)
+    out[:3, :3] = m
+    out[:3, 3] = t + c - m @ c
+    return out
+
+
+def _read_steps(path: Path) -> list[tuple[str, object]]:
+    """Transforms in one file, in point-application order."""
+    import SimpleITK as sitk
+
+    if not path.exists():
+        raise ImageError(path, "transform file not found")
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        img = sitk.ReadImage(str(path))
+        if img.GetNumberOfComponentsPerPixel() != 3:
+            raise ImageError(path, "is not a 3-component displacement field")
+        return [("field", _field_from_sitk(img))]
+    try:
+        tx = sitk.ReadTransform(str(path))
+    except RuntimeError as exc:
+        return [("affine", _read_affine_with_ants(path, exc))]
+    return _steps_from_sitk(tx, path)
+
+
+def _steps_from_sitk(tx, path: Path) -> list[tuple[str, object]]:
+    import SimpleITK as sitk
+
+    if tx.GetName() == "CompositeTransform":
+        comp = sitk.CompositeTransform(tx)
+        n = comp.GetNumberOfTransforms()
+        steps: list[tuple[str, object]] = []
+        for i in reversed(range(n)):  # ITK applies the last-added transform first
+            steps.extend(_steps_from_sitk(comp.GetNthTransform(i), path))
+        return steps
+    if tx.GetName() == "DisplacementFieldTransform":
+        disp = sitk.DisplacementFieldTransform(tx).GetDisplacementField()
+        return [("field", _field_from_sitk(disp))]
+    if tx.GetName() in ("IdentityTransform",):
+        return [("affine", np.eye(4))]
+    try:
+        return [("affine", _matrix_from_itk(tx))]
+    except Exception as exc:
+        raise ImageError(path, f"unsupported transform type {tx.GetName()} ({exc})") from None
+
+
+def _read_affine_with_ants(path: Path, original: Exception) -> np.ndarray:
+    try:
+        import ants
+
+        tx = ants.read_transform(str(path))
+    except Exception:
+        raise ImageError(path, f"cannot be read as an ITK transform ({original})") from None
+    params = np.asarray(tx.parameters, dtype=np.float64)
+    fixed = np.asarray(tx.fixed_parameters, dtype=np.float64)
+    m = params[:9].reshape(3, 3)
+    c = fixed[:3]
+    out = np.eye(4)
+    out[:3, :3] = m
+    out[:3, 3] = params[9:12] + c - m @ c
+    return out
+
+
+def _field_from_sitk(img) -> tuple[np.ndarray, Grid]:
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(img)  # [z, y, x, 3]
+    grid = grid_from_itk(img.GetOrigin(), img.GetSpacing(), img.GetDirection(), img.GetSize())
+    return np.ascontiguousarray(np.transpose(arr, (2, 1, 0, 3)).astype(np.float32)), grid
+
+
+def folding_fraction(jacobian: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Fraction (0-1) of voxels, optionally inside ``mask``, whose Jacobian determinant is <= 0."""
+    values = jacobian if mask is None else jacobian[mask]
+    return float(np.mean(values <= 0)) if values.size else float("nan")
