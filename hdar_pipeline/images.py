@@ -129,24 +129,58 @@ def load_image(path: PathLike, *, dtype=np.float32, labels: bool = False) -> nib
     if not any(name.endswith(s) for s in SUPPORTED_SUFFIXES):
         raise ImageError(path, f"unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        data, affine = _read(path)
+    except ImageError:
+        raise
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise ImageError(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise ImageError(path, f"expected a 3-D image (or 4-D with one volume), got shape {data.shape}")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if labels:
-        arr = _as_labels(data, path)
-    else:
-        arr = np.asarray(data, dtype=dtype)
+    _check_affine(affine, path)
+    arr = _as_labels(data, path) if labels else np.asarray(data, dtype=dtype)
     out = nib.Nifti1Image(arr, affine)
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)
     validate_image(out, source=path, labels=labels)
     return out
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Array and affine of an image file, in memory.
+
+    Analyze pairs distributed as ``name.img.gz`` beside a plain ``name.hdr`` (as LPBA40 ships them)
+    are not understood by nibabel directly; they are decompressed into a temporary folder.
+    """
+    name = path.name.lower()
+    stem = path.name[: -len(".img.gz")] if name.endswith(".img.gz") else path.name[: -len(".hdr")] \
+        if name.endswith(".hdr") else None
+    if stem is not None:
+        img_gz, hdr = path.parent / f"{stem}.img.gz", path.parent / f"{stem}.hdr"
+        if img_gz.exists() and hdr.exists() and not (path.parent / f"{stem}.img").exists():
+            import gzip
+            import shutil
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="hdar-analyze-") as tmp:
+                shutil.copyfile(hdr, Path(tmp) / f"{stem}.hdr")
+                with gzip.open(img_gz, "rb") as src, open(Path(tmp) / f"{stem}.img", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                img = nib.load(str(Path(tmp) / f"{stem}.hdr"))
+                return np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+        if name.endswith(".img.gz") and not hdr.exists() and not (path.parent / f"{stem}.hdr.gz").exists():
+            raise ImageError(path, f"Analyze image without its header (expected {hdr.name} beside it)")
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+
+
+def _check_affine(affine: np.ndarray, source: PathLike | None) -> None:
+    if not np.all(np.isfinite(affine)):
+        raise ImageError(source, "voxel-to-world affine contains NaN or infinite values")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.any(zooms <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ImageError(source, f"voxel sizes must be positive (got {np.round(zooms, 4).tolist()} mm)")
 
 
 def _as_labels(data: np.ndarray, source: PathLike | None) -> np.ndarray:
@@ -182,12 +216,7 @@ def validate_image(
         raise ImageError(source, f"expected a 3-D image, got shape {tuple(shape)}")
     if min(shape) < 2:
         raise ImageError(source, f"image has a degenerate shape {tuple(shape)}")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)):
-        raise ImageError(source, "voxel-to-world affine contains NaN or infinite values")
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    if np.any(zooms <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ImageError(source, f"voxel sizes must be positive (got {np.round(zooms, 4).tolist()} mm)")
+    _check_affine(np.asarray(img.affine, dtype=np.float64), source)
     data = np.asanyarray(img.dataobj)
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
