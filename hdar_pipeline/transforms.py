@@ -137,18 +137,12 @@ class Transform:
         if order == 1:
             data = data.astype(np.float32, copy=False)
         to_moving_vox = np.linalg.inv(Grid.of(moving).lps_affine)
-        if self.field is None:
-            # Pure affine: fixed voxel -> moving voxel is one matrix.
-            vox = to_moving_vox @ self.matrix @ self.grid.lps_affine
-            out = ndimage.affine_transform(data, vox[:3, :3], offset=vox[:3, 3], output_shape=self.grid.shape,
-                                           order=order, mode="constant", cval=fill, prefilter=False)
-        else:
-            pts = self.grid.lps_points(np.float32)
+        pts = self.grid.lps_points(np.float32)
+        if self.field is not None:
             pts += self.field
-            vox = _apply_affine(to_moving_vox @ self.matrix, pts).astype(np.float32)
-            del pts
-            out = ndimage.map_coordinates(data, np.moveaxis(vox, -1, 0), order=order, mode="constant",
-                                          cval=fill, prefilter=False)
+        vox = _apply_affine(to_moving_vox @ self.matrix, pts).astype(np.float32)
+        del pts
+        out = sample(data, vox, order=order, fill=fill)
         return new_image(out.astype(data.dtype, copy=False), self.grid)
 
     # ------------------------------------------------------------------ algebra
@@ -271,6 +265,25 @@ class Transform:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def sample(data: np.ndarray, vox: np.ndarray, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
+    """Sample ``data`` at continuous voxel coordinates ``vox`` ``(..., 3)``.
+
+    As in ITK, a point is inside the image when every coordinate lies in ``[-0.5, n - 0.5]``; inside
+    points are clamped to the outermost voxel centres (so round-off at the border never drops a
+    voxel), outside points get ``fill``.
+    """
+    coords = np.moveaxis(vox, -1, 0)
+    outside = np.zeros(vox.shape[:-1], dtype=bool)
+    clamped = np.empty_like(coords)
+    for axis, n in enumerate(data.shape[:3]):
+        c = coords[axis]
+        outside |= (c < -0.5) | (c > n - 0.5)
+        np.clip(c, 0, n - 1, out=clamped[axis])
+    out = ndimage.map_coordinates(data, clamped, order=order, mode="nearest", prefilter=False)
+    out[outside] = fill
+    return out
 
 
 def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
