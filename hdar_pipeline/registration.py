@@ -1,0 +1,131 @@
+"""Register one moving image to a fixed image from files and write everything a user re-applies.
+
+This is the library behind ``hdar register`` and the registration task of the workflows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .images import check_labels_match, load_image, normalize_intensity, save_image
+from .provenance import library_versions, sha256
+
+PathLike = str | os.PathLike
+
+
+def register_files(
+    fixed: PathLike,
+    moving: PathLike,
+    out_dir: PathLike,
+    *,
+    method: str = "syn",
+    preset: str | None = None,
+    moving_labels: PathLike | None = None,
+    fixed_mask: PathLike | None = None,
+    affine: bool = True,
+    seed: int | None = None,
+    threads: int | None = None,
+    device: str = "auto",
+    normalize: bool = True,
+) -> dict:
+    """Register ``moving`` onto ``fixed`` and write the results into ``out_dir``.
+
+    Writes ``warped.nii.gz`` (moving image on the fixed grid, linear), ``warped_labels.nii.gz`` when
+    ``moving_labels`` is given (nearest neighbour), the transform as ITK files
+    (``transform_warp.nii.gz`` and/or ``transform_affine.mat``, plus the composite
+    ``transform.h5``) and ``registration.json``.
+
+    Parameters
+    ----------
+    fixed, moving : path-like
+        3-D images (NIfTI, MGZ or Analyze). Intensities are rescaled to [0, 1] (robust percentiles)
+        before registration unless ``normalize=False``; the warped image keeps the moving image's
+        original intensities.
+    method : {"affine", "syn", "demons", "hdar"}
+    preset : str, optional
+        Method preset (``syn``: ``fast`` or ``quality``; ``hdar``: ``fast`` or ``full``).
+    affine : bool
+        Run the affine stage before a deformable method.
+    seed, threads, device
+        Reproducibility and resources (``device`` matters for ``hdar``).
+
+    Returns
+    -------
+    dict
+        The content of ``registration.json``. Its ``transforms`` list holds the transform files
+        relative to ``out_dir`` in the order ``ants.apply_transforms(fixed, moving, transformlist)``
+        expects.
+    """
+    from .methods import get_method, register_pair
+
+    out = Path(out_dir)
+    fixed_img = load_image(fixed)
+    moving_img = load_image(moving)
+    labels_img = None
+    if moving_labels is not None:
+        labels_img = load_image(moving_labels, labels=True)
+        check_labels_match(moving_img, labels_img, image_source=moving, labels_source=moving_labels)
+    mask_img = load_image(fixed_mask, labels=True) if fixed_mask is not None else None
+    f_in = normalize_intensity(fixed_img) if normalize else fixed_img
+    m_in = normalize_intensity(moving_img) if normalize else moving_img
+
+    method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device)
+    transform, info = register_pair(f_in, m_in, method_obj, affine=affine, fixed_mask=mask_img,
+                                    seed=seed, threads=threads)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(transform.apply(moving_img, interpolation="linear"), out / "warped.nii.gz")
+    outputs = {"warped": "warped.nii.gz"}
+    if labels_img is not None:
+        save_image(transform.apply(labels_img, interpolation="nearest"), out / "warped_labels.nii.gz")
+        outputs["warped_labels"] = "warped_labels.nii.gz"
+    files = transform.write(out, prefix="transform_")
+    composite = transform.write_composite(out / "transform.h5")
+    jac = transform.jacobian_determinant()
+    record = {
+        "method": method,
+        "preset": info.get("preset", preset),
+        "affine_stage": bool(affine) and method != "affine" or method == "affine",
+        "runtime_s": info["runtime_s"],
+        "peak_memory_mb": info["peak_memory_mb"],
+        "stages": info.get("stages", []),
+        "device": info.get("device", "cpu"),
+        "seed": seed,
+        "threads": threads,
+        "parameters": info.get("parameters", {}),
+        "inputs": {
+            "fixed": str(Path(fixed).resolve()),
+            "moving": str(Path(moving).resolve()),
+            "moving_labels": str(Path(moving_labels).resolve()) if moving_labels else None,
+            "fixed_sha256": sha256(fixed),
+            "moving_sha256": sha256(moving),
+        },
+        "outputs": outputs,
+        "transforms": [p.name for p in files],
+        "composite_transform": composite.name,
+        "transform_convention": "ITK/ANTs: fixed-space points -> moving-space points (LPS, mm); "
+                                "ants.apply_transforms(fixed, moving, transformlist=transforms)",
+        "jacobian": {"folded_percent": float(100.0 * np.mean(jac <= 0)),
+                     "min": float(jac.min()), "max": float(jac.max())},
+        "versions": library_versions(),
+    }
+    if "weights_sha256" in info:
+        record["weights_sha256"] = info["weights_sha256"]
+    (out / "registration.json").write_text(json.dumps(record, indent=2, default=_json_default))
+    return record
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (tuple, set, np.ndarray)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
