@@ -1,0 +1,121 @@
+"""Registration methods behind one protocol, and the two-stage (affine, then deformable) runner."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import nibabel as nib
+
+from ..transforms import Transform
+from .base import MethodBase, RegistrationMethod
+
+METHODS = ("affine", "syn", "demons", "hdar")
+
+
+def get_method(name: str, *, preset: str | None = None, seed: int | None = None, threads: int | None = None,
+               device: str | None = None) -> RegistrationMethod:
+    """Build a registration method by name.
+
+    Parameters
+    ----------
+    name : {"affine", "syn", "demons", "hdar"}
+    preset : str, optional
+        ``syn``: ``"fast"`` (default) or ``"quality"``; ``hdar``: ``"fast"`` (default) or ``"full"``.
+    seed, threads : int, optional
+    device : str, optional
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar`` only.
+    """
+    if name == "affine":
+        from .affine import AffineMethod
+
+        return AffineMethod(seed=seed, threads=threads)
+    if name == "syn":
+        from .syn import SyNMethod
+
+        return SyNMethod(preset=preset or "fast", seed=seed, threads=threads)
+    if name == "demons":
+        from .demons import DemonsMethod
+
+        return DemonsMethod(threads=threads, seed=seed)
+    if name == "hdar":
+        if importlib.util.find_spec(f"{__name__}.hdar") is None:
+            raise NotImplementedError(
+                "the HDAR method is not available in this version: the network and its trained weights "
+                "arrive with the HDAR issue; use --method syn or demons")
+        from .hdar import HDARMethod
+
+        return HDARMethod(preset=preset or "fast", seed=seed, threads=threads, device=device or "auto")
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+
+
+def register_pair(
+    fixed: nib.spatialimages.SpatialImage,
+    moving: nib.spatialimages.SpatialImage,
+    method: RegistrationMethod,
+    *,
+    affine: bool = True,
+    fixed_mask: nib.spatialimages.SpatialImage | None = None,
+    seed: int | None = None,
+    threads: int | None = None,
+) -> tuple[Transform, dict[str, Any]]:
+    """Register ``moving`` to ``fixed``: optional affine stage, then ``method`` on the aligned pair.
+
+    The deformable method sees the moving image resampled onto the fixed grid by the affine stage;
+    the returned transform is ``affine_stage ∘ deformable`` (exact: an affine after a field on the
+    fixed grid), so the moving image is interpolated once when the result is applied.
+
+    Returns
+    -------
+    transform : Transform
+        Fixed-to-moving mapping on the fixed grid.
+    info : dict
+        ``method``, ``preset``, ``parameters``, ``runtime_s`` and ``peak_memory_mb`` (totals over the
+        stages), ``stages`` (one dict per stage), ``device``.
+    """
+    from .affine import AffineMethod
+
+    stages: list[dict[str, Any]] = []
+    if method.name == "affine" or not affine:
+        if method.name != "affine" and not _same_grid(fixed, moving):
+            raise ValueError("with no affine stage the moving image must already lie on the fixed grid "
+                             "(resample it, or keep the affine stage)")
+        transform = method.register(fixed, moving, fixed_mask=fixed_mask)
+        stages.append(_stage(method))
+    else:
+        aff_method = AffineMethod(seed=seed, threads=threads)
+        aff = aff_method.register(fixed, moving, fixed_mask=fixed_mask)
+        stages.append(_stage(aff_method))
+        aligned = aff.apply(moving, interpolation="linear")
+        deformable = method.register(fixed, aligned, fixed_mask=fixed_mask)
+        stages.append(_stage(method))
+        transform = aff.compose(deformable)
+    info = {
+        "method": method.name,
+        "preset": getattr(method, "preset", None),
+        "parameters": method.parameters,
+        "runtime_s": float(sum(s["runtime_s"] for s in stages)),
+        "peak_memory_mb": float(max(s["peak_memory_mb"] for s in stages)),
+        "stages": stages,
+        "device": getattr(method, "device_used", "cpu"),
+    }
+    for key in ("weights_sha256",):
+        if key in transform.metadata:
+            info[key] = transform.metadata[key]
+    transform.metadata.update(info)
+    return transform, info
+
+
+def _stage(method: MethodBase) -> dict[str, Any]:
+    run = method.last_run
+    return {"method": method.name, "parameters": method.parameters, "runtime_s": run.runtime_s,
+            "peak_memory_mb": run.peak_memory_mb}
+
+
+def _same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage) -> bool:
+    from ..images import Grid
+
+    return Grid.of(a).same_as(Grid.of(b), atol=1e-3)
+
+
+__all__ = ["METHODS", "MethodBase", "RegistrationMethod", "get_method", "register_pair"]
