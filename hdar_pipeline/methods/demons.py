@@ -3,7 +3,10 @@
 Vercauteren et al., NeuroImage 2009. Each level runs ``DiffeomorphicDemonsRegistrationFilter`` on
 shrunken, smoothed copies of the pair, starting from the upsampled field of the coarser level.
 The displacement field is Gaussian-regularised after each iteration (``smoothing_sigma_vox``) and
-the update field too (``update_sigma_vox``); the defaults give no folded voxels on LPBA40 pairs.
+the update field too (``update_sigma_vox``, off by default). The defaults were tuned on LPBA40 pairs
+(S02, S03 onto S01): sigma 1.5 voxels with light image smoothing per level (1, 0.5, 0 voxels) and
+150/100/50 iterations gave the best Dice with no folded voxels; histogram matching is essential
+(S03: 0.728 with it, 0.674 without).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ class DemonsMethod(MethodBase):
 
     name: ClassVar[str] = "demons"
     shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas_vox: tuple[float, ...] = (2.0, 1.0, 0.0)
-    iterations: tuple[int, ...] = (100, 60, 30)
+    smoothing_sigmas_vox: tuple[float, ...] = (1.0, 0.5, 0.0)
+    iterations: tuple[int, ...] = (150, 100, 50)
     smoothing_sigma_vox: float = 1.5
     update_sigma_vox: float = 0.0
     max_step_length: float = 2.0
