@@ -89,7 +89,7 @@ def register_files(
     record = {
         "method": method,
         "preset": info.get("preset", preset),
-        "affine_stage": bool(affine) and method != "affine" or method == "affine",
+        "affine_stage": method == "affine" or bool(affine),
         "runtime_s": info["runtime_s"],
         "peak_memory_mb": info["peak_memory_mb"],
         "stages": info.get("stages", []),
