@@ -90,8 +90,100 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="label overlap and surface distances of warped labels (and a transform's Jacobian)",
+        description="Compare LABELS (e.g. a method's warped labels) with REFERENCE_LABELS on the same grid and "
+                    "write one row per label: Klein 2009 overlap measures, HD95 and mean surface distance (mm). "
+                    "With --transform, also write Jacobian determinant statistics (OUT_jacobian.csv) and a "
+                    "Jacobian slice figure; OUT_summary.csv holds the means over labels.")
+    p.add_argument("reference_labels", help="reference (target) label map; its grid is the fixed grid")
+    p.add_argument("labels", help="label map to evaluate (source), on the reference grid")
+    p.add_argument("-o", "--output", required=True, help="output CSV (OUT.csv; .tsv writes tab-separated)")
+    p.add_argument("--label-table", default=None, help="label names: BIDS dseg.tsv (index, name) or FreeSurfer LUT")
+    p.add_argument("--transform", nargs="+", default=None,
+                   help="transform files in ants.apply_transforms order (fixed grid = reference labels' grid)")
+    p.add_argument("--mask", default=None,
+                   help="mask on the reference grid for the Jacobian statistics (default: reference labels > 0)")
+    p.add_argument("--subject", default=None, help="adds a subject column (tidy tables for `hdar stats`)")
+    p.add_argument("--session", default=None, help="adds a session column")
+    p.add_argument("--method", default=None, help="adds a method column")
+    p.add_argument("--record", default=None,
+                   help="registration.json of the method: adds its runtime_s and peak_memory_mb columns")
+    p.add_argument("--no-distances", dest="distances", action="store_false",
+                   help="skip the surface distances (hd95_mm, msd_mm, hd_mm are left empty)")
+    p.add_argument("--no-figures", dest="figures", action="store_false", help="do not draw the Jacobian figure")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_files, read_registration_record
+    from .images import ImageError
+    from .labels import LabelTableError
+
+    ids = {k: getattr(args, k) for k in ("subject", "session", "method") if getattr(args, k) is not None}
+    try:
+        extra = read_registration_record(args.record) if args.record else None
+        if extra:
+            extra.pop("device", None)
+        result, written = evaluate_files(args.reference_labels, args.labels, args.output, transform=args.transform,
+                                         mask=args.mask, label_table=args.label_table, ids=ids, extra=extra,
+                                         distances=args.distances, figures=args.figures)
+    except (ImageError, LabelTableError, ValueError, OSError) as exc:
+        print(f"hdar evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    for note in result.notes:
+        print(f"hdar evaluate: warning: {note}", file=sys.stderr)
+    s = result.summary.iloc[0]
+    print(f"{int(s['n_labels_evaluated'])} of {int(s['n_labels'])} labels evaluated: mean Dice {s['mean_dice']:.4f}, "
+          f"target overlap {s['mean_target_overlap']:.4f}, HD95 {s['mean_hd95_mm']:.2f} mm "
+          f"({result.runtime_s:.1f} s)")
+    if result.jacobian is not None:
+        j = result.jacobian.iloc[0]
+        print(f"Jacobian: folded {j['folded_percent']:.4f} % (in mask {j['folded_percent_mask']:.4f} %), "
+              f"std log|J| {j['log_jacobian_std']:.4f}, min {j['jacobian_min']:.4f}, max {j['jacobian_max']:.4f}")
+    for value in written.values():
+        for path in (value if isinstance(value, list) else [value]):
+            print(path)
+    return 0
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats", help="group statistics, paired tests and figures from tidy evaluation tables",
+        description="Pool tidy per-subject tables (columns subject, [session], method, label, metrics; rows with "
+                    "a status other than 'ok' are reported, not used) and write summary, per-label, paired-test "
+                    "and ranking CSVs plus figures into OUTDIR.")
+    p.add_argument("tables", nargs="+", help="tidy CSV/TSV tables (e.g. from `hdar evaluate --subject ... --method ...`)")
+    p.add_argument("-o", "--output", required=True, help="output folder (created)")
+    p.add_argument("--reference", default="hdar", help="method the others are compared with (default hdar)")
+    p.add_argument("--figure-metrics", nargs="+", default=["dice"],
+                   help="metrics drawn as per-label and per-method box plots (default dice)")
+    p.add_argument("--no-figures", dest="figures", action="store_false", help="write the CSVs only")
+    p.set_defaults(func=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from .stats import StatsError, write_group_statistics
+
+    try:
+        result, written = write_group_statistics(args.tables, args.output, reference=args.reference,
+                                                 figures=args.figures, figure_metrics=args.figure_metrics)
+    except (StatsError, ValueError, OSError) as exc:
+        print(f"hdar stats: error: {exc}", file=sys.stderr)
+        return 2
+    for note in result.notes:
+        print(f"hdar stats: note: {note}", file=sys.stderr)
+    n = result.subjects.groupby("method").size() if len(result.subjects) else {}
+    print("methods: " + ", ".join(f"{m} ({int(n[m]) if m in n else 0} subjects)" for m in result.methods)
+          + f"; reference {result.reference}")
+    for path in written:
+        print(path)
+    return 0
+
+
 # Subcommands, in the order `hdar --help` lists them.
-SUBCOMMANDS = [_add_register, _add_demo]
+SUBCOMMANDS = [_add_register, _add_demo, _add_evaluate, _add_stats]
 
 
 def build_parser() -> argparse.ArgumentParser:
