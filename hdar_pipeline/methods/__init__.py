@@ -22,10 +22,27 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     name : {"affine", "syn", "demons", "hdar"}
     preset : str, optional
         ``syn``: ``"fast"`` (default) or ``"quality"``; ``hdar``: ``"fast"`` (default) or ``"full"``.
-    seed, threads : int, optional
+        ``affine`` and ``demons`` have none (``None`` or ``"default"``).
+    seed : int, optional
+        Seeds the method (``ANTS_RANDOM_SEED`` for the ANTs methods; Demons is deterministic).
+    threads : int, optional
+        Worker threads (ITK, torch); ``None`` keeps the library defaults.
     device : str, optional
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar`` only.
+
+    Returns
+    -------
+    RegistrationMethod
+
+    Raises
+    ------
+    ValueError
+        Unknown method or preset.
+    NotImplementedError
+        ``"hdar"`` while :mod:`hdar_pipeline.methods.hdar` is not part of the installation.
     """
+    if name in ("affine", "demons") and preset not in (None, "default"):
+        raise ValueError(f"method {name!r} has no presets (got preset {preset!r})")
     if name == "affine":
         from .affine import AffineMethod
 

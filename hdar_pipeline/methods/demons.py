@@ -11,6 +11,7 @@ the update field too (``update_sigma_vox``, off by default). The defaults were t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,6 +59,9 @@ class DemonsMethod(MethodBase):
     def _register(self, fixed, moving, fixed_mask) -> Transform:
         import SimpleITK as sitk
 
+        if fixed_mask is not None:
+            warnings.warn("DemonsMethod ignores fixed_mask (SimpleITK's Demons filters take no mask); "
+                          "give it skull-stripped images", stacklevel=3)
         configure_threads(self.threads)
         f = sitk.Cast(to_sitk(fixed), sitk.sitkFloat32)
         m = sitk.Cast(to_sitk(moving), sitk.sitkFloat32)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import ants
+import numpy as np
 
 from ..transforms import Transform
 from ._ants import ants_workdir, as_ants_float, as_ants_mask, transform_from_ants
@@ -63,5 +64,9 @@ class SyNMethod(MethodBase):
             out = ants.registration(as_ants_float(fixed), as_ants_float(moving), type_of_transform="SyNOnly",
                                     outprefix=prefix, mask=as_ants_mask(fixed_mask),
                                     **SYN_PRESETS[self.preset])
-            # fwdtransforms: [warp] (SyNOnly starts from the identity); the inverse warp is not kept.
-            return transform_from_ants(out["fwdtransforms"], fixed)
+            # fwdtransforms: [warp, identity affine] (SyNOnly starts from the identity); the inverse
+            # warp is not kept.
+            transform = transform_from_ants(out["fwdtransforms"], fixed)
+        if transform.affine is not None and np.allclose(transform.affine, np.eye(4), atol=1e-9):
+            transform.affine = None  # field only, like every deformable stage
+        return transform
