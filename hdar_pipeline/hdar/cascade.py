@@ -1,0 +1,425 @@
+"""The HDAR cascade: S1 on the whole pair, S2 / S3 on difficulty-selected (or sliding-window) patches.
+
+Data flow (one pair; every field is a full-resolution displacement in voxels, ``(B, 3, X, Y, Z)``)::
+
+    S1   fixed, moving resized to ``s1_shape`` (default ``round(shape * s1_scale)``, 1/4)
+         -> net S1 -> field at S1 resolution -> upsampled (vectors rescaled)         = u1
+         attention map of S1 -> candidate windows, NMS, top K -> S2 patches
+    S2   for each patch (``s2_patch`` = 112 full-res voxels, resized to ``s2_input`` = 56):
+           fixed patch, moving warped by u1 then cropped, and u1's patch (resized, rescaled)
+           -> net S2 -> residual r -> upsampled to the patch
+         residuals blended with smooth weights into R (zero where no patch)
+         u2 = u1 o (id + R)   i.e. u2(x) = R(x) + u1(x + R(x))                       (composition)
+         attention maps of the S2 patches -> windows inside them, NMS, top K -> S3 patches
+    S3   same with ``s3_patch`` = ``s3_input`` = 56 (full resolution)                  -> u3
+
+Design decisions
+----------------
+* **Residual composition.** Each patch level sees the moving image already warped by the current
+  field, so what it predicts is a residual ``r`` with ``M(u(x + r(x)) + x + r(x)) ~ F(x)``; the exact
+  total is the composition ``R + u o (id + R)`` (:func:`~hdar_pipeline.hdar.layers.compose_flows`),
+  which is what we use by default. ``composition="add"`` (``u + R``, the first-order approximation
+  used by some cascades) is kept for comparison. Where no patch covers a voxel ``R = 0`` and the
+  coarser field is kept exactly.
+* **Coarser field as input.** Besides warped moving, fixed and their difference, S2/S3 get the
+  current field's patch in voxels of their input grid, as in the paper.
+* **Blending** (:class:`~hdar_pipeline.hdar.patches.PatchBlender`): raised-cosine ramps over
+  ``taper`` (a fraction of the patch size) at inner patch faces; the blended residual is continuous
+  and fades to zero outside the patches. Full mode uses a sliding-window stride of
+  ``(1 - taper) * patch`` by default so neighbouring ramps sum to exactly one.
+* **Diffeomorphic mode.** Every network output is a stationary velocity. S1 integrates its velocity at
+  its own resolution (``VecInt``, ``int_steps`` squarings); patch levels blend the patch velocities at
+  full resolution (a smooth weighted average of velocities is again a velocity) and integrate the
+  blended velocity there, so every level's residual is a diffeomorphism and so is their composition.
+* **Modes.** ``fast``: S2/S3 only on the K hardest patches (the paper). ``full``: S2/S3 on a sliding
+  window over the brain mask (default ``fixed > 0``). ``levels`` 1, 2 or 3 (1 = a single VoxelMorph-like
+  network, at ``s1_scale``).
+* **Sizes** are configurable; the paper's are 56^3 network inputs, 112^3 S2 patches, 56^3 S3 patches.
+  For LPBA40's 160x192x160 the S1 input is 40x48x40 (exactly 1/4).
+
+Batches: S1 runs batched; patch levels loop over batch elements (each has its own patches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field as dc_field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..images import Grid
+from ..transforms import Transform
+from .layers import (SpatialTransformer, VecInt, as_triple, compose_flows, crop_patch, resize_flow,
+                     resize_volume)
+from .patches import Patch, PatchBlender, candidate_patches, select_patches, sliding_window_patches
+from .unet import AttentionUNet, count_parameters, resolve_widths
+
+Mode = Literal["fast", "full"]
+
+
+@dataclass
+class CascadeConfig:
+    """Hyper-parameters of an :class:`HDARCascade` (all sizes in voxels of the full-resolution grid
+    unless named ``*_input``, which are network input sizes).
+
+    Attributes
+    ----------
+    levels : 1, 2 or 3
+    width : "paper", "small" or 4 ints
+    s1_shape : 3 ints, optional
+        S1 input size; default ``round(shape * s1_scale)`` per axis (the paper resizes to 56^3).
+    s1_scale : float
+    s2_patch, s2_input, s3_patch, s3_input : int or 3 ints
+        Patch size at full resolution and the network input size it is resized to.
+    top_k, iou_threshold, candidate_stride : selection (K, NMS IoU, window step in attention voxels).
+    min_mask_fraction : float
+        Fast mode: candidates with no more than this fraction of brain-mask voxels are skipped.
+    mode : "fast" or "full"
+    taper : float
+        Blending ramp length at each inner patch face, as a fraction of the patch size.
+    full_stride : float, optional
+        Full-mode window step as a fraction of the patch size; default ``1 - taper``.
+    diffeomorphic : bool
+    int_steps : int
+        Scaling-and-squaring steps in diffeomorphic mode.
+    composition : "compose" or "add"
+    """
+
+    levels: int = 3
+    width: str | tuple[int, int, int, int] = "small"
+    s1_shape: tuple[int, int, int] | None = None
+    s1_scale: float = 0.25
+    s2_patch: int | tuple[int, int, int] = 112
+    s2_input: int | tuple[int, int, int] = 56
+    s3_patch: int | tuple[int, int, int] = 56
+    s3_input: int | tuple[int, int, int] = 56
+    top_k: int = 8
+    iou_threshold: float = 0.5
+    candidate_stride: int = 1
+    min_mask_fraction: float = 0.0
+    mode: Mode = "fast"
+    taper: float = 0.25
+    full_stride: float | None = None
+    diffeomorphic: bool = False
+    int_steps: int = 7
+    composition: Literal["compose", "add"] = "compose"
+
+    def __post_init__(self) -> None:
+        if self.levels not in (1, 2, 3):
+            raise ValueError(f"levels must be 1, 2 or 3, got {self.levels}")
+        if self.mode not in ("fast", "full"):
+            raise ValueError(f"mode must be 'fast' or 'full', got {self.mode!r}")
+        if self.composition not in ("compose", "add"):
+            raise ValueError(f"composition must be 'compose' or 'add', got {self.composition!r}")
+        if not 0.0 <= self.taper < 0.5:
+            raise ValueError("taper must be in [0, 0.5)")
+        if not isinstance(self.width, str):
+            self.width = tuple(int(v) for v in self.width)  # type: ignore[assignment]
+        resolve_widths(self.width)
+        if self.s1_shape is not None:
+            self.s1_shape = tuple(int(v) for v in as_triple(self.s1_shape))  # type: ignore[assignment]
+        for name in ("s2_patch", "s2_input", "s3_patch", "s3_input"):
+            value = getattr(self, name)
+            if not isinstance(value, int):
+                setattr(self, name, tuple(int(v) for v in as_triple(value)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists); :meth:`from_dict` reads it back."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CascadeConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown cascade settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def patch_size(self, level: int) -> tuple[int, int, int]:
+        return tuple(int(v) for v in as_triple(self.s2_patch if level == 2 else self.s3_patch))  # type: ignore
+
+    def input_size(self, level: int) -> tuple[int, int, int]:
+        return tuple(int(v) for v in as_triple(self.s2_input if level == 2 else self.s3_input))  # type: ignore
+
+    def s1_size(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        if self.s1_shape is not None:
+            return tuple(self.s1_shape)  # type: ignore[return-value]
+        return tuple(max(4, int(round(n * self.s1_scale))) for n in shape)  # type: ignore[return-value]
+
+
+@dataclass
+class LevelResult:
+    """What one level did, for inspection and for the next level's selection.
+
+    Attributes
+    ----------
+    level : int
+        1, 2 or 3.
+    flow : Tensor ``(B, 3, X, Y, Z)``
+        The cumulative full-resolution field after this level (voxels).
+    patches : list (per batch element) of list of Patch
+        Level 1: one patch covering the volume.
+    attention : list (per batch element) of list of Tensor ``(1, 1, x, y, z)``
+        Channel-mean attention map of each patch (detached), at half the network input resolution;
+        it covers its patch's full-resolution box.
+    """
+
+    level: int
+    flow: torch.Tensor
+    patches: list[list[Patch]]
+    attention: list[list[torch.Tensor]]
+
+
+@dataclass
+class CascadeOutput:
+    """Result of :meth:`HDARCascade.forward`.
+
+    ``flow``: ``(B, 3, X, Y, Z)`` full-resolution displacement in voxels of the fixed grid (sample the
+    moving image at ``x + flow``); ``levels``: one :class:`LevelResult` per level run.
+    """
+
+    flow: torch.Tensor
+    levels: list[LevelResult] = dc_field(default_factory=list)
+
+    def patches(self, level: int, batch: int = 0) -> list[Patch]:
+        return self.levels[level - 1].patches[batch]
+
+
+class HDARCascade(nn.Module):
+    """The hierarchical, difficulty-aware registration network.
+
+    Parameters
+    ----------
+    config : CascadeConfig, optional
+        Defaults as in :class:`CascadeConfig`; keyword arguments override single settings.
+
+    ``forward(fixed, moving, mask=None, mode=None)`` with ``fixed``, ``moving`` ``(B, 1, X, Y, Z)`` in
+    [0, 1] on the same (fixed) grid returns a :class:`CascadeOutput`. An untrained cascade returns a
+    field close to zero (every flow head starts near zero).
+    """
+
+    def __init__(self, config: CascadeConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = CascadeConfig(**overrides)
+        elif overrides:
+            config = CascadeConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        self.nets = nn.ModuleList([AttentionUNet(3, config.width)] +
+                                  [AttentionUNet(6, config.width) for _ in range(config.levels - 1)])
+        self.warp = SpatialTransformer("bilinear", "zeros")
+        self.integrate = VecInt(config.int_steps)
+
+    # ------------------------------------------------------------------ building blocks
+
+    def level1(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run S1. Returns the full-resolution field ``(B, 3, X, Y, Z)`` (voxels) and S1's attention
+        ``(B, w2, x, y, z)`` (half the S1 input size, covering the whole volume)."""
+        size = self.config.s1_size(fixed.shape[2:])
+        f = resize_volume(fixed, size)
+        m = resize_volume(moving, size)
+        out, att = self.nets[0](torch.cat([m, f, m - f], dim=1))
+        if self.config.diffeomorphic:
+            out = self.integrate(out)
+        return resize_flow(out, fixed.shape[2:]), att
+
+    def refine_patch(self, level: int, fixed: torch.Tensor, warped: torch.Tensor, flow: torch.Tensor,
+                     patch: Patch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run S2 (``level=2``) or S3 on one patch.
+
+        Parameters
+        ----------
+        fixed, warped : ``(1, 1, X, Y, Z)``
+            Fixed image and the moving image already warped by ``flow`` (full resolution).
+        flow : ``(1, 3, X, Y, Z)``
+            Current full-resolution field (voxels).
+        patch : Patch
+
+        Returns
+        -------
+        residual : ``(1, 3, *patch.size)``
+            Displacement (or velocity in diffeomorphic mode) in full-resolution voxels.
+        attention : ``(1, w2, x, y, z)``
+            The sub-network's attention map for the patch.
+        """
+        size = self.config.input_size(level)
+        f = resize_volume(crop_patch(fixed, patch.start, patch.size), size)
+        m = resize_volume(crop_patch(warped, patch.start, patch.size), size)
+        u = resize_flow(crop_patch(flow, patch.start, patch.size, mode="replicate"), size)
+        out, att = self.nets[level - 1](torch.cat([m, f, m - f, u], dim=1))
+        return resize_flow(out, patch.size), att
+
+    def refine(self, level: int, fixed: torch.Tensor, moving: torch.Tensor, flow: torch.Tensor,
+               patches: Sequence[Patch]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Refine ``flow`` ``(1, 3, X, Y, Z)`` with S2/S3 on ``patches``; return the new field and the
+        attention map of each patch. This is the unit a stage-wise trainer calls for S2/S3."""
+        shape = fixed.shape[2:]
+        warped = self.warp(moving, flow)
+        taper = [int(round(self.config.taper * p)) for p in self.config.patch_size(level)]
+        blender = PatchBlender(shape, channels=3, taper=taper, device=flow.device, dtype=flow.dtype)
+        attention = []
+        for patch in patches:
+            residual, att = self.refine_patch(level, fixed, warped, flow, patch)
+            blender.add(residual, patch)
+            attention.append(att)
+        if not patches:
+            return flow, attention
+        residual = blender.result()
+        if self.config.diffeomorphic:
+            residual = self.integrate(residual)
+        new = compose_flows(flow, residual) if self.config.composition == "compose" else flow + residual
+        return new, attention
+
+    def select(self, level: int, previous: LevelResult, batch: int, mask: torch.Tensor | None,
+               mode: Mode) -> list[Patch]:
+        """Patches for ``level`` (2 or 3) of batch element ``batch``, from the previous level's result."""
+        cfg = self.config
+        shape = tuple(previous.flow.shape[2:])
+        size = cfg.patch_size(level)
+        mask_np = None if mask is None else mask[batch, 0].detach().cpu().numpy().astype(bool)
+        if mode == "full":
+            frac = cfg.full_stride if cfg.full_stride is not None else 1.0 - cfg.taper
+            stride = [max(1, int(round(frac * p))) for p in size]
+            return sliding_window_patches(shape, size, stride, mask=mask_np)
+        candidates: list[Patch] = []
+        for index, (parent, att) in enumerate(zip(previous.patches[batch], previous.attention[batch])):
+            candidates += candidate_patches(
+                att, patch_size=size, full_shape=shape, region_start=parent.start, region_size=parent.size,
+                stride=cfg.candidate_stride, parent=index if previous.level > 1 else -1)
+        return select_patches(candidates, top_k=cfg.top_k, iou_threshold=cfg.iou_threshold,
+                              mask=mask_np, min_mask_fraction=cfg.min_mask_fraction)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, *, mask: torch.Tensor | None = None,
+                mode: Mode | None = None, levels: int | None = None) -> CascadeOutput:
+        """Register ``moving`` to ``fixed``.
+
+        Parameters
+        ----------
+        fixed, moving : ``(B, 1, X, Y, Z)``
+            Intensities in [0, 1], same grid (the moving image affinely resampled onto the fixed grid).
+        mask : ``(B, 1, X, Y, Z)`` bool, optional
+            Brain mask on the fixed grid for patch placement; default ``fixed > 0`` (no mask when the
+            fixed image has no zeros).
+        mode : "fast" or "full", optional
+            Overrides ``config.mode``.
+        levels : int, optional
+            Run only the first ``levels`` sub-networks (at most ``config.levels``).
+        """
+        if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
+            raise ValueError(f"fixed and moving must both be (B, 1, X, Y, Z); got {tuple(fixed.shape)} "
+                             f"and {tuple(moving.shape)}")
+        mode = mode or self.config.mode
+        n_levels = self.config.levels if levels is None else min(levels, self.config.levels)
+        if mask is None:
+            mask = fixed > 0
+            if bool(mask.all()):
+                mask = None
+        shape = tuple(fixed.shape[2:])
+        batch = fixed.shape[0]
+        whole = Patch((0, 0, 0), shape)  # type: ignore[arg-type]
+        flow, att = self.level1(fixed, moving)
+        result = LevelResult(1, flow, [[whole] for _ in range(batch)],
+                             [[att[b:b + 1].detach().mean(1, keepdim=True)] for b in range(batch)])
+        results = [result]
+        for level in range(2, n_levels + 1):
+            flows, patches, attention = [], [], []
+            for b in range(batch):
+                chosen = self.select(level, result, b, mask, mode)
+                new, atts = self.refine(level, fixed[b:b + 1], moving[b:b + 1], result.flow[b:b + 1], chosen)
+                flows.append(new)
+                patches.append(chosen)
+                attention.append([a.detach().mean(1, keepdim=True) for a in atts])
+            result = LevelResult(level, torch.cat(flows, 0), patches, attention)
+            results.append(result)
+        return CascadeOutput(result.flow, results)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per sub-network (``S1``, ``S2``, ``S3``) and in ``total``."""
+        counts = {f"S{i + 1}": count_parameters(net) for i, net in enumerate(self.nets)}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def checkpoint(self) -> dict[str, Any]:
+        """``{"config": ..., "state_dict": ...}``; :meth:`from_checkpoint` rebuilds the model."""
+        return {"config": self.config.to_dict(), "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], **overrides: Any) -> "HDARCascade":
+        """Rebuild from :meth:`checkpoint`; inference-only settings (mode, top_k, ...) may be overridden."""
+        model = cls(CascadeConfig.from_dict({**checkpoint["config"], **overrides}))
+        model.load_state_dict(checkpoint["state_dict"])
+        return model
+
+
+# ---------------------------------------------------------------------------------------- conversion
+
+
+def field_voxels_to_transform(flow: torch.Tensor | np.ndarray, grid: Grid, **metadata: Any) -> Transform:
+    """The shared :class:`~hdar_pipeline.transforms.Transform` of a voxel-unit field on the fixed grid.
+
+    Parameters
+    ----------
+    flow : ``(3, X, Y, Z)`` or ``(1, 3, X, Y, Z)``, torch or numpy
+        Displacement in voxels along the array axes ``(i, j, k)`` of ``grid`` (the cascade's output).
+    grid : Grid
+        The fixed grid (``flow.shape[-3:] == grid.shape``).
+
+    Returns
+    -------
+    Transform with ``field[..., c] = sum_a L[c, a] * flow[a]`` in LPS millimetres,
+    ``L = grid.lps_affine[:3, :3]``: fixed voxel ``v`` maps to the world point of voxel ``v + flow(v)``,
+    so ``Transform.apply`` samples a moving image on the fixed grid exactly where
+    :class:`~hdar_pipeline.hdar.layers.SpatialTransformer` does.
+    """
+    arr = flow.detach().cpu().numpy() if isinstance(flow, torch.Tensor) else np.asarray(flow)
+    if arr.ndim == 5:
+        if arr.shape[0] != 1:
+            raise ValueError(f"expected one field, got a batch of {arr.shape[0]}")
+        arr = arr[0]
+    if arr.ndim != 4 or arr.shape[0] != 3 or tuple(arr.shape[1:]) != tuple(grid.shape):
+        raise ValueError(f"flow must be (3, *{tuple(grid.shape)}), got {arr.shape}")
+    lin = grid.lps_affine[:3, :3].astype(np.float64)
+    field = np.einsum("ca,axyz->xyzc", lin, arr.astype(np.float64)).astype(np.float32)
+    return Transform(grid, field=field, metadata=dict(metadata))
+
+
+def transform_to_field_voxels(transform: Transform) -> np.ndarray:
+    """Inverse of :func:`field_voxels_to_transform` for a field-only transform: ``(3, X, Y, Z)`` voxels."""
+    if transform.affine is not None and not np.allclose(transform.affine, np.eye(4)):
+        raise ValueError("the transform has an affine part; use transform.to_dense() first")
+    if transform.field is None:
+        return np.zeros((3, *transform.grid.shape), np.float32)
+    inv = np.linalg.inv(transform.grid.lps_affine[:3, :3].astype(np.float64))
+    return np.einsum("ac,xyzc->axyz", inv, transform.field.astype(np.float64)).astype(np.float32)
+
+
+def build_cascade(width: str | Sequence[int] = "small", levels: int = 3, *, seed: int | None = None,
+                  **settings: Any) -> HDARCascade:
+    """A freshly initialised cascade; ``seed`` makes the initial weights reproducible."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return HDARCascade(CascadeConfig(width=width if isinstance(width, str) else tuple(width),  # type: ignore
+                                     levels=levels, **settings))
+
+
+@torch.no_grad()
+def register_arrays(model: HDARCascade, fixed: np.ndarray, moving: np.ndarray, *,
+                    mask: np.ndarray | None = None, device: str | torch.device = "cpu",
+                    mode: Mode | None = None) -> tuple[np.ndarray, CascadeOutput]:
+    """Inference on numpy volumes ``(X, Y, Z)`` in [0, 1] on the same grid.
+
+    Returns the displacement ``(3, X, Y, Z)`` float32 in voxels and the full :class:`CascadeOutput`
+    (tensors on ``device``).
+    """
+    model = model.to(device).eval()
+    f = torch.as_tensor(np.asarray(fixed, np.float32), device=device)[None, None]
+    m = torch.as_tensor(np.asarray(moving, np.float32), device=device)[None, None]
+    mk = None if mask is None else torch.as_tensor(np.asarray(mask, bool), device=device)[None, None]
+    out = model(f, m, mask=mk, mode=mode)
+    return out.flow[0].float().cpu().numpy(), out
