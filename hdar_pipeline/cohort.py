@@ -1,0 +1,571 @@
+"""Cohort processing, one subject at a time, with failures recorded instead of raised.
+
+This is the library behind the cohort workflow (:mod:`hdar_pipeline.workflows.cohort`) and its Pydra
+tasks (:mod:`hdar_pipeline.tasks`). It never imports a workflow engine.
+
+Two kinds of functions live here:
+
+* **file-level steps that raise** on bad input, like the rest of the library:
+  :func:`apply_transform_files` (re-apply written transforms) and :func:`preprocess_files`
+  (:func:`hdar_pipeline.preprocess.preprocess_t1w` from and to files);
+* **per-subject wrappers that never raise** for a problem with one subject:
+  :func:`preprocess_subject`, :func:`register_subject` and :func:`evaluate_subject` catch the
+  exception of the step they run and return a *record* (a JSON-serialisable dict, also written as a
+  JSON file) whose ``status`` is ``"error"`` and whose ``error`` holds the message (which names the
+  file and the problem, see :class:`hdar_pipeline.images.ImageError`). A wrapper handed a failed
+  upstream record passes the failure on unchanged, so one bad subject becomes one ``status="error"``
+  row of the group tables (:func:`collect_records`) and never stops the others.
+
+Record fields (every record)
+----------------------------
+``subject``, ``session``, ``method`` (empty before registration), ``status`` (``"ok"`` or ``"error"``),
+``error`` (``""`` when ok), ``failed_step`` (``"preprocess"``, ``"register"`` or ``"evaluate"``),
+``record_file`` (the JSON file the record was written to). A failure also keeps ``traceback``.
+Step outputs are absolute paths (see each wrapper).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+PathLike = str | os.PathLike
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+#: Leading columns of the group tables, in this order.
+GROUP_ID_COLUMNS = ["subject", "session", "method", "preset", "status", "error", "failed_step"]
+#: Whole-registration columns carried from the records into the group table (when present).
+GROUP_RUN_COLUMNS = ["runtime_s", "peak_memory_mb", "device", "evaluated"]
+
+RECORD_NAMES = {"preprocess": "preprocess_record.json", "register": "register_record.json",
+                "evaluate": "evaluate_record.json"}
+
+
+# ----------------------------------------------------------------------------- file-level steps (raise)
+
+
+def apply_transform_files(
+    reference: PathLike,
+    moving: PathLike,
+    transforms: PathLike | Sequence[PathLike],
+    out_file: PathLike,
+    *,
+    interpolation: Literal["linear", "nearest"] = "linear",
+) -> Path:
+    """Warp ``moving`` onto the grid of ``reference`` with written transform files.
+
+    Parameters
+    ----------
+    reference : path-like
+        Image whose grid is the fixed grid (e.g. the atlas).
+    moving : path-like
+        Image (``"linear"``) or label map (``"nearest"``) in moving space.
+    transforms : path-like or sequence
+        ITK/ANTs transform files in ``ants.apply_transforms`` order (e.g. a registration's composite
+        ``transform.h5``, or its ``transforms`` list).
+    out_file : path-like
+        Output image (parent folders are created).
+    interpolation : {"linear", "nearest"}
+
+    Returns
+    -------
+    Path of the written image.
+    """
+    from .images import load_image, save_image
+    from .transforms import Transform
+
+    if interpolation not in ("linear", "nearest"):
+        raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+    ref = load_image(reference)
+    img = load_image(moving, labels=interpolation == "nearest")
+    transform = Transform.read(transforms, grid=ref)
+    return save_image(transform.apply(img, interpolation=interpolation), out_file)
+
+
+def preprocess_files(
+    t1w: PathLike,
+    atlas: PathLike,
+    out_dir: PathLike,
+    *,
+    labels: PathLike | None = None,
+    atlas_mask: PathLike | None = None,
+    skull_stripped: str | bool = "auto",
+    n4: bool = True,
+    seed: int | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run :func:`hdar_pipeline.preprocess.preprocess_t1w` on files and write its results.
+
+    Writes into ``out_dir``: ``preproc_T1w.nii.gz`` (skull-stripped, bias-corrected, [0, 1], on the
+    atlas grid), ``brain_mask.nii.gz`` (atlas grid), ``native_brain.nii.gz`` and
+    ``native_brain_mask.nii.gz`` (subject grid), ``to_atlas_affine.mat`` and ``to_atlas.h5`` (atlas
+    points -> subject points, ITK), ``preproc_dseg.nii.gz`` when ``labels`` are given (nearest
+    neighbour onto the atlas grid), and ``preprocess.json``.
+
+    Returns
+    -------
+    dict
+        The content of ``preprocess.json``: absolute output paths (``preproc``, ``mask``,
+        ``native_brain``, ``native_mask``, ``to_atlas``, ``to_atlas_files``, ``preproc_labels``), the
+        steps that ran, ``skull_stripped_input`` and ``runtime_s`` per step.
+    """
+    from .images import check_labels_match, load_image, save_image
+    from .preprocess import preprocess_t1w
+    from .provenance import library_versions, sha256
+
+    out = Path(out_dir)
+    img = load_image(t1w)
+    atlas_img = load_image(atlas)
+    labels_img = None
+    if labels is not None:
+        labels_img = load_image(labels, labels=True)
+        check_labels_match(img, labels_img, image_source=t1w, labels_source=labels)
+    mask_img = load_image(atlas_mask, labels=True) if atlas_mask is not None else None
+    result = preprocess_t1w(img, atlas_img, skull_stripped=skull_stripped_flag(skull_stripped), n4=n4, seed=seed,
+                            threads=threads, atlas_mask=mask_img)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "preproc": save_image(result.image, out / "preproc_T1w.nii.gz"),
+        "mask": save_image(result.mask, out / "brain_mask.nii.gz"),
+        "native_brain": save_image(result.native_brain, out / "native_brain.nii.gz"),
+        "native_mask": save_image(result.native_mask, out / "native_brain_mask.nii.gz"),
+    }
+    xfm_files = result.to_atlas.write(out, prefix="to_atlas_")
+    paths["to_atlas"] = result.to_atlas.write_composite(out / "to_atlas.h5")
+    if labels_img is not None:
+        paths["preproc_labels"] = save_image(result.to_atlas.apply(labels_img, interpolation="nearest"),
+                                             out / "preproc_dseg.nii.gz")
+    record = {
+        **{k: str(Path(v).resolve()) for k, v in paths.items()},
+        "preproc_labels": str(paths["preproc_labels"].resolve()) if "preproc_labels" in paths else None,
+        "to_atlas_files": [str(p.resolve()) for p in xfm_files],
+        "steps": list(result.steps),
+        "skull_stripped_input": bool(result.skull_stripped_input),
+        "runtime_s": {k: float(v) for k, v in result.runtime_s.items()},
+        "seed": seed,
+        "inputs": {"t1w": str(Path(t1w).resolve()), "atlas": str(Path(atlas).resolve()),
+                   "labels": str(Path(labels).resolve()) if labels is not None else None,
+                   "t1w_sha256": sha256(t1w), "atlas_sha256": sha256(atlas)},
+        "versions": library_versions(),
+    }
+    (out / "preprocess.json").write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+def skull_stripped_flag(value: str | bool) -> Literal["auto"] | bool:
+    """``"auto"``, or a bool from ``True``/``False``/``"yes"``/``"no"``/``"true"``/``"false"`` (any case)."""
+    if isinstance(value, bool):
+        return value
+    flags = {"auto": "auto", "yes": True, "true": True, "no": False, "false": False}
+    try:
+        return flags[str(value).strip().lower()]
+    except KeyError:
+        raise ValueError(f"skull_stripped must be auto, yes or no, got {value!r}") from None
+
+
+def count_failed(records: Iterable[PathLike | Mapping[str, Any]]) -> int:
+    """Number of records whose ``status`` is not ``"ok"``."""
+    return sum(not is_ok(read_record(r)) for r in records)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def read_record(record: PathLike | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A record as a dict: a mapping is copied, a path is read as JSON, ``None`` stays ``None``."""
+    if record is None:
+        return None
+    if isinstance(record, Mapping):
+        return dict(record)
+    return json.loads(Path(record).read_text())
+
+
+def write_record(record: Mapping[str, Any], path: PathLike) -> dict[str, Any]:
+    """Write ``record`` (plus its own ``record_file``) as JSON and return it."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {**record, "record_file": str(path)}
+    path.write_text(json.dumps(out, indent=2, default=_json_default))
+    return out
+
+
+def is_ok(record: Mapping[str, Any] | None) -> bool:
+    """True when ``record`` is absent or its ``status`` is ``"ok"``."""
+    return record is None or record.get("status", STATUS_OK) == STATUS_OK
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a table: ``"<ExceptionType>: <message>"`` (the message names the file where the
+    library raised :class:`~hdar_pipeline.images.ImageError`)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ids(subject: str, session: str | None, method: str | None, preset: str | None = None) -> dict[str, Any]:
+    return {"subject": str(subject), "session": session or "", "method": method or "", "preset": preset or ""}
+
+
+def _run_step(step: str, base: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``fn``; on an exception return ``base`` marked as failed at ``step`` (never raises
+    ``Exception``; ``KeyboardInterrupt`` and ``SystemExit`` still propagate)."""
+    try:
+        return {**base, **fn(), "status": STATUS_OK, "error": "", "failed_step": ""}
+    except Exception as exc:  # noqa: BLE001 - one subject's failure must not stop the cohort
+        return {**base, "status": STATUS_ERROR, "error": error_message(exc), "failed_step": step,
+                "traceback": traceback.format_exc()}
+
+
+def _passed_on(upstream: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A failed upstream record carried into the next step (its error and failed step kept)."""
+    keep = {k: upstream.get(k, "") for k in ("status", "error", "failed_step", "traceback")}
+    return {**base, **keep}
+
+
+# ----------------------------------------------------------------------------- per-subject wrappers (never raise)
+
+
+def preprocess_subject(
+    subject: str,
+    t1w: PathLike | None,
+    atlas: PathLike,
+    out_dir: PathLike,
+    *,
+    session: str | None = None,
+    labels: PathLike | None = None,
+    atlas_mask: PathLike | None = None,
+    skull_stripped: str | bool = "auto",
+    n4: bool = True,
+    seed: int | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """:func:`preprocess_files` for one subject, as a record that reports failure instead of raising.
+
+    Returns
+    -------
+    dict
+        The record (also written to ``out_dir/preprocess_record.json``): the ids, ``status``,
+        ``error``, ``failed_step``, ``t1w``, ``labels`` (the native inputs) and, when ok,
+        ``preproc`` (image on the atlas grid), ``preproc_labels``, ``mask``, ``to_atlas`` (ITK
+        ``.h5``), ``preprocess_json`` and ``preprocess_runtime_s`` (seconds, all steps).
+    """
+    out = Path(out_dir)
+    base = {**_ids(subject, session, None), "t1w": _abs(t1w), "labels": _abs(labels), "atlas": _abs(atlas)}
+
+    def step() -> dict[str, Any]:
+        if t1w is None:
+            raise ValueError(f"subject {subject}: no T1w image given")
+        rec = preprocess_files(t1w, atlas, out, labels=labels, atlas_mask=atlas_mask, skull_stripped=skull_stripped,
+                               n4=n4, seed=seed, threads=threads)
+        return {"preproc": rec["preproc"], "preproc_labels": rec["preproc_labels"], "mask": rec["mask"],
+                "to_atlas": rec["to_atlas"], "preprocess_json": str((out / "preprocess.json").resolve()),
+                "preprocess_runtime_s": float(sum(rec["runtime_s"].values()))}
+
+    return write_record(_run_step("preprocess", base, step), out / RECORD_NAMES["preprocess"])
+
+
+def register_subject(
+    subject: str,
+    t1w: PathLike | None,
+    atlas: PathLike,
+    out_dir: PathLike,
+    *,
+    method: str,
+    session: str | None = None,
+    labels: PathLike | None = None,
+    preprocessed: PathLike | Mapping[str, Any] | None = None,
+    preset: str | None = None,
+    affine: bool = True,
+    seed: int | None = None,
+    threads: int | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Register one subject to the atlas with one method, as a record that reports failure.
+
+    Without ``preprocessed`` this is :func:`hdar_pipeline.registration.register_files` (atlas fixed,
+    the subject's T1w moving, its labels warped with nearest neighbour).
+
+    With ``preprocessed`` (a :func:`preprocess_subject` record, or its JSON file; ``subject``,
+    ``session``, ``t1w`` and ``labels`` default to the record's), the deformable
+    method registers the preprocessed image (already affinely on the atlas grid, so no affine stage
+    runs), and the result is composed with the preprocessing affine: ``transform.h5`` then maps atlas
+    points to the *native* subject, and the native labels are warped once (no double
+    interpolation). A failed preprocessing record is passed on as this subject x method's failure.
+
+    Returns
+    -------
+    dict
+        The record (also ``out_dir/register_record.json``): ids, ``status``, ``error``,
+        ``failed_step``, and when ok ``registration_json``, ``warped`` (image on the atlas grid),
+        ``warped_labels`` (or ``None``), ``transform`` (ITK composite ``.h5``, atlas -> native
+        subject), ``transforms`` (the same as separate files, ``ants.apply_transforms`` order),
+        ``runtime_s``, ``peak_memory_mb``, ``device``, ``folded_percent``.
+    """
+    out = Path(out_dir)
+    upstream = read_record(preprocessed)
+    if upstream is not None:  # identifiers and native inputs travel with the preprocessing record
+        subject = subject or upstream.get("subject", "")
+        session = session or upstream.get("session", "")
+        t1w = t1w if t1w is not None else upstream.get("t1w")
+        labels = labels if labels is not None else upstream.get("labels")
+    base = {**_ids(subject, session, method, preset), "t1w": _abs(t1w), "labels": _abs(labels),
+            "atlas": _abs(atlas)}
+    if upstream is not None and not is_ok(upstream):
+        return write_record(_passed_on(upstream, base), out / RECORD_NAMES["register"])
+
+    def step() -> dict[str, Any]:
+        from .registration import register_files
+
+        if upstream is None:
+            if t1w is None:
+                raise ValueError(f"subject {subject}: no T1w image given")
+            rec = register_files(atlas, t1w, out, method=method, preset=preset, moving_labels=labels, affine=affine,
+                                 seed=seed, threads=threads, device=device)
+            transforms = [str((out / p).resolve()) for p in rec["transforms"]]
+            composite = str((out / rec["composite_transform"]).resolve())
+            warped_labels = rec["outputs"].get("warped_labels")
+            warped_labels = str((out / warped_labels).resolve()) if warped_labels else None
+        else:
+            rec = register_files(atlas, upstream["preproc"], out, method=method, preset=preset, affine=False,
+                                 seed=seed, threads=threads, device=device)
+            composite, transforms, warped_labels = _compose_with_preprocessing(out, atlas, upstream, rec,
+                                                                               native_labels=labels)
+        return {"registration_json": str((out / "registration.json").resolve()),
+                "warped": str((out / rec["outputs"]["warped"]).resolve()), "warped_labels": warped_labels,
+                "transform": composite, "transforms": transforms, "preset": rec.get("preset") or preset or "",
+                "runtime_s": float(rec["runtime_s"]), "peak_memory_mb": float(rec["peak_memory_mb"]),
+                "device": rec.get("device", "cpu"), "folded_percent": float(rec["jacobian"]["folded_percent"]),
+                "preprocessed": upstream is not None}
+
+    return write_record(_run_step("register", base, step), out / RECORD_NAMES["register"])
+
+
+def _compose_with_preprocessing(out: Path, atlas: PathLike, upstream: Mapping[str, Any], rec: Mapping[str, Any],
+                                native_labels: PathLike | None) -> tuple[str, list[str], str | None]:
+    """Compose the preprocessing affine with a registration done in preprocessed space and write
+    the atlas -> native transform (``transform_native.h5`` and separate files); warp the native labels."""
+    from .images import load_image, save_image
+    from .transforms import Transform
+
+    atlas_img = load_image(atlas)
+    deformable = Transform.read(out / rec["composite_transform"], grid=atlas_img)
+    to_atlas = Transform.read(upstream["to_atlas"], grid=atlas_img)
+    native = to_atlas.compose(deformable)
+    files = native.write(out, prefix="transform_native_")
+    composite = native.write_composite(out / "transform_native.h5")
+    warped_labels = None
+    if native_labels is not None:
+        lab = load_image(native_labels, labels=True)
+        warped_labels = str(save_image(native.apply(lab, interpolation="nearest"),
+                                       out / "warped_labels.nii.gz").resolve())
+    return str(composite.resolve()), [str(p.resolve()) for p in files], warped_labels
+
+
+def evaluate_subject(
+    record: PathLike | Mapping[str, Any],
+    out_dir: PathLike,
+    *,
+    atlas_labels: PathLike | None = None,
+    warped_labels: PathLike | None = None,
+    transform: PathLike | None = None,
+    label_table: PathLike | None = None,
+    distances: bool = True,
+) -> dict[str, Any]:
+    """Evaluate one registration record against the atlas labels, as a record that reports failure.
+
+    The subject's warped labels are compared with ``atlas_labels`` by
+    :func:`hdar_pipeline.evaluate.evaluate_files` (label overlap and surface distances, and the
+    Jacobian of the record's transform). With no atlas labels or no subject labels nothing is
+    evaluated (``evaluated`` is ``False``) and the record stays ok. A failed registration record is
+    passed on.
+
+    ``warped_labels`` and ``transform`` default to the record's own (a workflow passes them as
+    files so that their content takes part in its cache keys).
+
+    Returns
+    -------
+    dict
+        The registration record plus ``evaluated``, and when evaluated ``labels_csv`` (one row per
+        label), ``summary_csv``, ``jacobian_csv`` and ``metrics`` (the one-row summary: ``mean_dice``
+        ... and the Jacobian statistics). Also written to ``out_dir/evaluate_record.json``.
+    """
+    out = Path(out_dir)
+    reg = read_record(record)
+    base = {k: v for k, v in reg.items() if k not in ("record_file",)}
+    base["evaluated"] = False
+    if not is_ok(reg):
+        return write_record(base, out / RECORD_NAMES["evaluate"])
+
+    def step() -> dict[str, Any]:
+        from .evaluate import evaluate_files
+
+        labels = warped_labels if warped_labels is not None else reg.get("warped_labels")
+        xfm = transform if transform is not None else reg.get("transform")
+        if atlas_labels is None or not labels:
+            return {}
+        ids = {"subject": reg["subject"], "session": reg.get("session", ""), "method": reg["method"]}
+        extra = {k: reg[k] for k in ("runtime_s", "peak_memory_mb") if k in reg}
+        result, written = evaluate_files(atlas_labels, labels, out / "evaluation.csv", transform=xfm,
+                                         label_table=label_table, ids=ids, extra=extra, distances=distances,
+                                         figures=False)
+        summary = result.summary.iloc[0].to_dict()
+        metrics = {k: _plain(v) for k, v in summary.items() if k not in (*ids, *extra)}
+        return {"evaluated": True, "atlas_labels": _abs(atlas_labels),
+                "labels_csv": str(Path(written["labels"]).resolve()),
+                "summary_csv": str(Path(written["summary"]).resolve()),
+                "jacobian_csv": str(Path(written["jacobian"]).resolve()) if "jacobian" in written else None,
+                "metrics": metrics, "evaluation_notes": list(result.notes)}
+
+    return write_record(_run_step("evaluate", base, step), out / RECORD_NAMES["evaluate"])
+
+
+# ----------------------------------------------------------------------------- group tables
+
+
+def collect_records(
+    records: Iterable[PathLike | Mapping[str, Any]],
+    out_dir: PathLike,
+    *,
+    prefix: str = "group",
+) -> dict[str, Path]:
+    """Pool per-subject records into the tidy group tables.
+
+    Writes into ``out_dir``:
+
+    ``<prefix>.csv``
+        One row per subject x session x method: :data:`GROUP_ID_COLUMNS`, :data:`GROUP_RUN_COLUMNS`,
+        then the evaluation summary (``mean_dice``, ``mean_hd95_mm`` ..., ``folded_percent``,
+        ``log_jacobian_std`` ...). Failed rows have ``status="error"`` and the message in ``error``.
+    ``<prefix>_labels.csv``
+        One row per subject x session x method x label (the evaluation's per-label table with the
+        status columns); a failed or unevaluated subject x method has one row without a label.
+        This is the input of :func:`hdar_pipeline.stats.write_group_statistics`.
+
+    Rows are sorted by subject, session and method.
+
+    Returns
+    -------
+    dict
+        ``{"group": path, "labels": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = [read_record(r) for r in records]
+    rows, label_frames = [], []
+    for r in recs:
+        row = {c: r.get(c, "") for c in GROUP_ID_COLUMNS}
+        row.update({c: r.get(c) for c in GROUP_RUN_COLUMNS})
+        row["evaluated"] = bool(r.get("evaluated", False))
+        if r.get("status") == STATUS_OK and "folded_percent" in r:
+            row["folded_percent"] = r["folded_percent"]
+        row.update(r.get("metrics") or {})
+        rows.append(row)
+        status_cols = {c: row[c] for c in ("status", "error", "failed_step")}
+        if r.get("labels_csv"):
+            frame = pd.read_csv(r["labels_csv"], dtype={"subject": str, "session": str, "method": str})
+            frame["session"] = frame["session"].fillna("") if "session" in frame else ""
+            for pos, (c, v) in enumerate(status_cols.items(), start=3):
+                frame.insert(min(pos, len(frame.columns)), c, v)
+            label_frames.append(frame)
+        else:
+            label_frames.append(pd.DataFrame([{**{c: row[c] for c in ("subject", "session", "method")},
+                                               **status_cols, "runtime_s": row["runtime_s"],
+                                               "peak_memory_mb": row["peak_memory_mb"]}]))
+    group = pd.DataFrame(rows)
+    if group.empty:
+        group = pd.DataFrame(columns=[*GROUP_ID_COLUMNS, *GROUP_RUN_COLUMNS])
+    group = group.sort_values(["subject", "session", "method"], kind="stable").reset_index(drop=True)
+    labels = pd.concat(label_frames, ignore_index=True, sort=False) if label_frames else \
+        pd.DataFrame(columns=["subject", "session", "method", "status", "error", "failed_step"])
+    sort_cols = [c for c in ("subject", "session", "method", "label") if c in labels]
+    labels = labels.sort_values(sort_cols, kind="stable", na_position="first").reset_index(drop=True)
+    paths = {"group": out / f"{prefix}.csv", "labels": out / f"{prefix}_labels.csv"}
+    group.to_csv(paths["group"], index=False)
+    labels.to_csv(paths["labels"], index=False)
+    return paths
+
+
+def group_statistics_files(
+    tables: PathLike | Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    reference: str = "hdar",
+    figures: bool = True,
+) -> tuple[list[Path], list[str]]:
+    """:func:`hdar_pipeline.stats.write_group_statistics` on tidy CSVs, for a workflow's last step.
+
+    Unusable tables (:class:`~hdar_pipeline.stats.StatsError`, e.g. every subject failed) do not
+    raise: the reason is written to ``out_dir/notes.txt`` and returned, so the per-subject outputs
+    of the cohort survive.
+
+    Returns
+    -------
+    (list of Path, list of str)
+        The files written (``notes.txt`` always among them) and the notes.
+    """
+    from .stats import StatsError, write_group_statistics
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [tables] if isinstance(tables, (str, os.PathLike)) else list(tables)
+    try:
+        result, written = write_group_statistics(paths, out, reference=reference, figures=figures)
+        notes = list(result.notes)
+    except StatsError as exc:
+        written, notes = [], [f"no group statistics: {exc}"]
+    notes_file = out / "notes.txt"
+    notes_file.write_text("".join(f"{n}\n" for n in notes))
+    return [*map(Path, written), notes_file], notes
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _abs(path: PathLike | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (tuple, set, np.ndarray)):
+        return list(value)
+    return str(value)
+
+
+__all__ = [
+    "GROUP_ID_COLUMNS",
+    "GROUP_RUN_COLUMNS",
+    "STATUS_ERROR",
+    "STATUS_OK",
+    "apply_transform_files",
+    "collect_records",
+    "count_failed",
+    "error_message",
+    "evaluate_subject",
+    "group_statistics_files",
+    "is_ok",
+    "preprocess_files",
+    "preprocess_subject",
+    "read_record",
+    "register_subject",
+    "skull_stripped_flag",
+    "write_record",
+]
