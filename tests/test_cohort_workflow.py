@@ -1,0 +1,151 @@
+"""The Pydra cohort workflow (hdar_pipeline.workflows.init_cohort_wf) on a 4-subject phantom cohort, cf worker."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("NO_ET", "1")  # Pydra: no telemetry look-ups
+
+pytest.importorskip("pydra")
+
+from conftest import make_brain_phantom  # noqa: E402
+from pydra.engine.submitter import Submitter  # noqa: E402
+
+from hdar_pipeline.images import save_image  # noqa: E402
+from hdar_pipeline.synthetic import make_subject  # noqa: E402
+from hdar_pipeline.workflows import init_cohort_wf  # noqa: E402
+
+METHODS = ["syn", "demons"]
+
+
+@pytest.fixture(scope="module")
+def cohort_files(tmp_path_factory):
+    """Atlas (32^3, 3 mm) with labels, three deformed subjects with labels, and a fourth whose T1w is corrupt."""
+    d = tmp_path_factory.mktemp("cohort")
+    atlas = make_brain_phantom((32, 32, 32), 3.0)
+    files = {"atlas": save_image(atlas.image, d / "atlas_T1w.nii.gz"),
+             "atlas_labels": save_image(atlas.labels, d / "atlas_dseg.nii.gz"),
+             "subjects": [], "t1w": [], "labels": []}
+    for i in range(3):
+        sub = f"{i + 1:02d}"
+        s = make_subject(atlas.image, atlas.labels, seed=10 + i, magnitude_mm=9.0, smoothness_mm=15.0)
+        files["subjects"].append(sub)
+        files["t1w"].append(save_image(s.image, d / f"sub-{sub}_T1w.nii.gz"))
+        files["labels"].append(save_image(s.labels, d / f"sub-{sub}_dseg.nii.gz"))
+    bad = d / "sub-04_T1w.nii.gz"
+    bad.write_bytes(b"\x1f\x8b truncated gzip, not an image")
+    files["subjects"].append("04")
+    files["t1w"].append(bad)
+    files["labels"].append(None)
+    files["cache"] = d / "cache"
+    return files
+
+
+def make_wf(files, **kwargs):
+    Wf = init_cohort_wf(**{"methods": METHODS, "threads": 1, "seed": 0, **kwargs})
+    return Wf(atlas=files["atlas"], atlas_labels=files["atlas_labels"], subjects=files["subjects"],
+              t1w=files["t1w"], labels=files["labels"])
+
+
+def run_wf(wf, cache_root):
+    start = time.perf_counter()
+    with Submitter(worker="cf", cache_root=cache_root, n_procs=2) as sub:
+        result = sub(wf)
+    assert not result.errored, result
+    return result.outputs, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def first_run(cohort_files):
+    return run_wf(make_wf(cohort_files), cohort_files["cache"])
+
+
+def test_group_csv_has_a_row_per_subject_and_method(first_run):
+    outputs, _ = first_run
+    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str, "session": str})
+    assert len(group) == 4 * len(METHODS)
+    assert set(zip(group["subject"], group["method"])) == {(s, m) for s in ("01", "02", "03", "04")
+                                                          for m in METHODS}
+    ok = group[group["subject"] != "04"]
+    assert (ok["status"] == "ok").all() and ok["evaluated"].all()
+    assert (ok["mean_dice"] > 0.7).all() and (ok["runtime_s"] > 0).all()
+    assert (ok["folded_percent"] < 1).all()
+    assert len(outputs.records) == 4 * len(METHODS)
+
+
+def test_corrupt_t1w_gives_error_rows_and_the_others_complete(first_run, cohort_files):
+    outputs, _ = first_run
+    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str})
+    bad = group[group["subject"] == "04"]
+    assert len(bad) == len(METHODS) and (bad["status"] == "error").all()
+    assert (bad["failed_step"] == "register").all()
+    for message in bad["error"]:
+        assert "sub-04_T1w.nii.gz" in message and "cannot be read" in message
+    assert outputs.n_failed == len(METHODS)
+    labels = pd.read_csv(outputs.labels_csv.fspath, dtype={"subject": str})
+    assert ((labels["subject"] != "04") & (labels["status"] == "ok")).sum() == 3 * len(METHODS) * 4  # 4 labels
+    assert (labels.loc[labels["subject"] == "04", "status"] == "error").all()
+
+
+def test_second_run_with_the_same_cache_is_much_faster(first_run, cohort_files):
+    outputs, first = first_run
+    again, second = run_wf(make_wf(cohort_files), cohort_files["cache"])
+    print(f"cohort workflow: first run {first:.1f} s, cached rerun {second:.2f} s")
+    assert second < max(first / 5, 1.0)
+    pd.testing.assert_frame_equal(pd.read_csv(outputs.group_csv.fspath), pd.read_csv(again.group_csv.fspath))
+
+
+def test_a_changed_workflow_reuses_the_cached_registrations(first_run, cohort_files):
+    """Adding the group statistics changes the workflow's hash, but not the registration nodes'."""
+    _, first = first_run
+    outputs, elapsed = run_wf(make_wf(cohort_files, group_stats=True, figures=False), cohort_files["cache"])
+    print(f"cohort workflow + group statistics on the same cache: {elapsed:.1f} s")
+    assert elapsed < first / 2
+    names = {f.fspath.name for f in outputs.stats_files}
+    assert {"summary.csv", "paired.csv", "excluded.csv"} <= names
+    excluded = pd.read_csv(next(f.fspath for f in outputs.stats_files if f.fspath.name == "excluded.csv"),
+                           dtype={"subject": str})
+    assert set(excluded["subject"]) == {"04"}
+
+
+def test_factory_arguments_are_part_of_the_cache_key(cohort_files):
+    """Factory arguments become input defaults, so they change the workflow's hash (a closure would not)."""
+    a = make_wf(cohort_files)
+    b = init_cohort_wf(methods=["syn"], threads=1, seed=0)(
+        atlas=cohort_files["atlas"], atlas_labels=cohort_files["atlas_labels"], subjects=cohort_files["subjects"],
+        t1w=cohort_files["t1w"], labels=cohort_files["labels"])
+    c = make_wf(cohort_files, seed=1)
+    assert a.methods == METHODS and b.methods == ["syn"]
+    assert len({a._hash, b._hash, c._hash}) == 3  # Pydra's task hash (private API, stable in 1.0a12)
+    assert make_wf(cohort_files)._hash == a._hash
+
+
+def test_factory_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown method"):
+        init_cohort_wf(methods=["syn", "elastix"])
+    with pytest.raises(ValueError, match="at least one method"):
+        init_cohort_wf(methods=[])
+
+
+def test_the_workflow_docstring_lists_inputs_and_outputs():
+    doc = init_cohort_wf.__doc__
+    for word in ("Inputs", "Outputs", "atlas", "t1w", "group_csv", "labels_csv", "status"):
+        assert word in doc
+
+
+@pytest.mark.slow
+def test_workflow_with_preprocessing(cohort_files, tmp_path):
+    """N4 + affine to the atlas first; the corrupt subject now fails at preprocessing."""
+    wf = init_cohort_wf(methods=["syn"], preprocess=True, skull_stripped="yes", threads=1, seed=0)(
+        atlas=cohort_files["atlas"], atlas_labels=cohort_files["atlas_labels"], subjects=cohort_files["subjects"],
+        t1w=cohort_files["t1w"], labels=cohort_files["labels"])
+    outputs, _ = run_wf(wf, tmp_path / "cache")
+    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str})
+    assert list(group["subject"]) == ["01", "02", "03", "04"]
+    assert list(group["status"]) == ["ok", "ok", "ok", "error"]
+    assert group.loc[3, "failed_step"] == "preprocess" and "sub-04_T1w.nii.gz" in group.loc[3, "error"]
+    assert (group.loc[:2, "mean_dice"] > 0.7).all()
