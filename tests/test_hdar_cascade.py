@@ -121,6 +121,13 @@ def test_cascade_fast_mode_shapes_and_patch_hierarchy():
         centre = np.array(p.start) + 6
         assert np.all((np.array(parent.start) <= centre) & (centre <= np.array(parent.stop)))
     assert all(a.shape == (1, 1, 6, 6, 6) for a in out.levels[1].attention[0])
+    qc = out.levels[2].attention_volume()
+    assert qc.shape == (37, 45, 29) and 0 <= qc.min() and qc.max() < 1
+    inside = np.zeros((37, 45, 29), bool)
+    for p in s3:
+        inside[p.slices] = True
+    assert qc.numpy()[~inside].max() == 0 and qc.numpy()[inside].min() > 0
+    assert out.levels[0].attention_volume().min() > 0  # S1 covers the whole volume
 
 
 def test_cascade_full_mode_covers_the_brain_and_levels_option():
@@ -172,6 +179,22 @@ def test_cascade_variants_run(settings):
     with torch.no_grad():
         out = model(f, m)
     assert out.flow.shape == (1, 3, 30, 26, 34) and torch.isfinite(out.flow).all()
+
+
+def test_diffeomorphic_mode_keeps_large_random_fields_fold_free():
+    """Random flow heads (fields of ~8 voxels, rough): plain displacements fold, velocities do not."""
+    f, m, _, _ = phantom((40, 40, 40), seed=5)
+    folds = {}
+    for diffeo in (False, True):
+        torch.manual_seed(0)
+        model = HDARCascade(width="small", levels=3, diffeomorphic=diffeo, **TINY)
+        with torch.no_grad():
+            for net in model.nets:
+                net.flow.weight.normal_(0, 2.0)
+            out = model(f, m, mode="full")
+        assert out.flow.abs().max() > 4
+        folds[diffeo] = (jacobian_determinant(out.flow) <= 0).float().mean().item()
+    assert folds[False] > 0.01 and folds[True] < 1e-3, folds
 
 
 def test_cascade_batches_and_checkpoint_round_trip():

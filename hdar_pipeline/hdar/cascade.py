@@ -171,6 +171,16 @@ class LevelResult:
     patches: list[list[Patch]]
     attention: list[list[torch.Tensor]]
 
+    def attention_volume(self, batch: int = 0) -> torch.Tensor:
+        """This level's attention painted on the full-resolution grid, ``(X, Y, Z)`` in [0, 1], for QC.
+
+        Each patch's map is resized to its box; overlapping boxes are averaged; voxels in no patch are 0.
+        """
+        blender = PatchBlender(self.flow.shape[2:], channels=1, taper=0, device=self.flow.device)
+        for patch, att in zip(self.patches[batch], self.attention[batch]):
+            blender.add(resize_volume(att.to(self.flow.dtype), patch.size, antialias=False), patch)
+        return blender.result()[0, 0]
+
 
 @dataclass
 class CascadeOutput:
