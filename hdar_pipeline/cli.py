@@ -182,8 +182,149 @@ def _run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train the HDAR cascade stage by stage (S1, then S2, then S3)",
+        description="Train HDAR on random pairs of affinely aligned, skull-stripped images on one grid (the first "
+                    "image's; others are resampled onto it). Writes OUTDIR/train_log.csv, OUTDIR/checkpoints/ "
+                    "(resume with --resume) and, with --export NAME, OUTDIR/NAME.pt plus its model card NAME.json.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", help="training image files")
+    src.add_argument("--folder", help="folder of training images (see --pattern)")
+    src.add_argument("--bids", help="BIDS dataset: every sub-*/[ses-*/]anat/*_T1w image")
+    p.add_argument("--pattern", default=None,
+                   help="glob under --folder (default: every image directly inside it that is not label-like)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="label maps: a folder (matched by file name, BIDS sub/ses or leading identifier) or one file "
+                        "per image; with --bids the default is derivatives/**/*_dseg.nii.gz")
+    p.add_argument("--labels-pattern", default=None, help="glob under the --labels folder (default: every image file)")
+    p.add_argument("--labels-desc", default=None, help="BIDS: use *_desc-<DESC>_dseg label maps only")
+    p.add_argument("--no-labels", action="store_true", help="train without labels (no Dice term, NCC validation only)")
+    p.add_argument("--val-images", nargs="+", default=None, help="held-out validation images (default: --val-fraction)")
+    p.add_argument("--val-labels", nargs="+", default=None,
+                   help="labels of --val-images (folder or files; default: the --labels folder)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the subjects held out for validation when no --val-images (default 0.1, at least 2)")
+    p.add_argument("--val-pairs", type=int, default=8, help="validation pairs (default 8)")
+    p.add_argument("--width", choices=["small", "paper"], default="small", help="network width (default small)")
+    p.add_argument("--levels", type=int, choices=[1, 2, 3], default=3, help="sub-networks S1..S3 to train (default 3)")
+    p.add_argument("--steps-per-stage", type=int, nargs="+", default=[2000],
+                   help="optimiser steps of stage 1 [2 [3]] (one value: every stage; default 2000)")
+    p.add_argument("--val-every", type=int, default=250, help="validate every N steps (default 250)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (default 500)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
+    p.add_argument("--smooth-weight", type=float, default=1.5, help="smoothness weight (default 1.5)")
+    p.add_argument("--smoothness", choices=["anti_folding", "diffusion"], default="anti_folding")
+    p.add_argument("--dice-weight", type=float, default=1.0, help="Dice weight on pairs with labels (default 1)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips / axis permutations")
+    p.add_argument("--diffeomorphic", action="store_true", help="predict stationary velocity fields")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision on CUDA (default auto: bf16 where supported); the CPU always uses float32")
+    for name, default, what in (("s1-scale", None, "S1 input size relative to the image (default 0.25)"),
+                                ("s2-patch", None, "S2 patch size, full-resolution voxels (default 112)"),
+                                ("s2-input", None, "S2 network input size (default 56)"),
+                                ("s3-patch", None, "S3 patch size (default 56)"),
+                                ("s3-input", None, "S3 network input size (default 56)"),
+                                ("top-k", None, "patches per level, K (default 8)")):
+        p.add_argument(f"--{name}", type=float if name == "s1-scale" else int, default=default, help=what)
+    p.add_argument("-o", "--output", required=True, help="run folder (created)")
+    p.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="resume from CHECKPOINT (default OUTDIR/checkpoints/last.pt)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this global step")
+    p.add_argument("--export", default=None, metavar="NAME", help="write OUTDIR/NAME.pt and its model card at the end")
+    p.add_argument("--export-dir", default=None, help="where --export writes (default OUTDIR)")
+    p.add_argument("--on-grid-mismatch", choices=["resample", "error"], default="resample",
+                   help="images not on the first image's grid: resample them (default) or stop")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, pair sampling and augmentation (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .runtime import configure_threads
+
+    configure_threads(args.threads)
+    from pathlib import Path
+
+    import numpy as np
+
+    from .hdar.data import DataError, PairDataset, collect_subjects
+    from .hdar.train import TrainConfig, export, train
+    from .images import ImageError
+
+    def labels_arg(values):
+        if values is None:
+            return None
+        return values[0] if len(values) == 1 and Path(values[0]).is_dir() else values
+
+    try:
+        labels = None if args.no_labels else (labels_arg(args.labels) if args.labels else "auto")
+        subjects = collect_subjects(images=args.images, folder=args.folder, bids=args.bids, pattern=args.pattern,
+                                    labels=labels, labels_pattern=args.labels_pattern, labels_desc=args.labels_desc)
+        data = PairDataset.from_subjects(subjects, on_grid_mismatch=args.on_grid_mismatch)
+        val = None
+        if args.val_images:
+            val_labels = None if args.no_labels else labels_arg(args.val_labels) if args.val_labels else \
+                (labels if isinstance(labels, str) and labels != "auto" else None)
+            val = PairDataset.from_subjects(collect_subjects(images=args.val_images, labels=val_labels,
+                                                             labels_pattern=args.labels_pattern),
+                                            grid=data.grid, on_grid_mismatch=args.on_grid_mismatch)
+        elif args.val_fraction > 0:
+            n_val = max(2, int(round(args.val_fraction * len(data))))
+            if len(data) - n_val >= 2:
+                data, val = data.split(n_val, np.random.default_rng(args.seed))
+            else:
+                print(f"hdar train: warning: {len(data)} subjects are too few to hold out {n_val} for validation; "
+                      "not validating", file=sys.stderr)
+        cascade = {k: getattr(args, k) for k in ("s1_scale", "s2_patch", "s2_input", "s3_patch", "s3_input", "top_k")
+                   if getattr(args, k) is not None}
+        config = TrainConfig(width=args.width, levels=args.levels, diffeomorphic=args.diffeomorphic,
+                             steps_per_stage=tuple(args.steps_per_stage), lr=args.lr, smooth_weight=args.smooth_weight,
+                             smoothness=args.smoothness, dice_weight=args.dice_weight, augment=args.augment,
+                             val_every=args.val_every, val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every,
+                             seed=args.seed, amp=args.amp, cascade=cascade)
+        description = {
+            "source": "bids" if args.bids else "folder" if args.folder else "images",
+            "location": str(Path(args.bids or args.folder).resolve()) if (args.bids or args.folder)
+            else [str(Path(f).resolve()) for f in args.images],
+            "train_subjects": data.names, "val_subjects": val.names if val is not None else [],
+            "labelled_train_subjects": data.n_labelled, "grid_shape": list(data.shape),
+            "voxel_size_mm": [round(float(v), 4) for v in data.grid.spacing]}
+        result = train(data, args.output, config, val_data=val, resume=args.resume, device=args.device,
+                       threads=args.threads, progress=args.progress, max_steps=args.max_steps,
+                       data_description=description)
+        written = []
+        if args.export:
+            if not result.completed:
+                print(f"hdar train: warning: exporting after step {result.step} of {config.total_steps} "
+                      "(training not finished)", file=sys.stderr)
+            import shlex
+
+            command = shlex.join(["hdar", *sys.argv[1:]] if Path(sys.argv[0]).name == "hdar" else sys.argv)
+            written = export(result, args.export, args.export_dir or args.output, command=command,
+                             data_description=description)
+    except (DataError, ImageError, ValueError, FileNotFoundError) as exc:
+        print(f"hdar train: error: {exc}", file=sys.stderr)
+        return 2
+    final = result.final_validation
+    print(f"{result.step} of {config.total_steps} steps on {result.device} in {result.elapsed_s:.1f} s "
+          f"({result.train_seconds / max(1, result.step):.3f} s per step)"
+          + (f"; validation Dice {final['val_dice']:.4f}, NCC {final['val_ncc']:.4f}" if final else ""))
+    print(f"log: {result.log_path}")
+    if result.checkpoint_path is not None:
+        print(f"checkpoint: {result.checkpoint_path}")
+    for path in written:
+        print(f"exported: {path}")
+    if written:
+        print("to ship these weights, copy both files into hdar_pipeline/hdar/weights/ (default.pt/.json is loaded "
+              "by default)")
+    return 0
+
+
 # Subcommands, in the order `hdar --help` lists them.
-SUBCOMMANDS = [_add_register, _add_demo, _add_evaluate, _add_stats]
+SUBCOMMANDS = [_add_register, _add_demo, _add_evaluate, _add_stats, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
