@@ -25,7 +25,7 @@ os.environ.setdefault("NO_ET", "1")  # no telemetry look-ups (Nipype and Pydra)
 
 
 def build_workflow(atlas: str, atlas_labels: str, t1w: list[str], labels: list[str], out_dir: str, *,
-                   method: str = "syn", preset: str | None = None, seed: int = 0, threads: int | None = None,
+                   method: str = "syn", preset: str | None = None, seed: int | None = None, threads: int | None = None,
                    use_gpu: bool = False, name: str = "hdar_nipype_wf"):
     """A Nipype workflow: inputnode (iterating over subjects) -> Register -> ApplyTransform (labels,
     nearest neighbour) -> Evaluate -> DataSink."""
@@ -49,8 +49,10 @@ def build_workflow(atlas: str, atlas_labels: str, t1w: list[str], labels: list[s
     select.inputs.t1w_files = dict(zip(subjects, (str(Path(p).resolve()) for p in t1w)))
     select.inputs.label_files = dict(zip(subjects, (str(Path(p).resolve()) for p in labels)))
 
-    register = Node(Register(method=method, use_gpu=use_gpu, seed=seed), name="register")
+    register = Node(Register(method=method, use_gpu=use_gpu), name="register")
     register.inputs.fixed_image = str(Path(atlas).resolve())
+    if seed is not None:
+        register.inputs.seed = seed
     if preset:
         register.inputs.preset = preset
     if threads:
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="+", required=True, help="subject label maps, in the order of --t1w")
     parser.add_argument("--method", default="syn", choices=["affine", "syn", "demons", "hdar"])
     parser.add_argument("--preset", default=None, help="method preset (syn: fast or quality)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="random seed (non-zero: ANTs reads 0 as the clock)")
     parser.add_argument("--threads", type=int, default=None, help="threads per registration")
     parser.add_argument("--use-gpu", action="store_true", help="run HDAR on CUDA")
     parser.add_argument("--n-procs", type=int, default=1, help="parallel Nipype nodes (MultiProc when > 1)")

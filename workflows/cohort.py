@@ -34,7 +34,7 @@ def init_cohort_wf(
     reference: str | None = None,
     figures: bool = True,
     distances: bool = True,
-    seed: int | None = 0,
+    seed: int | None = None,
     threads: int | None = None,
     device: str = "auto",
     name: str = "cohort_wf",
@@ -86,7 +86,8 @@ def init_cohort_wf(
     distances : bool
         Surface distances in the evaluation (``hd95_mm`` ...).
     seed : int, optional
-        Seed of every registration.
+        Seed of every step (numpy, torch, ANTs); ``None`` leaves them unseeded. Use a non-zero seed
+        for reproducible reruns: ANTs reads a seed of 0 as "seed from the clock".
     threads : int, optional
         Threads per task (ITK, torch); with the ``cf`` worker, ``n_procs x threads`` should not
         exceed the cores.
