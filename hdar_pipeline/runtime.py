@@ -40,10 +40,14 @@ def configure_threads(threads: int | None) -> None:
 
 
 def seed_everything(seed: int | None, *, deterministic: bool = False) -> None:
-    """Seed Python, numpy, torch and ANTs (``ANTS_RANDOM_SEED``, read by ANTs at each registration)."""
+    """Seed Python, numpy, torch and ANTs (``ANTS_RANDOM_SEED``, read by ANTs at each registration).
+
+    ANTs reads a seed of 0 as "seed from the clock", so ANTs gets :func:`ants_seed` (``seed + 1``):
+    every user seed, 0 included, gives a reproducible ANTs run.
+    """
     if seed is None:
         return
-    os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
+    os.environ["ANTS_RANDOM_SEED"] = str(ants_seed(seed))
     random.seed(seed)
     np.random.seed(seed % (2**32))
     try:
@@ -55,6 +59,13 @@ def seed_everything(seed: int | None, *, deterministic: bool = False) -> None:
             torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+def ants_seed(seed: int) -> int:
+    """The non-zero ``ANTS_RANDOM_SEED`` used for a user seed (ANTs treats 0 as unseeded)."""
+    if seed < 0:
+        raise ValueError(f"seeds must be >= 0, got {seed}")
+    return int(seed) + 1
 
 
 @dataclass

@@ -192,3 +192,17 @@ def test_sitk_and_ants_round_trips_keep_geometry(volume):
     assert sv.GetNumberOfComponentsPerPixel() == 3
     assert np.allclose(sv[ijk], vec[ijk], atol=1e-6)
     assert sitk.GetArrayFromImage(sv).shape == (*volume.shape[::-1], 3)
+
+
+def test_seed_zero_gives_a_nonzero_ants_seed(monkeypatch):
+    import os
+
+    from hdar_pipeline.runtime import seed_everything
+
+    monkeypatch.delenv("ANTS_RANDOM_SEED", raising=False)
+    seed_everything(0)
+    assert os.environ["ANTS_RANDOM_SEED"] == "1"  # ANTs would read 0 as "seed from the clock"
+    seed_everything(7)
+    assert os.environ["ANTS_RANDOM_SEED"] == "8"
+    with pytest.raises(ValueError):
+        seed_everything(-1)
