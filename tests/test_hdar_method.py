@@ -1,0 +1,119 @@
+"""methods/hdar.py: HDARMethod with weights from a tiny training run (a temporary .pt + model card), its
+presets, instance optimisation (refine), provenance, and get_method("hdar") without shipped weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import mean_dice
+from hdar_pipeline.hdar import weights as W
+from hdar_pipeline.hdar.losses import local_ncc
+from hdar_pipeline.hdar.train import TrainConfig, export, train
+from hdar_pipeline.images import Grid, new_image, normalize_intensity, resample_to
+from hdar_pipeline.methods import get_method, register_pair
+from hdar_pipeline.methods.hdar import HDARMethod
+from hdar_pipeline.transforms import Transform
+from test_hdar_train import pair_dataset
+
+TINY = dict(s2_patch=16, s2_input=8, s3_patch=8, s3_input=8, top_k=2, s1_scale=0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """40 S1 steps + 3 S2 steps on the textured phantom pair, exported as tiny.pt/tiny.json."""
+    out = tmp_path_factory.mktemp("hdar-run")
+    data = pair_dataset((32, 32, 32))
+    cfg = TrainConfig(levels=2, steps_per_stage=(40, 3), lr=3e-3, augment=False, val_every=100, checkpoint_every=100,
+                      cascade=TINY, seed=0)
+    result = train(data, out, cfg, progress=False, device="cpu")
+    pt, card = export(result, "tiny", command="pytest", data_description={"source": "phantom"})
+    grid = Grid((32, 32, 32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    fixed, moving = data.volumes[0], data.volumes[1]
+    return {"pt": pt, "card": json.loads(card.read_text()), "grid": grid,
+            "fixed": new_image(fixed.image, grid), "moving": new_image(moving.image, grid),
+            "fixed_labels": fixed.labels.astype(np.int32), "moving_labels": new_image(moving.labels.astype(np.int32), grid)}
+
+
+def ncc_after(transform: Transform, fixed, moving) -> float:
+    warped = np.asarray(transform.apply(moving).dataobj, np.float32)
+    f = torch.from_numpy(np.asarray(fixed.dataobj, np.float32))[None, None]
+    return float(local_ncc(f, torch.from_numpy(warped)[None, None]).mean())
+
+
+def test_hdar_method_with_trained_weights_improves_dice(trained):
+    method = HDARMethod(weights=trained["pt"], device="cpu", seed=0, threads=1)
+    transform = method.register(trained["fixed"], trained["moving"])
+    assert transform.field.shape == (32, 32, 32, 3) and transform.affine is None
+    before = mean_dice(trained["fixed_labels"], np.asarray(trained["moving_labels"].dataobj))
+    after = mean_dice(trained["fixed_labels"],
+                      np.asarray(transform.apply(trained["moving_labels"], interpolation="nearest").dataobj))
+    print(f"\nHDAR (tiny weights): Dice {before:.3f} -> {after:.3f} in {method.last_run.runtime_s:.2f} s")
+    assert after > before + 0.01
+    assert transform.jacobian_determinant().min() > 0
+    assert method.device_used == "cpu"
+    assert transform.metadata["weights_sha256"] == trained["card"]["sha256"] == W.file_sha256(trained["pt"])
+    assert transform.metadata["method"] == "hdar" and transform.metadata["refine_steps"] == 0
+    params = method.parameters
+    assert params["weights"] == str(trained["pt"]) and params["mode"] == "fast" and "device_used" not in params
+    json.dumps(params)
+
+
+def test_full_preset_and_register_pair_provenance(trained):
+    method = HDARMethod(preset="full", weights=str(trained["pt"]), device="auto")
+    transform, info = register_pair(trained["fixed"], trained["moving"], method, affine=False)
+    assert info["weights_sha256"] == trained["card"]["sha256"]
+    assert info["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert info["preset"] == "full" and transform.field is not None
+    with pytest.raises(ValueError, match="unknown HDAR preset"):
+        HDARMethod(preset="ultra", weights=trained["pt"])
+
+
+def test_refine_improves_ncc_further(trained):
+    plain = HDARMethod(weights=trained["pt"], device="cpu").register(trained["fixed"], trained["moving"])
+    refined_method = HDARMethod(weights=trained["pt"], device="cpu", refine=15)
+    refined = refined_method.register(trained["fixed"], trained["moving"])
+    ncc0, ncc1 = ncc_after(plain, trained["fixed"], trained["moving"]), ncc_after(refined, trained["fixed"], trained["moving"])
+    print(f"\nrefine 15 steps: local NCC {ncc0:.4f} -> {ncc1:.4f} ({refined_method.last_run.runtime_s:.2f} s)")
+    assert ncc1 > ncc0 + 0.005
+    assert refined.metadata["refine_steps"] == 15
+    assert refined.jacobian_determinant().min() > 0
+
+
+def test_moving_on_another_grid_is_resampled_and_intensities_rescaled(trained):
+    fixed, moving = trained["fixed"], trained["moving"]
+    method = HDARMethod(weights=trained["pt"], device="cpu")
+    # raw scanner-like intensities are rescaled with normalize_intensity, as the training data were
+    scaled = method.register(fixed, new_image(np.asarray(moving.dataobj) * 800.0, trained["grid"]))
+    normalised = method.register(fixed, normalize_intensity(moving))
+    assert np.allclose(scaled.field, normalised.field, atol=1e-4)
+    # a moving image on another (finer, shifted) grid is resampled onto the fixed grid first
+    finer = Grid((40, 40, 40), np.diag([1.6, 1.6, 1.6, 1.0]) + np.c_[np.zeros((4, 3)), [0.3, -0.2, 0.1, 0]])
+    other = method.register(fixed, resample_to(moving, finer))
+    assert other.grid.same_as(trained["grid"])
+    plain = method.register(fixed, moving)
+    assert np.abs(other.field - plain.field).mean() < 0.1 * np.abs(plain.field).mean() + 0.05
+    with pytest.raises(ValueError, match="fixed_mask shape"):
+        method.register(fixed, moving, fixed_mask=new_image(np.ones((8, 8, 8), np.uint8), Grid((8, 8, 8), np.eye(4))))
+
+
+def test_get_method_without_shipped_weights_gives_the_clear_message(tmp_path, monkeypatch):
+    empty = tmp_path / "shipped"
+    empty.mkdir()
+    monkeypatch.setattr(W, "WEIGHTS_DIR", empty)
+    with pytest.raises(W.NoWeightsError, match="no trained HDAR weights are shipped in this version; train with "
+                                               "`hdar train`"):
+        get_method("hdar")
+    with pytest.raises(W.NoWeightsError, match="not found"):
+        HDARMethod(weights=tmp_path / "missing.pt")
