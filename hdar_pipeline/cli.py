@@ -83,10 +83,15 @@ def _run_demo(args: argparse.Namespace) -> int:
                    threads=args.threads)
     import pandas as pd
 
+    from .stats import write_group_statistics
+
     table = pd.read_csv(csv).drop_duplicates(["subject", "method"])
     summary = table.groupby("method")[["mean_dice", "endpoint_error_mm", "folded_percent", "runtime_s"]].mean()
     print(summary.round(3).to_string())
-    print(f"results: {csv}")
+    _, written = write_group_statistics([csv], csv.parent / "group", reference=args.methods[0])
+    print(f"results (one row per subject x method x label): {csv}")
+    print(f"group statistics and figures: {csv.parent / 'group'} "
+          f"({sum(1 for p in written if str(p).endswith('.csv'))} CSVs, e.g. {csv.parent / 'group' / 'summary.csv'})")
     return 0
 
 

@@ -11,7 +11,8 @@ def test_demo_writes_results_for_every_method(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--subjects", "1", "--methods", "demons", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "results:" in printed
+    assert "results (one row" in printed and "group statistics" in printed
+    assert (out / "group" / "summary.csv").exists() and (out / "group" / "boxplot_labels_dice.png").exists()
     table = pd.read_csv(out / "results.csv")
     assert set(table["method"]) == {"demons"} and set(table["subject"]) == {"sub-01"}
     assert len(table) == 6  # six tissue labels
