@@ -11,7 +11,7 @@ subject x session x method, either repeated on every label row or given on rows 
 Rows whose ``status`` is present and not ``"ok"`` (failed subjects) are kept out of every statistic
 and reported in :attr:`GroupStats.excluded`. A row without a status (NaN) counts as ok.
 
-Outputs (see ``docs/columns.md`` for every column)
+Outputs (README, "Column reference", documents every column)
 ------------------------------------------------------
 ``subjects``        one row per subject x session x method: label metrics averaged over labels;
 ``summary``         per method and metric (over subjects): n, mean, sd, median, quartiles, IQR, min, max;
@@ -57,7 +57,7 @@ class StatsError(ValueError):
 
 @dataclass
 class GroupStats:
-    """All tables of a group analysis (see the module docstring and ``docs/columns.md``)."""
+    """All tables of a group analysis (see the module docstring and the README column reference)."""
 
     reference: str
     methods: list[str]
