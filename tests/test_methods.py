@@ -81,6 +81,17 @@ def test_hdar_is_announced_not_silently_missing():
         get_method("hdar")
 
 
+@pytest.mark.skipif(not HAS_HDAR, reason="hdar_pipeline.methods.hdar is not there yet")
+def test_registry_builds_hdar_when_present():
+    """The registry reaches HDARMethod; without shipped weights that is a clear error about weights."""
+    try:
+        method = get_method("hdar", seed=2, threads=1, device="cpu")
+    except Exception as exc:  # e.g. NoWeightsError while no trained weights ship
+        assert "weights" in str(exc)
+    else:
+        assert isinstance(method, RegistrationMethod) and method.name == "hdar" and method.preset == "fast"
+
+
 # ---------------------------------------------------------------------- affine
 
 
