@@ -11,45 +11,28 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .images import Grid, ImageError, new_image, normalize_intensity, resample_to, save_image
+from .images import Grid, new_image, normalize_intensity, resample_to, save_image
 from .synthetic import make_subject
+from .templates import MNI_GM_FILE, MNI_T1_FILE, MNI_WM_FILE, nilearn_data_dir
 
 PathLike = str | os.PathLike
 
-_NILEARN_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
 DEMO_LABELS = {1: "left csf and other", 2: "left grey matter", 3: "left white matter",
                4: "right csf and other", 5: "right grey matter", 6: "right white matter"}
 
 
-def nilearn_template_file(kind: str) -> Path:
-    """Path of a template file inside the installed ``nilearn`` package (no import of nilearn)."""
-    try:
-        folder = resources.files("nilearn") / "datasets" / "data"
-    except ModuleNotFoundError:
-        raise ImageError("nilearn", "the nilearn package (which ships the MNI152 template) is not installed; "
-                                    "pip install nilearn") from None
-    path = Path(str(folder / _NILEARN_FILES[kind]))
-    if not path.exists():
-        raise ImageError(path, "MNI152 template file missing from the nilearn installation")
-    return path
-
-
 def demo_atlas(spacing_mm: float = 2.0) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """The demo atlas: T1 in [0, 1] and six tissue labels, on a ``spacing_mm`` grid cropped to the brain."""
-    t1 = nib.load(str(nilearn_template_file("t1")))
-    gm = np.asarray(nib.load(str(nilearn_template_file("gm"))).dataobj, dtype=np.float32)
-    wm = np.asarray(nib.load(str(nilearn_template_file("wm"))).dataobj, dtype=np.float32)
+    folder = nilearn_data_dir()
+    t1 = nib.load(str(folder / MNI_T1_FILE))
+    gm = np.asarray(nib.load(str(folder / MNI_GM_FILE)).dataobj, dtype=np.float32)
+    wm = np.asarray(nib.load(str(folder / MNI_WM_FILE)).dataobj, dtype=np.float32)
     data = np.asarray(t1.dataobj, dtype=np.float32)
     brain = data > 0
     tissue = np.where(wm >= np.maximum(gm, 0.5 * 255), 3, np.where(gm >= 0.35 * 255, 2, 1)) * brain
