@@ -221,6 +221,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth-weight", type=float, default=1.5, help="smoothness weight (default 1.5)")
     p.add_argument("--smoothness", choices=["anti_folding", "diffusion"], default="anti_folding")
     p.add_argument("--dice-weight", type=float, default=1.0, help="Dice weight on pairs with labels (default 1)")
+    p.add_argument("--loss-resolution", choices=["level", "full"], default="level",
+                   help="compute each stage's loss at its network's resolution (default; S1 1/4, S2 1/2, S3 full on "
+                        "its patches) or on the whole full-resolution volume (much slower on a CPU)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips / axis permutations")
     p.add_argument("--diffeomorphic", action="store_true", help="predict stationary velocity fields")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
@@ -288,6 +291,7 @@ def _run_train(args: argparse.Namespace) -> int:
         config = TrainConfig(width=args.width, levels=args.levels, diffeomorphic=args.diffeomorphic,
                              steps_per_stage=tuple(args.steps_per_stage), lr=args.lr, smooth_weight=args.smooth_weight,
                              smoothness=args.smoothness, dice_weight=args.dice_weight, augment=args.augment,
+                             loss_resolution=args.loss_resolution,
                              val_every=args.val_every, val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every,
                              seed=args.seed, amp=args.amp, cascade=cascade)
         description = {

@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("hdar-run")
     data = pair_dataset((32, 32, 32))
     cfg = TrainConfig(levels=2, steps_per_stage=(40, 3), lr=3e-3, augment=False, val_every=100, checkpoint_every=100,
-                      cascade=TINY, seed=0)
+                      cascade=TINY, seed=0, loss_resolution="full")
     result = train(data, out, cfg, progress=False, device="cpu")
     pt, card = export(result, "tiny", command="pytest", data_description={"source": "phantom"})
     grid = Grid((32, 32, 32), np.diag([2.0, 2.0, 2.0, 1.0]))

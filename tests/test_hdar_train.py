@@ -21,7 +21,10 @@ from hdar_pipeline.hdar.cascade import build_cascade
 from hdar_pipeline.hdar.data import (Augmentation, DataError, PairDataset, Volume, collect_subjects,
                                      find_bids_images, match_labels)
 from hdar_pipeline.hdar.layers import SpatialTransformer
-from hdar_pipeline.hdar.train import TrainConfig, load_checkpoint, read_log, train, validate
+from hdar_pipeline.hdar.layers import resize_volume
+from hdar_pipeline.hdar.losses import anti_folding_loss, local_ncc_loss
+from hdar_pipeline.hdar.train import (LowResCache, TrainConfig, level_loss_size, load_checkpoint, pair_loss, read_log,
+                                      sample_region, set_stage, train, validate)
 from hdar_pipeline.images import Grid, ImageError, new_image, save_image
 
 #: Tiny cascade geometry: S2 patches of 16 voxels resized to 8, S3 patches of 8, K = 2.
@@ -203,6 +206,50 @@ def test_config_schedule_and_validation():
         TrainConfig(cascade={"bogus": 1})
 
 
+def test_sample_region_is_the_spatial_transformer_on_a_box():
+    torch.manual_seed(0)
+    vol = torch.rand(1, 2, 10, 12, 9)
+    flow = torch.randn(1, 3, 10, 12, 9) * 2
+    full = SpatialTransformer()(vol, flow)
+    assert torch.allclose(sample_region(vol, flow), full, atol=1e-5)
+    box = (slice(2, 7), slice(3, 12), slice(0, 5))
+    assert torch.allclose(sample_region(vol, flow[(slice(None), slice(None), *box)], (2, 3, 0)),
+                          full[(slice(None), slice(None), *box)], atol=1e-5)
+
+
+def test_level_resolution_loss_of_stage1_is_computed_on_the_s1_grid():
+    data = pair_dataset((24, 24, 20))
+    model = build_cascade("small", 3, seed=0, s1_scale=0.5, **TINY)
+    with torch.no_grad():
+        model.nets[0].flow.weight.normal_(0, 0.05)
+    cfg = TrainConfig(levels=3, dice_weight=0.0, cascade=dict(s1_scale=0.5, **TINY))
+    pair = data.pair(0, 1)
+    rng = np.random.default_rng(0)
+    assert level_loss_size(model.config, 1, (24, 24, 20)) == (12, 12, 10)
+    assert level_loss_size(model.config, 2, (24, 24, 20)) == (12, 12, 10)  # S2: 8 / 16
+    assert level_loss_size(model.config, 3, (24, 24, 20)) == (24, 24, 20)
+    loss, terms = pair_loss(model, pair, 1, cfg, torch.device("cpu"), rng, lowres=LowResCache(data))
+    f, m = resize_volume(pair.fixed, (12, 12, 10)), resize_volume(pair.moving, (12, 12, 10))
+    flow, _ = model.nets[0](torch.cat([m, f, m - f], 1))
+    expected = local_ncc_loss(f, SpatialTransformer()(m, flow)) + 1.5 * anti_folding_loss(flow)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    # augmented pairs: the cached low-resolution images, augmented, equal the augmented pair resized
+    aug = Augmentation((True, False, True), (2, 0, 1))
+    augmented = data.pair(0, 1, aug)
+    cached, _ = pair_loss(model, augmented, 1, cfg, torch.device("cpu"), rng, lowres=LowResCache(data))
+    direct, _ = pair_loss(model, augmented, 1, cfg, torch.device("cpu"), rng, lowres=None)
+    assert cached.item() == pytest.approx(direct.item(), abs=1e-5)
+    # stage 2 (at 1/2) and stage 3 (full resolution, its patches' box) train only their own level
+    for stage in (2, 3):
+        set_stage(model, stage)
+        model.zero_grad()
+        loss, _ = pair_loss(model, pair, stage, cfg, torch.device("cpu"), rng)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is None for k, net in enumerate(model.nets) if k != stage - 1 for p in net.parameters())
+        assert model.nets[stage - 1].flow.weight.grad.abs().sum() > 0
+
+
 def test_tiny_run_writes_log_and_checkpoints_and_resumes_exactly(tmp_path):
     data = pair_dataset((24, 24, 24), n_extra=1)
     cfg = TrainConfig(levels=3, steps_per_stage=(2, 2, 2), lr=1e-3, val_every=3, checkpoint_every=2,
@@ -253,11 +300,12 @@ def test_tiny_run_writes_log_and_checkpoints_and_resumes_exactly(tmp_path):
 
 
 def test_training_improves_the_loss_on_a_phantom(tmp_path):
-    """~40 steps of a one-level small model on a textured phantom pair (both directions, with Dice):
-    the held-out-style validation (NCC and nearest-neighbour label Dice) improves over the untrained model."""
+    """40 steps of a one-level small model on a textured phantom pair (both directions, with Dice, loss at
+    full resolution: at 32^3 the level-resolution loss of S1 would sit on a 16^3 grid): the validation
+    (NCC and nearest-neighbour label Dice) improves over the untrained model."""
     data = pair_dataset((32, 32, 32))
     cfg = TrainConfig(levels=1, steps_per_stage=40, lr=3e-3, augment=False, val_every=40, checkpoint_every=40,
-                      val_pairs=2, cascade=dict(s1_scale=0.5), seed=0)
+                      val_pairs=2, cascade=dict(s1_scale=0.5), seed=0, loss_resolution="full")
     before = validate(build_cascade("small", 1, seed=0, s1_scale=0.5), data, [(0, 1), (1, 0)])
     result = train(data, tmp_path, cfg, val_data=data, progress=False, device="cpu")
     after = result.final_validation
