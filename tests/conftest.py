@@ -151,3 +151,14 @@ def mean_dice(reference: np.ndarray, other: np.ndarray) -> float:
         a, b = reference == lab, other == lab
         values.append(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
     return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Run a module's torch code on one thread (small tensors: threads cost more than they give)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -19,12 +19,7 @@ from hdar_pipeline.hdar.unet import AttentionUNet, count_parameters
 TINY = dict(s2_patch=24, s2_input=12, s3_patch=12, s3_input=12, top_k=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def phantom(shape=(32, 32, 32), seed=0, amplitude=2.5):

@@ -13,12 +13,7 @@ from hdar_pipeline.hdar.layers import (ResizeFlow, SpatialTransformer, VecInt, a
 from hdar_pipeline.images import Grid, new_image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: faster and reproducible on a shared 2-core box
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def smooth_field(shape, amplitude, seed, sigma=3.0) -> np.ndarray:

@@ -11,12 +11,7 @@ from hdar_pipeline.hdar.losses import (anti_folding_loss, box_sum, diffusion_los
                                        local_ncc, local_ncc_loss, one_hot, soft_dice_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def texture(shape, seed, sigma=1.5) -> torch.Tensor:
