@@ -22,12 +22,7 @@ from test_hdar_train import pair_dataset
 TINY = dict(s2_patch=16, s2_input=8, s3_patch=8, s3_input=8, top_k=2, s1_scale=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ from hdar_pipeline.images import Grid, ImageError, new_image, save_image
 TINY = dict(s2_patch=16, s2_input=8, s3_patch=8, s3_input=8, top_k=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def textured_pair(shape=(32, 32, 32), seed=3, amplitude=5.0):
