@@ -1,0 +1,133 @@
+"""The cohort workflow scaled out through Pydra's SLURM worker, on a real SLURM cluster.
+
+Every workflow node runs as its own ``sbatch`` job (Pydra writes one batch script per job under
+``<cache_root>/slurm_scripts/``, submits it, polls ``squeue`` and reads the job's state from ``sacct``).
+
+Needs a cluster with accounting (``sacct``): ``bash tests/slurm/start_cluster.sh`` starts a single-node one
+on this machine (Debian, root). Marked ``slurm``, so the default ``python -m pytest`` leaves it out; run it with
+``python -m pytest -m slurm``. Without a cluster it is skipped with the reason, unless ``HDAR_REQUIRE_SLURM=1``
+(set by ``.ci/run``, which started one): then a missing cluster fails the test instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("NO_ET", "1")  # Pydra: no telemetry look-ups (sbatch passes the environment on to the jobs)
+
+pytest.importorskip("pydra")
+
+from conftest import make_brain_phantom  # noqa: E402
+from pydra.engine.submitter import Submitter  # noqa: E402
+
+from hdar_pipeline.images import save_image  # noqa: E402
+from hdar_pipeline.synthetic import make_subject  # noqa: E402
+from hdar_pipeline.workflows import init_cohort_wf  # noqa: E402
+
+pytestmark = pytest.mark.slurm
+
+USABLE_NODE_STATES = {"idle", "mix", "mixed", "alloc", "allocated", "comp", "completing"}
+
+
+def _run(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def slurm_problem() -> str | None:
+    """Why Pydra's SLURM worker cannot run here (``None`` when it can): the client commands, a node, accounting."""
+    for tool in ("sbatch", "squeue", "sacct", "sinfo"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not on PATH (no SLURM client; start one with: bash tests/slurm/start_cluster.sh)"
+    try:
+        info = _run("sinfo", "-h", "-o", "%t", timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 20 s (no slurmctld?)"
+    if info.returncode != 0:
+        return f"sinfo does not answer: {(info.stderr or info.stdout).strip()[:300]}"
+    states = {s.rstrip("*~#!%$@^-") for s in info.stdout.split()}
+    if not states & USABLE_NODE_STATES:
+        return f"no node is up (sinfo node states: {sorted(states) or 'none'})"
+    try:
+        acct = _run("sacct", "-n", "-X", "-S", "now", "-o", "JobID", timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sacct did not answer within 20 s (no slurmdbd?)"
+    if acct.returncode != 0:
+        return f"sacct does not work (Pydra's SLURM worker needs job accounting): {acct.stderr.strip()[:300]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    problem = slurm_problem()
+    if problem:
+        if os.environ.get("HDAR_REQUIRE_SLURM") == "1":
+            pytest.fail(f"HDAR_REQUIRE_SLURM=1 but no usable SLURM cluster: {problem}", pytrace=False)
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):
+    """A 2-subject cohort (one corrupt T1w), demons, run with worker="slurm"; returns (outputs, cache, seconds)."""
+    d = tmp_path_factory.mktemp("slurm_cohort")
+    atlas = make_brain_phantom((32, 32, 32), 3.0)
+    atlas_t1w = save_image(atlas.image, d / "atlas_T1w.nii.gz")
+    atlas_dseg = save_image(atlas.labels, d / "atlas_dseg.nii.gz")
+    s = make_subject(atlas.image, atlas.labels, seed=10, magnitude_mm=9.0, smoothness_mm=15.0)
+    t1w = [save_image(s.image, d / "sub-01_T1w.nii.gz"), d / "sub-02_T1w.nii.gz"]
+    t1w[1].write_bytes(b"\x1f\x8b truncated gzip, not an image")
+    labels = [save_image(s.labels, d / "sub-01_dseg.nii.gz"), None]
+
+    wf = init_cohort_wf(methods=["demons"], threads=1, seed=1, distances=False)(
+        atlas=atlas_t1w, atlas_labels=atlas_dseg, subjects=["01", "02"], t1w=t1w, labels=labels)
+    cache = d / "cache"
+    start = time.perf_counter()
+    with Submitter(worker="slurm", cache_root=cache, poll_delay=1) as sub:
+        result = sub(wf)
+    elapsed = time.perf_counter() - start
+    print(f"cohort workflow through SLURM: {elapsed:.1f} s")
+    assert not result.errored, result
+    return result.outputs, cache, elapsed
+
+
+def test_cohort_rows_and_status_through_slurm(slurm_run):
+    outputs, _, _ = slurm_run
+    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str, "session": str})
+    assert list(group["subject"]) == ["01", "02"] and (group["method"] == "demons").all()
+    ok, bad = group.iloc[0], group.iloc[1]
+    assert ok["status"] == "ok" and bool(ok["evaluated"]) and 0.5 < ok["mean_dice"] <= 1
+    assert bad["status"] == "error" and bad["failed_step"] == "register"
+    assert "sub-02_T1w.nii.gz" in bad["error"] and "cannot be read" in bad["error"]
+    assert outputs.n_failed == 1 and len(outputs.records) == 2
+
+
+def test_every_node_ran_as_a_slurm_job(slurm_run):
+    """The work went through SLURM: Pydra's batch scripts (this interpreter), the jobs' output files, and
+    sacct's record of each job (COMPLETED, exit 0, named after its workflow node)."""
+    _, cache, _ = slurm_run
+    scripts = sorted((cache / "slurm_scripts").glob("*/batchscript_*.sh"))
+    assert scripts, f"no SLURM batch scripts under {cache}"
+    for script in scripts:
+        text = script.read_text()
+        assert sys.executable in text and "load_and_run" in text, text
+
+    outs = sorted((cache / "slurm_scripts").glob("*/slurm-*.out"))
+    job_ids = sorted({re.fullmatch(r"slurm-(\d+)\.out", p.name).group(1) for p in outs})
+    assert len(job_ids) == len(scripts), (job_ids, scripts)
+
+    acct = _run("sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,JobName,State,ExitCode",
+                timeout=30)
+    assert acct.returncode == 0, acct.stderr
+    rows = [line.split("|") for line in acct.stdout.splitlines() if line.strip()]
+    assert sorted(r[0] for r in rows) == job_ids, acct.stdout
+    assert all(r[2] == "COMPLETED" and r[3] == "0:0" for r in rows), acct.stdout
+    nodes = [r[1].split(".")[0] for r in rows]  # Pydra names a job "<node>.<uid>"
+    # register and evaluate once per subject, collect once
+    assert sorted(nodes) == ["collect", "evaluate", "evaluate", "register", "register"], acct.stdout
