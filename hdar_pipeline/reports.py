@@ -1093,11 +1093,17 @@ def methods_paragraph(
 
     # ------------------------------------------------------------------ reproducibility
     repro = []
+    uses_ants = bool(set(lower) & {"affine", "syn"}) or affine_first or bool(prep.get("n4")) or bool(
+        prep.get("brain_extraction"))
+    uses_torch = "hdar" in lower
     if seed is not None:
-        repro.append(f"The random number generators (NumPy, PyTorch and ANTs through `ANTS_RANDOM_SEED`) were "
-                     f"seeded with {seed}.")
+        rngs = ["Python", "NumPy"] + (["PyTorch"] if uses_torch else []) + (
+            ["ANTs, through `ANTS_RANDOM_SEED`"] if uses_ants else [])
+        repro.append(f"The random number generators ({_join(rngs)}) were seeded with {seed}.")
+    skip = {"hdar-pipeline", "hdar_pipeline"} | (set() if uses_torch else {"torch"}) | (
+        set() if uses_ants else {"antspyx"}) | (set() if uses_pydra else {"pydra"})
     libs = [f"{_LIBRARY_NAMES.get(k, k)} {v}" for k, v in versions.items()
-            if k not in ("hdar-pipeline", "hdar_pipeline") and v and v != "not installed"]
+            if k not in skip and v and v != "not installed"]
     if libs:
         repro.append(f"Software versions: hdar-pipeline {versions['hdar-pipeline']}, {', '.join(libs)}.")
     if repro:
