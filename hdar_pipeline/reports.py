@@ -49,6 +49,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
+from scipy import ndimage
 
 from ._version import __version__
 from .images import Grid, load_image
@@ -284,7 +285,7 @@ def _summarise_jacobian(jac: np.ndarray, brain: np.ndarray) -> _JacobianSummary:
         log_std_brain=float(np.std(np.log(positive))) if positive.size > 1 else float("nan"))
 
 
-def _jacobian_figure(jac: np.ndarray, atlas_labels: np.ndarray | None, view: _View, brain: np.ndarray,
+def _jacobian_figure(jac: np.ndarray, view: _View, brain: np.ndarray,
                      summary: _JacobianSummary, title: str, out_png: Path) -> Path:
     vol = view.reorient(jac)
     outline = view.reorient(brain.astype(np.float32))
@@ -468,8 +469,8 @@ def write_subject_report(
 
     Notes
     -----
-    Slices pass through the centre (mean voxel position) of the atlas labels, or of the atlas voxels
-    above 1 % of its maximum when there are no labels; they are shown in RAS orientation (left of the
+    Slices pass through the centre (mean voxel position) of the atlas labels, or of the atlas brain (the
+    voxels above 1 % of its maximum) when there are no labels; they are shown in RAS orientation (left of the
     brain on the left of the image). A figure that cannot be made (an unreadable file, a warped image on
     another grid) gives a warning box in that method's section instead of stopping the report.
     """
@@ -491,10 +492,12 @@ def write_subject_report(
             raise ValueError(f"{atlas_labels}: atlas label map shape {labels_img.shape} does not match the "
                              f"atlas {grid.shape}")
         labels_data = np.asarray(labels_img.dataobj)
-        brain = labels_data > 0
-    else:
-        brain = atlas_data > 0.01 * float(np.max(atlas_data))
-    view = _make_view(grid, brain)
+    # The brain: atlas voxels above 1 % of its maximum plus every labelled voxel, holes filled.
+    brain = atlas_data > 0.01 * float(np.max(atlas_data))
+    if labels_data is not None:
+        brain |= labels_data > 0
+    brain = ndimage.binary_fill_holes(brain)
+    view = _make_view(grid, labels_data > 0 if labels_data is not None else brain)
 
     used_desc: dict[str, int] = {}
     sections: list[str] = []
@@ -552,7 +555,9 @@ def write_subject_report(
         "labels (1 is perfect), HD95 the 95th percentile surface distance in mm (lower is better), folded "
         "voxels in percent.</li></ul>")
     summary = ("<table><tr><th>Method</th><th>Status</th><th>Preset</th><th>Mean Dice</th>"
-               "<th>Folded voxels (%)</th><th>Runtime</th></tr>\n" + "\n".join(summary_rows) + "</table>")
+               "<th>Folded voxels (%)</th><th>Runtime</th></tr>\n" + "\n".join(summary_rows) + "</table>"
+               '<p class="note">Folded voxels: the method\'s <code>folded_percent</code> metric when given, '
+               "otherwise the voxels with det J &le; 0 inside the atlas brain, from the Jacobian map.</p>")
     doc = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -605,7 +610,7 @@ def _method_body(entry: ReportEntry, desc: str, title: str, stem: str, space: st
         try:
             jac = _load_jacobian(entry, atlas_img)
             jac_summary = _summarise_jacobian(jac, brain)
-            png = _jacobian_figure(jac, labels_data, view, brain, jac_summary, f"{title}: det J",
+            png = _jacobian_figure(jac, view, brain, jac_summary, f"{title}: det J",
                                    figures / f"{stem}_space-{space}_desc-{desc}_jacobian.png")
             body.append(f'<figure><img src="{_e(_href(png, base))}" alt="{_e(title)}: Jacobian determinant">'
                         f"<figcaption>Jacobian determinant of the transform (white 1, blue shrinkage, red "
