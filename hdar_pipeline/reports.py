@@ -749,8 +749,8 @@ def _describe_affine(params: Mapping[str, Any], preset: str, version: str, cite:
         details.append(f"{100 * float(params['sampling_rate']):g} % of the voxels sampled for the metric")
         used.add("sampling_rate")
     text = ("Each image was aligned to the atlas with a rigid and then an affine registration, both driven by "
-            f"Mattes mutual information, with `antsRegistration` through ANTsPy{version} {cite('avants2011')}")
-    text += f" ({'; '.join(details)})." if details else "."
+            f"Mattes mutual information, with `antsRegistration` through ANTsPy{version}")
+    text += (f" ({'; '.join(details)}; {cite.inner('avants2011')})." if details else f" {cite('avants2011')}.")
     if preset:
         text += f" Preset: `{preset}`."
     return text + _other_parameters(params, used)
