@@ -122,12 +122,18 @@ def test_every_node_ran_as_a_slurm_job(slurm_run):
     job_ids = sorted({re.fullmatch(r"slurm-(\d+)\.out", p.name).group(1) for p in outs})
     assert len(job_ids) == len(scripts), (job_ids, scripts)
 
-    acct = _run("sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,JobName,State,ExitCode",
-                timeout=30)
-    assert acct.returncode == 0, acct.stderr
-    rows = [line.split("|") for line in acct.stdout.splitlines() if line.strip()]
-    assert sorted(r[0] for r in rows) == job_ids, acct.stdout
-    assert all(r[2] == "COMPLETED" and r[3] == "0:0" for r in rows), acct.stdout
-    nodes = [r[1].split(".")[0] for r in rows]  # Pydra names a job "<node>.<uid>"
-    # register and evaluate once per subject, collect once
-    assert sorted(nodes) == ["collect", "evaluate", "evaluate", "register", "register"], acct.stdout
+    # sacct reads slurmdbd, which slurmctld feeds asynchronously: a record can lag a few seconds behind
+    # (its name still "allocation" just after slurmdbd started), so ask again until it is complete.
+    deadline = time.monotonic() + 60
+    while True:
+        acct = _run("sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,JobName,State,ExitCode",
+                    timeout=30)
+        assert acct.returncode == 0, acct.stderr
+        rows = [line.split("|") for line in acct.stdout.splitlines() if line.strip()]
+        nodes = [r[1].split(".")[0] for r in rows]  # Pydra names a job "<node>.<uid>"
+        # register and evaluate once per subject, collect once; all COMPLETED with exit code 0
+        if (sorted(r[0] for r in rows) == job_ids and all(r[2:] == ["COMPLETED", "0:0"] for r in rows)
+                and sorted(nodes) == ["collect", "evaluate", "evaluate", "register", "register"]):
+            break
+        assert time.monotonic() < deadline, f"sacct for jobs {job_ids}:\n{acct.stdout}"
+        time.sleep(2)
