@@ -332,6 +332,58 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert LPBA40, IBSR18, CUMC12, MGH10, Mindboggle-101 or a folder of images into BIDS",
+        description="Read a labelled dataset in its distribution's layout (SRC, never written to) and write a BIDS "
+                    "raw dataset (DEST/sub-<label>/anat/sub-<label>_T1w.nii.gz, participants.tsv) plus the label "
+                    "maps as BIDS derivatives (DEST/derivatives/labels/sub-<label>/anat/sub-<label>_dseg.nii.gz, "
+                    "dseg.tsv). The layout each preset expects is documented in hdar_pipeline/convert.py and the "
+                    "README.")
+    p.add_argument("preset", choices=["lpba40", "ibsr18", "cumc12", "mgh10", "mindboggle101", "folder"])
+    p.add_argument("src", help="the distribution's folder (or its parent)")
+    p.add_argument("dest", help="BIDS dataset to write (absent, empty, or written by an earlier `hdar convert`)")
+    p.add_argument("--images", nargs="+", default=None, metavar="GLOB",
+                   help="image file pattern(s) relative to the dataset folder (required for folder; replaces a "
+                        "preset's)")
+    p.add_argument("--labels", nargs="+", default=None, metavar="GLOB",
+                   help="label map pattern(s) relative to the dataset folder (required for folder)")
+    p.add_argument("--subject-regex", default=None,
+                   help="regex giving the subject id from a file name (group 'id', else group 1); folder default: "
+                        "the first run of letters and digits of the name without its extension")
+    p.add_argument("--label-table", default=None, help="label names: BIDS dseg.tsv (index, name) or FreeSurfer LUT")
+    p.add_argument("--use-heads", action="store_true",
+                   help="convert the head (non-skull-stripped) images instead of the brains, where the layout has them")
+    p.add_argument("--subjects", nargs="+", default=None, metavar="ID",
+                   help="convert only these subjects (source ids such as S01, or BIDS labels such as 01)")
+    p.add_argument("--subject-labels", choices=["auto", "source"], default="auto",
+                   help="BIDS labels: auto (numbers, sub-01, when the ids are numbered) or source (the id's letters "
+                        "and digits, sub-S01)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip a subject whose files are missing, unreadable or mismatched, and list it at the end")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty DEST that is not this conversion (same-named files are replaced)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print the summary only")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertError, convert, format_summary
+    from .images import ImageError
+    from .labels import LabelTableError
+
+    try:
+        result = convert(args.preset, args.src, args.dest, images=args.images, labels=args.labels,
+                         subject_regex=args.subject_regex, label_table=args.label_table, use_heads=args.use_heads,
+                         subjects=args.subjects, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                         subject_labels=args.subject_labels, log=None if args.quiet else print)
+    except (ConvertError, ImageError, LabelTableError, OSError) as exc:
+        print(f"hdar convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    return 0
+
+
 # Subcommands, in the order `hdar --help` lists them.
 SUBCOMMANDS = [_add_register, _add_demo, _add_evaluate, _add_stats, _add_train]
 
@@ -342,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    _add_convert(sub)
     return parser
 
 
