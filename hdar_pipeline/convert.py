@@ -28,23 +28,34 @@ replace a preset's patterns and ``subject_regex=`` (``--subject-regex``) its way
 Every pattern accepts Analyze ``.img``/``.hdr`` pairs (also ``.img.gz`` beside a plain ``.hdr``), ``.nii``,
 ``.nii.gz`` and MGH/MGZ.
 
-========================  ======================================================  =========================================
-preset (layout)           image (``use_heads``: head image)                       label map
-========================  ======================================================  =========================================
-``lpba40`` (LONI,         ``S01/S01.delineation.skullstripped.img`` (+ ``.hdr``;   ``S01/S01.delineation.structure.label.img``
-delineation space)        also ``.img.gz``, ``.nii``, ``.nii.gz``); no head image  (same suffixes)
-``lpba40`` (Klein 2009    ``Brains/<id>.img`` (``Heads/<id>.img``)                 ``Atlases/<id>.img``
-archive)
-``ibsr18`` (Klein 2009    ``Brains/<id>.img`` (``Heads/<id>.img``)                 ``Atlases/<id>.img``
-archive)
-``ibsr18`` (IBSR v2.0,    ``IBSR_01/IBSR_01_ana_strip.nii.gz``                     ``IBSR_01/IBSR_01_seg_ana.nii.gz``
-NITRC)                    (``IBSR_01/IBSR_01_ana.nii.gz``), at any depth
-``cumc12``                ``Brains/m1.img`` (``Heads/m1.img``)                     ``Atlases/m1.img``
-``mgh10``                 ``Brains/g1.img`` (``Heads/g1.img``)                     ``Atlases/g1.img``
-``mindboggle101``         ``OASIS-TRT-20_volumes/OASIS-TRT-20-1/                    ``OASIS-TRT-20_volumes/OASIS-TRT-20-1/
-                          t1weighted_brain.nii.gz`` (``t1weighted.nii.gz``)        labels.DKT31.manual+aseg.nii.gz``
-``folder``                ``images=GLOB`` (required)                               ``labels=GLOB`` (required)
-========================  ======================================================  =========================================
+Per preset, the patterns tried (in this order; the first layout whose images match is used), with one
+example path per kind of file (brain image; head image used with ``use_heads``; label map):
+
+* ``lpba40``, LONI LPBA40 delineation space, at any depth under ``SRC`` (so ``SRC/S01/...`` and
+  ``SRC/LPBA40/delineation_space/S01/...`` both work): brain ``**/*.delineation.skullstripped.*``, e.g.
+  ``S01/S01.delineation.skullstripped.img.gz`` (+ ``S01/S01.delineation.skullstripped.hdr``); no head image;
+  labels ``**/*.delineation.structure.label.*``, e.g. ``S01/S01.delineation.structure.label.img.gz`` (+ ``.hdr``).
+* ``lpba40``, Klein et al. 2009 archive: brain ``Brains/*`` (e.g. ``Brains/l1.img``), head ``Heads/*``
+  (``Heads/l1.img``), labels ``Atlases/*`` (``Atlases/l1.img``).
+* ``ibsr18``, Klein et al. 2009 archive (``SRC`` or ``SRC/IBSR18/``): brain ``Brains/*``, head ``Heads/*``,
+  labels ``Atlases/*``, the same file name in each folder (e.g. ``Brains/IBSR_01.img``, ``Atlases/IBSR_01.img``).
+* ``ibsr18``, IBSR v2.0 as NITRC ships it (at any depth under ``SRC``): brain
+  ``**/IBSR_[0-9][0-9]_ana_strip.*`` (``IBSR_01/IBSR_01_ana_strip.nii.gz``), head ``**/IBSR_[0-9][0-9]_ana.*``
+  (``IBSR_01/IBSR_01_ana.nii.gz``), labels ``**/IBSR_[0-9][0-9]_seg_ana.*`` (``IBSR_01/IBSR_01_seg_ana.nii.gz``).
+* ``cumc12`` (``SRC`` or ``SRC/CUMC12/``): brain ``Brains/*`` (``Brains/m1.img`` ... ``m12``), head ``Heads/*``
+  (``Heads/m1.img``), labels ``Atlases/*`` (``Atlases/m1.img``).
+* ``mgh10`` (``SRC`` or ``SRC/MGH10/``): brain ``Brains/*`` (``Brains/g1.img`` ... ``g10``), head ``Heads/*``
+  (``Heads/g1.img``), labels ``Atlases/*`` (``Atlases/g1.img``).
+* ``mindboggle101``: brain ``*_volumes/*/t1weighted_brain.nii.gz``
+  (``OASIS-TRT-20_volumes/OASIS-TRT-20-1/t1weighted_brain.nii.gz``), head ``*_volumes/*/t1weighted.nii.gz``,
+  labels ``*_volumes/*/labels.DKT31.manual+aseg.nii.gz`` (cortical labels only:
+  ``labels=["*_volumes/*/labels.DKT31.manual.nii.gz"]``); ``SRC`` may also be one ``<group>_volumes`` folder
+  (then the patterns are ``*/t1weighted_brain.nii.gz`` etc.).
+* ``folder``: ``images=GLOB`` and ``labels=GLOB`` (both required), e.g. ``images/*_T1.nii.gz`` and
+  ``seg/*_seg.nii.gz``; a label map is paired with the image of the same subject id.
+
+Analyze headers hold no orientation: the NIfTI written for an Analyze input carries nibabel's default
+affine for it (voxel sizes, first axis flipped); check the orientation of Analyze-sourced data.
 
 * Subject ids: LONI LPBA40 ``S01`` (from the file name); Klein archives: the file name without its extension
   (``m1``, ``g1``), the same name in ``Brains/``, ``Heads/`` and ``Atlases/``; IBSR v2.0 ``IBSR_01``;
@@ -179,8 +190,8 @@ PRESETS: dict[str, Preset] = {
         "lpba40", "LPBA40",
         layouts=(
             Layout("LONI LPBA40, delineation space",
-                   images=("*/*.delineation.skullstripped.*", "*.delineation.skullstripped.*"),
-                   labels=("*/*.delineation.structure.label.*", "*.delineation.structure.label.*"),
+                   images=("**/*.delineation.skullstripped.*",),
+                   labels=("**/*.delineation.structure.label.*",),
                    subject_regex=r"^(?P<id>[^.]+)\.delineation\."),
             _klein_layout(),
         ),

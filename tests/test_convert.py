@@ -187,6 +187,19 @@ def test_lpba40_explicit_label_table_and_klein_layout(tmp_path):
         ["background", "left", "right", "cbl"]
 
 
+def test_lpba40_nested_download_duplicates_and_no_heads(tmp_path):
+    src = tmp_path / "download"
+    data = make_lpba40(src / "LPBA40" / "delineation_space", suffixes=(".img.gz", ".nii"))
+    # the same file in a second format: the NIfTI wins, no ambiguity
+    for kind, array in (("skullstripped", data["S01"][0]), ("structure.label", data["S01"][1])):
+        write(src / "LPBA40" / "delineation_space" / "S01" / f"S01.delineation.{kind}.nii.gz", array)
+    result = convert("lpba40", src, tmp_path / "bids")
+    assert result.n_subjects == 2 and result.converted[0]["image"].endswith("S01.delineation.skullstripped.nii.gz")
+    check_bids(tmp_path / "bids", ["01", "02"])
+    with pytest.raises(ConvertError, match="no head images"):
+        convert("lpba40", src, tmp_path / "heads", use_heads=True)
+
+
 @pytest.mark.parametrize("preset, folder, ids, labels", [
     ("cumc12", "CUMC12", ["m1", "m2", "m10"], ["01", "02", "10"]),
     ("mgh10", "MGH10", ["g1", "g2"], ["01", "02"]),
