@@ -11,14 +11,14 @@
   ``DEST/derivatives/labels/dataset_description.json`` (``DatasetType: derivative``, ``GeneratedBy``,
   ``SourceDatasets``).
 
-Images keep their voxel values and data type (``float64`` that ``float32`` holds exactly becomes ``float32``;
-nothing is rescaled or resampled);
-label maps are written as integer NIfTI with the image's exact voxel-to-world affine, after checking that the
-label map lies on the image's grid (same shape, affines equal within 1e-3). Nothing is ever written into
-``SRC``. ``DEST`` must be empty, absent, or a dataset that ``hdar convert`` wrote from the same preset and
-source (then the run adds or replaces subjects); ``overwrite=True`` writes into any other folder (files of
-the same name are replaced, nothing is deleted). The run records itself in ``DEST/.hdar-convert.json``
-(a dot file, which BIDS tools ignore).
+Images keep their voxel values and data type (``float64`` that ``float32`` holds exactly becomes
+``float32``; nothing is rescaled or resampled); label maps are written as integer NIfTI with the image's exact
+voxel-to-world affine, after checking that the label map lies on the image's grid (same shape, affines equal
+within 1e-3). Nothing is ever written into ``SRC``. ``DEST`` must be empty, absent, or a dataset that
+``hdar convert`` wrote from the same preset and source with the same ``use_heads`` (then the run adds or
+replaces subjects); ``overwrite=True`` writes into any other folder (files of the same name are replaced,
+nothing is deleted). The run records itself in ``DEST/.hdar-convert.json`` (a dot file, which BIDS tools
+ignore).
 
 Layouts each preset expects
 ---------------------------
@@ -96,7 +96,7 @@ import numpy as np
 
 from ._version import __version__
 from .images import ImageError, check_labels_match, load_image
-from .labels import LabelTable, LabelTableError, read_label_table
+from .labels import LabelTableError, read_label_table
 
 PathLike = str | os.PathLike
 
@@ -514,8 +514,8 @@ def _read_dseg(path: Path) -> dict[int, str]:
 # ----------------------------------------------------------------------------- writing
 
 
-def _check_dest(src: Path, dest: Path, preset: str, overwrite: bool) -> bool:
-    """True when ``dest`` already holds this conversion (same preset and source)."""
+def _check_dest(src: Path, dest: Path, preset: str, use_heads: bool, overwrite: bool) -> bool:
+    """True when ``dest`` already holds this conversion (same preset, source and choice of head images)."""
     s, d = src.resolve(), dest.resolve()
     if d == s or s in d.parents:
         raise ConvertError(f"{dest}: the destination is inside the source folder {src}; "
@@ -529,10 +529,12 @@ def _check_dest(src: Path, dest: Path, preset: str, overwrite: bool) -> bool:
         record = json.loads(marker.read_text()) if marker.is_file() else None
     except (OSError, ValueError):
         record = None
-    same = bool(record) and record.get("preset") == preset and record.get("source") == str(s)
+    same = bool(record) and record.get("preset") == preset and record.get("source") == str(s) \
+        and bool(record.get("use_heads")) == use_heads
     if same or overwrite:
         return same
-    what = (f"a dataset converted from {record.get('source')} with preset {record.get('preset')}" if record
+    what = (f"a dataset converted from {record.get('source')} with preset {record.get('preset')}"
+            f"{' (head images)' if record.get('use_heads') else ''}" if record
             else "not a dataset written by `hdar convert`")
     raise ConvertError(f"{dest}: the destination is not empty and is {what}; choose an empty folder or pass "
                        "--overwrite to write into it anyway")
@@ -701,7 +703,7 @@ def convert(preset: str, src: PathLike, dest: PathLike, *, images: str | Sequenc
             raise ConvertError(f"{root}: subject(s) {', '.join(unknown)} not found; available: "
                                f"{', '.join(s.source_id for s in named)}")
         named, orphans = chosen, []
-    updating = _check_dest(src, dest, preset, overwrite)
+    updating = _check_dest(src, dest, preset, use_heads, overwrite)
     notes: list[str] = []
     table, fmt, table_source = _resolve_table(p, root, src, label_table, notes)
 

@@ -223,6 +223,8 @@ def test_klein_archives(tmp_path, preset, folder, ids, labels):
     convert(preset, src / folder, tmp_path / "heads", use_heads=True)
     check_subject(tmp_path / "heads", labels[0], src / folder / "Heads" / f"{ids[0]}.img",
                   data[ids[0]][2], data[ids[0]][1])
+    with pytest.raises(ConvertError, match=r"\(head images\)"):  # brains into a heads dataset: refused
+        convert(preset, src / folder, tmp_path / "heads")
 
 
 def test_ibsr18_nitrc_layout_with_freesurfer_lut(tmp_path):
