@@ -1,0 +1,157 @@
+"""`hdar benchmark` (hdar_pipeline.benchmark): the method comparison on a tiny BIDS dataset of phantoms.
+
+Three deformed phantoms (32^3, 3 mm) with their labels; the cheap variants (affine, Demons) on two
+pairs, through the Python API and through ``run_benchmark_cli``; cached rows are reused; per-variant
+pair limits; HDAR without weights is a "not run" row, never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_brain_phantom
+from hdar_pipeline import benchmark as bm
+from hdar_pipeline.synthetic import make_subject
+
+pytest.importorskip("bids")
+
+
+@pytest.fixture(scope="module")
+def phantom_bids(tmp_path_factory) -> tuple[Path, Path]:
+    """A BIDS raw dataset (sub-01..03 T1w) and a labels derivatives dataset (their dseg)."""
+    root = tmp_path_factory.mktemp("bench")
+    raw, labels = root / "raw", root / "labels"
+    phantom = make_brain_phantom(shape=(32, 32, 32), spacing=3.0, seed=3)
+    (raw).mkdir()
+    (raw / "dataset_description.json").write_text(json.dumps({"Name": "phantoms", "BIDSVersion": "1.8.0"}))
+    labels.mkdir()
+    (labels / "dataset_description.json").write_text(json.dumps(
+        {"Name": "phantom labels", "BIDSVersion": "1.8.0", "DatasetType": "derivative",
+         "GeneratedBy": [{"Name": "tests"}]}))
+    for i, sub in enumerate(("01", "02", "03")):
+        s = make_subject(phantom.image, phantom.labels, seed=10 + i, magnitude_mm=7.0, smoothness_mm=9.0)
+        (raw / f"sub-{sub}" / "anat").mkdir(parents=True)
+        (labels / f"sub-{sub}" / "anat").mkdir(parents=True)
+        nib.save(s.image, raw / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz")
+        nib.save(s.labels, labels / f"sub-{sub}" / "anat" / f"sub-{sub}_dseg.nii.gz")
+    return raw, labels
+
+
+def _config(phantom_bids, out: Path, **kw) -> bm.BenchmarkConfig:
+    raw, labels = phantom_bids
+    subjects, notes = bm.bids_subjects(raw, labels)
+    assert [s.subject for s in subjects] == ["01", "02", "03"] and not notes
+    pairs = bm.make_pairs(subjects, "onto-first")
+    assert [p.name for p in pairs] == ["02->01", "03->01"]
+    defaults = dict(pairs=pairs, output=out, variants=["affine", "demons", "hdar-fast"], affine=False,
+                    threads=1, seed=1, dataset="phantoms", command="pytest")
+    defaults.update(kw)
+    return bm.BenchmarkConfig(**defaults)
+
+
+def test_pair_modes_and_specs():
+    subs = [bm.SubjectFiles(s, Path(s), Path(s)) for s in ("S21", "S22", "S23")]
+    assert [p.name for p in bm.make_pairs(subs, "consecutive")] == ["S21->S22", "S22->S23", "S23->S21"]
+    assert [p.name for p in bm.make_pairs(subs, "onto-first")] == ["S22->S21", "S23->S21"]
+    assert len(bm.make_pairs(subs, "all")) == 6
+    assert len(bm.make_pairs(subs, "all", n_pairs=2)) == 2
+    lookup = {s.subject: s for s in subs}
+    pairs = bm.parse_pair_specs(["22:21", "S23:S21"], lambda x: lookup[bm.lpba40_label(x)])
+    assert [p.name for p in pairs] == ["S22->S21", "S23->S21"]
+    with pytest.raises(bm.BenchmarkInputError, match="MOVING:FIXED"):
+        bm.parse_pair_specs(["22"], lambda x: lookup[x])
+    assert bm.parse_max_pairs(["demons=2"]) == {"syn-quality": 1, "demons": 2}
+    assert bm.parse_max_pairs(["syn-quality=all"]) == {"syn-quality": None}
+    with pytest.raises(bm.BenchmarkInputError):
+        bm.parse_max_pairs(["nonsense=1"])
+    names = list(bm.default_variants(7))
+    assert names == ["affine", "demons", "syn-fast", "hdar-fast", "hdar-full", "hdar-refined", "syn-quality"]
+    assert bm.default_variants(7)["hdar-refined"].kwargs == {"refine": 7}
+
+
+def test_benchmark_api_cache_and_limits(phantom_bids, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = bm.run_benchmark(_config(phantom_bids, out), show_progress=False)
+    pairs = pd.read_csv(out / "benchmark_pairs.csv")
+    summary = pd.read_csv(out / "benchmark_summary.csv").set_index("variant")
+    md = (out / "benchmark.md").read_text()
+    assert list(pairs.columns) == bm.PAIR_COLUMNS and list(summary.reset_index().columns) == bm.SUMMARY_COLUMNS
+    assert len(pairs) == 4 and set(pairs["status"]) == {"ok"}
+    assert sorted(pairs["variant"]) == ["affine", "affine", "demons", "demons"]
+    assert (pairs["runtime_s"] > 0).all() and (pairs["peak_memory_mb"] > 0).all()
+    assert (pairs["n_labels"] == 4).all()
+    # numbers are plausible: Demons undoes the deformation that the affine stage cannot
+    assert summary.loc["demons", "dice_mean"] > summary.loc["affine", "dice_mean"] + 0.03
+    assert summary.loc["demons", "dice_mean"] > pairs["mean_dice_before"].mean()
+    assert 0.5 < summary.loc["demons", "target_overlap_mean"] <= 1
+    assert summary.loc["demons", "folded_percent_mean"] < 1
+    assert summary.loc["demons", "n_pairs"] == 2 and summary.loc["affine", "n_pairs"] == 2
+    # no SyN quality: the ratio column is there, NaN, with a note
+    assert summary["time_ratio_to_syn_quality"].isna().all()
+    assert "syn-quality did not run" in md
+    # HDAR without weights: a "not run" row and a note, not a crash
+    assert summary.loc["hdar-fast", "status"].startswith("not run:")
+    assert summary.loc["hdar-fast", "n_pairs"] == 0
+    assert "| hdar-fast | 0 | not run:" in md and "hdar-fast not run:" in md
+    assert "| demons | 2 |" in md and " ± " in md and "## Machine" in md and "pytest" in md
+    assert len(list((out / "rows").glob("*.json"))) == 4
+    capsys.readouterr()
+
+    # a second run reuses every cached row: fast, and the same numbers
+    start = time.perf_counter()
+    again = bm.run_benchmark(_config(phantom_bids, out), show_progress=False)
+    assert time.perf_counter() - start < 10
+    assert again.rows["cached"].all()
+    cols = ["variant", "moving", "fixed", "mean_dice", "mean_target_overlap", "runtime_s", "folded_percent"]
+    pd.testing.assert_frame_equal(again.rows[cols], result.rows[cols])
+    assert capsys.readouterr().out.count(": cached") == 4
+
+    # a changed parameter (the seed) makes the rows stale
+    stale = bm.run_benchmark(_config(phantom_bids, out, seed=2, variants=["affine"]), show_progress=False)
+    assert not stale.rows["cached"].any()
+    assert "stale" in capsys.readouterr().out
+
+    # --max-pairs-per-variant demons=1: Demons on the first pair only, and the table says so
+    limited = bm.run_benchmark(_config(phantom_bids, tmp_path / "lim", variants=["demons"],
+                                       max_pairs=bm.parse_max_pairs(["demons=1"])), show_progress=False)
+    s = limited.summary.set_index("variant")
+    assert s.loc["demons", "n_pairs"] == 1 and s.loc["demons", "n_pairs_planned"] == 1
+    assert list(limited.rows["moving"]) == ["02"]
+    assert "| demons | 1 of 2 |" in limited.markdown
+    assert "demons ran on 1 of 2 pairs" in limited.markdown
+
+
+def test_benchmark_cli(phantom_bids, tmp_path, capsys, monkeypatch):
+    raw, labels = phantom_bids
+    parser = argparse.ArgumentParser()
+    bm.add_benchmark_arguments(parser)
+    out = tmp_path / "cli"
+    argv = ["--bids-dir", str(raw), "--labels-dir", str(labels), "--pairs", "02:01", "sub-03:01",
+            "--variants", "affine", "demons", "hdar-refined", "--refine-steps", "5",
+            "--no-affine", "--threads", "1", "-o", str(out), "--no-progress", "--max-pairs-per-variant", "demons=1"]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/hdar", "benchmark", *argv])
+    assert bm.run_benchmark_cli(parser.parse_args(argv)) == 0
+    printed = capsys.readouterr().out
+    assert "| method | pairs | Dice (mean ± sd)" in printed and "| demons | 1 of 2 |" in printed
+    summary = pd.read_csv(out / "benchmark_summary.csv").set_index("variant")
+    assert summary.loc["affine", "n_pairs"] == 2 and summary.loc["demons", "n_pairs"] == 1
+    assert summary.loc["hdar-refined", "status"].startswith("not run")
+    assert math.isnan(summary.loc["demons", "time_ratio_to_syn_quality"])
+    md = (out / "benchmark.md").read_text()
+    assert "hdar benchmark --bids-dir" in md and "demons=1\n```" in md  # the exact command line
+    assert "no affine stage" in md
+    # bad input: one clear message, exit status 2
+    bad = parser.parse_args(["--bids-dir", str(raw), "--labels-dir", str(labels), "--pairs", "02:09", "-o",
+                             str(tmp_path / "bad")])
+    assert bm.run_benchmark_cli(bad) == 2
+    assert "sub-09" in capsys.readouterr().err
