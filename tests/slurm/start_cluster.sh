@@ -46,8 +46,14 @@ die() {
     exit 1
 }
 
-# pid from a pid file, if that process is alive
-alive() { local p; [ -s "$1" ] && p=$(cat "$1") && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+# alive PIDFILE: the pid file names a live process of the daemon the file is named after (a pid left over from
+# before a reboot may belong to something else now, which must neither count as running nor be stopped)
+alive() {
+    local p name
+    [ -s "$1" ] && p=$(cat "$1") && [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
+    name=$(basename "$1" .pid)
+    case $(cat "/proc/$p/comm" 2>/dev/null) in "$name"*) return 0 ;; *) return 1 ;; esac
+}
 
 stop_pidfile() {  # stop_pidfile NAME PIDFILE: SIGTERM, wait up to 30 s, then SIGKILL
     local name=$1 file=$2 pid i
