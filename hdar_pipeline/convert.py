@@ -626,20 +626,21 @@ def _write_participants(dest: Path, rows: list[dict[str, str]], columns: list[st
 def _readme(preset: Preset, layout: Layout, src: Path, use_heads: bool, table_source: str, n: int) -> str:
     refs = "\n".join(f"- {r}" for r in preset.references) or "- (none recorded)"
     notice = f"\n**Terms.** {preset.notice}\n" if preset.notice else ""
-    kind = "head (non-skull-stripped)" if use_heads else "as distributed (skull-stripped where the layout's " \
-                                                         "brain images are)"
+    kind = ("the head images (not skull-stripped)" if use_heads else "the images the patterns matched"
+            if preset.name == "folder" else "the distribution's skull-stripped brain images")
     return f"""# {preset.title} in BIDS
 
 Converted by `hdar convert {preset.name}` (hdar-pipeline {__version__}) from `{src}`
 (layout: {layout.name}); {n} subject(s).
 
-- `sub-<label>/anat/sub-<label>_T1w.nii.gz`: the T1-weighted images, {kind}; voxel values and data type
-  as in the source files (nothing rescaled or resampled).
+- `sub-<label>/anat/sub-<label>_T1w.nii.gz`: {kind}; voxel values and data type as in the
+  source files (nothing rescaled or resampled).
 - `derivatives/labels/`: the manual label maps on each image's grid (`sub-<label>_dseg.nii.gz`) and their
   look-up table `dseg.tsv` (label names from: {table_source}).
 - `participants.tsv`: `participant_id` and the subject's id in the source distribution (`source_id`).
 
-Some of these "raw" images were skull-stripped or re-oriented by the distribution's authors before release.
+These "raw" images are what the distribution ships: its authors may have skull-stripped, re-oriented or
+resampled them before release.
 {notice}
 ## References
 
