@@ -155,3 +155,42 @@ def test_benchmark_cli(phantom_bids, tmp_path, capsys, monkeypatch):
                              str(tmp_path / "bad")])
     assert bm.run_benchmark_cli(bad) == 2
     assert "sub-09" in capsys.readouterr().err
+
+
+def test_hdar_variants_run_with_given_weights(phantom_bids, tmp_path, torch_one_thread):
+    """With weights (an untrained tiny cascade here: the numbers mean nothing), every HDAR variant runs."""
+    from hdar_pipeline.hdar.cascade import build_cascade
+    from hdar_pipeline.hdar.weights import save_weights
+
+    model = build_cascade("small", levels=2, seed=0, s2_patch=16, s2_input=8, s3_patch=8, s3_input=8, top_k=2,
+                          s1_scale=0.5)
+    pt, _ = save_weights(model, None, {"data": "none (untrained, for a test)"}, tmp_path / "w" / "tiny.pt")
+    result = bm.run_benchmark(_config(phantom_bids, tmp_path / "out", variants=["hdar-fast", "hdar-full", "hdar-refined"],
+                                      refine_steps=3, hdar_weights=str(pt), device="cpu"), show_progress=False)
+    rows = result.rows
+    assert len(rows) == 6 and set(rows["status"]) == {"ok"}, rows[["variant", "error"]]
+    assert set(rows["device"]) == {"cpu"}
+    params = {v: json.loads(p) for v, p in zip(rows["variant"], rows["parameters"])}
+    assert params["hdar-refined"]["refine"] == 3 and params["hdar-fast"]["refine"] == 0
+    assert params["hdar-full"]["mode"] == "full" and params["hdar-fast"]["weights"] == str(pt)
+    assert (result.summary["n_pairs"] == 2).all()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_compare_methods_script_on_one_lpba40_pair(lpba40_dir, tmp_path):
+    """benchmarks/compare_methods.py on LPBA40's folder layout (no conversion): affine on S22->S21."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("compare_methods", REPO / "benchmarks" / "compare_methods.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "lpba40"
+    assert script.main(["--lpba40", str(lpba40_dir), "--pairs", "S22:S21", "--variants", "affine", "hdar-fast",
+                        "--threads", "2", "-o", str(out), "--no-progress"]) == 0
+    rows = pd.read_csv(out / "benchmark_pairs.csv")
+    assert rows.loc[0, "n_labels"] == 56 and rows.loc[0, "affine_stage"] == False  # noqa: E712
+    assert 0.5 < rows.loc[0, "mean_dice"] < 0.7
+    assert "no affine stage" in (out / "benchmark.md").read_text()
