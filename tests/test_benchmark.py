@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pandas as pd
 import pytest
 
