@@ -21,6 +21,8 @@ Record fields (every record)
 ``subject``, ``session``, ``method`` (empty before registration), ``status`` (``"ok"`` or ``"error"``),
 ``error`` (``""`` when ok), ``failed_step`` (``"preprocess"``, ``"register"`` or ``"evaluate"``),
 ``record_file`` (the JSON file the record was written to). A failure also keeps ``traceback``.
+With the environment variable ``HDAR_STOP_ON_FIRST_CRASH=1`` the wrappers re-raise instead (the
+BIDS App's ``--stop-on-first-crash``).
 Step outputs are absolute paths (see each wrapper).
 """
 
@@ -44,6 +46,9 @@ STATUS_ERROR = "error"
 GROUP_ID_COLUMNS = ["subject", "session", "method", "preset", "status", "error", "failed_step"]
 #: Whole-registration columns carried from the records into the group table (when present).
 GROUP_RUN_COLUMNS = ["runtime_s", "peak_memory_mb", "device", "evaluated"]
+
+#: Set to 1 (the BIDS App's ``--stop-on-first-crash``) to make the per-subject wrappers raise.
+STOP_ON_FIRST_CRASH_ENV = "HDAR_STOP_ON_FIRST_CRASH"
 
 RECORD_NAMES = {"preprocess": "preprocess_record.json", "register": "register_record.json",
                 "evaluate": "evaluate_record.json"}
@@ -219,6 +224,8 @@ def _run_step(step: str, base: dict[str, Any], fn: Callable[[], dict[str, Any]])
     try:
         return {**base, **fn(), "status": STATUS_OK, "error": "", "failed_step": ""}
     except Exception as exc:  # noqa: BLE001 - one subject's failure must not stop the cohort
+        if os.environ.get(STOP_ON_FIRST_CRASH_ENV, "") not in ("", "0"):
+            raise
         return {**base, "status": STATUS_ERROR, "error": error_message(exc), "failed_step": step,
                 "traceback": traceback.format_exc()}
 

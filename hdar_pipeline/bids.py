@@ -1,0 +1,506 @@
+"""BIDS in and BIDS-Derivatives out: cohort queries (pybids), derivative names, sidecars.
+
+Input side: :func:`query_cohort` reads a BIDS dataset with pybids and returns one
+:class:`SubjectInputs` per subject (x session): its T1w image and, from a labels derivatives dataset
+(``--labels-dir``), its ``*_dseg.nii.gz`` in T1w space. Participant and session labels are checked
+against BIDS's alphanumeric rule (:func:`check_label`) before they ever become part of a path.
+
+Output side: :func:`derivative_path` builds fMRIPrep-style names inside the output dataset::
+
+    sub-<l>[/ses-<s>]/anat/sub-<l>[_ses-<s>]_space-<atlas>_desc-<method>_T1w.nii.gz
+    sub-<l>[/ses-<s>]/anat/sub-<l>[_ses-<s>]_from-T1w_to-<atlas>_mode-image_desc-<method>_xfm.h5
+    sub-<l>[/ses-<s>]/anat/sub-<l>[_ses-<s>]_space-<atlas>_desc-<method>_dseg.nii.gz
+    sub-<l>[/ses-<s>]/anat/sub-<l>[_ses-<s>]_space-<atlas>_desc-<method>_metrics.json / .csv
+
+The ``xfm.h5`` is an ITK composite transform mapping atlas points to native subject points, so
+``ants.apply_transforms(fixed=atlas, moving=subject_T1w, transformlist=[xfm])`` brings the subject to
+the atlas. :func:`write_subject_derivatives` copies one registration record's files under those
+names with a JSON sidecar each; :func:`read_subject_metrics` reads them back for the group level.
+
+The library never writes into the input dataset: every writer here takes the *output* folder and
+refuses one that lies inside the input dataset (:func:`check_output_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from ._version import __version__
+
+PathLike = str | os.PathLike
+
+BIDS_VERSION = "1.9.0"
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+
+
+class BIDSError(ValueError):
+    """A problem with a BIDS input (dataset, label, filter file) that stops the run; names the culprit."""
+
+
+# ----------------------------------------------------------------------------- labels and filters
+
+
+def check_label(value: str, entity: str = "participant") -> str:
+    """A BIDS label without its prefix (``"sub-01"`` -> ``"01"``), checked to be alphanumeric.
+
+    Raises
+    ------
+    BIDSError
+        The label is empty or holds anything but letters and digits (``../x``, ``01/anat``, spaces),
+        so it can never walk out of a folder when it becomes part of a path.
+    """
+    prefix = {"participant": "sub-", "session": "ses-"}.get(entity, "")
+    text = str(value).strip()
+    if prefix and text.startswith(prefix):
+        text = text[len(prefix):]
+    if not _LABEL_RE.match(text):
+        raise BIDSError(f"invalid {entity} label {value!r}: BIDS labels are letters and digits only")
+    return text
+
+
+def load_bids_filter(path: PathLike | None) -> dict[str, Any]:
+    """Read a ``--bids-filter-file`` (fMRIPrep's format: ``{"t1w": {"acquisition": "mprage", ...}}``).
+
+    Returns the entities for the T1w query (``{}`` without a file). Keys other than ``t1w`` are
+    rejected so that a typo does not silently select nothing.
+    """
+    if path is None:
+        return {}
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BIDSError(f"{p}: cannot read the BIDS filter file ({exc})") from None
+    if not isinstance(data, dict) or set(data) - {"t1w"}:
+        raise BIDSError(f"{p}: a BIDS filter file is a JSON object with one key, 't1w' (got {sorted(data) if isinstance(data, dict) else type(data).__name__})")
+    query = data.get("t1w", {})
+    if not isinstance(query, dict):
+        raise BIDSError(f"{p}: 't1w' must map entity names to values")
+    return {k: v for k, v in query.items() if k not in ("subject", "session", "suffix", "extension", "datatype")}
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclass
+class SubjectInputs:
+    """One subject (x session) of the cohort.
+
+    ``t1w`` is ``None`` when the subject has no T1w image (it then fails alone in the workflow);
+    ``labels`` is the subject's ``dseg`` in T1w space from the labels dataset, or ``None``;
+    ``notes`` say what was chosen when the query was ambiguous.
+    """
+
+    subject: str
+    session: str = ""
+    t1w: Path | None = None
+    labels: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+def _layout(root: PathLike, *, validate: bool, derivative: bool = False):
+    import bids
+
+    root = Path(root)
+    if not root.is_dir():
+        raise BIDSError(f"{root}: not a folder")
+    if not (root / "dataset_description.json").is_file():
+        raise BIDSError(f"{root}: not a BIDS dataset (no dataset_description.json)")
+    try:
+        if derivative:
+            return bids.BIDSLayout(root, validate=False, is_derivative=True)
+        return bids.BIDSLayout(root, validate=validate)
+    except Exception as exc:  # pybids raises several types for a bad dataset
+        raise BIDSError(f"{root}: pybids cannot index this dataset ({type(exc).__name__}: {exc})") from None
+
+
+def query_cohort(
+    bids_dir: PathLike,
+    *,
+    participant_labels: Sequence[str] | None = None,
+    session_labels: Sequence[str] | None = None,
+    bids_filter: Mapping[str, Any] | None = None,
+    labels_dir: PathLike | None = None,
+    validate: bool = True,
+    exclude: Sequence[str] = (),
+) -> list[SubjectInputs]:
+    """The cohort of a BIDS dataset: each subject (x session) with its T1w and optional labels.
+
+    Parameters
+    ----------
+    bids_dir : path-like
+        BIDS raw dataset (read only).
+    participant_labels : sequence of str, optional
+        Subjects to keep (with or without ``sub-``); all by default. A requested subject missing
+        from the dataset is an error.
+    session_labels : sequence of str, optional
+        Sessions to keep (with or without ``ses-``).
+    bids_filter : mapping, optional
+        Extra pybids entities for the T1w query (see :func:`load_bids_filter`).
+    labels_dir : path-like, optional
+        A derivatives dataset with each subject's ``*_dseg.nii.gz`` in T1w space (files with a
+        ``space`` entity other than ``T1w`` are ignored).
+    validate : bool
+        Validate ``bids_dir`` with the BIDS validator (pybids ``validate=True``).
+    exclude : sequence of str
+        Subjects left out (e.g. the atlas participant).
+
+    Returns
+    -------
+    list of SubjectInputs
+        Sorted by subject and session; where several T1w images match, the first (sorted by name)
+        is used and a note says so.
+    """
+    layout = _layout(bids_dir, validate=validate)
+    all_subjects = sorted(layout.get_subjects())
+    if participant_labels:
+        wanted = [check_label(p) for p in participant_labels]
+        missing = [p for p in wanted if p not in all_subjects]
+        if missing:
+            raise BIDSError(f"{bids_dir}: participant(s) {', '.join('sub-' + m for m in missing)} not found "
+                            f"(the dataset has {len(all_subjects)}: {', '.join(all_subjects[:10])}"
+                            f"{' ...' if len(all_subjects) > 10 else ''})")
+        subjects = sorted(dict.fromkeys(wanted))
+    else:
+        subjects = all_subjects
+    skip = {check_label(e) for e in exclude}
+    subjects = [s for s in subjects if s not in skip]
+    sessions_wanted = [check_label(s, "session") for s in session_labels] if session_labels else None
+    filters = dict(bids_filter or {})
+    labels_layout = _layout(labels_dir, validate=False, derivative=True) if labels_dir is not None else None
+
+    cohort: list[SubjectInputs] = []
+    for sub in subjects:
+        sessions = sorted(layout.get_sessions(subject=sub)) or [""]
+        if sessions_wanted is not None:
+            sessions = [s for s in sessions if s in sessions_wanted]
+        for ses in sessions:
+            entry = SubjectInputs(subject=sub, session=ses)
+            query = {"subject": sub, "suffix": "T1w", "extension": [".nii", ".nii.gz"], "datatype": "anat",
+                     **filters}
+            if ses:
+                query["session"] = ses
+            found = sorted(layout.get(return_type="filename", **query))
+            if found:
+                entry.t1w = Path(found[0])
+                if len(found) > 1:
+                    entry.notes.append(f"{len(found)} T1w images match; using {Path(found[0]).name}")
+            if labels_layout is not None:
+                entry.labels = _find_labels(labels_layout, sub, ses, entry)
+            cohort.append(entry)
+    return cohort
+
+
+def _find_labels(layout, subject: str, session: str, entry: SubjectInputs) -> Path | None:
+    query = {"subject": subject, "suffix": "dseg", "extension": [".nii", ".nii.gz"]}
+    if session:
+        query["session"] = session
+    files = []
+    for f in layout.get(**query):
+        space = f.get_entities().get("space")
+        if space in (None, "T1w", "orig"):
+            files.append(f.path)
+    files.sort()
+    if not files:
+        return None
+    if len(files) > 1:
+        entry.notes.append(f"{len(files)} label maps match; using {Path(files[0]).name}")
+    return Path(files[0])
+
+
+def participant_files(bids_dir: PathLike, label: str, *, labels_dir: PathLike | None = None,
+                      validate: bool = True) -> SubjectInputs:
+    """One participant's T1w (and labels), e.g. for ``--atlas-participant``; raises when it has no T1w."""
+    entries = query_cohort(bids_dir, participant_labels=[label], labels_dir=labels_dir, validate=validate)
+    entry = entries[0] if entries else SubjectInputs(check_label(label))
+    if entry.t1w is None:
+        raise BIDSError(f"{bids_dir}: participant sub-{entry.subject} has no T1w image")
+    return entry
+
+
+def label_table(labels_dir: PathLike | None) -> Path | None:
+    """The labels dataset's ``dseg.tsv`` lookup table (names of the label values), if it has one."""
+    if labels_dir is None:
+        return None
+    candidate = Path(labels_dir) / "dseg.tsv"
+    return candidate if candidate.is_file() else None
+
+
+# ----------------------------------------------------------------------------- output dataset
+
+
+def check_output_dir(output_dir: PathLike, bids_dir: PathLike | None = None, *, what: str = "output folder") -> Path:
+    """Resolve an output (or work) folder, refusing one inside the input dataset: nothing is ever
+    written into BIDS_DIR, not even under its ``derivatives/``."""
+    out = Path(output_dir).resolve()
+    if bids_dir is not None:
+        src = Path(bids_dir).resolve()
+        if out == src or src in out.parents:
+            raise BIDSError(f"{out}: the {what} lies inside the input dataset {src}, which is never written to; "
+                            "choose a folder outside it")
+    return out
+
+
+def entity_prefix(subject: str, session: str = "") -> str:
+    """``sub-<l>[_ses-<s>]``."""
+    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
+
+
+def subject_dir(output_dir: PathLike, subject: str, session: str = "", datatype: str = "anat") -> Path:
+    """``OUTPUT/sub-<l>[/ses-<s>]/<datatype>``."""
+    d = Path(output_dir) / f"sub-{subject}"
+    if session:
+        d = d / f"ses-{session}"
+    return d / datatype
+
+
+def derivative_path(output_dir: PathLike, subject: str, session: str = "", *, suffix: str, extension: str,
+                    space: str | None = None, desc: str | None = None, from_: str | None = None,
+                    to: str | None = None, mode: str | None = None) -> Path:
+    """The BIDS-Derivatives path of one output (entities in the order fMRIPrep writes them).
+
+    Examples
+    --------
+    >>> derivative_path("out", "01", space="MNI", desc="syn", suffix="T1w", extension=".nii.gz").as_posix()
+    'out/sub-01/anat/sub-01_space-MNI_desc-syn_T1w.nii.gz'
+    >>> derivative_path("out", "01", "a", from_="T1w", to="MNI", mode="image", desc="syn", suffix="xfm",
+    ...                 extension=".h5").name
+    'sub-01_ses-a_from-T1w_to-MNI_mode-image_desc-syn_xfm.h5'
+    """
+    parts = [entity_prefix(subject, session)]
+    for key, value in (("from", from_), ("to", to), ("mode", mode), ("space", space), ("desc", desc)):
+        if value:
+            parts.append(f"{key}-{check_label(value, key)}")
+    return subject_dir(output_dir, subject, session) / ("_".join(parts) + f"_{suffix}{extension}")
+
+
+def sidecar_path(path: PathLike) -> Path:
+    """The JSON sidecar of a data file (``x_T1w.nii.gz`` -> ``x_T1w.json``)."""
+    p = Path(path)
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".h5", ".csv", ".tsv", ".mat"):
+        if name.endswith(ext):
+            return p.with_name(name[: -len(ext)] + ".json")
+    return p.with_suffix(".json")
+
+
+def write_json(path: PathLike, data: Mapping[str, Any]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return p
+
+
+def code_url() -> str:
+    """Where the code that made the derivatives lives: the package's ``Project-URL`` when its metadata
+    has one, else the installed package folder as a ``file://`` URL."""
+    from importlib import metadata
+
+    try:
+        meta = metadata.metadata("hdar-pipeline")
+        for entry in meta.get_all("Project-URL") or []:
+            _, _, url = entry.partition(",")
+            if url.strip():
+                return url.strip()
+        if meta.get("Home-page"):
+            return str(meta["Home-page"])
+    except metadata.PackageNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.as_uri()
+
+
+def write_dataset_description(output_dir: PathLike, *, source: PathLike | None = None,
+                              name: str = "hdar-pipeline derivatives") -> Path:
+    """``dataset_description.json`` of the derivatives (``DatasetType: derivative``, ``GeneratedBy``)."""
+    data: dict[str, Any] = {
+        "Name": name,
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "hdar-pipeline", "Version": __version__, "CodeURL": code_url()}],
+    }
+    if source is not None:
+        data["SourceDatasets"] = [{"URL": Path(source).resolve().as_uri()}]
+    return write_json(Path(output_dir) / "dataset_description.json", data)
+
+
+# ----------------------------------------------------------------------------- one subject's derivatives
+
+
+def _copy(src: PathLike, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src = Path(src)
+    if not (dst.is_file() and dst.stat().st_size == src.stat().st_size
+            and _same_bytes(src, dst)):
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    from .provenance import sha256
+
+    return sha256(a) == sha256(b)
+
+
+def write_subject_derivatives(
+    record: Mapping[str, Any],
+    output_dir: PathLike,
+    *,
+    space: str,
+    atlas: PathLike | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Copy one subject x method record's outputs into the derivatives under BIDS names.
+
+    Parameters
+    ----------
+    record : mapping
+        An evaluate (or register) record of :mod:`hdar_pipeline.cohort`: ids, ``status``, and when ok
+        ``warped``, ``warped_labels``, ``transform`` (atlas -> native subject ``.h5``),
+        ``registration_json``, ``labels_csv`` and ``metrics``.
+    output_dir : path-like
+        The derivatives dataset.
+    space : str
+        Atlas name for the ``space-``/``to-`` entities.
+    atlas : path-like, optional
+        The atlas image (recorded in the sidecars).
+    extra : mapping, optional
+        More sidecar fields (e.g. the seed and the command line).
+
+    Returns
+    -------
+    dict
+        ``kind -> path`` of what was written: always ``metrics_json`` (status, error, summary
+        metrics, run facts); when ok ``T1w``, ``xfm``, ``dseg`` (if labels) and ``metrics_csv`` (if
+        evaluated), each with a JSON sidecar.
+    """
+    sub, ses, method = str(record["subject"]), str(record.get("session") or ""), str(record["method"])
+    check_label(sub)
+    if ses:
+        check_label(ses, "session")
+    reg = {}
+    if record.get("registration_json") and Path(record["registration_json"]).is_file():
+        reg = json.loads(Path(record["registration_json"]).read_text())
+    common = {
+        "Method": method,
+        "Preset": record.get("preset") or reg.get("preset") or "",
+        "Parameters": reg.get("parameters", {}),
+        "Seed": reg.get("seed"),
+        "RuntimeSeconds": record.get("runtime_s"),
+        "PeakMemoryMB": record.get("peak_memory_mb"),
+        "Device": record.get("device", ""),
+        "Versions": reg.get("versions", {}),
+        "Atlas": str(Path(atlas).resolve()) if atlas is not None else record.get("atlas"),
+        "SpatialReference": space,
+        "Sources": [s for s in (record.get("t1w"),) if s],
+        **({"WeightsSHA256": reg["weights_sha256"]} if reg.get("weights_sha256") else {}),
+        **dict(extra or {}),
+    }
+    written: dict[str, Path] = {}
+    ok = record.get("status") == "ok"
+    if ok and record.get("warped"):
+        p = _copy(record["warped"], derivative_path(output_dir, sub, ses, space=space, desc=method, suffix="T1w",
+                                                    extension=".nii.gz"))
+        write_json(sidecar_path(p), {**common, "Description": f"T1w image warped onto {space} by {method} (linear)"})
+        written["T1w"] = p
+    if ok and record.get("transform"):
+        p = _copy(record["transform"], derivative_path(output_dir, sub, ses, from_="T1w", to=space, mode="image",
+                                                       desc=method, suffix="xfm", extension=".h5"))
+        write_json(sidecar_path(p), {
+            **common, "Description": f"ITK composite transform from T1w to {space} ({method})",
+            "Convention": "maps atlas points to native T1w points (ITK/ANTs); "
+                          "ants.apply_transforms(fixed=atlas, moving=T1w, transformlist=[this file]) "
+                          "resamples the T1w into atlas space",
+            "FoldedPercent": record.get("folded_percent")})
+        written["xfm"] = p
+    if ok and record.get("warped_labels"):
+        p = _copy(record["warped_labels"], derivative_path(output_dir, sub, ses, space=space, desc=method,
+                                                           suffix="dseg", extension=".nii.gz"))
+        write_json(sidecar_path(p), {**common, "Description": f"subject labels warped onto {space} by {method} "
+                                                                "(nearest neighbour)",
+                                     "Sources": [s for s in (record.get("labels"),) if s]})
+        written["dseg"] = p
+    csv_path = derivative_path(output_dir, sub, ses, space=space, desc=method, suffix="metrics", extension=".csv")
+    if ok and record.get("labels_csv"):
+        written["metrics_csv"] = _copy(record["labels_csv"], csv_path)
+    elif csv_path.exists():
+        csv_path.unlink()  # a stale table of an earlier, now failed, run must not be pooled
+    summary = {
+        "subject": sub, "session": ses, "method": method, "preset": common["Preset"],
+        "status": record.get("status", ""), "error": record.get("error", ""),
+        "failed_step": record.get("failed_step", ""),
+        "runtime_s": record.get("runtime_s"), "peak_memory_mb": record.get("peak_memory_mb"),
+        "device": record.get("device", ""), "evaluated": bool(record.get("evaluated", False)),
+        "folded_percent": record.get("folded_percent"), "metrics": record.get("metrics") or {},
+        "files": {k: v.name for k, v in written.items()},
+        **{k: v for k, v in common.items() if k in ("Parameters", "Seed", "Versions", "Atlas", "SpatialReference",
+                                                   "Sources", "WeightsSHA256")},
+    }
+    written["metrics_json"] = write_json(derivative_path(output_dir, sub, ses, space=space, desc=method,
+                                                         suffix="metrics", extension=".json"), summary)
+    return written
+
+
+def read_subject_metrics(output_dir: PathLike, *, space: str | None = None,
+                         participants: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """The records of every ``*_metrics.json`` in a derivatives dataset, for the group level.
+
+    Each record is the JSON plus ``labels_csv`` (the absolute path of its ``_metrics.csv`` when it
+    exists), in the shape :func:`hdar_pipeline.cohort.collect_records` pools.
+    """
+    out = Path(output_dir)
+    keep = {check_label(p) for p in participants} if participants else None
+    records = []
+    for path in sorted(out.glob("sub-*/**/sub-*_metrics.json")):
+        rec = json.loads(path.read_text())
+        if space is not None and rec.get("SpatialReference") not in (None, space):
+            continue
+        if keep is not None and rec.get("subject") not in keep:
+            continue
+        csv_path = path.with_suffix(".csv")
+        rec["labels_csv"] = str(csv_path.resolve()) if csv_path.is_file() else None
+        rec["metrics_json"] = str(path.resolve())
+        records.append(rec)
+    return records
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (tuple, set, np.ndarray)):
+        return list(value)
+    return str(value)
+
+
+__all__ = [
+    "BIDSError",
+    "SubjectInputs",
+    "check_label",
+    "check_output_dir",
+    "code_url",
+    "derivative_path",
+    "entity_prefix",
+    "label_table",
+    "load_bids_filter",
+    "participant_files",
+    "query_cohort",
+    "read_subject_metrics",
+    "sidecar_path",
+    "subject_dir",
+    "write_dataset_description",
+    "write_json",
+    "write_subject_derivatives",
+]

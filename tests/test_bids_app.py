@@ -1,0 +1,254 @@
+"""The ``hdar-pipeline`` BIDS App on a small phantom BIDS dataset (participant and group levels).
+
+The dataset: sub-01 (the atlas participant), sub-02 and sub-03 (deformed copies with labels) and
+sub-04 whose T1w is corrupt; a labels derivatives dataset with each subject's dseg.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("NO_ET", "1")
+pytest.importorskip("pydra")
+pytest.importorskip("bids")
+
+from conftest import make_brain_phantom  # noqa: E402
+
+from hdar_pipeline.bids import BIDSError, check_label, derivative_path, query_cohort  # noqa: E402
+from hdar_pipeline.cli import bids_app_main  # noqa: E402
+from hdar_pipeline.images import save_image  # noqa: E402
+from hdar_pipeline.synthetic import make_subject  # noqa: E402
+
+SPACE = "sub01"
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def make_bids_dataset(root: Path) -> tuple[Path, Path]:
+    """A 4-subject phantom BIDS dataset and its labels derivatives; returns (bids_dir, labels_dir)."""
+    bids_dir, labels_dir = root / "rawdata", root / "labels"
+    _write_json(bids_dir / "dataset_description.json", {"Name": "phantoms", "BIDSVersion": "1.9.0"})
+    (bids_dir / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\nsub-03\nsub-04\n")
+    (bids_dir / "README").write_text("Phantom dataset for the hdar-pipeline tests.\n")
+    _write_json(labels_dir / "dataset_description.json",
+                {"Name": "labels", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                 "GeneratedBy": [{"Name": "manual"}]})
+    (labels_dir / "dseg.tsv").write_text("index\tname\n1\touter\n2\tmiddle\n3\tinner\n4\tventricles\n")
+    atlas = make_brain_phantom((32, 32, 32), 3.0)
+    for i, sub in enumerate(("01", "02", "03")):
+        if sub == "01":
+            image, labels = atlas.image, atlas.labels
+        else:
+            s = make_subject(atlas.image, atlas.labels, seed=20 + i, magnitude_mm=8.0, smoothness_mm=15.0)
+            image, labels = s.image, s.labels
+        save_image(image, bids_dir / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz")
+        save_image(labels, labels_dir / f"sub-{sub}" / "anat" / f"sub-{sub}_dseg.nii.gz")
+    bad = bids_dir / "sub-04" / "anat" / "sub-04_T1w.nii.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x1f\x8b truncated gzip, not an image")
+    return bids_dir, labels_dir
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def app_args(ds, out: Path, work: Path, *extra: str) -> list[str]:
+    return [str(ds["bids"]), str(out), *extra, "--atlas-participant", "01", "--labels-dir", str(ds["labels"]),
+            "--methods", "demons", "--work-dir", str(work), "--nprocs", "2", "--omp-nthreads", "1", "--seed", "1",
+            "--no-preprocess", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bidsapp")
+    bids_dir, labels_dir = make_bids_dataset(root)
+    return {"root": root, "bids": bids_dir, "labels": labels_dir, "before": tree_digest(bids_dir)}
+
+
+@pytest.fixture(scope="module")
+def participant_run(ds):
+    out, work = ds["root"] / "derivatives", ds["root"] / "work"
+    start = time.perf_counter()
+    code = bids_app_main(app_args(ds, out, work, "participant"))
+    return {"code": code, "out": out, "work": work, "seconds": time.perf_counter() - start}
+
+
+@pytest.fixture(scope="module")
+def group_run(ds, participant_run):
+    code = bids_app_main(app_args(ds, participant_run["out"], participant_run["work"], "group"))
+    return {"code": code, "group": participant_run["out"] / "group"}
+
+
+def test_participant_level_writes_bids_derivatives(participant_run):
+    out = participant_run["out"]
+    assert participant_run["code"] == 3  # finished, with one failed subject
+    for sub in ("02", "03"):
+        t1w = derivative_path(out, sub, space=SPACE, desc="demons", suffix="T1w", extension=".nii.gz")
+        xfm = derivative_path(out, sub, from_="T1w", to=SPACE, mode="image", desc="demons", suffix="xfm",
+                              extension=".h5")
+        dseg = derivative_path(out, sub, space=SPACE, desc="demons", suffix="dseg", extension=".nii.gz")
+        assert t1w.name == f"sub-{sub}_space-{SPACE}_desc-demons_T1w.nii.gz"
+        assert xfm.name == f"sub-{sub}_from-T1w_to-{SPACE}_mode-image_desc-demons_xfm.h5"
+        for path in (t1w, xfm, dseg):
+            assert path.is_file(), path
+            sidecar = json.loads(path.with_name(path.name.split(".")[0] + ".json").read_text())
+            assert sidecar["Method"] == "demons" and sidecar["Seed"] == 1
+            assert sidecar["RuntimeSeconds"] > 0 and sidecar["PeakMemoryMB"] > 0
+            assert "SimpleITK" in sidecar["Versions"]
+        assert nib.load(t1w).shape == (32, 32, 32)
+        metrics = json.loads(derivative_path(out, sub, space=SPACE, desc="demons", suffix="metrics",
+                                             extension=".json").read_text())
+        assert metrics["status"] == "ok" and metrics["metrics"]["mean_dice"] > 0.5
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0]["Name"] == "hdar-pipeline" and desc["GeneratedBy"][0]["Version"]
+    assert desc["GeneratedBy"][0]["CodeURL"]
+    # the failed subject: a metrics record with its error, no images
+    bad = json.loads(derivative_path(out, "04", space=SPACE, desc="demons", suffix="metrics",
+                                     extension=".json").read_text())
+    assert bad["status"] == "error" and "sub-04_T1w.nii.gz" in bad["error"]
+    assert not derivative_path(out, "04", space=SPACE, desc="demons", suffix="T1w", extension=".nii.gz").exists()
+    # the atlas participant is not registered to itself
+    assert not (out / "sub-01").exists()
+
+
+def test_derivatives_are_valid_bids(participant_run):
+    import bids
+
+    layout = bids.BIDSLayout(participant_run["out"], validate=False, is_derivative=True)
+    files = layout.get(suffix="T1w", desc="demons", extension=".nii.gz")
+    assert sorted(f.entities["subject"] for f in files) == ["02", "03"]
+    assert all(f.entities["space"] == SPACE for f in files)
+
+
+def test_warped_labels_agree_with_the_atlas_labels(ds, participant_run):
+    out = participant_run["out"]
+    atlas = np.asarray(nib.load(ds["labels"] / "sub-01" / "anat" / "sub-01_dseg.nii.gz").dataobj)
+    for sub in ("02", "03"):
+        warped = np.asarray(nib.load(derivative_path(out, sub, space=SPACE, desc="demons", suffix="dseg",
+                                                     extension=".nii.gz")).dataobj)
+        native = np.asarray(nib.load(ds["labels"] / f"sub-{sub}" / "anat" / f"sub-{sub}_dseg.nii.gz").dataobj)
+        inter = np.logical_and(atlas > 0, warped > 0).sum()
+        before = 2 * np.logical_and(atlas > 0, native > 0).sum() / ((atlas > 0).sum() + (native > 0).sum())
+        after = 2 * inter / ((atlas > 0).sum() + (warped > 0).sum())
+        assert after > before
+
+
+def test_reports_log_and_methods(participant_run):
+    out = participant_run["out"]
+    for sub in ("02", "03", "04"):
+        html = (out / f"sub-{sub}.html").read_text()
+        assert "demons" in html
+    assert "error" in (out / "sub-04.html").read_text().lower()
+    figures = list((out / "sub-02" / "figures").glob("*.png"))
+    assert figures
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "Demons" in citation or "demons" in citation
+    assert "Vercauteren" in citation and "Huang" not in citation  # only what ran is cited
+    logs = list((out / "logs").glob("hdar-pipeline_participant_*.log"))
+    assert logs and "sub-04" in logs[0].read_text()
+
+
+def test_input_dataset_untouched(ds, participant_run, group_run):
+    assert tree_digest(ds["bids"]) == ds["before"]
+
+
+def test_group_level_pools_every_subject(group_run):
+    assert group_run["code"] == 0
+    group = pd.read_csv(group_run["group"] / "group.csv", dtype={"subject": str, "session": str})
+    assert sorted(group["subject"]) == ["02", "03", "04"]
+    status = dict(zip(group["subject"], group["status"]))
+    assert status == {"02": "ok", "03": "ok", "04": "error"}
+    assert "sub-04_T1w.nii.gz" in group.loc[group["subject"] == "04", "error"].iloc[0]
+    assert (group.loc[group["status"] == "ok", "mean_dice"] > 0.5).all()
+    labels = pd.read_csv(group_run["group"] / "group_labels.csv", dtype={"subject": str})
+    assert set(labels.dropna(subset=["label"])["label"].astype(int)) == {1, 2, 3, 4}
+    assert (group_run["group"] / "summary.csv").is_file()
+
+
+def test_rerun_with_the_same_work_dir_is_cached(ds, participant_run):
+    out = participant_run["out"]
+    before = tree_digest(out / "sub-02")
+    start = time.perf_counter()
+    code = bids_app_main(app_args(ds, out, participant_run["work"], "participant"))
+    seconds = time.perf_counter() - start
+    assert code == 3
+    assert tree_digest(out / "sub-02") == before
+    assert seconds < participant_run["seconds"] / 2, (seconds, participant_run["seconds"])
+
+
+def test_reports_only(ds, participant_run):
+    html = participant_run["out"] / "sub-02.html"
+    html.unlink()
+    code = bids_app_main(app_args(ds, participant_run["out"], participant_run["work"], "participant",
+                                  "--reports-only"))
+    assert code == 0 and html.is_file()
+
+
+@pytest.mark.parametrize("label", ["../01", "01/anat", "sub-0 1", ""])
+def test_bad_participant_labels_are_refused(ds, tmp_path, label, capsys):
+    code = bids_app_main(app_args(ds, tmp_path / "out", tmp_path / "work", "participant",
+                                  "--participant-label", label))
+    assert code == 2
+    assert "invalid participant label" in capsys.readouterr().err
+
+
+def test_unknown_participant_and_output_inside_input(ds, tmp_path, capsys):
+    assert bids_app_main(app_args(ds, tmp_path / "out", tmp_path / "work", "participant",
+                                  "--participant-label", "99")) == 2
+    assert "sub-99 not found" in capsys.readouterr().err
+    assert bids_app_main(app_args(ds, ds["bids"] / "derivatives" / "x", tmp_path / "work", "participant")) == 2
+    assert "inside the input dataset" in capsys.readouterr().err
+    assert not (ds["bids"] / "derivatives").exists()
+
+
+def test_bids_filter_file(ds, tmp_path):
+    good = tmp_path / "filter.json"
+    good.write_text(json.dumps({"t1w": {"acquisition": "nothing"}}))
+    from hdar_pipeline.bids import load_bids_filter
+
+    cohort = query_cohort(ds["bids"], bids_filter=load_bids_filter(good))
+    assert all(e.t1w is None for e in cohort)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"bold": {}}))
+    with pytest.raises(BIDSError, match="bad.json"):
+        load_bids_filter(bad)
+
+
+def test_query_cohort_finds_images_and_labels(ds):
+    cohort = query_cohort(ds["bids"], labels_dir=ds["labels"], exclude=["01"])
+    assert [e.subject for e in cohort] == ["02", "03", "04"]
+    assert all(e.t1w is not None for e in cohort)
+    assert [e.labels is not None for e in cohort] == [True, True, False]
+
+
+def test_check_label():
+    assert check_label("sub-01") == "01" and check_label("ABC7") == "ABC7"
+    assert check_label("ses-pre", "session") == "pre"
+    for bad in ("../x", "a_b", "a-b", ""):
+        with pytest.raises(BIDSError):
+            check_label(bad)
+
+
+def test_stop_on_first_crash(ds, participant_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("HDAR_STOP_ON_FIRST_CRASH", raising=False)
+    for work in (tmp_path / "work", participant_run["work"]):  # a fresh run, and a failure cached earlier
+        code = bids_app_main(app_args(ds, tmp_path / "out", work, "participant", "--participant-label", "04",
+                                      "--stop-on-first-crash"))
+        os.environ.pop("HDAR_STOP_ON_FIRST_CRASH", None)
+        assert code == 1
+        assert not (tmp_path / "out" / "sub-04").exists()

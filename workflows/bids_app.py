@@ -1,0 +1,494 @@
+"""The ``hdar-pipeline`` BIDS App: participant and group levels over a BIDS dataset.
+
+``participant``
+    Reads the cohort with pybids (:func:`hdar_pipeline.bids.query_cohort`), resolves the atlas
+    (files, a participant of the dataset, or the embedded MNI template), runs the cohort workflow
+    (:func:`hdar_pipeline.workflows.init_cohort_wf`) through Pydra's ``cf`` or ``slurm`` worker with
+    ``--work-dir`` as its cache (a rerun resumes and skips finished work), then writes the
+    derivatives (:func:`hdar_pipeline.bids.write_subject_derivatives`), one HTML report per subject
+    and the methods paragraph (``logs/CITATION.md``).
+``group``
+    Pools every ``*_metrics.json``/``*_metrics.csv`` of the output dataset into ``group/group.csv``
+    and ``group/group_labels.csv`` (:func:`hdar_pipeline.cohort.collect_records`) and writes the group
+    statistics and figures (:func:`hdar_pipeline.stats.write_group_statistics`) beside them.
+
+The only Pydra here is the submission in :func:`run_participant`; the rest is library calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from hdar_pipeline import bids
+from hdar_pipeline._version import __version__
+
+log = logging.getLogger("hdar_pipeline.app")
+
+#: Exit codes of the app.
+EXIT_OK, EXIT_FAILED_SUBJECTS, EXIT_ERROR = 0, 3, 1
+
+
+@dataclass
+class AppOptions:
+    """Everything the app's command line sets (see ``hdar-pipeline --help``)."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_label: list[str] = field(default_factory=list)
+    session_label: list[str] = field(default_factory=list)
+    bids_filter_file: Path | None = None
+    atlas: Path | None = None
+    atlas_labels: Path | None = None
+    atlas_participant: str | None = None
+    atlas_space: str | None = None
+    atlas_resolution: float = 1.0
+    labels_dir: Path | None = None
+    methods: list[str] = field(default_factory=lambda: ["hdar", "syn", "demons"])
+    syn_preset: str = "fast"
+    hdar_preset: str = "fast"
+    device: str = "auto"
+    nprocs: int | None = None
+    omp_nthreads: int | None = None
+    work_dir: Path = Path("work")
+    worker: str = "cf"
+    slurm_args: str = ""
+    seed: int | None = None
+    skip_bids_validation: bool = False
+    stop_on_first_crash: bool = False
+    reports_only: bool = False
+    preprocess: bool = True
+    skull_stripped: str = "auto"
+    n4: bool = True
+    verbose: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Atlas:
+    """The fixed image of every registration, with its name in the derivatives (``space-<name>``)."""
+
+    image: Path
+    labels: Path | None
+    space: str
+    description: str
+    label_table: Path | None = None
+    exclude: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def setup_logging(output_dir: Path, level: str, verbose: int) -> Path:
+    """Log to ``OUTPUT/logs/hdar-pipeline_<level>_<time>.log`` (DEBUG) and to the console."""
+    logs = output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"hdar-pipeline_{level}_{time.strftime('%Y%m%d-%H%M%S')}.log"
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_hdar_app", False):
+            root.removeHandler(h)
+    fh = logging.FileHandler(path)
+    fh.setLevel(logging.DEBUG)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ch = logging.StreamHandler()
+    ch.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING)
+    ch.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    for h in (fh, ch):
+        h._hdar_app = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG)
+    for noisy in ("matplotlib", "PIL", "fsspec", "asyncio", "filelock", "bids", "bidsschematools"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pydra").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+    return path
+
+
+def resolve_atlas(opts: AppOptions) -> Atlas:
+    """The atlas of the run: ``--atlas`` files, ``--atlas-participant``, or the embedded MNI template."""
+    if opts.atlas_participant and opts.atlas:
+        raise bids.BIDSError("give either --atlas or --atlas-participant, not both")
+    if opts.atlas is not None:
+        atlas = Path(opts.atlas)
+        if not atlas.is_file():
+            raise bids.BIDSError(f"{atlas}: --atlas file not found")
+        if opts.atlas_labels is not None and not Path(opts.atlas_labels).is_file():
+            raise bids.BIDSError(f"{opts.atlas_labels}: --atlas-labels file not found")
+        space = opts.atlas_space or _space_from_name(atlas.name)
+        return Atlas(atlas.resolve(), Path(opts.atlas_labels).resolve() if opts.atlas_labels else None,
+                     bids.check_label(space, "space"), f"the user-supplied atlas {atlas.name}",
+                     label_table=bids.label_table(opts.labels_dir))
+    if opts.atlas_participant:
+        label = bids.check_label(opts.atlas_participant)
+        entry = bids.participant_files(opts.bids_dir, label, labels_dir=opts.labels_dir,
+                                       validate=not opts.skip_bids_validation)
+        labels = Path(opts.atlas_labels) if opts.atlas_labels else entry.labels
+        space = opts.atlas_space or f"sub{label}"
+        return Atlas(entry.t1w.resolve(), labels.resolve() if labels else None, bids.check_label(space, "space"),
+                     f"participant sub-{label} of the dataset (T1w {entry.t1w.name})",
+                     label_table=bids.label_table(opts.labels_dir), exclude=[label])
+    # The embedded default: the MNI ICBM152 2009a template nilearn ships, with six tissue labels.
+    from hdar_pipeline.demo import DEMO_LABELS, demo_atlas
+    from hdar_pipeline.images import save_image
+    from hdar_pipeline.templates import MNI_TEMPLATE_NAME
+
+    folder = Path(opts.work_dir).resolve() / "atlas"
+    res = f"{opts.atlas_resolution:g}".replace(".", "p")
+    img_path = folder / f"tpl-{MNI_TEMPLATE_NAME}_res-{res}mm_T1w.nii.gz"
+    lab_path = folder / f"tpl-{MNI_TEMPLATE_NAME}_res-{res}mm_dseg.nii.gz"
+    table = folder / f"tpl-{MNI_TEMPLATE_NAME}_dseg.tsv"
+    if not (img_path.is_file() and lab_path.is_file()):
+        img, lab = demo_atlas(spacing_mm=opts.atlas_resolution)
+        save_image(img, img_path)
+        save_image(lab, lab_path)
+    if not table.is_file():
+        table.write_text("index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in DEMO_LABELS.items()))
+    return Atlas(img_path, lab_path, MNI_TEMPLATE_NAME,
+                 f"the MNI ICBM152 2009a nonlinear symmetric template (shipped with nilearn), "
+                 f"{opts.atlas_resolution:g} mm, with six tissue labels (left/right CSF, grey and white matter)",
+                 label_table=table)
+
+
+def _space_from_name(name: str) -> str:
+    for part in name.split("_"):
+        if part.startswith("tpl-"):
+            return part[4:]
+    stem = name.split(".")[0]
+    clean = "".join(ch for ch in stem if ch.isalnum())
+    return clean or "atlas"
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class ProgressWatcher:
+    """Counts finished subject x method evaluations in the Pydra cache while the workflow runs.
+
+    Every cohort task writes ``evaluate_record.json`` into its job folder when it ends (ok or
+    failed), so counting those newer than the start of the run works for the ``cf`` and the
+    ``slurm`` worker alike. Prints (and logs) ``k/N done, about M min left`` on every change.
+    """
+
+    def __init__(self, cache_root: Path, expected: set[tuple[str, str, str]], *, show: bool = True,
+                 interval_s: float = 3.0):
+        self.cache_root, self.expected, self.show, self.interval_s = cache_root, expected, show, interval_s
+        self.start = time.time()
+        self.done: set[tuple[str, str, str]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._progress = None
+
+    def __enter__(self):
+        if self.show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("subjects x methods"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=False)
+            self._task = self._progress.add_task("run", total=len(self.expected))
+            self._progress.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()
+        if self._progress is not None:
+            self._progress.stop()
+
+    def _loop(self):
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - progress must never break the run
+                log.debug("progress poll failed", exc_info=True)
+
+    def poll(self) -> int:
+        for path in self.cache_root.rglob("evaluate_record.json"):
+            try:
+                if path.stat().st_mtime < self.start - 1:
+                    continue
+                rec = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            key = (str(rec.get("subject", "")), str(rec.get("session") or ""), str(rec.get("method", "")))
+            if key in self.expected and key not in self.done:
+                self.done.add(key)
+                elapsed = time.time() - self.start
+                left = elapsed / len(self.done) * (len(self.expected) - len(self.done))
+                log.info("%d/%d subject x method done (sub-%s %s: %s), about %.0f min left", len(self.done),
+                         len(self.expected), key[0], key[2], rec.get("status"), left / 60)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=len(self.done))
+        return len(self.done)
+
+
+# ----------------------------------------------------------------------------- participant level
+
+
+def run_participant(opts: AppOptions) -> int:
+    """Register the cohort to the atlas with every method and write derivatives and reports."""
+    from pydra.engine.submitter import Submitter
+
+    from hdar_pipeline.runtime import configure_threads
+
+    from .cohort import init_cohort_wf
+
+    out = Path(opts.output_dir)
+    atlas = resolve_atlas(opts)
+    cohort = bids.query_cohort(opts.bids_dir, participant_labels=opts.participant_label or None,
+                               session_labels=opts.session_label or None,
+                               bids_filter=bids.load_bids_filter(opts.bids_filter_file),
+                               labels_dir=opts.labels_dir, validate=not opts.skip_bids_validation,
+                               exclude=atlas.exclude)
+    if not cohort:
+        raise bids.BIDSError(f"{opts.bids_dir}: no participants to process"
+                             + (f" (the atlas participant sub-{atlas.exclude[0]} is left out)" if atlas.exclude else ""))
+    for entry in cohort:
+        for note in entry.notes:
+            log.warning("%s: %s", entry.key, note)
+        if entry.t1w is None:
+            log.warning("%s: no T1w image found; it will be reported as failed", entry.key)
+    log.info("atlas: %s (space-%s)", atlas.image, atlas.space)
+    log.info("%d participant(s) x %d method(s): %s", len(cohort), len(opts.methods), ", ".join(opts.methods))
+
+    n_cpu = os.cpu_count() or 1
+    nprocs = opts.nprocs or n_cpu
+    threads = opts.omp_nthreads or max(1, n_cpu // nprocs)
+    configure_threads(threads)
+    if opts.stop_on_first_crash:
+        os.environ["HDAR_STOP_ON_FIRST_CRASH"] = "1"  # read by hdar_pipeline.cohort in every job
+
+    presets = {"syn": opts.syn_preset, "hdar": opts.hdar_preset}
+    Wf = init_cohort_wf(methods=opts.methods, presets={m: p for m, p in presets.items() if m in opts.methods},
+                        preprocess=opts.preprocess, skull_stripped=opts.skull_stripped, n4=opts.n4,
+                        affine=True, seed=opts.seed, threads=threads, device=opts.device, name="hdar_participant_wf")
+    wf = Wf(atlas=atlas.image, atlas_labels=atlas.labels, label_table=atlas.label_table,
+            subjects=[e.subject for e in cohort], sessions=[e.session for e in cohort],
+            t1w=[e.t1w for e in cohort], labels=[e.labels for e in cohort])
+    cache_root = Path(opts.work_dir).resolve() / "pydra"
+    cache_root.mkdir(parents=True, exist_ok=True)
+    worker_kwargs: dict[str, Any] = {}
+    if opts.worker == "cf":
+        worker_kwargs["n_procs"] = nprocs
+    elif opts.worker == "slurm":
+        worker_kwargs["sbatch_args"] = opts.slurm_args or ""
+    else:
+        raise bids.BIDSError(f"unknown worker {opts.worker!r}; choose cf or slurm")
+    expected = {(e.subject, e.session, m) for e in cohort for m in opts.methods}
+    t0 = time.perf_counter()
+    with ProgressWatcher(cache_root, expected, show=opts.progress):
+        with Submitter(worker=opts.worker, cache_root=cache_root, **worker_kwargs) as sub:
+            result = sub(wf, raise_errors=False)
+    log.info("workflow finished in %.1f s", time.perf_counter() - t0)
+    if result.errored:
+        msg = _workflow_errors(result)
+        log.error("the workflow stopped: %s", msg)
+        if opts.stop_on_first_crash:
+            return EXIT_ERROR
+        raise RuntimeError(f"the cohort workflow failed outside any one subject: {msg}")
+
+    records = [json.loads(Path(r.fspath if hasattr(r, "fspath") else r).read_text()) for r in result.outputs.records]
+    if opts.stop_on_first_crash and any(r.get("status") != "ok" for r in records):
+        # a failure cached by an earlier run without the flag: stop here, as a fresh run would have
+        first = next(r for r in records if r.get("status") != "ok")
+        log.error("stopping on the first crash: sub-%s %s failed at %s: %s", first["subject"], first["method"],
+                  first.get("failed_step"), first.get("error"))
+        return EXIT_ERROR
+    extra = {"Seed": opts.seed, "Threads": threads, "Worker": opts.worker}
+    for rec in records:
+        bids.write_subject_derivatives(rec, out, space=atlas.space, atlas=atlas.image, extra=extra)
+    bids.write_dataset_description(out, source=opts.bids_dir)
+    write_reports(out, atlas, opts)
+    write_citation(out, atlas, opts, records)
+    failed = [r for r in records if r.get("status") != "ok"]
+    for r in failed:
+        log.error("sub-%s%s %s failed at %s: %s", r["subject"], f" ses-{r['session']}" if r.get("session") else "",
+                  r["method"], r.get("failed_step"), r.get("error"))
+    print(f"hdar-pipeline participant: {len(records) - len(failed)}/{len(records)} subject x method ok; "
+          f"derivatives in {out}")
+    return EXIT_FAILED_SUBJECTS if failed else EXIT_OK
+
+
+def _workflow_errors(result) -> str:
+    try:
+        errors = result.errors
+        if isinstance(errors, dict):
+            return " ".join(str(errors.get("error message", errors))[:2000].split())
+        return " ".join(str(errors)[:2000].split())
+    except Exception:  # noqa: BLE001
+        return "unknown error (see the Pydra cache)"
+
+
+# ----------------------------------------------------------------------------- reports and methods
+
+
+def _report_entries(out: Path, subject: str, session: str, space: str):
+    from hdar_pipeline.reports import ReportEntry
+
+    entries = []
+    folder = bids.subject_dir(out, subject, session)
+    prefix = bids.entity_prefix(subject, session)
+    for path in sorted(folder.glob(f"{prefix}_space-{space}_desc-*_metrics.json")):
+        rec = json.loads(path.read_text())
+        method = rec["method"]
+        warped = bids.derivative_path(out, subject, session, space=space, desc=method, suffix="T1w",
+                                      extension=".nii.gz")
+        xfm = bids.derivative_path(out, subject, session, from_="T1w", to=space, mode="image", desc=method,
+                                   suffix="xfm", extension=".h5")
+        metrics = dict(rec.get("metrics") or {})
+        if rec.get("folded_percent") is not None:
+            metrics.setdefault("folded_percent", rec["folded_percent"])
+        entries.append(ReportEntry(method=method, status=rec.get("status", ""), error=rec.get("error", ""),
+                                   preset=rec.get("preset", ""), warped=warped if warped.is_file() else None,
+                                   transform=xfm if xfm.is_file() else None, metrics=metrics,
+                                   runtime_s=rec.get("runtime_s"), peak_memory_mb=rec.get("peak_memory_mb"),
+                                   device=rec.get("device", "")))
+    return entries
+
+
+def write_reports(out: Path, atlas: Atlas, opts: AppOptions) -> list[Path]:
+    """One HTML report per subject (x session) found in the derivatives: ``OUTPUT/sub-<l>[_ses-<s>].html``.
+
+    A report whose inputs (the subject's ``*_metrics.json`` and the atlas) are unchanged since it
+    was written is kept, so a cached rerun does not redraw every figure.
+    """
+    import hashlib
+
+    from hdar_pipeline.reports import write_subject_report
+
+    keys = set()
+    for path in out.glob("sub-*/**/sub-*_metrics.json"):
+        rec = json.loads(path.read_text())
+        if rec.get("SpatialReference") not in (None, atlas.space):
+            continue
+        if opts.participant_label and rec["subject"] not in {bids.check_label(p) for p in opts.participant_label}:
+            continue
+        keys.add((rec["subject"], rec.get("session") or ""))
+    written = []
+    for subject, session in sorted(keys):
+        html = out / f"{bids.entity_prefix(subject, session)}.html"
+        folder = bids.subject_dir(out, subject, session)
+        digest = hashlib.sha256(__version__.encode())
+        digest.update(str(atlas.image).encode())
+        for p in sorted(folder.glob(f"{bids.entity_prefix(subject, session)}_space-{atlas.space}_*metrics.json")):
+            digest.update(p.read_bytes())
+        stamp = f"<!-- hdar-pipeline report inputs {digest.hexdigest()} -->"
+        if html.is_file() and stamp in html.read_text(errors="replace"):
+            written.append(html)
+            continue
+        entries = _report_entries(out, subject, session, atlas.space)
+        try:
+            write_subject_report(html, subject=subject, session=session, atlas=atlas.image,
+                                 atlas_labels=atlas.labels, entries=entries, atlas_name=atlas.space,
+                                 figures_dir=out / f"sub-{subject}" / "figures")
+        except Exception as exc:  # noqa: BLE001 - a report must not cost the subject's results
+            log.error("%s: report failed: %s", html.name, exc, exc_info=True)
+            continue
+        with open(html, "a") as fh:
+            fh.write(f"\n{stamp}\n")
+        written.append(html)
+    return written
+
+
+def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[dict]) -> list[Path]:
+    """The methods paragraph of what ran (``OUTPUT/logs/CITATION.md`` and ``.html``)."""
+    from hdar_pipeline.reports import write_methods
+
+    parameters: dict[str, dict] = {}
+    presets: dict[str, str] = {}
+    weights: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    for rec in records:
+        reg = {}
+        if rec.get("registration_json") and Path(rec["registration_json"]).is_file():
+            reg = json.loads(Path(rec["registration_json"]).read_text())
+        params = reg.get("parameters") or rec.get("Parameters") or {}
+        if params and rec["method"] not in parameters:
+            parameters[rec["method"]] = params
+            presets[rec["method"]] = rec.get("preset") or reg.get("preset") or ""
+        versions = versions or reg.get("versions") or rec.get("Versions") or {}
+        sha = reg.get("weights_sha256") or rec.get("WeightsSHA256")
+        if sha:
+            weights["sha256"] = sha
+    subjects = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
+    preprocessing = {"n4": opts.n4, "brain_extraction": "atlas-based", "skull_stripped": opts.skull_stripped,
+                     "affine": True} if opts.preprocess else {"affine": True}
+    kwargs = dict(methods=[m for m in opts.methods if m in {r["method"] for r in records}] or opts.methods,
+                  parameters=parameters, presets=presets, preprocessing=preprocessing,
+                  atlas_description=atlas.description, n_subjects=len(subjects), seed=opts.seed,
+                  weights=weights or None, engine="pydra")
+    if versions:
+        kwargs["versions"] = {**versions, "hdar-pipeline": __version__}
+    try:
+        return write_methods(out / "logs", **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        log.error("methods paragraph failed: %s", exc, exc_info=True)
+        return []
+
+
+def run_reports_only(opts: AppOptions) -> int:
+    atlas = resolve_atlas(opts)
+    reports = write_reports(Path(opts.output_dir), atlas, opts)
+    print(f"hdar-pipeline: {len(reports)} report(s) in {opts.output_dir}")
+    return EXIT_OK if reports else EXIT_ERROR
+
+
+# ----------------------------------------------------------------------------- group level
+
+
+def run_group(opts: AppOptions) -> int:
+    """Pool the participant-level metrics of the output dataset into group CSVs, statistics and figures."""
+    from hdar_pipeline.cohort import collect_records, group_statistics_files
+
+    out = Path(opts.output_dir)
+    records = bids.read_subject_metrics(out, participants=opts.participant_label or None)
+    if not records:
+        raise bids.BIDSError(f"{out}: no participant-level results (*_metrics.json); run the participant level first")
+    spaces = {r.get("SpatialReference") for r in records}
+    if len(spaces) > 1:
+        space = opts.atlas_space or sorted(s for s in spaces if s)[0]
+        log.warning("results in several atlas spaces (%s); pooling space-%s (set --atlas-space)",
+                    ", ".join(sorted(map(str, spaces))), space)
+        records = [r for r in records if r.get("SpatialReference") == space]
+    group_dir = out / "group"
+    paths = collect_records(records, group_dir)
+    methods = sorted({r["method"] for r in records})
+    reference = "hdar" if "hdar" in methods else methods[0]
+    files, notes = group_statistics_files(paths["labels"], group_dir, reference=reference, figures=True)
+    for note in notes:
+        log.warning("group statistics: %s", note)
+    bids.write_dataset_description(out, source=opts.bids_dir)
+    n_failed = sum(r.get("status") != "ok" for r in records)
+    print(f"hdar-pipeline group: {len(records)} subject x method rows ({n_failed} failed)")
+    print(f"group CSV: {paths['group']}")
+    print(f"per-label CSV: {paths['labels']}")
+    print(f"statistics and figures: {group_dir} ({len(files)} files)")
+    return EXIT_OK
+
+
+def run(opts: AppOptions) -> int:
+    """Run the app at ``opts.analysis_level``; returns the exit code."""
+    opts.output_dir = bids.check_output_dir(opts.output_dir, opts.bids_dir)
+    opts.work_dir = bids.check_output_dir(opts.work_dir, opts.bids_dir, what="work folder")
+    logfile = setup_logging(opts.output_dir, opts.analysis_level, opts.verbose)
+    log.info("hdar-pipeline %s, %s level; log %s", __version__, opts.analysis_level, logfile)
+    if opts.reports_only:
+        return run_reports_only(opts)
+    if opts.analysis_level == "participant":
+        return run_participant(opts)
+    if opts.analysis_level == "group":
+        return run_group(opts)
+    raise bids.BIDSError(f"unknown analysis level {opts.analysis_level!r}; choose participant or group")
+
+
+__all__ = ["AppOptions", "Atlas", "ProgressWatcher", "resolve_atlas", "run", "run_group", "run_participant",
+           "write_reports"]
