@@ -8,6 +8,7 @@ Each ``hdar`` subcommand is added by one ``_add_<name>(subparsers)`` function be
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -62,36 +63,45 @@ def _run_register(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job on embedded synthetic data (no network)",
-                       description="Register a small synthetic cohort (made from the MNI152 template nilearn "
-                                   "ships) to its atlas with each method and write a results CSV.")
+    p = sub.add_parser("demo", help="run the BIDS App on an embedded synthetic cohort (no network)",
+                       description="Write a small synthetic BIDS cohort (made from the MNI152 template nilearn "
+                                   "ships), run the hdar-pipeline participant and group levels on it, and print "
+                                   "the paths of the group CSV and the reports. The cohort is synthetic: it shows "
+                                   "the tool working, it is no benchmark.")
     p.add_argument("-o", "--output", default="hdar-demo", help="output folder (default ./hdar-demo)")
     p.add_argument("--subjects", type=int, default=3, help="number of synthetic subjects (default 3)")
-    p.add_argument("--methods", nargs="+", default=["syn", "demons"], choices=["affine", "syn", "demons", "hdar"])
+    p.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
+                   choices=["affine", "syn", "demons", "hdar"],
+                   help="methods (default hdar syn demons; hdar is left out, with a note, when no weights ship)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--nprocs", type=int, default=None, help="parallel jobs (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="threads per job (default: cores / nprocs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .runtime import configure_threads
-
-    configure_threads(args.threads)
-    from .demo import run_demo
-
-    csv = run_demo(args.output, n_subjects=args.subjects, methods=tuple(args.methods), seed=args.seed,
-                   threads=args.threads)
+    os.environ.setdefault("NO_ET", "1")
+    try:
+        from .workflows.demo import run_demo
+    except ImportError as exc:
+        print(f"hdar demo: error: the demo runs the BIDS App, which needs the workflow extras "
+              f"(pip install 'hdar-pipeline[workflows]'): {exc}", file=sys.stderr)
+        return 2
     import pandas as pd
 
-    from .stats import write_group_statistics
-
-    table = pd.read_csv(csv).drop_duplicates(["subject", "method"])
-    summary = table.groupby("method")[["mean_dice", "endpoint_error_mm", "folded_percent", "runtime_s"]].mean()
-    print(summary.round(3).to_string())
-    _, written = write_group_statistics([csv], csv.parent / "group", reference=args.methods[0])
-    print(f"results (one row per subject x method x label): {csv}")
-    print(f"group statistics and figures: {csv.parent / 'group'} "
-          f"({sum(1 for p in written if str(p).endswith('.csv'))} CSVs, e.g. {csv.parent / 'group' / 'summary.csv'})")
+    paths = run_demo(args.output, n_subjects=args.subjects, methods=args.methods, seed=args.seed,
+                     nprocs=args.nprocs, omp_nthreads=args.threads, progress=args.progress)
+    group = pd.read_csv(paths["group_csv"], dtype={"subject": str})
+    cols = [c for c in ("mean_dice", "mean_target_overlap", "folded_percent", "runtime_s") if c in group]
+    ok = group[group["status"] == "ok"]
+    if len(ok):
+        print(ok.groupby("method")[cols].mean().round(3).to_string())
+    if (group["status"] != "ok").any():
+        print(f"{int((group['status'] != 'ok').sum())} subject x method row(s) failed; see the 'error' column")
+    print("The demo cohort is synthetic (the MNI template deformed at random); see README for a real dataset.")
+    print(f"group CSV: {paths['group_csv']}")
+    print(f"report: {paths['reports']}")
     return 0
 
 
@@ -385,7 +395,24 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 # Subcommands, in the order `hdar --help` lists them.
-SUBCOMMANDS = [_add_register, _add_demo, _add_evaluate, _add_stats, _add_train]
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    from .benchmark import add_benchmark_arguments
+
+    p = sub.add_parser("benchmark", help="compare affine, Demons, SyN (fast, quality) and HDAR on a dataset's pairs",
+                       description="Run every method on the same registration pairs in one run and print one "
+                                   "table (Dice, target overlap, folding, time as a ratio to SyN quality); "
+                                   "writes CSVs and a markdown table. Resumes from cached rows.")
+    add_benchmark_arguments(p)
+    p.set_defaults(func=_run_benchmark)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark_cli
+
+    return run_benchmark_cli(args)
+
+
+SUBCOMMANDS = [_add_register, _add_demo, _add_evaluate, _add_stats, _add_train, _add_benchmark]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,10 +434,86 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def build_bids_app_parser() -> argparse.ArgumentParser:
+    """The ``hdar-pipeline`` command line (BIDS App conventions: BIDS_DIR OUTPUT_DIR LEVEL)."""
+    p = argparse.ArgumentParser(
+        prog="hdar-pipeline",
+        description="Register every subject of a BIDS dataset to an atlas with HDAR, ANTs SyN and Demons, "
+                    "evaluate label overlap, and write BIDS derivatives, reports and group statistics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("bids_dir", help="the BIDS dataset (read only: nothing is ever written into it)")
+    p.add_argument("output_dir", help="the derivatives folder (outside BIDS_DIR)")
+    p.add_argument("analysis_level", choices=["participant", "group"])
+    p.add_argument("--version", action="version", version=f"hdar-pipeline {__version__}")
+    g = p.add_argument_group("selecting data")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", default=[], metavar="LABEL",
+                   help="subjects to process (with or without sub-); all by default")
+    g.add_argument("--session-label", nargs="+", default=[], metavar="LABEL", help="sessions to process")
+    g.add_argument("--bids-filter-file", default=None, metavar="FILE",
+                   help='JSON selecting the T1w images, e.g. {"t1w": {"acquisition": "mprage"}}')
+    g.add_argument("--labels-dir", default=None, metavar="DIR",
+                   help="derivatives dataset with each subject's *_dseg.nii.gz in T1w space (for evaluation)")
+    g.add_argument("--skip-bids-validation", action="store_true", help="do not validate BIDS_DIR")
+    g = p.add_argument_group("atlas (default: the embedded MNI ICBM152 2009a template with tissue labels)")
+    g.add_argument("--atlas", default=None, metavar="T1W", help="atlas image (skull-stripped)")
+    g.add_argument("--atlas-labels", default=None, metavar="DSEG", help="atlas label map")
+    g.add_argument("--atlas-participant", default=None, metavar="LABEL",
+                   help="use this participant of BIDS_DIR as the atlas (labels from --labels-dir); it is "
+                        "left out of the cohort")
+    g.add_argument("--atlas-space", default=None, metavar="NAME",
+                   help="name of the atlas in output file names (space-NAME); default from the atlas")
+    g.add_argument("--atlas-resolution", type=float, default=1.0, metavar="MM",
+                   help="voxel size of the embedded template")
+    g = p.add_argument_group("registration")
+    g.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
+                   choices=["hdar", "syn", "demons", "affine"])
+    g.add_argument("--syn-preset", choices=["fast", "quality"], default="fast")
+    g.add_argument("--hdar-preset", choices=["fast", "full"], default="fast")
+    g.add_argument("--no-preprocess", dest="preprocess", action="store_false",
+                   help="skip N4, brain extraction and the affine to the atlas (the affine stage of each "
+                        "method still runs)")
+    g.add_argument("--skull-stripped", choices=["auto", "yes", "no"], default="auto",
+                   help="whether the T1w images are already skull-stripped")
+    g.add_argument("--no-n4", dest="n4", action="store_false", help="skip N4 bias-field correction")
+    g.add_argument("--seed", type=int, default=None, help="seeds numpy, torch and ANTs")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR)")
+    g = p.add_argument_group("resources and execution")
+    g.add_argument("--nprocs", "--n-cpus", type=int, default=None, help="parallel jobs (cf worker); default: all cores")
+    g.add_argument("--omp-nthreads", type=int, default=None, help="threads per job; default cores / nprocs")
+    g.add_argument("-w", "--work-dir", default="work", help="Pydra cache: a rerun resumes and skips finished work")
+    g.add_argument("--worker", choices=["cf", "slurm"], default="cf")
+    g.add_argument("--slurm-args", default="", help='extra sbatch arguments, e.g. "--partition=cpu --mem=8G"')
+    g.add_argument("--stop-on-first-crash", action="store_true",
+                   help="stop at the first failed subject instead of reporting it and going on")
+    g.add_argument("--reports-only", action="store_true", help="only regenerate the HTML reports from OUTPUT_DIR")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv: debug)")
+    return p
+
+
 def bids_app_main(argv: Sequence[str] | None = None) -> int:
-    print("hdar-pipeline: the BIDS App arrives with the workflows; use `hdar` for single registrations.",
-          file=sys.stderr)
-    return 2
+    """Entry point of ``hdar-pipeline`` (see :mod:`hdar_pipeline.workflows.bids_app`)."""
+    from pathlib import Path
+
+    args = build_bids_app_parser().parse_args(argv)
+    os.environ.setdefault("NO_ET", "1")  # Pydra: no telemetry look-ups
+    from .bids import BIDSError
+
+    try:
+        from .workflows.bids_app import AppOptions, run
+    except ImportError as exc:
+        print(f"hdar-pipeline: error: the BIDS App needs the workflow extras "
+              f"(pip install 'hdar-pipeline[workflows]'): {exc}", file=sys.stderr)
+        return 2
+    paths = {k: Path(getattr(args, k)) if getattr(args, k) is not None else None
+             for k in ("bids_dir", "output_dir", "bids_filter_file", "atlas", "atlas_labels", "labels_dir",
+                       "work_dir")}
+    opts = AppOptions(**{**vars(args), **paths})
+    try:
+        return run(opts)
+    except (BIDSError, FileNotFoundError) as exc:
+        print(f"hdar-pipeline: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

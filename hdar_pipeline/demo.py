@@ -15,7 +15,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 
 from .images import Grid, new_image, normalize_intensity, resample_to, save_image
 from .synthetic import make_subject
@@ -54,56 +53,41 @@ def demo_atlas(spacing_mm: float = 2.0) -> tuple[nib.Nifti1Image, nib.Nifti1Imag
     return img, lab
 
 
-def run_demo(out_dir: PathLike = "hdar-demo", *, n_subjects: int = 3, methods: tuple[str, ...] = ("syn", "demons"),
-             seed: int = 0, threads: int | None = None, progress: bool = True) -> Path:
-    """Make a synthetic cohort, register every subject to the atlas with each method, write a CSV.
+def write_demo_dataset(out_dir: PathLike, *, n_subjects: int = 3, seed: int = 0,
+                       spacing_mm: float = 2.0) -> tuple[Path, Path]:
+    """Write the synthetic demo cohort as a BIDS dataset and a labels derivatives dataset.
 
-    Returns the path of ``results.csv``: one row per subject x method x label with the per-label
-    metrics of :func:`hdar_pipeline.metrics.label_metrics` (``dice``, ``target_overlap``, ``hd95_mm``...)
-    and the whole-registration columns ``mean_dice``, ``folded_percent`` (brain), ``endpoint_error_mm``
-    (mean distance to the known deformation inside the brain), ``runtime_s`` and ``peak_memory_mb``.
+    Each subject is the demo atlas (:func:`demo_atlas`) deformed by a random smooth diffeomorphism,
+    with a bias field and noise (:func:`hdar_pipeline.synthetic.make_subject`, seed ``seed + i``),
+    on the atlas grid.
+
+    Returns
+    -------
+    (Path, Path)
+        ``OUT/rawdata`` (``sub-<NN>/anat/sub-<NN>_T1w.nii.gz``, ``dataset_description.json``,
+        ``participants.tsv``, ``README``) and ``OUT/labels`` (``sub-<NN>/anat/sub-<NN>_dseg.nii.gz``
+        in T1w space, ``dseg.tsv``, ``dataset_description.json`` with ``DatasetType: derivative``).
     """
-    from .methods import get_method, register_pair
-    from .metrics import jacobian_statistics, label_metrics
-    from .runtime import configure_threads
+    from ._version import __version__
 
-    configure_threads(threads)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atlas, atlas_labels = demo_atlas()
-    save_image(atlas, out / "atlas" / "atlas_T1w.nii.gz")
-    save_image(atlas_labels, out / "atlas" / "atlas_dseg.nii.gz")
-    ref = np.asarray(atlas_labels.dataobj)
-    brain = ref > 0
-    rows = []
-    for s in range(n_subjects):
-        sub = f"sub-{s + 1:02d}"
-        subject = make_subject(atlas, atlas_labels, seed=seed + s)
-        save_image(subject.image, out / sub / f"{sub}_T1w.nii.gz")
-        save_image(subject.labels, out / sub / f"{sub}_dseg.nii.gz")
-        true_pts = subject.truth.mapped_grid()
-        for name in methods:
-            method = get_method(name, seed=seed, threads=threads)
-            transform, info = register_pair(atlas, subject.image, method, affine=False, seed=seed, threads=threads)
-            mdir = out / sub / name
-            save_image(transform.apply(subject.labels, interpolation="nearest"), mdir / f"{sub}_space-atlas_dseg.nii.gz")
-            save_image(transform.apply(subject.image), mdir / f"{sub}_space-atlas_T1w.nii.gz")
-            files = transform.write(mdir, prefix=f"{sub}_")
-            warped = np.asarray(nib.load(str(mdir / f"{sub}_space-atlas_dseg.nii.gz")).dataobj)
-            jstats = jacobian_statistics(transform, brain)
-            epe = float(np.linalg.norm(transform.mapped_grid() - true_pts, axis=-1)[brain].mean())
-            table = label_metrics(ref, warped, spacing=Grid.of(atlas).spacing, names=DEMO_LABELS)
-            summary = dict(subject=sub, method=name, mean_dice=float(table["dice"].mean()),
-                           folded_percent=jstats["folded_percent"], endpoint_error_mm=epe,
-                           runtime_s=info["runtime_s"], peak_memory_mb=info["peak_memory_mb"])
-            (mdir / "registration.json").write_text(json.dumps(
-                {**summary, "transforms": [p.name for p in files], "parameters": info.get("parameters", {})},
-                indent=2, default=str))
-            rows += [dict(summary, **r) for r in table.to_dict("records")]
-            if progress:
-                print(f"{sub} {name:7s} mean Dice {summary['mean_dice']:.3f}  end-point error {epe:.2f} mm  "
-                      f"folded {summary['folded_percent']:.3f} %  {summary['runtime_s']:.1f} s", flush=True)
-    table = pd.DataFrame(rows)
-    csv = out / "results.csv"
-    table.to_csv(csv, index=False)
-    return csv
+    raw, labels_dir = out / "rawdata", out / "labels"
+    atlas, atlas_labels = demo_atlas(spacing_mm)
+    subjects = [f"{i + 1:02d}" for i in range(n_subjects)]
+    for i, sub in enumerate(subjects):
+        s = make_subject(atlas, atlas_labels, seed=seed + i)
+        save_image(s.image, raw / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz")
+        save_image(s.labels, labels_dir / f"sub-{sub}" / "anat" / f"sub-{sub}_dseg.nii.gz")
+    generated = [{"Name": "hdar-pipeline demo", "Version": __version__}]
+    (raw / "dataset_description.json").write_text(json.dumps(
+        {"Name": "hdar-pipeline synthetic demo cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+         "GeneratedBy": generated}, indent=2))
+    (raw / "participants.tsv").write_text("participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
+    (raw / "README").write_text(
+        "Synthetic demo cohort of hdar-pipeline: the MNI ICBM152 2009a template (shipped with nilearn), "
+        "deformed by random smooth diffeomorphisms, with bias fields and noise. Not real subjects.\n")
+    (labels_dir / "dataset_description.json").write_text(json.dumps(
+        {"Name": "hdar-pipeline demo labels", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+         "GeneratedBy": generated}, indent=2))
+    (labels_dir / "dseg.tsv").write_text("index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in DEMO_LABELS.items()))
+    return raw, labels_dir

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pandas as pd
+import pytest
 
-from hdar_pipeline.cli import main
+os.environ.setdefault("NO_ET", "1")
+pytest.importorskip("pydra")
+
+from hdar_pipeline.cli import main  # noqa: E402
 
 
-def test_demo_writes_results_for_every_method(tmp_path, capsys):
+def test_demo_runs_the_bids_app_on_a_synthetic_cohort(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out), "--subjects", "1", "--methods", "demons", "--threads", "1"]) == 0
+    assert main(["demo", "-o", str(out), "--subjects", "1", "--methods", "demons", "--nprocs", "1",
+                 "--threads", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "results (one row" in printed and "group statistics" in printed
-    assert (out / "group" / "summary.csv").exists() and (out / "group" / "boxplot_labels_dice.png").exists()
-    table = pd.read_csv(out / "results.csv")
-    assert set(table["method"]) == {"demons"} and set(table["subject"]) == {"sub-01"}
-    assert len(table) == 6  # six tissue labels
-    assert {"dice", "target_overlap", "hd95_mm", "endpoint_error_mm", "folded_percent", "runtime_s"} <= set(table)
-    # Demons recovers the known synthetic deformation well, without folding.
-    assert table["mean_dice"].iloc[0] > 0.8
-    assert table["folded_percent"].iloc[0] == 0.0
-    assert table["endpoint_error_mm"].iloc[0] < 2.0
-    for name in ("atlas/atlas_T1w.nii.gz", "atlas/atlas_dseg.nii.gz", "sub-01/sub-01_T1w.nii.gz",
-                 "sub-01/demons/sub-01_space-atlas_dseg.nii.gz", "sub-01/demons/registration.json"):
-        assert (out / name).exists(), name
+    deriv = out / "derivatives" / "hdar-pipeline"
+    assert f"group CSV: {deriv / 'group' / 'group.csv'}" in printed
+    assert f"report: {deriv / 'sub-01.html'}" in printed and "synthetic" in printed
+    # the BIDS input and the labels derivatives it wrote
+    assert (out / "rawdata" / "sub-01" / "anat" / "sub-01_T1w.nii.gz").is_file()
+    assert json.loads((out / "labels" / "dataset_description.json").read_text())["DatasetType"] == "derivative"
+    group = pd.read_csv(deriv / "group" / "group.csv", dtype={"subject": str})
+    assert list(group["method"]) == ["demons"] and list(group["status"]) == ["ok"]
+    # Demons recovers the synthetic deformation (after N4 and the affine stage) without folding.
+    assert group["mean_dice"].iloc[0] > 0.8
+    assert group["folded_percent"].iloc[0] == 0.0
+    space = "MNI152NLin2009aSym"
+    anat = deriv / "sub-01" / "anat"
+    for name in (f"sub-01_space-{space}_desc-demons_T1w.nii.gz", f"sub-01_space-{space}_desc-demons_dseg.nii.gz",
+                 f"sub-01_from-T1w_to-{space}_mode-image_desc-demons_xfm.h5"):
+        assert (anat / name).is_file(), name
+    assert (deriv / "sub-01.html").is_file() and (deriv / "logs" / "CITATION.md").is_file()
+    labels = pd.read_csv(deriv / "group" / "group_labels.csv")
+    assert len(labels) == 6  # six tissue labels
