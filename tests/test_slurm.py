@@ -11,6 +11,7 @@ on this machine (Debian, root). Marked ``slurm``, so the default ``python -m pyt
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -137,3 +138,26 @@ def test_every_node_ran_as_a_slurm_job(slurm_run):
             break
         assert time.monotonic() < deadline, f"sacct for jobs {job_ids}:\n{acct.stdout}"
         time.sleep(2)
+
+
+def test_bids_app_participant_level_through_slurm(slurm_cluster, tmp_path):
+    """``hdar-pipeline ... participant --worker slurm`` on the phantom BIDS dataset: derivatives and the
+    failed subject's row, every step submitted as a SLURM job."""
+    from test_bids_app import app_args, make_bids_dataset
+
+    from hdar_pipeline.cli import bids_app_main
+
+    bids_dir, labels_dir = make_bids_dataset(tmp_path)
+    ds = {"bids": bids_dir, "labels": labels_dir}
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = app_args(ds, out, work, "participant", "--participant-label", "02", "04", "--worker", "slurm",
+                    "--slurm-args=--time=00:10:00")
+    assert bids_app_main(args) == 3  # sub-04 fails alone
+    ok = json.loads((out / "sub-02" / "anat" / "sub-02_space-sub01_desc-demons_metrics.json").read_text())
+    bad = json.loads((out / "sub-04" / "anat" / "sub-04_space-sub01_desc-demons_metrics.json").read_text())
+    assert ok["status"] == "ok" and ok["metrics"]["mean_dice"] > 0.5
+    assert bad["status"] == "error" and "sub-04_T1w.nii.gz" in bad["error"]
+    assert (out / "sub-02" / "anat" / "sub-02_space-sub01_desc-demons_T1w.nii.gz").is_file()
+    scripts = list((work / "pydra").rglob("*.sh"))
+    assert len(scripts) >= 4, scripts  # register x2, evaluate x2 (+ collect) went through sbatch
+    assert bids_app_main(app_args(ds, out, work, "group")) == 0
