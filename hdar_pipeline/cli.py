@@ -472,6 +472,9 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-preprocess", dest="preprocess", action="store_false",
                    help="skip N4, brain extraction and the affine to the atlas (the affine stage of each "
                         "method still runs)")
+    g.add_argument("--no-affine", dest="affine", action="store_false",
+                   help="with --no-preprocess: also skip each method's affine stage (the T1w images are already "
+                        "affinely aligned on the atlas grid, as LPBA40's delineation space is)")
     g.add_argument("--skull-stripped", choices=["auto", "yes", "no"], default="auto",
                    help="whether the T1w images are already skull-stripped")
     g.add_argument("--no-n4", dest="n4", action="store_false", help="skip N4 bias-field correction")

@@ -532,6 +532,46 @@ def group_statistics_files(
     return [*map(Path, written), notes_file], notes
 
 
+def report_subject(
+    records: Iterable[PathLike | Mapping[str, Any]],
+    out_html: PathLike,
+    *,
+    atlas: PathLike,
+    atlas_labels: PathLike | None = None,
+    atlas_name: str = "atlas",
+    figures_dir: PathLike | None = None,
+) -> Path:
+    """The HTML QC report of one subject from its records (one per method; see
+    :func:`hdar_pipeline.reports.write_subject_report`): each method's warped image with the atlas
+    label contours, its Jacobian map and metrics; a failed method shows its error.
+
+    Raises
+    ------
+    ValueError
+        The records belong to more than one subject (x session).
+    """
+    from .reports import ReportEntry, write_subject_report
+
+    recs = [read_record(r) for r in records]
+    ids = {(str(r.get("subject", "")), str(r.get("session") or "")) for r in recs}
+    if len(ids) != 1:
+        raise ValueError(f"report_subject needs the records of one subject, got {sorted(ids)}")
+    subject, session = ids.pop()
+    entries = []
+    for r in recs:
+        metrics = dict(r.get("metrics") or {})
+        if r.get("folded_percent") is not None:
+            metrics.setdefault("folded_percent", r["folded_percent"])
+        entries.append(ReportEntry(method=str(r.get("method", "")), status=str(r.get("status", "")),
+                                   error=str(r.get("error") or ""), preset=str(r.get("preset") or ""),
+                                   warped=r.get("warped") if is_ok(r) else None,
+                                   transform=r.get("transform") if is_ok(r) else None, metrics=metrics,
+                                   runtime_s=r.get("runtime_s"), peak_memory_mb=r.get("peak_memory_mb"),
+                                   device=str(r.get("device") or "")))
+    return write_subject_report(out_html, subject=subject, session=session, atlas=atlas, atlas_labels=atlas_labels,
+                                entries=entries, atlas_name=atlas_name, figures_dir=figures_dir)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -573,6 +613,7 @@ __all__ = [
     "preprocess_subject",
     "read_record",
     "register_subject",
+    "report_subject",
     "skull_stripped_flag",
     "write_record",
 ]

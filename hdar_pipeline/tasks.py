@@ -9,7 +9,7 @@ with its working directory set to the job's cache directory, so ``Path.cwd()`` i
 Two families:
 
 * **Step tasks** (:class:`Register`, :class:`ApplyTransform`, :class:`Evaluate`,
-  :class:`Preprocess`, :class:`GroupStatistics`) raise on bad input like the library does: drop them
+  :class:`Preprocess`, :class:`GroupStatistics`, :class:`SubjectReport`) raise on bad input like the library does: drop them
   into any Pydra workflow.
 * **Cohort tasks** (:class:`PreprocessSubject`, :class:`RegisterSubject`,
   :class:`EvaluateSubject`, :class:`CollectRecords`) wrap :mod:`hdar_pipeline.cohort`, whose
@@ -50,6 +50,7 @@ __all__ = [
     "PreprocessSubject",
     "Register",
     "RegisterSubject",
+    "SubjectReport",
 ]
 
 
@@ -214,6 +215,31 @@ def GroupStatistics(
     out = Path.cwd() / "group_stats"
     written, notes = cohort.group_statistics_files(tables, out, reference=reference, figures=figures)
     return Directory(out), [File(p) for p in written], notes
+
+
+@python.define(outputs=["report", "figures"])
+def SubjectReport(
+    records: list[File],
+    atlas: File,
+    atlas_labels: File | None = None,
+    atlas_name: str = "atlas",
+) -> tuple[File, Directory]:
+    """One subject's HTML QC report from its records, one per method (hdar_pipeline.cohort.report_subject).
+
+    Args:
+        records: EvaluateSubject (or RegisterSubject) records of one subject, one per method.
+        atlas: The atlas image.
+        atlas_labels: The atlas labels (drawn as contours over each warped subject).
+        atlas_name: Atlas name in the figure file names (space-<name>).
+
+    Returns:
+        report: report.html.
+        figures: Folder of the report's PNG figures (linked relatively from the HTML).
+    """
+    out = Path.cwd()
+    html = cohort.report_subject(records, out / "report.html", atlas=atlas, atlas_labels=atlas_labels,
+                                 atlas_name=atlas_name, figures_dir=out / "figures")
+    return File(html), Directory(out / "figures")
 
 
 # ----------------------------------------------------------------------------- cohort tasks (status records)

@@ -29,6 +29,7 @@ from hdar_pipeline.tasks import (  # noqa: E402
     Preprocess,
     Register,
     RegisterSubject,
+    SubjectReport,
 )
 
 
@@ -184,3 +185,20 @@ def test_evaluate_subject_without_atlas_labels_is_ok_and_unevaluated(tmp_path, d
            "warped_labels": str(registered.warped_labels.fspath), "transform": str(registered.transform.fspath)}
     record = cohort.evaluate_subject(reg, tmp_path)
     assert record["status"] == "ok" and record["evaluated"] is False and "metrics" not in record
+
+
+def test_subject_report_task_shows_every_method(data):
+    good = run(RegisterSubject(subject="01", t1w=data["t1w"], labels=data["labels"], atlas=data["atlas"],
+                               method="affine", seed=1, threads=1), data["cache"])
+    failed = cohort.write_record({"subject": "01", "session": "", "method": "demons", "status": "error",
+                                  "error": "ImageError: x.nii.gz: <broken>", "failed_step": "register"},
+                                 data["cache"].parent / "failed_record.json")
+    out = run(SubjectReport(records=[good.record, failed["record_file"]], atlas=data["atlas"],
+                            atlas_labels=data["atlas_labels"], atlas_name="phantom"), data["cache"])
+    html = out.report.fspath.read_text()
+    assert "affine" in html and "demons" in html and "&lt;broken&gt;" in html and "<broken>" not in html
+    pngs = sorted(p.name for p in out.figures.fspath.glob("*.png"))
+    assert pngs == ["sub-01_space-phantom_desc-affine_contours.png", "sub-01_space-phantom_desc-affine_jacobian.png"]
+    with pytest.raises(ValueError, match="one subject"):
+        cohort.report_subject([good.record.fspath, {**failed, "subject": "02"}], data["cache"].parent / "x.html",
+                              atlas=data["atlas"])

@@ -65,6 +65,7 @@ class AppOptions:
     stop_on_first_crash: bool = False
     reports_only: bool = False
     preprocess: bool = True
+    affine: bool = True
     skull_stripped: str = "auto"
     n4: bool = True
     verbose: int = 0
@@ -264,13 +265,15 @@ def run_participant(opts: AppOptions) -> int:
     nprocs = opts.nprocs or n_cpu
     threads = opts.omp_nthreads or max(1, n_cpu // nprocs)
     configure_threads(threads)
+    if opts.preprocess and not opts.affine:
+        raise bids.BIDSError("--no-affine needs --no-preprocess (preprocessing includes the affine to the atlas)")
     if opts.stop_on_first_crash:
         os.environ["HDAR_STOP_ON_FIRST_CRASH"] = "1"  # read by hdar_pipeline.cohort in every job
 
     presets = {"syn": opts.syn_preset, "hdar": opts.hdar_preset}
     Wf = init_cohort_wf(methods=opts.methods, presets={m: p for m, p in presets.items() if m in opts.methods},
                         preprocess=opts.preprocess, skull_stripped=opts.skull_stripped, n4=opts.n4,
-                        affine=True, seed=opts.seed, threads=threads, device=opts.device, name="hdar_participant_wf")
+                        affine=opts.affine, seed=opts.seed, threads=threads, device=opts.device, name="hdar_participant_wf")
     wf = Wf(atlas=atlas.image, atlas_labels=atlas.labels, label_table=atlas.label_table,
             subjects=[e.subject for e in cohort], sessions=[e.session for e in cohort],
             t1w=[e.t1w for e in cohort], labels=[e.labels for e in cohort])
@@ -421,7 +424,7 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
             weights["sha256"] = sha
     subjects = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
     preprocessing = {"n4": opts.n4, "brain_extraction": "atlas-based", "skull_stripped": opts.skull_stripped,
-                     "affine": True} if opts.preprocess else {"affine": True}
+                     "affine": True} if opts.preprocess else {"affine": opts.affine}
     kwargs = dict(methods=[m for m in opts.methods if m in {r["method"] for r in records}] or opts.methods,
                   parameters=parameters, presets=presets, preprocessing=preprocessing,
                   atlas_description=atlas.description, n_subjects=len(subjects), seed=opts.seed,
