@@ -6,6 +6,7 @@ The library (this package) never imports a workflow engine; Pydra tasks live in
 
 from ._version import __version__
 from .images import Grid, ImageError, load_image
+from .registration import register
 from .transforms import Transform
 
-__all__ = ["__version__", "Grid", "ImageError", "Transform", "load_image"]
+__all__ = ["__version__", "Grid", "ImageError", "Transform", "load_image", "register"]

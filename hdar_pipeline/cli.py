@@ -37,7 +37,18 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seeds numpy, torch and ANTs (ANTS_RANDOM_SEED)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (ITK, torch)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR only)")
+    p.add_argument("--weights", default=None,
+                   help="HDAR weights: a shipped name (default) or an exported .pt with its model card beside it")
+    p.add_argument("--refine", type=int, default=None, metavar="N",
+                   help="HDAR: N instance-optimisation steps after the network (default 0)")
     p.set_defaults(func=_run_register)
+
+
+def _method_options(args: argparse.Namespace) -> dict | None:
+    options = {k: getattr(args, k) for k in ("weights", "refine") if getattr(args, k, None) is not None}
+    if options and args.method != "hdar":
+        raise ValueError(f"--{' and --'.join(options)} only apply to --method hdar")
+    return options or None
 
 
 def _run_register(args: argparse.Namespace) -> int:
@@ -51,7 +62,7 @@ def _run_register(args: argparse.Namespace) -> int:
         record = register_files(args.fixed, args.moving, args.output, method=args.method, preset=args.preset,
                                 moving_labels=args.moving_labels, fixed_mask=args.fixed_mask,
                                 affine=args.affine, seed=args.seed, threads=args.threads, device=args.device,
-                                normalize=args.normalize)
+                                normalize=args.normalize, method_options=_method_options(args))
     except (ImageError, ValueError, NotImplementedError) as exc:
         print(f"hdar register: error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ def register_files(
     threads: int | None = None,
     device: str = "auto",
     normalize: bool = True,
+    method_options: dict | None = None,
 ) -> dict:
     """Register ``moving`` onto ``fixed`` and write the results into ``out_dir``.
 
@@ -52,6 +53,9 @@ def register_files(
         Run the affine stage before a deformable method.
     seed, threads, device
         Reproducibility and resources (``device`` matters for ``hdar``).
+    method_options : dict, optional
+        Method-specific settings (``hdar``: ``weights``, ``refine``), see
+        :func:`hdar_pipeline.methods.get_method`.
 
     Returns
     -------
@@ -73,7 +77,7 @@ def register_files(
     f_in = normalize_intensity(fixed_img) if normalize else fixed_img
     m_in = normalize_intensity(moving_img) if normalize else moving_img
 
-    method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device)
+    method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device, options=method_options)
     transform, info = register_pair(f_in, m_in, method_obj, affine=affine, fixed_mask=mask_img,
                                     seed=seed, threads=threads)
 
@@ -117,6 +121,76 @@ def register_files(
         record["weights_sha256"] = info["weights_sha256"]
     (out / "registration.json").write_text(json.dumps(record, indent=2, default=_json_default))
     return record
+
+
+def register(
+    fixed,
+    moving,
+    *,
+    method: str = "hdar",
+    preset: str | None = None,
+    affine: bool = True,
+    fixed_mask=None,
+    seed: int | None = None,
+    threads: int | None = None,
+    device: str = "auto",
+    normalize: bool = True,
+    **options,
+):
+    """Register one or several moving images onto a fixed image and return the shared Transform(s).
+
+    The method is built once, so several pairs in one call share it (HDAR loads its network once,
+    on CUDA when ``device="auto"`` finds one).
+
+    Parameters
+    ----------
+    fixed : path-like or nibabel image
+        The fixed (atlas) image; every Transform lives on its grid.
+    moving : path-like or nibabel image, or a list of them
+        One moving image, or several (one Transform each, in order).
+    method : {"hdar", "syn", "demons", "affine"}
+    preset : str, optional
+        ``hdar``: ``fast``/``full``; ``syn``: ``fast``/``quality``.
+    affine : bool
+        Run the affine stage first (skip it for images already aligned on the fixed grid).
+    fixed_mask : path-like or nibabel image, optional
+        Restricts the similarity metric to a region of the fixed grid.
+    seed, threads, device
+        Reproducibility and resources.
+    normalize : bool
+        Rescale intensities to [0, 1] (robust percentiles) before registering.
+    **options
+        Method-specific settings, e.g. ``weights="model.pt"``, ``refine=50`` for HDAR.
+
+    Returns
+    -------
+    Transform or list of Transform
+        Fixed-space points -> moving-space points (ITK/ANTs convention); a list when ``moving`` is a list.
+
+    Examples
+    --------
+    >>> from hdar_pipeline import register  # doctest: +SKIP
+    >>> transform = register("atlas_T1w.nii.gz", "sub-01_T1w.nii.gz", method="syn")  # doctest: +SKIP
+    >>> warped = transform.apply(load_image("sub-01_dseg.nii.gz", labels=True), interpolation="nearest")  # doctest: +SKIP
+    """
+    from .methods import get_method, register_pair
+
+    def as_image(x, labels=False):
+        return load_image(x, labels=labels) if isinstance(x, (str, os.PathLike)) else x
+
+    several = isinstance(moving, (list, tuple))
+    fixed_img = as_image(fixed)
+    mask_img = as_image(fixed_mask, labels=True) if fixed_mask is not None else None
+    f_in = normalize_intensity(fixed_img) if normalize else fixed_img
+    method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device, options=options)
+    out = []
+    for m in (moving if several else [moving]):
+        m_img = as_image(m)
+        m_in = normalize_intensity(m_img) if normalize else m_img
+        transform, _ = register_pair(f_in, m_in, method_obj, affine=affine, fixed_mask=mask_img, seed=seed,
+                                     threads=threads)
+        out.append(transform)
+    return out if several else out[0]
 
 
 def _json_default(value):

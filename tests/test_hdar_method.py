@@ -112,3 +112,30 @@ def test_get_method_without_shipped_weights_gives_the_clear_message(tmp_path, mo
         get_method("hdar")
     with pytest.raises(W.NoWeightsError, match="not found"):
         HDARMethod(weights=tmp_path / "missing.pt")
+
+
+def test_register_function_several_pairs_and_cli_weights(trained, tmp_path):
+    """hdar_pipeline.register() with HDAR options and a list of moving images; `hdar register --weights --refine`."""
+    import hdar_pipeline
+    from hdar_pipeline.cli import main
+    from hdar_pipeline.images import save_image
+
+    transforms = hdar_pipeline.register(trained["fixed"], [trained["moving"], trained["moving"]], method="hdar",
+                                        affine=False, weights=trained["pt"], device="cpu", seed=0)
+    assert len(transforms) == 2 and all(isinstance(t, Transform) for t in transforms)
+    np.testing.assert_allclose(transforms[0].field, transforms[1].field, atol=1e-5)  # one model, same answer
+    single = hdar_pipeline.register(trained["fixed"], trained["moving"], method="hdar", affine=False,
+                                    weights=trained["pt"], device="cpu", seed=0)
+    assert isinstance(single, Transform)
+    with pytest.raises(ValueError, match="no option"):
+        hdar_pipeline.register(trained["fixed"], trained["moving"], method="demons", affine=False, weights="x.pt")
+
+    fixed = save_image(trained["fixed"], tmp_path / "fixed.nii.gz")
+    moving = save_image(trained["moving"], tmp_path / "moving.nii.gz")
+    assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "out"), "--method", "hdar", "--no-affine",
+                 "--weights", str(trained["pt"]), "--refine", "2", "--device", "cpu", "--threads", "1"]) == 0
+    record = json.loads((tmp_path / "out" / "registration.json").read_text())
+    assert record["parameters"]["weights"] == str(trained["pt"]) and record["parameters"]["refine"] == 2
+    assert record["weights_sha256"] == trained["card"]["sha256"]
+    assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "bad"), "--method", "hdar",
+                 "--weights", str(tmp_path / "missing.pt")]) == 2

@@ -14,7 +14,7 @@ METHODS = ("affine", "syn", "demons", "hdar")
 
 
 def get_method(name: str, *, preset: str | None = None, seed: int | None = None, threads: int | None = None,
-               device: str | None = None) -> RegistrationMethod:
+               device: str | None = None, options: dict[str, Any] | None = None) -> RegistrationMethod:
     """Build a registration method by name.
 
     Parameters
@@ -29,6 +29,9 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
         Worker threads (ITK, torch); ``None`` keeps the library defaults.
     device : str, optional
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar`` only.
+    options : dict, optional
+        Method-specific settings passed to the method's constructor, e.g. for ``hdar``
+        ``{"weights": "model.pt", "refine": 50}``. An option the method does not have is an error.
 
     Returns
     -------
@@ -43,6 +46,10 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     """
     if name in ("affine", "demons") and preset not in (None, "default"):
         raise ValueError(f"method {name!r} has no presets (got preset {preset!r})")
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    if opts:
+        return _with_options(get_method(name, preset=preset, seed=seed, threads=threads, device=device)
+                             if name != "hdar" else None, name, preset, seed, threads, device, opts)
     if name == "affine":
         from .affine import AffineMethod
 
@@ -64,6 +71,25 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
 
         return HDARMethod(preset=preset or "fast", seed=seed, threads=threads, device=device or "auto")
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+
+
+def _with_options(method, name, preset, seed, threads, device, opts: dict[str, Any]) -> RegistrationMethod:
+    """Rebuild ``name`` with extra constructor options (checked against the method's fields)."""
+    import dataclasses
+
+    if name == "hdar":
+        from .hdar import HDARMethod as cls
+
+        base = dict(preset=preset or "fast", seed=seed, threads=threads, device=device or "auto")
+    else:
+        cls = type(method)
+        base = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise ValueError(f"method {name!r} has no option(s) {', '.join(unknown)}; its options: "
+                         f"{', '.join(sorted(allowed))}")
+    return cls(**{**base, **opts})
 
 
 def register_pair(
