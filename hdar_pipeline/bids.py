@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ._version import __version__
+from .provenance import json_default
 
 PathLike = str | os.PathLike
 
@@ -297,7 +298,7 @@ def sidecar_path(path: PathLike) -> Path:
 def write_json(path: PathLike, data: Mapping[str, Any]) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    p.write_text(json.dumps(data, indent=2, sort_keys=False, default=json_default) + "\n")
     return p
 
 
@@ -471,18 +472,6 @@ def read_subject_metrics(output_dir: PathLike, *, space: str | None = None,
         rec["metrics_json"] = str(path.resolve())
         records.append(rec)
     return records
-
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (Path, os.PathLike)):
-        return os.fspath(value)
-    if isinstance(value, (tuple, set, np.ndarray)):
-        return list(value)
-    return str(value)
 
 
 __all__ = [

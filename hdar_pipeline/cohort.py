@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .provenance import json_default
+
 PathLike = str | os.PathLike
 
 STATUS_OK = "ok"
@@ -198,7 +200,7 @@ def write_record(record: Mapping[str, Any], path: PathLike) -> dict[str, Any]:
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     out = {**record, "record_file": str(path)}
-    path.write_text(json.dumps(out, indent=2, default=_json_default))
+    path.write_text(json.dumps(out, indent=2, default=json_default))
     return out
 
 
@@ -585,16 +587,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and np.isnan(value):
         return None
     return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (Path, os.PathLike)):
-        return os.fspath(value)
-    if isinstance(value, (tuple, set, np.ndarray)):
-        return list(value)
-    return str(value)
 
 
 __all__ = [

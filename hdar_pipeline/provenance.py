@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -28,3 +29,17 @@ def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def json_default(value):
+    """``json.dumps(..., default=json_default)``: numpy scalars and arrays, paths, tuples and sets as
+    plain JSON values; anything else as its ``str``."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (tuple, set, np.ndarray)):
+        return list(value.tolist() if isinstance(value, np.ndarray) else value)
+    return str(value)

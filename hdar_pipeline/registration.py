@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import check_labels_match, load_image, normalize_intensity, save_image
-from .provenance import library_versions, sha256
+from .provenance import json_default, library_versions, sha256
 
 PathLike = str | os.PathLike
 
@@ -119,7 +119,7 @@ def register_files(
     }
     if "weights_sha256" in info:
         record["weights_sha256"] = info["weights_sha256"]
-    (out / "registration.json").write_text(json.dumps(record, indent=2, default=_json_default))
+    (out / "registration.json").write_text(json.dumps(record, indent=2, default=json_default))
     return record
 
 
@@ -191,15 +191,3 @@ def register(
                                      threads=threads)
         out.append(transform)
     return out if several else out[0]
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (tuple, set, np.ndarray)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
