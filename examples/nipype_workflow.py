@@ -10,8 +10,16 @@ ordinary Nipype workflow, iterating over the subjects given on the command line:
 
 Writes ``<out>/work`` (Nipype's working directories) and ``<out>/results`` (a DataSink: per subject the
 warped image, the composite transform, the warped labels and the evaluation tables), and prints
-each subject's mean Dice. ``--use-gpu`` runs HDAR on CUDA. Try it on the demo data
-(``hdar demo --out demo`` writes an atlas and synthetic subjects).
+each subject's mean Dice. ``--use-gpu`` runs HDAR on CUDA.
+
+Try it on the demo data: ``hdar demo -o demo`` writes ``demo/rawdata`` (a BIDS dataset of synthetic
+subjects) and ``demo/labels`` (their label maps, a BIDS derivatives dataset). The demo's atlas is the
+template embedded in the package, not a file, so take one subject as the atlas::
+
+    python examples/nipype_workflow.py \\
+        --atlas demo/rawdata/sub-01/anat/sub-01_T1w.nii.gz --atlas-labels demo/labels/sub-01/anat/sub-01_dseg.nii.gz \\
+        --t1w demo/rawdata/sub-0[23]/anat/sub-0[23]_T1w.nii.gz --labels demo/labels/sub-0[23]/anat/sub-0[23]_dseg.nii.gz \\
+        --method demons --out nipype-out
 """
 
 from __future__ import annotations
