@@ -188,3 +188,86 @@ def test_blender_passes_gradients():
     blender.add(field + 1.0, Patch((4, 4, 4), (8, 8, 8)))
     blender.result().sum().backward()
     assert field.grad is not None and field.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- random selection (ablation)
+
+
+def _hot_spot_candidates():
+    """One clear hot spot (a 1/4-scale map of a 96x112x80 volume) plus low noise."""
+    att = peaked_map((24, 28, 20), [((6, 7, 5), 1.0)], seed=2, sigma=2.0)
+    return candidate_patches(att, patch_size=32, full_shape=(96, 112, 80))
+
+
+def test_random_ranking_same_rules_differs_from_attention_and_is_reproducible():
+    cands = _hot_spot_candidates()
+    top = select_patches(cands, top_k=4, iou_threshold=0.5)
+    best = max(cands, key=lambda c: c.score)
+    assert top[0].start == best.start  # attention: the hot spot first
+    draws = [select_patches(cands, top_k=4, iou_threshold=0.5, ranking="random", rng=np.random.default_rng(s))
+             for s in range(6)]
+    for chosen in draws:
+        assert len(chosen) == 4
+        assert [p.start for p in chosen] != [p.start for p in top]
+        boxes = np.array([[*p.start, *p.stop] for p in chosen], float)
+        for i in range(len(boxes)):  # the same NMS rule: no pair overlaps by more than the threshold
+            assert np.all(box_iou(boxes[i], np.delete(boxes, i, axis=0)) <= 0.5)
+        assert all(p in cands for p in chosen)  # drawn among the same candidate windows, scores kept
+    # the hot spot is rarely drawn first: the draws do not follow the attention
+    assert sum(d[0].start == best.start for d in draws) <= 1
+    again = select_patches(cands, top_k=4, ranking="random", rng=np.random.default_rng(3))
+    assert [p.start for p in again] == [p.start for p in draws[3]]
+    assert [p.start for p in select_patches(cands, top_k=4, ranking="random", rng=3)] == [p.start for p in again]
+    assert len({tuple(p.start for p in d) for d in draws}) > 1  # seeds differ
+    with pytest.raises(ValueError, match="ranking"):
+        select_patches(cands, ranking="best")
+
+
+def test_random_ranking_keeps_the_mask_rule():
+    cands = _hot_spot_candidates()
+    mask = np.zeros((96, 112, 80), bool)
+    mask[48:, :, :] = True  # the hot spot (x ~ 26 full-res) lies outside
+    for s in range(4):
+        chosen = select_patches(cands, top_k=5, mask=mask, min_mask_fraction=0.5, ranking="random", rng=s)
+        assert chosen and all(mask[p.slices].mean() > 0.5 for p in chosen)
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_cascade_selection_option_config_checkpoint_and_seed():
+    from hdar_pipeline.hdar.cascade import CascadeConfig, HDARCascade
+
+    tiny = dict(s2_patch=16, s2_input=8, s3_patch=8, s3_input=8, top_k=3, s1_scale=0.5)
+    cfg = CascadeConfig(levels=3, **tiny)
+    assert cfg.selection == "attention" and cfg.selection_seed == 0
+    d = CascadeConfig(selection="random", selection_seed=5, **tiny).to_dict()
+    assert d["selection"] == "random" and d["selection_seed"] == 5
+    assert CascadeConfig.from_dict(d).selection == "random"
+    old = cfg.to_dict()
+    del old["selection"], old["selection_seed"]  # configs written before the option load as "attention"
+    assert CascadeConfig.from_dict(old).selection == "attention"
+    with pytest.raises(ValueError, match="selection"):
+        CascadeConfig(selection="shuffle")
+
+    torch.manual_seed(0)
+    model = HDARCascade(cfg).eval()
+    rng = np.random.default_rng(0)
+    f = torch.from_numpy(np.pad(rng.random((24, 24, 24)), 4).astype(np.float32))[None, None]
+    m = torch.roll(f, 2, dims=2)
+    with torch.no_grad():
+        att = model(f, m)
+        model.seed_selection(7)
+        r1 = model(f, m, selection="random")
+        r1b = model(f, m, selection="random")  # the generator advanced
+        model.seed_selection(7)
+        r2 = model(f, m, selection="random")
+        rnd = HDARCascade.from_checkpoint(model.checkpoint(), selection="random", selection_seed=7).eval()
+        r3 = rnd(f, m)
+        again = model(f, m)
+    assert rnd.config.selection == "random"
+    for level in (2, 3):
+        assert r1.patches(level) == r2.patches(level) == r3.patches(level)  # same seed, same patches
+        assert 0 < len(r1.patches(level)) <= 3
+    assert [r1.patches(2), r1.patches(3)] != [r1b.patches(2), r1b.patches(3)]  # the generator advanced
+    assert again.patches(2) == att.patches(2) and again.patches(3) == att.patches(3)  # attention unchanged
+    with pytest.raises(ValueError, match="selection"):
+        model(f, m, selection="shuffle")

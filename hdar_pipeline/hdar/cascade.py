@@ -31,6 +31,9 @@ Design decisions
   its own resolution (``VecInt``, ``int_steps`` squarings); patch levels blend the patch velocities at
   full resolution (a smooth weighted average of velocities is again a velocity) and integrate the
   blended velocity there, so every level's residual is a diffeomorphism and so is their composition.
+* **Selection.** ``selection="random"`` (ablation control) draws the fast-mode patches uniformly among the
+  same candidate windows, under the same NMS and brain-mask rules, from a seeded generator
+  (:meth:`HDARCascade.seed_selection`); ``"attention"`` (default) ranks them by attention.
 * **Modes.** ``fast``: S2/S3 only on the K hardest patches (the paper). ``full``: S2/S3 on a sliding
   window over the brain mask (default ``fixed > 0``). ``levels`` 1, 2 or 3 (1 = a single VoxelMorph-like
   network, at ``s1_scale``).
@@ -57,6 +60,7 @@ from .patches import Patch, PatchBlender, candidate_patches, select_patches, sli
 from .unet import AttentionUNet, count_parameters, resolve_widths
 
 Mode = Literal["fast", "full"]
+Selection = Literal["attention", "random"]
 
 
 @dataclass
@@ -77,6 +81,12 @@ class CascadeConfig:
     min_mask_fraction : float
         Fast mode: candidates with no more than this fraction of brain-mask voxels are skipped.
     mode : "fast" or "full"
+    selection : "attention" or "random"
+        Fast mode: rank the candidate windows by mean attention (the paper) or draw them at random among
+        the same candidates under the same NMS and mask rules (the ablation control).
+    selection_seed : int, optional
+        Seed of the model's selection generator (``selection="random"``); see
+        :meth:`HDARCascade.seed_selection`.
     taper : float
         Blending ramp length at each inner patch face, as a fraction of the patch size.
     full_stride : float, optional
@@ -100,6 +110,8 @@ class CascadeConfig:
     candidate_stride: int = 1
     min_mask_fraction: float = 0.0
     mode: Mode = "fast"
+    selection: Selection = "attention"
+    selection_seed: int | None = 0
     taper: float = 0.25
     full_stride: float | None = None
     diffeomorphic: bool = False
@@ -111,6 +123,10 @@ class CascadeConfig:
             raise ValueError(f"levels must be 1, 2 or 3, got {self.levels}")
         if self.mode not in ("fast", "full"):
             raise ValueError(f"mode must be 'fast' or 'full', got {self.mode!r}")
+        if self.selection not in ("attention", "random"):
+            raise ValueError(f"selection must be 'attention' or 'random', got {self.selection!r}")
+        if self.selection_seed is not None:
+            self.selection_seed = int(self.selection_seed)
         if self.composition not in ("compose", "add"):
             raise ValueError(f"composition must be 'compose' or 'add', got {self.composition!r}")
         if not 0.0 <= self.taper < 0.5:
@@ -221,6 +237,13 @@ class HDARCascade(nn.Module):
                                   [AttentionUNet(6, config.width) for _ in range(config.levels - 1)])
         self.warp = SpatialTransformer("bilinear", "zeros")
         self.integrate = VecInt(config.int_steps)
+        self.seed_selection()
+
+    def seed_selection(self, seed: int | None = None) -> None:
+        """(Re)start the generator of random patch selection from ``seed`` (default
+        ``config.selection_seed``). It advances with every random selection, so reseed before each pair
+        to make a pair's patches independent of what ran before."""
+        self.selection_rng = np.random.default_rng(self.config.selection_seed if seed is None else seed)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -283,9 +306,15 @@ class HDARCascade(nn.Module):
         return new, attention
 
     def select(self, level: int, previous: LevelResult, batch: int, mask: torch.Tensor | None,
-               mode: Mode) -> list[Patch]:
-        """Patches for ``level`` (2 or 3) of batch element ``batch``, from the previous level's result."""
+               mode: Mode, selection: Selection | None = None) -> list[Patch]:
+        """Patches for ``level`` (2 or 3) of batch element ``batch``, from the previous level's result.
+
+        ``selection`` (default ``config.selection``): ``"attention"`` ranks the fast-mode candidates by
+        mean attention, ``"random"`` draws them with :attr:`selection_rng` (same candidates and rules)."""
         cfg = self.config
+        selection = selection or cfg.selection
+        if selection not in ("attention", "random"):
+            raise ValueError(f"selection must be 'attention' or 'random', got {selection!r}")
         shape = tuple(previous.flow.shape[2:])
         size = cfg.patch_size(level)
         mask_np = None if mask is None else mask[batch, 0].detach().cpu().numpy().astype(bool)
@@ -299,12 +328,14 @@ class HDARCascade(nn.Module):
                 att, patch_size=size, full_shape=shape, region_start=parent.start, region_size=parent.size,
                 stride=cfg.candidate_stride, parent=index if previous.level > 1 else -1)
         return select_patches(candidates, top_k=cfg.top_k, iou_threshold=cfg.iou_threshold,
-                              mask=mask_np, min_mask_fraction=cfg.min_mask_fraction)
+                              mask=mask_np, min_mask_fraction=cfg.min_mask_fraction,
+                              ranking="random" if selection == "random" else "score", rng=self.selection_rng)
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, *, mask: torch.Tensor | None = None,
-                mode: Mode | None = None, levels: int | None = None) -> CascadeOutput:
+                mode: Mode | None = None, levels: int | None = None,
+                selection: Selection | None = None) -> CascadeOutput:
         """Register ``moving`` to ``fixed``.
 
         Parameters
@@ -318,6 +349,8 @@ class HDARCascade(nn.Module):
             Overrides ``config.mode``.
         levels : int, optional
             Run only the first ``levels`` sub-networks (at most ``config.levels``).
+        selection : "attention" or "random", optional
+            Overrides ``config.selection`` (fast mode's patch ranking).
         """
         if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
             raise ValueError(f"fixed and moving must both be (B, 1, X, Y, Z); got {tuple(fixed.shape)} "
@@ -338,7 +371,7 @@ class HDARCascade(nn.Module):
         for level in range(2, n_levels + 1):
             flows, patches, attention = [], [], []
             for b in range(batch):
-                chosen = self.select(level, result, b, mask, mode)
+                chosen = self.select(level, result, b, mask, mode, selection)
                 new, atts = self.refine(level, fixed[b:b + 1], moving[b:b + 1], result.flow[b:b + 1], chosen)
                 flows.append(new)
                 patches.append(chosen)
@@ -361,7 +394,8 @@ class HDARCascade(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], **overrides: Any) -> "HDARCascade":
-        """Rebuild from :meth:`checkpoint`; inference-only settings (mode, top_k, ...) may be overridden."""
+        """Rebuild from :meth:`checkpoint`; inference-only settings (mode, top_k, selection, selection_seed,
+        ...) may be overridden."""
         model = cls(CascadeConfig.from_dict({**checkpoint["config"], **overrides}))
         model.load_state_dict(checkpoint["state_dict"])
         return model

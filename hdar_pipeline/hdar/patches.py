@@ -19,6 +19,11 @@ Selection (the paper's difficulty-aware step)
    kept box exceeds ``iou_threshold``, 0.5), ranked by score (ties: lower candidate index first);
 5. keep the top ``K`` (8).
 
+``ranking="random"`` (the control of the ablation study) keeps steps 1-3 and the mask rule but ranks the
+candidates by a random permutation instead of their scores before the same greedy NMS: each pick is then
+drawn uniformly among the candidate windows that no earlier pick suppresses, so the patches obey the
+same overlap rule and only the ranking differs.
+
 NMS runs on the mapped, clamped full-resolution boxes, i.e. on the patches that will actually be
 processed; with a uniform scale this is the same as NMS in attention coordinates except where clamping
 at the volume border makes two boxes overlap more. Candidates from several maps (S3 picks its
@@ -39,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -239,6 +244,8 @@ def select_patches(
     iou_threshold: float = 0.5,
     mask: np.ndarray | torch.Tensor | None = None,
     min_mask_fraction: float = 0.0,
+    ranking: Literal["score", "random"] = "score",
+    rng: np.random.Generator | int | None = None,
 ) -> list[Patch]:
     """Rank candidates by score, suppress overlaps (3-D NMS) and keep the top ``top_k``.
 
@@ -253,11 +260,18 @@ def select_patches(
     mask : bool array on the full-resolution grid, optional
         When given, candidates whose fraction of mask voxels is not above ``min_mask_fraction`` are
         dropped first (so an untrained or confused attention map never spends patches on background).
+    ranking : "score" or "random"
+        ``"score"``: by mean attention (the paper). ``"random"``: by a random permutation drawn from
+        ``rng`` (same candidates, mask rule and NMS; the patches keep their attention scores).
+    rng : numpy Generator or int seed, optional
+        Source of the permutation for ``ranking="random"`` (default: a fresh unseeded generator).
 
     Returns
     -------
-    list of Patch, best first.
+    list of Patch, best first (``"random"``: in the order drawn).
     """
+    if ranking not in ("score", "random"):
+        raise ValueError(f"ranking must be 'score' or 'random', got {ranking!r}")
     cands = list(candidates)
     if mask is not None and cands:
         counter = _MaskBoxSum(torch.as_tensor(mask).cpu().numpy() if isinstance(mask, torch.Tensor) else mask)
@@ -266,7 +280,11 @@ def select_patches(
     if not cands:
         return []
     boxes = np.array([[*c.start, *c.stop] for c in cands], dtype=np.float64)
-    scores = np.array([c.score for c in cands], dtype=np.float64)
+    if ranking == "random":
+        generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        scores = generator.permutation(len(cands)).astype(np.float64)  # distinct: no ties
+    else:
+        scores = np.array([c.score for c in cands], dtype=np.float64)
     keep = nms_3d(boxes, scores, iou_threshold, max_keep=top_k)
     return [cands[i] for i in keep]
 
