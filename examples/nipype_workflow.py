@@ -18,7 +18,8 @@ template embedded in the package, not a file, so take one subject as the atlas::
 
     python examples/nipype_workflow.py \\
         --atlas demo/rawdata/sub-01/anat/sub-01_T1w.nii.gz --atlas-labels demo/labels/sub-01/anat/sub-01_dseg.nii.gz \\
-        --t1w demo/rawdata/sub-0[23]/anat/sub-0[23]_T1w.nii.gz --labels demo/labels/sub-0[23]/anat/sub-0[23]_dseg.nii.gz \\
+        --t1w demo/rawdata/sub-0[23]/anat/sub-0[23]_T1w.nii.gz \\
+        --labels demo/labels/sub-0[23]/anat/sub-0[23]_dseg.nii.gz \\
         --method demons --out nipype-out
 """
 
