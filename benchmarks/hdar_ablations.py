@@ -294,6 +294,7 @@ def _pair_images(pair) -> dict[str, Any]:
 def resolve_models(config: AblationConfig, device) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """Load the weights and assign them to roles: ``({role: LoadedWeights}, {variant: why not run}, notes)``."""
     notes: list[str] = []
+    wanted = set(config.variants)
     unavailable: dict[str, str] = {}
     main = _load(config.weights, device)
     roles: dict[str, Any] = {"main": main}
@@ -304,9 +305,10 @@ def resolve_models(config: AblationConfig, device) -> tuple[dict[str, Any], dict
                      f"{one.model.config.levels} level(s)), run with levels=1: the VoxelMorph-like control.")
     else:
         roles["1level"] = main
-        notes.append("levels-1 and levels-2 are the same network as levels-3 stopped after S1 / S2 (levels=1/2 at "
-                     "inference); a separately trained 1-level network (hdar train --levels 1, given with "
-                     "--weights-1level) is the stricter VoxelMorph-like control.")
+        if wanted & {"levels-1", "levels-2"}:
+            notes.append("levels-1 and levels-2 are the same network as levels-3 stopped after S1 / S2 (levels=1/2 at "
+                         "inference); a separately trained 1-level network (hdar train --levels 1, given with "
+                         "--weights-1level) is the stricter VoxelMorph-like control.")
     main_diffeo = bool(main.model.config.diffeomorphic)
     roles["diffeomorphic" if main_diffeo else "displacement"] = main
     missing = "displacement" if main_diffeo else "diffeomorphic"
@@ -653,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -> AblationConfig:
     from hdar_pipeline.benchmark import (BenchmarkInputError, default_lpba40_dir, lpba40_label, lpba40_subjects,
                                          make_pairs, parse_pair_specs)
-    from hdar_pipeline.hdar.weights import WeightsError, resolve_weights
+    from hdar_pipeline.hdar.weights import NoWeightsError, WeightsError, resolve_weights
 
     for opt, value in (("--weights", args.weights), ("--weights-other", args.weights_other),
                        ("--weights-1level", args.weights_1level)):
@@ -661,7 +663,9 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None
             try:
                 resolve_weights(value)
             except WeightsError as exc:  # the library's message (NoWeightsError: how to get weights)
-                raise AblationInputError(f"{opt}: {' '.join(str(exc).split())}") from None
+                hint = " (give this script the exported .pt with --weights PATH)" if opt == "--weights" and \
+                    isinstance(exc, NoWeightsError) and value == "default" else ""
+                raise AblationInputError(f"{opt}: {' '.join(str(exc).split())}{hint}") from None
     data = args.lpba40 if args.lpba40 is not None else default_lpba40_dir()
     try:
         if args.pairs:
