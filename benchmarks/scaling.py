@@ -35,7 +35,7 @@ machine, the load average and the exact command) and ``scaling.png`` (runtime an
 voxels, log-log, per variant; cohort wall time against cohort size per number of workers). The markdown
 tables are printed at the end.
 
-    python benchmarks/scaling.py                                  # the full run (about 1-2 h on 2 cores)
+    python benchmarks/scaling.py      # the full run: about 15-30 min on 2 cores (syn-quality adds ~1 h)
     python benchmarks/scaling.py --sizes 64 96 --variants affine demons --skip-cohort
     python benchmarks/scaling.py --skip-size --cohort-sizes 1 2 4 --workers 1 2
 """
@@ -67,8 +67,8 @@ DEFAULT_WORKERS = (1, 2)
 SCHEMA = 1  # bump when the measurement itself changes: every cached row becomes stale
 
 SIZE_COLUMNS = ["size", "voxels", "spacing_mm", "variant", "method", "preset", "status", "runtime_s",
-                "peak_memory_mb", "peak_added_mb", "rss_before_mb", "max_rss_mb", "repeats", "runtime_s_all", "threads", "seed",
-                "affine_stage", "device", "load_avg_1min", "finished_utc", "commit", "cached"]
+                "peak_memory_mb", "peak_added_mb", "rss_before_mb", "max_rss_mb", "repeats", "runtime_s_all",
+                "threads", "seed", "affine_stage", "device", "load_avg_1min", "finished_utc", "commit", "cached"]
 COHORT_COLUMNS = ["cohort_size", "workers", "threads_per_job", "method", "preset", "size", "voxels", "status",
                   "wall_s", "registration_s_sum", "registration_s_max", "n_failed",
                   "seed", "load_avg_1min", "finished_utc", "commit", "cached"]
@@ -458,11 +458,13 @@ def markdown_report(args, size_df, cohort_df, command: str) -> str:
     from hdar_pipeline.benchmark import machine_description
 
     lines = ["# Scaling", ""]
+    stage = ("affine stage before each deformable method" if args.affine_stage else
+             "no affine stage before the deformable methods (one grid)")
     if size_df is not None and len(size_df):
         lines += ["## Time and peak memory against volume size", "",
                   f"The MNI ICBM152 2009a template on N^3 grids (isotropic voxels: brain extent / N) and a "
                   f"synthetic subject (seed {args.seed}); {args.threads} threads; "
-                  f"{'affine stage before each deformable method' if args.affine_stage else 'no affine stage before the deformable methods (one grid)'}; "
+                  f"{stage}; "
                   f"each (size, variant) in a fresh process, median of {args.repeats} run(s). Seconds: registration "
                   "only. Peak MiB: the process's resident set during the registration (interpreter, libraries and "
                   "images included); added MiB: peak minus the resident set just before the registration; process "
