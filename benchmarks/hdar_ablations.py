@@ -54,22 +54,23 @@ Exit status: 0 when some row ran, 1 when none did, 2 for unusable input (no weig
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
 import json
-import math
 import os
-import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 
+from hdar_pipeline.benchmark import (BenchmarkInputError, BenchmarkResult, PairImageCache, RowCache, RunStamp,
+                                     check_variants, command_line, default_lpba40_dir, evaluate_pair, failure_notes,
+                                     format_mean_sd, lpba40_pairs, markdown_table, measured_row, print_table,
+                                     progress_bar, report_sections, rows_frame, run_console, summary_stat,
+                                     variant_rows, variant_status, write_results)
 from hdar_pipeline.methods.base import MethodBase
+from hdar_pipeline.methods.hdar import register_with_model, unit_range
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ablations"
@@ -179,45 +180,25 @@ class AblationHDAR(MethodBase):
         return asdict(self.settings)
 
     def _register(self, fixed, moving, fixed_mask):
-        import torch
-
-        from hdar_pipeline.hdar.cascade import field_voxels_to_transform
-        from hdar_pipeline.images import Grid
-        from hdar_pipeline.methods.hdar import instance_optimise
         from hdar_pipeline.runtime import configure_threads, seed_everything
 
-        cfg, loaded = self.settings, self.loaded
+        cfg = self.settings
         configure_threads(cfg.threads)
         seed_everything(cfg.seed)
-        model = loaded.model
-        dev = next(model.parameters()).device
-        grid = Grid.of(fixed)
-        ft = torch.as_tensor(_unit_range(fixed), device=dev)[None, None]
-        mt = torch.as_tensor(_unit_range(moving), device=dev)[None, None]
-        mk = None
-        if fixed_mask is not None:
-            mk = torch.as_tensor(np.asarray(fixed_mask.dataobj) > 0, device=dev)[None, None]
-        model.seed_selection(cfg.selection_seed if cfg.selection_seed is not None else cfg.seed)
-        with torch.no_grad():
-            flow = model(ft, mt, mask=mk, mode=cfg.mode, levels=cfg.levels, selection=cfg.selection).flow.float()
-        if cfg.refine:
-            smooth = float(loaded.card.get("config", {}).get("training", {}).get("smooth_weight", 1.5))
-            flow = instance_optimise(ft, mt, flow, steps=cfg.refine, lr=cfg.refine_lr, grid_scale=cfg.refine_grid,
-                                     diffeomorphic=model.config.diffeomorphic, smooth_weight=smooth)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        self.device_used = f"cuda:{dev.index or 0}" if dev.type == "cuda" else str(dev)
-        return field_voxels_to_transform(flow, grid, weights_sha256=loaded.sha256, weights=loaded.name,
-                                         device=self.device_used, refine_steps=int(cfg.refine))
+        self.loaded.model.seed_selection(cfg.selection_seed if cfg.selection_seed is not None else cfg.seed)
+        transform, self.device_used = register_with_model(
+            self.loaded, fixed, moving, fixed_mask, mode=cfg.mode, levels=cfg.levels, selection=cfg.selection,
+            refine=cfg.refine, refine_lr=cfg.refine_lr, refine_grid=cfg.refine_grid)
+        return transform
 
 
-def _unit_range(img) -> np.ndarray:
-    from hdar_pipeline.images import normalize_intensity
-
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.min() < -1e-3 or data.max() > 1.0 + 1e-3:
-        data = np.asarray(normalize_intensity(img).dataobj, dtype=np.float32)
-    return np.ascontiguousarray(data)
+def _measure(images: Mapping[str, Any], loaded, settings: Settings, warmed: set[str], config) -> dict[str, Any]:
+    """One row's numbers: the model warmed up once (untimed), then the pair registered and scored."""
+    if loaded.sha256 not in warmed:
+        _warm_up(loaded, images)
+        warmed.add(loaded.sha256)
+    method = AblationHDAR(settings=settings, loaded=loaded)
+    return evaluate_pair(images, method, affine=False, seed=config.seed, threads=config.threads)
 
 
 def _warm_up(loaded, images: Mapping[str, Any]) -> None:
@@ -226,7 +207,7 @@ def _warm_up(loaded, images: Mapping[str, Any]) -> None:
 
     model = loaded.model
     dev = next(model.parameters()).device
-    f = torch.as_tensor(_unit_range(images["fixed"]), device=dev)[None, None]
+    f = torch.as_tensor(unit_range(images["fixed"]), device=dev)[None, None]
     with torch.no_grad():
         model(f, f, mode="fast")
     if dev.type == "cuda":
@@ -257,12 +238,8 @@ class AblationConfig:
 
 
 @dataclass
-class AblationResult:
-    rows: pd.DataFrame
-    summary: pd.DataFrame
-    markdown: str
-    notes: list[str]
-    paths: dict[str, Path]
+class AblationResult(BenchmarkResult):
+    """What :func:`run_ablations` wrote (the fields of :class:`~hdar_pipeline.benchmark.BenchmarkResult`)."""
 
 
 def _load(weights: str, device) -> Any:
@@ -274,21 +251,8 @@ def _load(weights: str, device) -> Any:
         raise AblationInputError(" ".join(str(exc).split())) from None
 
 
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _key(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _pair_images(pair) -> dict[str, Any]:
-    from hdar_pipeline.images import load_image
-
-    return {"fixed": load_image(pair.fixed.image), "moving": load_image(pair.moving.image),
-            "fixed_labels": load_image(pair.fixed.labels, labels=True),
-            "moving_labels": load_image(pair.moving.labels, labels=True)}
 
 
 def resolve_models(config: AblationConfig, device) -> tuple[dict[str, Any], dict[str, str], list[str]]:
@@ -338,16 +302,10 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
     AblationInputError
         No pairs, unknown variants, or weights that cannot be used (the library's message).
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    from hdar_pipeline.benchmark import _cpu_model, _git_commit, evaluate_pair
     from hdar_pipeline.hdar.train import resolve_device
     from hdar_pipeline.runtime import configure_threads
 
-    if console is None:
-        console = Console() if sys.stdout.isatty() else Console(width=150)
+    console = run_console(console, 150)
     if not config.pairs:
         raise AblationInputError("no pairs to register")
     if config.refine_steps < 1:
@@ -355,9 +313,7 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
     if config.random_seeds < 1:
         raise AblationInputError("--random-seeds must be >= 1")
     table = ablations(config.refine_steps)
-    unknown = [v for v in config.variants if v not in table]
-    if unknown:
-        raise AblationInputError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    check_variants(config.variants, table, AblationInputError)
     wanted = set(config.variants)
     selected = [(cli, a) for cli, a in table.items() if cli in wanted]
     configure_threads(config.threads)
@@ -381,25 +337,18 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
         notes.append(f"{name} not run: {why}")
 
     output = Path(config.output)
-    rows_dir = output / "rows"
-    rows_dir.mkdir(parents=True, exist_ok=True)
+    cache = RowCache(output / "rows", reuse=config.use_cache)
     runnable = [a for _, a in selected if a.name not in unavailable]
     seeds = [config.seed + i for i in range(config.random_seeds)]
     jobs = [(i, pair, a, s) for i, pair in enumerate(config.pairs) for a in runnable
             for s in (seeds if a.selection == "random" else [None])]
-    machine = f"{platform.node()} ({_cpu_model()}, {os.cpu_count()} cores)"
-    commit = _git_commit()
-    load_start = os.getloadavg()[0]
-    started = time.time()
+    stamp = RunStamp.now()
     done: dict[str, dict[str, Any]] = {}  # run key -> row, to share identical registrations
     warmed: set[str] = set()
     rows: list[dict[str, Any]] = []
-    images: dict[str, Any] = {}
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                        console=console, disable=not show_progress, transient=False)
+    images = PairImageCache()
+    progress, task = progress_bar(console, show_progress, len(config.pairs), len(runnable), len(jobs))
     with progress:
-        task = progress.add_task(f"{len(config.pairs)} pairs x {len(runnable)} variants", total=len(jobs))
         for n, (_, pair, a, sel_seed) in enumerate(jobs, 1):
             loaded = roles[a.weights]
             label = a.name if sel_seed is None else f"{a.name}-seed{sel_seed}"
@@ -413,7 +362,7 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
                     "fixed_image": str(pair.fixed.image), "moving_image": str(pair.moving.image),
                     "fixed_labels": str(pair.fixed.labels), "moving_labels": str(pair.moving.labels)}
             key = _key(spec)
-            cache = rows_dir / f"{label}_{pair.key}_{loaded.sha256[:12]}_{key[:12]}.json"
+            name = f"{label}_{pair.key}_{loaded.sha256[:12]}_{key[:12]}"
             base = {"variant": a.name, "group": a.group, "weights_role": a.weights, "moving": pair.moving.subject,
                     "fixed": pair.fixed.subject, "selection_seed": sel_seed, "levels": levels, "mode": a.mode,
                     "selection": a.selection, "refine": a.refine, "diffeomorphic": bool(loaded.model.config.diffeomorphic),
@@ -421,14 +370,11 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
                     "seed": config.seed, "key": key, "fixed_image": str(pair.fixed.image),
                     "moving_image": str(pair.moving.image)}
             row: dict[str, Any] | None = None
-            if config.use_cache and cache.exists():
-                try:
-                    cached = json.loads(cache.read_text())
-                    if cached.get("status") == "ok" and cached.get("key") == key:
-                        row = {**cached, "cached": True}
-                except (OSError, ValueError) as exc:
-                    progress.console.print(f"{tag}: cached row unreadable ({exc}), rerunning", markup=False,
-                                           highlight=False)
+            cached, why = cache.load(name)
+            if cached is not None and cached.get("status") == "ok" and cached.get("key") == key:
+                row = {**cached, "cached": True}
+            elif why:
+                progress.console.print(f"{tag}: cached row {why}, rerunning", markup=False, highlight=False)
             if row is not None:
                 msg = f"{tag}: cached (Dice {row['mean_dice']:.3f}, {row['runtime_s']:.2f} s)"
             elif key in done:
@@ -437,46 +383,29 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
                 msg = f"{tag}: same settings as {row['shared_with']} (Dice {row['mean_dice']:.3f})"
             else:
                 row = dict(base)
-                try:
-                    if images.get("key") != pair.key:
-                        images = {"key": pair.key, **_pair_images(pair)}
-                    if loaded.sha256 not in warmed:
-                        _warm_up(loaded, images)
-                        warmed.add(loaded.sha256)
-                    method = AblationHDAR(settings=settings, loaded=loaded)
-                    row.update(evaluate_pair(images, method, affine=False, seed=config.seed, threads=config.threads))
-                    row.update(status="ok", error="")
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:  # one failed pair never stops the others
-                    row.update(status="failed", error=_short(f"{type(exc).__name__}: {exc}"))
-                row.update(cached=False, shared_with="", load_avg_1min=float(os.getloadavg()[0]), commit=commit,
-                           machine=machine,
-                           finished_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                row.update(measured_row(lambda: _measure(images.get(pair), loaded, settings, warmed, config)))
+                row.update(cached=False, shared_with="")
+                row.update(stamp.row_fields())
                 if row["status"] == "ok":
                     msg = (f"{tag}: Dice {row['mean_dice']:.3f} (before {row['mean_dice_before']:.3f}), target "
                            f"overlap {row['mean_target_overlap']:.3f}, folded {row['folded_percent']:.4f} %, "
-                           f"{row['runtime_s']:.2f} s on {row['device']} [elapsed {time.time() - started:.0f} s]")
+                           f"{row['runtime_s']:.2f} s on {row['device']} [elapsed {stamp.elapsed():.0f} s]")
                 else:
                     msg = f"{tag}: FAILED {row['error']}"
             if row["status"] == "ok":
                 done.setdefault(key, row)
                 if not row.get("cached"):
-                    cache.write_text(json.dumps(row, indent=2, default=str))
+                    cache.save(name, row)
             progress.console.print(msg, markup=False, highlight=False)
             rows.append(row)
             progress.advance(task)
 
-    pairs_df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=PAIR_COLUMNS)
-    for col in PAIR_COLUMNS:
-        if col not in pairs_df:
-            pairs_df[col] = np.nan
+    pairs_df = rows_frame(rows, PAIR_COLUMNS)
     order = {a.name: i for i, a in enumerate(table.values())}
     pairs_df = pairs_df.assign(_o=pairs_df["variant"].map(order)).sort_values(
         ["_o", "moving", "fixed", "selection_seed"], kind="stable").drop(columns="_o")[PAIR_COLUMNS]
     pairs_df = pairs_df.reset_index(drop=True)
-    for r in pairs_df[pairs_df["status"] != "ok"].itertuples():
-        notes.append(f"{r.variant} {r.moving}->{r.fixed} failed: {r.error}")
+    notes.extend(failure_notes(pairs_df))
     planned = {a.name: len(config.pairs) if a.name not in unavailable else 0 for _, a in selected}
     summary = summarise(pairs_df, [a for _, a in selected], planned, unavailable, roles)
     if any(a.selection == "random" for a in runnable):
@@ -490,26 +419,19 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
                      "reported under each name; timings are that run's).")
     notes.append("Each model runs one untimed warm-up pass before its first timed pair; seconds are the network "
                  "(and refinement) on the aligned pair, loading and metrics excluded.")
-    notes.append(f"1-min load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (per "
-                 "row in ablations_pairs.csv): timings on a loaded machine are only as good as this.")
+    notes.append(stamp.load_note("ablations_pairs.csv"))
     md = markdown_report(summary, config, notes, roles, device)
-    paths = {"pairs": output / "ablations_pairs.csv", "summary": output / "ablations_summary.csv",
-             "markdown": output / "ablations.md"}
-    pairs_df.to_csv(paths["pairs"], index=False)
-    summary.to_csv(paths["summary"], index=False)
-    paths["markdown"].write_text(md)
+    paths = write_results(output, "ablations", pairs_df, summary, md)
     return AblationResult(pairs_df, summary, md, notes, paths)
 
 
 def summarise(rows: pd.DataFrame, variants: Sequence[Ablation], planned: Mapping[str, int],
               unavailable: Mapping[str, str], roles: Mapping[str, Any]) -> pd.DataFrame:
     """One row per variant: per pair the mean over selection seeds, then mean and sd over pairs."""
-    ok = rows[rows["status"] == "ok"].copy()
     metrics = ["mean_dice", "mean_target_overlap", "folded_percent", "std_log_jacobian", "runtime_s"]
     out = []
     for a in variants:
-        sub = ok[ok["variant"] == a.name]
-        n_failed = int(((rows["variant"] == a.name) & (rows["status"] != "ok")).sum())
+        sub, n_failed = variant_rows(rows, a.name)
         per_pair = sub.groupby(["moving", "fixed"], sort=False)[metrics].agg(lambda s: s.astype(float).mean()) \
             if len(sub) else pd.DataFrame(columns=metrics)
         seed_sd = float("nan")
@@ -518,17 +440,9 @@ def summarise(rows: pd.DataFrame, variants: Sequence[Ablation], planned: Mapping
             seed_sd = float(sds.mean()) if sds.notna().any() else float("nan")
 
         def stat(col: str, how: str) -> float:
-            s = per_pair[col].astype(float).dropna() if col in per_pair else pd.Series(dtype=float)
-            if s.empty or (how == "std" and len(s) < 2):
-                return float("nan")
-            return float(getattr(s, how)())
+            return summary_stat(per_pair[col], how)
 
-        if a.name in unavailable:
-            status = f"not run: {unavailable[a.name]}"
-        elif sub.empty:
-            status = "failed" if n_failed else "no pairs"
-        else:
-            status = "ok" if not n_failed else f"ok ({n_failed} failed)"
+        status = variant_status(a.name, len(sub), n_failed, unavailable)
         loaded = roles.get(a.weights)
         out.append({
             "variant": a.name, "group": a.group, "description": a.description, "status": status,
@@ -555,12 +469,6 @@ TABLE_HEADER = ["group", "variant", "pairs", "Dice (mean ± sd)", "target overla
                 "std log\\|J\\|", "s / pair (mean ± sd)", "device"]
 
 
-def _pm(mean: float, sd: float, digits: int = 3) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if not math.isnan(sd) else f"{mean:.{digits}f}"
-
-
 def table_rows(summary: pd.DataFrame, n_pairs: int) -> list[list[str]]:
     out = []
     for r in summary.itertuples():
@@ -573,16 +481,16 @@ def table_rows(summary: pd.DataFrame, n_pairs: int) -> list[list[str]]:
             pairs += f" x {r.n_seeds} seeds"
         if r.n_failed:
             pairs += f" ({r.n_failed} failed)"
-        out.append([r.group, r.variant, pairs, _pm(r.dice_mean, r.dice_sd), _pm(r.target_overlap_mean, r.target_overlap_sd),
-                    _pm(r.folded_percent_mean, r.folded_percent_sd, 4), _pm(r.std_log_jacobian_mean, r.std_log_jacobian_sd),
-                    _pm(r.runtime_s_mean, r.runtime_s_sd, 2), str(r.device or "–")])
+        out.append([r.group, r.variant, pairs, format_mean_sd(r.dice_mean, r.dice_sd),
+                    format_mean_sd(r.target_overlap_mean, r.target_overlap_sd),
+                    format_mean_sd(r.folded_percent_mean, r.folded_percent_sd, 4),
+                    format_mean_sd(r.std_log_jacobian_mean, r.std_log_jacobian_sd),
+                    format_mean_sd(r.runtime_s_mean, r.runtime_s_sd, 2), str(r.device or "–")])
     return out
 
 
 def markdown_report(summary: pd.DataFrame, config: AblationConfig, notes: Sequence[str], roles: Mapping[str, Any],
                     device) -> str:
-    from hdar_pipeline.benchmark import machine_description
-
     n = len(config.pairs)
     main = roles["main"]
     cfg = main.model.config
@@ -594,26 +502,13 @@ def markdown_report(summary: pd.DataFrame, config: AblationConfig, notes: Sequen
              f"{config.threads or 'library default'}, seed {config.seed}, device {device}. Dice and target overlap: "
              "mean over the fixed image's labels per pair, then mean ± sd over pairs; % folded: voxels with "
              "det J <= 0; seconds: registration only.", "",
-             "| " + " | ".join(TABLE_HEADER) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in TABLE_HEADER[2:]) + " |"]
-    for cells in table_rows(summary, n):
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += ["", "## Machine", ""] + [f"- {s}" for s in machine_description(str(device))]
-    lines += ["", "## Command", "", "```", config.command or "(Python API)", "```"]
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {s}" for s in notes]
+             *markdown_table(TABLE_HEADER, table_rows(summary, n), left_columns=2)]
+    lines += report_sections(str(device), config.command, notes)
     return "\n".join(lines) + "\n"
 
 
 def print_summary(summary: pd.DataFrame, n_pairs: int, console) -> None:
-    from rich.table import Table
-
-    table = Table(title="HDAR ablations", title_justify="left")
-    for i, col in enumerate(TABLE_HEADER):
-        table.add_column(col.replace("\\|", "|"), justify="left" if i < 2 else "right")
-    for cells in table_rows(summary, n_pairs):
-        table.add_row(*cells)
-    console.print(table)
+    print_table(TABLE_HEADER, table_rows(summary, n_pairs), console, "HDAR ablations", left_columns=2)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -653,8 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -> AblationConfig:
-    from hdar_pipeline.benchmark import (BenchmarkInputError, default_lpba40_dir, lpba40_label, lpba40_subjects,
-                                         make_pairs, parse_pair_specs)
     from hdar_pipeline.hdar.weights import NoWeightsError, WeightsError, resolve_weights
 
     for opt, value in (("--weights", args.weights), ("--weights-other", args.weights_other),
@@ -668,19 +561,9 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None
                 raise AblationInputError(f"{opt}: {' '.join(str(exc).split())}{hint}") from None
     data = args.lpba40 if args.lpba40 is not None else default_lpba40_dir()
     try:
-        if args.pairs:
-            wanted = [lpba40_label(s) for spec in args.pairs for s in spec.split(":") if s]
-            subjects = lpba40_subjects(data, list(dict.fromkeys(wanted)))
-            by_label = {s.subject: s for s in subjects}
-            pairs = parse_pair_specs(args.pairs, lambda label: by_label[lpba40_label(label)])
-            if args.n_pairs:
-                pairs = pairs[: args.n_pairs]
-        else:
-            pairs = make_pairs(lpba40_subjects(data, args.subjects), "consecutive", args.n_pairs)
+        pairs = lpba40_pairs(data, args.subjects, args.pairs, "consecutive", args.n_pairs)
     except BenchmarkInputError as exc:
         raise AblationInputError(str(exc)) from None
-    from hdar_pipeline.benchmark import command_line
-
     return AblationConfig(pairs=pairs, weights=args.weights, weights_other=args.weights_other,
                           weights_1level=args.weights_1level, output=args.output, variants=list(args.variants),
                           refine_steps=args.refine_steps, random_seeds=args.random_seeds, threads=args.threads,
@@ -690,10 +573,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from rich.console import Console
-
     args = build_parser().parse_args(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = run_console()
     try:
         config = config_from_args(args, argv)
         console.print(f"HDAR ablations: {config.dataset}, {len(config.pairs)} pairs, variants "

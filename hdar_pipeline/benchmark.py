@@ -158,7 +158,7 @@ def build_method(variant: Variant, *, seed: int | None, threads: int | None, dev
         return HDARMethod(preset=variant.preset or "fast", seed=seed, threads=threads, device=device or "auto",
                           **kwargs)
     except WeightsError as exc:  # NoWeightsError included
-        raise VariantUnavailable(_one_line(str(exc))) from None
+        raise VariantUnavailable(one_line(str(exc))) from None
 
 
 # -------------------------------------------------------------------------------------------- pairs
@@ -295,6 +295,69 @@ def parse_pair_specs(specs: Sequence[str], lookup: Callable[[str], SubjectFiles]
     return list(dict.fromkeys(pairs))
 
 
+def select_pairs(subjects: Sequence[SubjectFiles], lookup: Callable[[str], SubjectFiles],
+                 pair_specs: Sequence[str] | None = None, mode: str = "consecutive",
+                 n_pairs: int | None = None) -> list[Pair]:
+    """The pairs a run registers: the explicit ``pair_specs``, else pairs made from ``subjects``.
+
+    Parameters
+    ----------
+    subjects : sequence of SubjectFiles
+        The subjects to pair when no ``pair_specs`` are given.
+    lookup : callable
+        ``lookup(label)`` gives a subject's files (for ``pair_specs``).
+    pair_specs : sequence of str, optional
+        ``MOVING:FIXED`` labels (see :func:`parse_pair_specs`).
+    mode : {"consecutive", "onto-first", "all"}
+        How ``subjects`` are paired (see :func:`make_pairs`).
+    n_pairs : int, optional
+        Keep the first ``n_pairs`` pairs.
+
+    Returns
+    -------
+    list of Pair
+
+    Raises
+    ------
+    BenchmarkInputError
+        Malformed specs, fewer than two subjects, an unknown mode or ``n_pairs < 1``.
+    """
+    if pair_specs:
+        pairs = parse_pair_specs(pair_specs, lookup)
+        return pairs[:n_pairs] if n_pairs else pairs
+    return make_pairs(subjects, mode, n_pairs)
+
+
+def lpba40_pairs(data_dir: str | os.PathLike, subjects: Sequence[str] | None = None,
+                 pair_specs: Sequence[str] | None = None, mode: str = "consecutive",
+                 n_pairs: int | None = None) -> list[Pair]:
+    """Pairs of LPBA40 subjects (the folder layout of :func:`lpba40_subjects`), as :func:`select_pairs` makes them.
+
+    Parameters
+    ----------
+    data_dir : path
+        The LPBA40 folder (``SNN/SNN.delineation.skullstripped.nii.gz``, ``SNN.delineation.structure.label.nii.gz``).
+    subjects : sequence of str, optional
+        Subjects to pair (``"S21"`` or ``"21"``); default the validation subjects S21-S30.
+    pair_specs : sequence of str, optional
+        Explicit ``MOVING:FIXED`` pairs (e.g. ``"S22:S21"``, ``"22:21"``); only their subjects are read.
+    mode, n_pairs
+        As in :func:`select_pairs`.
+
+    Raises
+    ------
+    BenchmarkInputError
+        No such folder, missing files, bad labels or specs.
+    """
+    if pair_specs:
+        wanted = [lpba40_label(s) for spec in pair_specs for s in spec.split(":") if s]
+        found = lpba40_subjects(data_dir, list(dict.fromkeys(wanted)))
+    else:
+        found = lpba40_subjects(data_dir, subjects)
+    by_label = {s.subject: s for s in found}
+    return select_pairs(found, lambda label: by_label[lpba40_label(label)], pair_specs, mode, n_pairs)
+
+
 def parse_max_pairs(specs: Iterable[str] | None, defaults: Mapping[str, int] = DEFAULT_MAX_PAIRS,
                     known: Iterable[str] = VARIANT_NAMES) -> dict[str, int | None]:
     """``["syn-quality=1", "demons=all"]`` -> ``{"syn-quality": 1, "demons": None}`` over the defaults."""
@@ -343,6 +406,9 @@ class BenchmarkConfig:
 
 @dataclass
 class BenchmarkResult:
+    """What a run wrote: the rows (one per variant x pair), the summary, the markdown, its notes, the paths
+    (``pairs``, ``summary``, ``markdown``; see :func:`write_results`)."""
+
     rows: pd.DataFrame
     summary: pd.DataFrame
     markdown: str
@@ -361,9 +427,25 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (white space folded), cut to ``limit`` characters with ``"..."``.
+
+    Parameters
+    ----------
+    text : str
+        Any message (an exception's, typically).
+    limit : int
+        The longest result, ``"..."`` included.
+
+    Returns
+    -------
+    str
+    """
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_one_line = one_line  # the former private name (benchmarks/scaling.py imports it)
 
 
 def _stale(row: Mapping[str, Any], expect: Mapping[str, Any]) -> str:
@@ -381,7 +463,31 @@ def _stale(row: Mapping[str, Any], expect: Mapping[str, Any]) -> str:
     return ", ".join(changed)
 
 
-def _pair_images(pair: Pair) -> dict[str, Any]:
+class PairImageCache:
+    """The images of the latest pair (:func:`load_pair_images`), read once while consecutive jobs register it."""
+
+    def __init__(self) -> None:
+        self._images: dict[str, Any] = {}
+
+    def get(self, pair: Pair) -> dict[str, Any]:
+        """The images of ``pair`` (with its ``key``), read unless they are the latest ones."""
+        if self._images.get("key") != pair.key:
+            self._images = {"key": pair.key, **load_pair_images(pair)}
+        return self._images
+
+
+def load_pair_images(pair: Pair) -> dict[str, Any]:
+    """The four images of a pair, as :func:`evaluate_pair` takes them.
+
+    Parameters
+    ----------
+    pair : Pair
+
+    Returns
+    -------
+    dict
+        ``fixed``, ``moving`` (intensities) and ``fixed_labels``, ``moving_labels`` (label maps).
+    """
     from .images import load_image
 
     return {"fixed": load_image(pair.fixed.image), "moving": load_image(pair.moving.image),
@@ -419,6 +525,198 @@ def evaluate_pair(images: Mapping[str, Any], method, *, affine: bool, seed: int 
     }
 
 
+@dataclass
+class RowCache:
+    """Result rows cached as one JSON file each (``<directory>/<name>.json``), so that a run resumes.
+
+    Parameters
+    ----------
+    directory : Path
+        The folder of the rows (created).
+    reuse : bool
+        Whether :meth:`load` returns cached rows (``False``: ``--no-cache``; rows are still saved).
+    """
+
+    directory: Path
+    reuse: bool = True
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        """The file of row ``name``."""
+        return self.directory / f"{name}.json"
+
+    def load(self, name: str) -> tuple[Any, str]:
+        """The cached row ``name``: ``(row, "")``; ``(None, "")`` when there is none or reuse is off;
+        ``(None, "unreadable (<error>)")`` when its file cannot be read or parsed."""
+        path = self.path(name)
+        if not (self.reuse and path.exists()):
+            return None, ""
+        try:
+            return json.loads(path.read_text()), ""
+        except (OSError, ValueError) as exc:
+            return None, f"unreadable ({exc})"
+
+    def save(self, name: str, row: Mapping[str, Any]) -> None:
+        """Write row ``name`` (indented JSON; values JSON cannot hold as their ``str``)."""
+        self.path(name).write_text(json.dumps(row, indent=2, default=str))
+
+
+@dataclass
+class RunStamp:
+    """Where and when a run happens: what every row records besides its numbers.
+
+    Attributes
+    ----------
+    machine : str
+        :func:`machine_summary`.
+    commit : str
+        :func:`git_commit`.
+    started : float
+        ``time.time()`` at the start.
+    load_start : float
+        The 1-min load average at the start.
+    """
+
+    machine: str
+    commit: str
+    started: float
+    load_start: float
+
+    @classmethod
+    def now(cls) -> "RunStamp":
+        """The stamp of a run starting now."""
+        return cls(machine_summary(), git_commit(), time.time(), os.getloadavg()[0])
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return time.time() - self.started
+
+    def row_fields(self, **extra: Any) -> dict[str, Any]:
+        """A finished row's fields: ``load_avg_1min``, ``commit``, ``machine``, then ``extra``, then
+        ``finished_utc`` (ISO 8601, seconds)."""
+        return {"load_avg_1min": float(os.getloadavg()[0]), "commit": self.commit, "machine": self.machine,
+                **extra, "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def load_note(self, pairs_csv: str) -> str:
+        """The note on the load average at the start and now (per row in ``pairs_csv``)."""
+        return (f"1-min load average {self.load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
+                f"(per row in {pairs_csv}): timings on a loaded machine are only as good as this.")
+
+
+def run_console(console=None, width: int = 160):
+    """``console``, else a new rich console on stdout (``width`` columns when stdout is not a terminal).
+
+    Parameters
+    ----------
+    console : rich.console.Console, optional
+    width : int
+
+    Returns
+    -------
+    rich.console.Console
+    """
+    if console is not None:
+        return console
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=width)
+
+
+def check_variants(requested: Iterable[str], known: Iterable[str],
+                   error: type[Exception] = BenchmarkInputError) -> None:
+    """Raise ``error("unknown variant(s) A, B; choose from X, Y, ...")`` unless every requested variant is known.
+
+    Parameters
+    ----------
+    requested : iterable of str
+        The variants asked for.
+    known : iterable of str
+        The variants there are, in table order.
+    error : exception class
+        What to raise (default :class:`BenchmarkInputError`).
+    """
+    known = list(known)
+    unknown = [v for v in requested if v not in known]
+    if unknown:
+        raise error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+
+
+def progress_bar(console, show: bool, n_pairs: int, n_variants: int, total: int):
+    """The rich progress bar of a run (description, bar, n of N, elapsed, eta) and its one task.
+
+    Parameters
+    ----------
+    console : rich.console.Console
+    show : bool
+        ``False``: a disabled bar (the per-row lines printed through its console stay).
+    n_pairs, n_variants : int
+        For the description, ``"<n_pairs> pairs x <n_variants> variants"``.
+    total : int
+        The number of jobs.
+
+    Returns
+    -------
+    (rich.progress.Progress, rich.progress.TaskID)
+        The bar (use it as a context manager) and its task.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                        console=console, disable=not show, transient=False)
+    return progress, progress.add_task(f"{n_pairs} pairs x {n_variants} variants", total=total)
+
+
+def measured_row(measure: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+    """Run one measurement: its fields with ``status="ok"``, ``error=""``; or, when it raises,
+    ``status="failed"`` and the exception on one line (one failed pair never stops the others;
+    ``KeyboardInterrupt`` does)."""
+    try:
+        row = dict(measure())
+        row.update(status="ok", error="")
+        return row
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        return {"status": "failed", "error": one_line(f"{type(exc).__name__}: {exc}")}
+
+
+def rows_frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
+    """The rows as a table with at least ``columns`` (missing ones NaN)."""
+    table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(columns))
+    for col in columns:
+        if col not in table:
+            table[col] = np.nan
+    return table
+
+
+def failure_notes(rows: pd.DataFrame) -> list[str]:
+    """One note per failed row: ``"<variant> <moving>-><fixed> failed: <error>"``."""
+    return [f"{r.variant} {r.moving}->{r.fixed} failed: {r.error}" for r in rows[rows["status"] != "ok"].itertuples()]
+
+
+def write_results(output: Path, stem: str, rows: pd.DataFrame, summary: pd.DataFrame,
+                  markdown: str) -> dict[str, Path]:
+    """Write ``<stem>_pairs.csv``, ``<stem>_summary.csv`` and ``<stem>.md`` into ``output``.
+
+    Returns
+    -------
+    dict
+        Their paths under ``pairs``, ``summary`` and ``markdown``.
+    """
+    output = Path(output)
+    paths = {"pairs": output / f"{stem}_pairs.csv", "summary": output / f"{stem}_summary.csv",
+             "markdown": output / f"{stem}.md"}
+    rows.to_csv(paths["pairs"], index=False)
+    summary.to_csv(paths["summary"], index=False)
+    paths["markdown"].write_text(markdown)
+    return paths
+
+
 def plan_jobs(pairs: Sequence[Pair], variants: Sequence[Variant],
               max_pairs: Mapping[str, int | None]) -> list[_Job]:
     """Pair by pair, every variant (until it reaches its pair limit), in variant order."""
@@ -442,24 +740,16 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
     show_progress : bool
         Show the rich progress bar (pairs x variants); the per-row lines are printed either way.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
     from .runtime import configure_threads
 
-    if console is None:
-        console = Console() if sys.stdout.isatty() else Console(width=140)
+    console = run_console(console, 140)
     if not config.pairs:
         raise BenchmarkInputError("no pairs to register")
     all_variants = default_variants(config.refine_steps)
-    unknown = [v for v in config.variants if v not in all_variants]
-    if unknown:
-        raise BenchmarkInputError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(all_variants)}")
+    check_variants(config.variants, all_variants)
     selected = [all_variants[v] for v in all_variants if v in set(config.variants)]
     output = Path(config.output)
-    rows_dir = output / "rows"
-    rows_dir.mkdir(parents=True, exist_ok=True)
+    cache = RowCache(output / "rows", reuse=config.use_cache)
     _ignore_in_repo(output)
     configure_threads(config.threads)
     notes = list(config.notes)
@@ -483,17 +773,11 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
             notes.append(f"{v.name} ran on {planned[v.name]} of {len(config.pairs)} pairs "
                          f"(--max-pairs-per-variant {v.name}={config.max_pairs.get(v.name)}).")
 
-    machine = f"{platform.node()} ({_cpu_model()}, {os.cpu_count()} cores)"
-    commit = _git_commit()
-    started = time.time()
-    load_start = os.getloadavg()[0]
+    stamp = RunStamp.now()
     rows: list[dict[str, Any]] = []
-    images: dict[str, Any] = {}
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                        console=console, disable=not show_progress, transient=False)
+    images = PairImageCache()
+    progress, task = progress_bar(console, show_progress, len(config.pairs), len(runnable), len(jobs))
     with progress:
-        task = progress.add_task(f"{len(config.pairs)} pairs x {len(runnable)} variants", total=len(jobs))
         for n, job in enumerate(jobs, 1):
             v, pair = job.variant, job.pair
             tag = f"[{n}/{len(jobs)}] {v.name:<12} {pair.name}"
@@ -505,73 +789,106 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
                 "fixed_image": str(pair.fixed.image), "moving_image": str(pair.moving.image),
                 "fixed_labels": str(pair.fixed.labels), "moving_labels": str(pair.moving.labels),
             }
-            cache = rows_dir / f"{v.name}_{pair.key}.json"
-            if cache.exists() and config.use_cache:
-                try:
-                    cached = json.loads(cache.read_text())
-                    why = _stale(cached, expect)
-                except (OSError, ValueError) as exc:
-                    cached, why = None, f"unreadable ({exc})"
-                if cached is not None and not why:
+            name = f"{v.name}_{pair.key}"
+            cached, why = cache.load(name)
+            if cached is not None:
+                why = _stale(cached, expect)
+                if not why:
                     cached["cached"] = True
                     rows.append(cached)
                     progress.console.print(f"{tag}: cached (Dice {cached['mean_dice']:.3f}, "
                                            f"{cached['runtime_s']:.1f} s)", highlight=False, markup=False)
                     progress.advance(task)
                     continue
+            if why:
                 progress.console.print(f"{tag}: cached row is stale ({why}), rerunning", highlight=False,
                                        markup=False)
             row: dict[str, Any] = {"variant": v.name, "method": v.method, "preset": v.preset or "",
                                    "moving": pair.moving.subject, "fixed": pair.fixed.subject, **expect}
-            try:
-                if images.get("key") != pair.key:
-                    images = {"key": pair.key, **_pair_images(pair)}
-                row.update(evaluate_pair(images, method, affine=config.affine, seed=config.seed,
-                                         threads=config.threads))
-                row.update(status="ok", error="")
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # one failed pair never stops the others
-                row.update(status="failed", error=_one_line(f"{type(exc).__name__}: {exc}"))
-            row.update(load_avg_1min=float(os.getloadavg()[0]), commit=commit, machine=machine, cached=False,
-                       finished_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+            row.update(measured_row(lambda: evaluate_pair(images.get(pair), method, affine=config.affine,
+                                                          seed=config.seed, threads=config.threads)))
+            row.update(stamp.row_fields(cached=False))
             if row["status"] == "ok":
-                cache.write_text(json.dumps(row, indent=2, default=str))
+                cache.save(name, row)
                 msg = (f"{tag}: Dice {row['mean_dice']:.3f} (before {row['mean_dice_before']:.3f}), "
                        f"target overlap {row['mean_target_overlap']:.3f}, folded {row['folded_percent']:.4f} %, "
                        f"{row['runtime_s']:.1f} s, {row['peak_memory_mb']:.0f} MiB, "
-                       f"load {row['load_avg_1min']:.1f} [elapsed {time.time() - started:.0f} s]")
+                       f"load {row['load_avg_1min']:.1f} [elapsed {stamp.elapsed():.0f} s]")
             else:
                 msg = f"{tag}: FAILED {row['error']}"
             progress.console.print(msg, highlight=False, markup=False)
             rows.append(row)
             progress.advance(task)
 
-    table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=PAIR_COLUMNS)
-    for col in PAIR_COLUMNS:
-        if col not in table:
-            table[col] = np.nan
+    table = rows_frame(rows, PAIR_COLUMNS)
     table["parameters"] = [json.dumps(p, sort_keys=True, default=str) if isinstance(p, dict) else p
                            for p in table["parameters"]]
     order = {name: i for i, name in enumerate(all_variants)}
     table = table.assign(_o=table["variant"].map(order)).sort_values(["_o", "moving", "fixed"], kind="stable")
     table = table.drop(columns="_o")[PAIR_COLUMNS].reset_index(drop=True)
-    failed = table[table["status"] != "ok"]
-    for r in failed.itertuples():
-        notes.append(f"{r.variant} {r.moving}->{r.fixed} failed: {r.error}")
+    notes.extend(failure_notes(table))
     summary, summary_notes = summarise(table, selected, planned, unavailable)
     notes.extend(summary_notes)
     notes.append("peak_memory_mb is the resident set of the benchmark process while the method ran (the "
                  "pair's images and earlier variants' freed memory included): an upper bound per method.")
-    notes.append(f"1-min load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
-                 f"(per row in benchmark_pairs.csv): timings on a loaded machine are only as good as this.")
+    notes.append(stamp.load_note("benchmark_pairs.csv"))
     md = markdown_report(summary, config, notes, n_pairs=len(config.pairs))
-    paths = {"pairs": output / "benchmark_pairs.csv", "summary": output / "benchmark_summary.csv",
-             "markdown": output / "benchmark.md"}
-    table.to_csv(paths["pairs"], index=False)
-    summary.to_csv(paths["summary"], index=False)
-    paths["markdown"].write_text(md)
+    paths = write_results(output, "benchmark", table, summary, md)
     return BenchmarkResult(table, summary, md, notes, paths)
+
+
+def variant_rows(rows: pd.DataFrame, variant: str) -> tuple[pd.DataFrame, int]:
+    """A variant's successful rows and its number of failed ones.
+
+    Parameters
+    ----------
+    rows : DataFrame
+        Result rows with ``variant`` and ``status`` (``"ok"`` for a success) columns.
+    variant : str
+
+    Returns
+    -------
+    (DataFrame, int)
+    """
+    ok = rows[rows["status"] == "ok"]
+    return ok[ok["variant"] == variant], int(((rows["variant"] == variant) & (rows["status"] != "ok")).sum())
+
+
+def summary_stat(values: pd.Series, how: str) -> float:
+    """One statistic of a column over pairs, NaN where it is undefined.
+
+    Parameters
+    ----------
+    values : Series
+        The values (as floats; missing ones dropped).
+    how : str
+        A ``pandas.Series`` reduction: ``"mean"``, ``"std"``, ``"median"``, ``"max"``, ...
+
+    Returns
+    -------
+    float
+        NaN for no values, and for ``"std"`` of fewer than two.
+    """
+    s = values.astype(float).dropna()
+    if s.empty or (how == "std" and len(s) < 2):
+        return float("nan")
+    return float(getattr(s, how)())
+
+
+def variant_status(variant: str, n_ok: int, n_failed: int, unavailable: Mapping[str, str]) -> str:
+    """A variant's status in the summary.
+
+    Returns
+    -------
+    str
+        ``"not run: <why>"`` (``variant`` in ``unavailable``), ``"failed"`` / ``"no pairs"`` (no success),
+        ``"ok"`` or ``"ok (<n> failed)"``.
+    """
+    if variant in unavailable:
+        return f"not run: {unavailable[variant]}"
+    if not n_ok:
+        return "failed" if n_failed else "no pairs"
+    return "ok" if not n_failed else f"ok ({n_failed} failed)"
 
 
 def summarise(rows: pd.DataFrame, variants: Sequence[Variant], planned: Mapping[str, int],
@@ -589,24 +906,12 @@ def summarise(rows: pd.DataFrame, variants: Sequence[Variant], planned: Mapping[
                      f"({ref_median:.1f} s, on {len(ref)} pair{'s' if len(ref) != 1 else ''}).")
     out = []
     for v in variants:
-        sub = ok[ok["variant"] == v.name]
-        n_failed = int(((rows["variant"] == v.name) & (rows["status"] != "ok")).sum())
-
-        def col(name: str) -> pd.Series:
-            return sub[name].astype(float)
+        sub, n_failed = variant_rows(rows, v.name)
 
         def stat(name: str, how: str) -> float:
-            s = col(name).dropna()
-            if s.empty or (how == "std" and len(s) < 2):
-                return float("nan")
-            return float(getattr(s, how)())
+            return summary_stat(sub[name], how)
 
-        if v.name in unavailable:
-            status = f"not run: {unavailable[v.name]}"
-        elif sub.empty:
-            status = "failed" if n_failed else "no pairs"
-        else:
-            status = "ok" if not n_failed else f"ok ({n_failed} failed)"
+        status = variant_status(v.name, len(sub), n_failed, unavailable)
         runtime = stat("runtime_s", "median")
         out.append({
             "variant": v.name, "method": v.method, "preset": v.preset or "", "status": status,
@@ -632,10 +937,12 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _pm(mean: float, sd: float, digits: int = 3) -> str:
+def format_mean_sd(mean: float | None, sd: float, digits: int = 3) -> str:
+    """``"mean ± sd"`` with ``digits`` decimals; ``"mean"`` alone when sd is NaN, ``"–"`` without a mean."""
     if mean is None or math.isnan(mean):
         return "–"
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if not math.isnan(sd) else f"{mean:.{digits}f}"
+
 
 
 TABLE_HEADER = ["method", "pairs", "Dice (mean ± sd)", "target overlap (mean ± sd)", "% folded",
@@ -654,10 +961,61 @@ def table_rows(summary: pd.DataFrame, n_pairs: int) -> list[list[str]]:
         if r.n_failed:
             pairs += f" ({r.n_failed} failed)"
         ratio = r.time_ratio_to_syn_quality
-        out.append([r.variant, pairs, _pm(r.dice_mean, r.dice_sd), _pm(r.target_overlap_mean, r.target_overlap_sd),
+        out.append([r.variant, pairs, format_mean_sd(r.dice_mean, r.dice_sd),
+                    format_mean_sd(r.target_overlap_mean, r.target_overlap_sd),
                     _fmt(r.folded_percent_mean, 4), _fmt(r.std_log_jacobian_mean), _fmt(r.runtime_s_median, 1),
                     "–" if math.isnan(ratio) else f"{ratio:.3g}", _fmt(r.peak_memory_mb_max, 0)])
     return out
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], left_columns: int = 1) -> list[str]:
+    """A markdown table's lines: the header, the alignment row (the first ``left_columns`` columns
+    left-aligned, the others right-aligned) and one line per row (``|`` in cells escaped)."""
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join(["---"] * left_columns + ["---:"] * (len(header) - left_columns)) + " |"]
+    for cells in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def report_sections(device: str | None, command: str, notes: Sequence[str]) -> list[str]:
+    """The closing sections of a markdown report: ``## Machine`` (:func:`machine_description`),
+    ``## Command`` (``command``, or "(Python API)") and ``## Notes`` (when there are notes)."""
+    lines = ["", "## Machine", ""] + [f"- {s}" for s in machine_description(device)]
+    lines += ["", "## Command", "", "```", command or "(Python API)", "```"]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return lines
+
+
+def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], console=None, title: str = "",
+                left_columns: int = 1) -> None:
+    """A table on the console (rich): the first ``left_columns`` columns left-justified, the others right.
+
+    Parameters
+    ----------
+    header : sequence of str
+        Column names (markdown-escaped ``\\|`` shown as ``|``).
+    rows : iterable of sequences of str
+    console : rich.console.Console, optional
+        Default: a new console on stdout (160 columns when it is not a terminal).
+    title : str
+    left_columns : int
+    """
+    from rich.table import Table
+
+    console = run_console(console)
+    table = Table(title=title or None, title_justify="left")
+    for i, col in enumerate(header):
+        table.add_column(col.replace("\\|", "|"), justify="left" if i < left_columns else "right")
+    for cells in rows:
+        table.add_row(*cells)
+    console.print(table)
+
+
+def machine_summary() -> str:
+    """The machine in one line: ``"<host> (<CPU model>, <N> cores)"`` (each result row records it)."""
+    return f"{platform.node()} ({_cpu_model()}, {os.cpu_count()} cores)"
 
 
 def machine_description(device: str | None = None) -> list[str]:
@@ -677,7 +1035,7 @@ def machine_description(device: str | None = None) -> list[str]:
     lines.append("versions: " + ", ".join(f"{k} {versions[k]}" for k in
                                           ("hdar-pipeline", "torch", "antspyx", "SimpleITK", "numpy", "python")
                                           if k in versions))
-    lines.append(f"commit: {_git_commit()}")
+    lines.append(f"commit: {git_commit()}")
     return lines
 
 
@@ -689,30 +1047,14 @@ def markdown_report(summary: pd.DataFrame, config: BenchmarkConfig, notes: Seque
              f"threads {config.threads if config.threads else 'library default'}, seed {config.seed}, "
              f"device {config.device}. Dice and target overlap: mean over the fixed image's labels per pair, "
              "then mean ± sd over pairs; % folded: voxels with det J <= 0; seconds: registration only.", "",
-             "| " + " | ".join(TABLE_HEADER) + " |",
-             "| --- | " + " | ".join("---:" for _ in TABLE_HEADER[1:]) + " |"]
-    for cells in table_rows(summary, n_pairs):
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += ["", "## Machine", ""] + [f"- {s}" for s in machine_description(config.device)]
-    lines += ["", "## Command", "", "```", config.command or "(Python API)", "```"]
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+             *markdown_table(TABLE_HEADER, table_rows(summary, n_pairs))]
+    lines += report_sections(config.device, config.command, notes)
     return "\n".join(lines) + "\n"
 
 
 def print_summary(summary: pd.DataFrame, n_pairs: int, console=None, title: str = "") -> None:
     """The summary table on the console (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    if console is None:
-        console = Console() if sys.stdout.isatty() else Console(width=160)
-    table = Table(title=title or None, title_justify="left")
-    for i, col in enumerate(TABLE_HEADER):
-        table.add_column(col.replace("\\|", "|"), justify="left" if i == 0 else "right")
-    for cells in table_rows(summary, n_pairs):
-        table.add_row(*cells)
-    console.print(table)
+    print_table(TABLE_HEADER, table_rows(summary, n_pairs), console, title)
 
 
 def _cpu_model() -> str:
@@ -736,13 +1078,17 @@ def _gpu_name() -> str:
     return ""
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The repository's short commit hash, ``"unknown"`` when git cannot tell."""
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True, timeout=10).stdout.strip()
         return out or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+_git_commit = git_commit  # the former private name (benchmarks/scaling.py imports it)
 
 
 def _ignore_in_repo(output: Path) -> None:
@@ -810,6 +1156,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     lpba40 = getattr(args, "lpba40", None)
     subjects_arg = getattr(args, "subjects", None)
     pair_specs = getattr(args, "pairs", None)
+    pairs_from, n_pairs = getattr(args, "pairs_from", "consecutive"), getattr(args, "n_pairs", None)
     if bids_dir is not None and lpba40 is not None:
         raise BenchmarkInputError("give either --bids-dir (with --labels-dir) or --lpba40, not both")
     if bids_dir is not None:
@@ -823,28 +1170,16 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         from .bids import check_label
 
         by_label = {s.subject: s for s in subjects}
-        lookup = lambda label: by_label[check_label(label)]  # noqa: E731
+        pairs = select_pairs(subjects, lambda label: by_label[check_label(label)], pair_specs, pairs_from, n_pairs)
         dataset = f"BIDS dataset {bids_dir} (labels {labels_dir})"
         affine_default = True
     else:
         if labels_dir is not None:
             raise BenchmarkInputError("--labels-dir goes with --bids-dir")
         data = Path(lpba40) if lpba40 is not None else default_lpba40_dir()
-        if pair_specs:
-            wanted = [lpba40_label(s) for spec in pair_specs for s in spec.split(":") if s]
-            subjects = lpba40_subjects(data, list(dict.fromkeys(wanted)))
-        else:
-            subjects = lpba40_subjects(data, subjects_arg)
-        by_label = {s.subject: s for s in subjects}
-        lookup = lambda label: by_label[lpba40_label(label)]  # noqa: E731
+        pairs = lpba40_pairs(data, subjects_arg, pair_specs, pairs_from, n_pairs)
         dataset = f"LPBA40 ({data})"
         affine_default = False
-    if pair_specs:
-        pairs = parse_pair_specs(pair_specs, lookup)
-        if getattr(args, "n_pairs", None):
-            pairs = pairs[: args.n_pairs]
-    else:
-        pairs = make_pairs(subjects, getattr(args, "pairs_from", "consecutive"), getattr(args, "n_pairs", None))
     affine = getattr(args, "affine", None)
     refine = int(getattr(args, "refine_steps", DEFAULT_REFINE_STEPS))
     if refine < 1:
@@ -878,9 +1213,7 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 def run_benchmark_cli(args: argparse.Namespace) -> int:
     """Run ``hdar benchmark`` from parsed options; print the table. Returns the exit status."""
-    from rich.console import Console
-
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = run_console()
     try:
         config = config_from_args(args)
         console.print(f"benchmark: {config.dataset}, {len(config.pairs)} pairs, variants "
@@ -904,8 +1237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "BenchmarkConfig", "BenchmarkInputError", "BenchmarkResult", "Pair", "SubjectFiles", "Variant",
-    "VariantUnavailable", "add_benchmark_arguments", "bids_subjects", "build_method", "config_from_args",
-    "default_variants", "lpba40_subjects", "make_pairs", "parse_max_pairs", "parse_pair_specs", "run_benchmark",
-    "run_benchmark_cli", "summarise",
+    "BenchmarkConfig", "BenchmarkInputError", "BenchmarkResult", "Pair", "PairImageCache", "RowCache", "RunStamp",
+    "SubjectFiles", "Variant", "VariantUnavailable", "add_benchmark_arguments", "bids_subjects", "build_method",
+    "check_variants", "command_line", "config_from_args", "default_variants", "evaluate_pair", "failure_notes",
+    "format_mean_sd", "git_commit", "load_pair_images", "lpba40_pairs", "lpba40_subjects", "machine_description",
+    "machine_summary", "make_pairs", "markdown_table", "measured_row", "one_line", "parse_max_pairs",
+    "parse_pair_specs", "print_table", "progress_bar", "report_sections", "rows_frame", "run_benchmark",
+    "run_benchmark_cli", "run_console", "select_pairs", "summarise", "summary_stat", "variant_rows", "variant_status",
+    "write_results",
 ]

@@ -104,9 +104,6 @@ class HDARMethod(MethodBase):
         return self._loaded[1]
 
     def _register(self, fixed, moving, fixed_mask) -> Transform:
-        import torch
-
-        from ..hdar.cascade import field_voxels_to_transform
         from ..hdar.train import resolve_device
 
         configure_threads(self.threads)
@@ -115,34 +112,100 @@ class HDARMethod(MethodBase):
         if not Grid.of(moving).same_as(grid, atol=1e-3):
             moving = resample_to(moving, grid, interpolation="linear")
         dev = resolve_device(self.device)
-        loaded = self._model(dev)
-        f = _unit_range(fixed)
-        m = _unit_range(moving)
-        mask = None
-        if fixed_mask is not None:
-            mask = np.asarray(fixed_mask.dataobj) > 0
-            if mask.shape != grid.shape:
-                raise ValueError(f"fixed_mask shape {mask.shape} does not match the fixed image {grid.shape}")
-        ft = torch.as_tensor(f, device=dev)[None, None]
-        mt = torch.as_tensor(m, device=dev)[None, None]
-        mk = None if mask is None else torch.as_tensor(mask, device=dev)[None, None]
-        with torch.no_grad():
-            flow = loaded.model(ft, mt, mask=mk, mode=HDAR_PRESETS[self.preset]["mode"]).flow.float()
-        if self.refine:
-            flow = instance_optimise(ft, mt, flow, steps=self.refine, lr=self.refine_lr, grid_scale=self.refine_grid,
-                                     diffeomorphic=loaded.model.config.diffeomorphic,
-                                     smooth_weight=float(loaded.card.get("config", {}).get("training", {})
-                                                         .get("smooth_weight", 1.5)))
-        self.device_used = str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}"
-        return field_voxels_to_transform(flow, grid, weights_sha256=loaded.sha256, weights=loaded.name,
-                                         device=self.device_used, refine_steps=int(self.refine))
+        transform, self.device_used = register_with_model(
+            self._model(dev), fixed, moving, fixed_mask, mode=HDAR_PRESETS[self.preset]["mode"], refine=self.refine,
+            refine_lr=self.refine_lr, refine_grid=self.refine_grid, device=dev)
+        return transform
 
 
-def _unit_range(img) -> np.ndarray:
+def unit_range(img) -> np.ndarray:
+    """An image's intensities as a contiguous float32 array in [0, 1].
+
+    Parameters
+    ----------
+    img : nibabel image
+        Intensities already in [0, 1] (within 1e-3) are kept as they are; others are rescaled with
+        :func:`~hdar_pipeline.images.normalize_intensity`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32``, C-contiguous, the image's shape.
+    """
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.min() < -1e-3 or data.max() > 1.0 + 1e-3:
         data = np.asarray(normalize_intensity(img).dataobj, dtype=np.float32)
     return np.ascontiguousarray(data)
+
+
+def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: str = "fast",
+                        levels: int | None = None, selection: str | None = None, refine: int = 0,
+                        refine_lr: float = 0.1, refine_grid: float = 0.5, device: Any = None) -> tuple[Transform, str]:
+    """Register an aligned pair with an already loaded HDAR model (the core of :class:`HDARMethod`).
+
+    The network runs without gradients; ``refine`` steps of :func:`instance_optimise` follow (smoothness
+    weight from the model card's training config, default 1.5). Threads, seeds and the random-selection
+    generator are left as the caller set them.
+
+    Parameters
+    ----------
+    loaded : hdar_pipeline.hdar.weights.LoadedWeights
+        The model (on its device), its card, name and SHA-256.
+    fixed, moving : nibabel image
+        On the same grid (the moving image already resampled onto the fixed grid).
+    fixed_mask : nibabel image, optional
+        Brain mask on the fixed grid for patch placement.
+    mode : {"fast", "full"}
+        The cascade's inference mode.
+    levels : int, optional
+        Run only the first ``levels`` sub-networks (default: all).
+    selection : {"attention", "random"}, optional
+        Fast mode's patch ranking (default: the model's).
+    refine : int
+        Instance-optimisation steps (0: none).
+    refine_lr, refine_grid : float
+        Their learning rate and correction grid size (see :func:`instance_optimise`).
+    device : torch.device, optional
+        Where the model is (default: the device of its parameters).
+
+    Returns
+    -------
+    (Transform, str)
+        The transform (weights' name, SHA-256, device and refine steps in its metadata) and the device used
+        (``"cpu"``, ``"cuda:N"``).
+
+    Raises
+    ------
+    ValueError
+        ``fixed_mask`` is not on the fixed image's grid.
+    """
+    import torch
+
+    from ..hdar.cascade import field_voxels_to_transform
+
+    model = loaded.model
+    dev = next(model.parameters()).device if device is None else device
+    grid = Grid.of(fixed)
+    mask = None
+    if fixed_mask is not None:
+        mask = np.asarray(fixed_mask.dataobj) > 0
+        if mask.shape != grid.shape:
+            raise ValueError(f"fixed_mask shape {mask.shape} does not match the fixed image {grid.shape}")
+    ft = torch.as_tensor(unit_range(fixed), device=dev)[None, None]
+    mt = torch.as_tensor(unit_range(moving), device=dev)[None, None]
+    mk = None if mask is None else torch.as_tensor(mask, device=dev)[None, None]
+    with torch.no_grad():
+        flow = model(ft, mt, mask=mk, mode=mode, levels=levels, selection=selection).flow.float()
+    if refine:
+        flow = instance_optimise(ft, mt, flow, steps=refine, lr=refine_lr, grid_scale=refine_grid,
+                                 diffeomorphic=model.config.diffeomorphic,
+                                 smooth_weight=float(loaded.card.get("config", {}).get("training", {})
+                                                     .get("smooth_weight", 1.5)))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    device_used = str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}"
+    return field_voxels_to_transform(flow, grid, weights_sha256=loaded.sha256, weights=loaded.name,
+                                     device=device_used, refine_steps=int(refine)), device_used
 
 
 def instance_optimise(fixed, moving, flow, *, steps: int, lr: float = 0.1, grid_scale: float = 0.5,
