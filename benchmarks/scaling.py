@@ -305,11 +305,11 @@ def _cached(cache: Path, key: dict, use_cache: bool, tag: str) -> dict | None:
 def _stamp(row: dict) -> dict:
     import datetime as dt
 
-    from hdar_pipeline.benchmark import _git_commit
+    from hdar_pipeline.benchmark import git_commit
 
     row["load_avg_1min"] = os.getloadavg()[0]
     row["finished_utc"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    row["commit"] = _git_commit()
+    row["commit"] = git_commit()
     row["machine"] = f"{platform.node()} {os.cpu_count()} cores"
     return row
 
@@ -373,7 +373,7 @@ def measure_sizes(args, rows_dir: Path) -> list[dict]:
 
 
 def measure_cohorts(args, rows_dir: Path) -> list[dict]:
-    from hdar_pipeline.benchmark import _one_line
+    from hdar_pipeline.benchmark import one_line
 
     out_rows: list[dict] = []
     jobs = [(n, k) for k in args.workers for n in args.cohort_sizes]
@@ -397,7 +397,7 @@ def measure_cohorts(args, rows_dir: Path) -> list[dict]:
             try:
                 result = _child(child_args, rows_dir / f".child-cohort-{n}_{k}.json", tpj, args.timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                msg = _one_line(str(exc)) or type(exc).__name__
+                msg = one_line(str(exc)) or type(exc).__name__
                 print(f"failed: {msg}", flush=True)
                 out_rows.append(_stamp({**base, "status": f"error: {msg}", "cached": False}))
                 continue

@@ -445,7 +445,6 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_one_line = one_line  # the former private name (benchmarks/scaling.py imports it)
 
 
 def _stale(row: Mapping[str, Any], expect: Mapping[str, Any]) -> str:
@@ -1088,7 +1087,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-_git_commit = git_commit  # the former private name (benchmarks/scaling.py imports it)
 
 
 def _ignore_in_repo(output: Path) -> None:
