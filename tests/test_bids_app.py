@@ -252,3 +252,25 @@ def test_stop_on_first_crash(ds, participant_run, tmp_path, monkeypatch):
         os.environ.pop("HDAR_STOP_ON_FIRST_CRASH", None)
         assert code == 1
         assert not (tmp_path / "out" / "sub-04").exists()
+
+
+def test_progress_watcher_counts_registrations_then_evaluations(tmp_path):
+    from hdar_pipeline.workflows.bids_app import ProgressWatcher
+
+    expected = {("02", "", "syn"), ("03", "", "syn")}
+    watcher = ProgressWatcher(tmp_path, expected, show=False)
+    old = tmp_path / "job0" / "register_record.json"  # left by an earlier run: not counted
+    old.parent.mkdir()
+    old.write_text(json.dumps({"subject": "03", "session": "", "method": "syn", "status": "ok"}))
+    os.utime(old, (watcher.start - 3600, watcher.start - 3600))
+    job = tmp_path / "job1"
+    job.mkdir()
+    (job / "register_record.json").write_text(json.dumps({"subject": "02", "session": "", "method": "syn",
+                                                          "status": "ok"}))
+    (tmp_path / "job2").mkdir()
+    (tmp_path / "job2" / "register_record.json").write_text(json.dumps({"subject": "99", "method": "syn"}))
+    assert watcher.poll() == 0
+    assert watcher.done["registered"] == {("02", "", "syn")}
+    (job / "evaluate_record.json").write_text(json.dumps({"subject": "02", "session": "", "method": "syn",
+                                                          "status": "error"}))
+    assert watcher.poll() == 1 and watcher.done["evaluated"] == {("02", "", "syn")}

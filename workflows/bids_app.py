@@ -170,18 +170,22 @@ def _space_from_name(name: str) -> str:
 
 
 class ProgressWatcher:
-    """Counts finished subject x method evaluations in the Pydra cache while the workflow runs.
+    """Counts finished registrations and evaluations in the Pydra cache while the workflow runs.
 
-    Every cohort task writes ``evaluate_record.json`` into its job folder when it ends (ok or
-    failed), so counting those newer than the start of the run works for the ``cf`` and the
-    ``slurm`` worker alike. Prints (and logs) ``k/N done, about M min left`` on every change.
+    Every cohort job writes ``register_record.json`` (then ``evaluate_record.json``) into its job
+    folder when it ends, ok or failed, so counting those newer than the start of the run works for
+    the ``cf`` and the ``slurm`` worker alike. The bar counts registrations (the long part; Pydra
+    starts the evaluations once every registration of the split is done); each finished step is
+    logged with ``k/N`` and the time left.
     """
+
+    STAGES = (("registered", "register_record.json"), ("evaluated", "evaluate_record.json"))
 
     def __init__(self, cache_root: Path, expected: set[tuple[str, str, str]], *, show: bool = True,
                  interval_s: float = 3.0):
         self.cache_root, self.expected, self.show, self.interval_s = cache_root, expected, show, interval_s
         self.start = time.time()
-        self.done: set[tuple[str, str, str]] = set()
+        self.done: dict[str, set[tuple[str, str, str]]] = {stage: set() for stage, _ in self.STAGES}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._progress = None
@@ -191,9 +195,9 @@ class ProgressWatcher:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
 
-            self._progress = Progress(TextColumn("subjects x methods"), BarColumn(), MofNCompleteColumn(),
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=False)
-            self._task = self._progress.add_task("run", total=len(self.expected))
+            self._task = self._progress.add_task("subjects x methods registered", total=len(self.expected))
             self._progress.start()
         self._thread.start()
         return self
@@ -213,23 +217,31 @@ class ProgressWatcher:
                 log.debug("progress poll failed", exc_info=True)
 
     def poll(self) -> int:
-        for path in self.cache_root.rglob("evaluate_record.json"):
-            try:
-                if path.stat().st_mtime < self.start - 1:
+        """Look for new records; returns the number of subject x method combinations evaluated."""
+        n = len(self.expected)
+        for stage, name in self.STAGES:
+            done = self.done[stage]
+            for path in self.cache_root.rglob(name):
+                try:
+                    if path.stat().st_mtime < self.start - 1:
+                        continue
+                    rec = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
                     continue
-                rec = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            key = (str(rec.get("subject", "")), str(rec.get("session") or ""), str(rec.get("method", "")))
-            if key in self.expected and key not in self.done:
-                self.done.add(key)
-                elapsed = time.time() - self.start
-                left = elapsed / len(self.done) * (len(self.expected) - len(self.done))
-                log.info("%d/%d subject x method done (sub-%s %s: %s), about %.0f min left", len(self.done),
-                         len(self.expected), key[0], key[2], rec.get("status"), left / 60)
+                key = (str(rec.get("subject", "")), str(rec.get("session") or ""), str(rec.get("method", "")))
+                if key in self.expected and key not in done:
+                    done.add(key)
+                    elapsed = time.time() - self.start
+                    left = elapsed / len(done) * (n - len(done))
+                    log.info("%s %d/%d (sub-%s %s: %s), about %.0f min left in this step", stage, len(done), n,
+                             key[0], key[2], rec.get("status"), left / 60)
         if self._progress is not None:
-            self._progress.update(self._task, completed=len(self.done))
-        return len(self.done)
+            registered, evaluated = len(self.done["registered"]), len(self.done["evaluated"])
+            if registered < n or not evaluated:
+                self._progress.update(self._task, completed=registered)
+            else:
+                self._progress.update(self._task, description="subjects x methods evaluated", completed=evaluated)
+        return len(self.done["evaluated"])
 
 
 # ----------------------------------------------------------------------------- participant level
