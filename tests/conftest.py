@@ -109,6 +109,26 @@ def brain_phantom() -> Phantom:
     return make_brain_phantom()
 
 
+def write_phantom_cohort(folder: Path, n_subjects: int, *, seed: int = 20) -> dict:
+    """A 32^3 (3 mm) phantom atlas with labels and ``n_subjects`` deformed subjects, written as NIfTI files.
+
+    Returns ``{"atlas", "atlas_labels", "t1w": [...], "labels": [...]}`` (paths); subject ``i`` is
+    :func:`hdar_pipeline.synthetic.make_subject` with seed ``seed + i`` (9 mm, 15 mm smoothness), named
+    ``sub-0<i+1>_T1w.nii.gz`` / ``sub-0<i+1>_dseg.nii.gz``.
+    """
+    from hdar_pipeline.images import save_image
+    from hdar_pipeline.synthetic import make_subject
+
+    atlas = make_brain_phantom((32, 32, 32), 3.0)
+    files = {"atlas": save_image(atlas.image, folder / "atlas_T1w.nii.gz"),
+             "atlas_labels": save_image(atlas.labels, folder / "atlas_dseg.nii.gz"), "t1w": [], "labels": []}
+    for i in range(n_subjects):
+        s = make_subject(atlas.image, atlas.labels, seed=seed + i, magnitude_mm=9.0, smoothness_mm=15.0)
+        files["t1w"].append(save_image(s.image, folder / f"sub-0{i + 1}_T1w.nii.gz"))
+        files["labels"].append(save_image(s.labels, folder / f"sub-0{i + 1}_dseg.nii.gz"))
+    return files
+
+
 def rotation_scaling_affine(grid: Grid, *, angles_deg=(8.0, -4.0, 3.0), translation_mm=(5.0, -3.0, 2.0),
                             scale=(1.05, 0.97, 1.02)) -> np.ndarray:
     """A 4x4 LPS affine: scaling, then rotation (x, y, z Euler angles) about the grid centre, then

@@ -21,10 +21,8 @@ import pytest
 os.environ.setdefault("NO_ET", "1")  # no telemetry look-ups (Pydra, Nipype)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from conftest import REPO, make_brain_phantom, mean_dice  # noqa: E402
+from conftest import REPO, mean_dice, write_phantom_cohort  # noqa: E402
 
-from hdar_pipeline.images import save_image  # noqa: E402
-from hdar_pipeline.synthetic import make_subject  # noqa: E402
 
 EXAMPLES = REPO / "examples"
 
@@ -41,15 +39,7 @@ def load_example(name: str):
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Atlas image and labels, four subjects (T1w + labels), all on the atlas grid (32^3, 3 mm)."""
-    d = tmp_path_factory.mktemp("examples_cohort")
-    atlas = make_brain_phantom((32, 32, 32), 3.0)
-    files = {"atlas": save_image(atlas.image, d / "atlas_T1w.nii.gz"),
-             "atlas_labels": save_image(atlas.labels, d / "atlas_dseg.nii.gz"), "t1w": [], "labels": []}
-    for i in range(4):
-        s = make_subject(atlas.image, atlas.labels, seed=20 + i, magnitude_mm=9.0, smoothness_mm=15.0)
-        files["t1w"].append(save_image(s.image, d / f"sub-0{i + 1}_T1w.nii.gz"))
-        files["labels"].append(save_image(s.labels, d / f"sub-0{i + 1}_dseg.nii.gz"))
-    return files
+    return write_phantom_cohort(tmp_path_factory.mktemp("examples_cohort"), 4)
 
 
 def labels_of(path) -> np.ndarray:

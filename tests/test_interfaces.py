@@ -14,25 +14,16 @@ os.environ.setdefault("NO_ET", "1")  # no telemetry look-ups
 
 pytest.importorskip("nipype")
 
-from conftest import REPO, make_brain_phantom, mean_dice  # noqa: E402
+from conftest import REPO, mean_dice, write_phantom_cohort  # noqa: E402
 from nipype import Node, Workflow  # noqa: E402
 
-from hdar_pipeline.images import Grid, save_image  # noqa: E402
+from hdar_pipeline.images import Grid  # noqa: E402
 from hdar_pipeline.interfaces import ApplyTransform, Evaluate, Register  # noqa: E402
-from hdar_pipeline.synthetic import make_subject  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("nipype_phantom")
-    atlas = make_brain_phantom((32, 32, 32), 3.0)
-    files = {"atlas": save_image(atlas.image, d / "atlas_T1w.nii.gz"),
-             "atlas_labels": save_image(atlas.labels, d / "atlas_dseg.nii.gz"), "t1w": [], "labels": []}
-    for i in range(2):
-        s = make_subject(atlas.image, atlas.labels, seed=20 + i, magnitude_mm=9.0, smoothness_mm=15.0)
-        files["t1w"].append(save_image(s.image, d / f"sub-0{i + 1}_T1w.nii.gz"))
-        files["labels"].append(save_image(s.labels, d / f"sub-0{i + 1}_dseg.nii.gz"))
-    return files
+    return write_phantom_cohort(tmp_path_factory.mktemp("nipype_phantom"), 2)
 
 
 def test_interfaces_in_a_nipype_workflow(tmp_path, data):
