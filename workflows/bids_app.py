@@ -271,6 +271,11 @@ def run_participant(opts: AppOptions) -> int:
         if entry.t1w is None:
             log.warning("%s: no T1w image found; it will be reported as failed", entry.key)
     log.info("atlas: %s (space-%s)", atlas.image, atlas.space)
+    if atlas.labels is None:
+        log.warning("the atlas has no labels (--atlas-labels, or the atlas participant's dseg in --labels-dir): "
+                    "subjects are registered but not evaluated")
+    elif not any(e.labels for e in cohort):
+        log.warning("no subject has labels in --labels-dir: subjects are registered but not evaluated")
     log.info("%d participant(s) x %d method(s): %s", len(cohort), len(opts.methods), ", ".join(opts.methods))
 
     n_cpu = os.cpu_count() or 1
