@@ -256,6 +256,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                 ("s3-input", None, "S3 network input size (default 56)"),
                                 ("top-k", None, "patches per level, K (default 8)")):
         p.add_argument(f"--{name}", type=float if name == "s1-scale" else int, default=default, help=what)
+    p.add_argument("--train-top-k", type=int, default=None,
+                   help="patches per level in a training step (default: --top-k); fewer make S2/S3 steps cheaper "
+                        "on a CPU, validation and inference keep --top-k")
     p.add_argument("-o", "--output", required=True, help="run folder (created)")
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from CHECKPOINT (default OUTDIR/checkpoints/last.pt)")
@@ -314,7 +317,7 @@ def _run_train(args: argparse.Namespace) -> int:
                              smoothness=args.smoothness, dice_weight=args.dice_weight, augment=args.augment,
                              loss_resolution=args.loss_resolution,
                              val_every=args.val_every, val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every,
-                             seed=args.seed, amp=args.amp, cascade=cascade)
+                             seed=args.seed, amp=args.amp, cascade=cascade, train_top_k=args.train_top_k)
         description = {
             "source": "bids" if args.bids else "folder" if args.folder else "images",
             "location": str(Path(args.bids or args.folder).resolve()) if (args.bids or args.folder)

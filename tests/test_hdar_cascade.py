@@ -286,3 +286,31 @@ def test_cuda_matches_cpu():
     assert [p.start for p in gpu.patches(2)] == [p.start for p in cpu.patches(2)]
     assert [p.start for p in gpu.patches(3)] == [p.start for p in cpu.patches(3)]
     assert torch.allclose(gpu.flow.cpu(), cpu.flow, atol=1e-4)
+
+
+def test_patches_in_one_batch_give_the_same_field_as_one_at_a_time():
+    """``patch_batch`` is a speed setting only: the patch networks see the same inputs either way."""
+    torch.manual_seed(0)
+    one = HDARCascade(width="small", levels=3, patch_batch=1, **TINY)
+    many = HDARCascade(CascadeConfig.from_dict({**one.config.to_dict(), "patch_batch": 8}))
+    many.load_state_dict(one.state_dict())
+    with torch.no_grad():
+        for net in one.nets[1:]:  # make the patch levels predict something that depends on the input
+            net.flow.weight.normal_(0, 0.5)
+        many.load_state_dict(one.state_dict())
+        f, m, _, _ = phantom((37, 45, 29))
+        a, b = one(f, m), many(f, m)
+    assert len(a.patches(3)) == 3
+    assert [p.start for p in a.patches(3)] == [p.start for p in b.patches(3)]
+    assert float(a.flow.abs().max()) > 0.1
+    torch.testing.assert_close(a.flow, b.flow, atol=1e-5, rtol=1e-4)
+
+
+def test_top_k_override_limits_the_patches_per_level():
+    torch.manual_seed(0)
+    model = HDARCascade(width="small", levels=3, **TINY)
+    f, m, _, _ = phantom((37, 45, 29))
+    with torch.no_grad():
+        default, fewer = model(f, m), model(f, m, top_k=1)
+    assert len(default.patches(2)) == 3 and len(fewer.patches(2)) == 1 and len(fewer.patches(3)) == 1
+    assert fewer.patches(2)[0].start == default.patches(2)[0].start  # the hardest one either way

@@ -337,3 +337,28 @@ def test_cli_train_folder_with_labels_export_and_resume(tmp_path, capsys):
     assert card["steps"] == 4 and card["seed"] == 0 and card["validation"]["final"]["step"] == 4
     assert main(["train", "--folder", str(tmp_path / "nothing"), "-o", str(out)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_train_top_k_and_export_of_an_unfinished_run_keeps_finished_levels(tmp_path):
+    from hdar_pipeline.hdar.train import export
+    from hdar_pipeline.hdar.weights import load_weights
+
+    data = pair_dataset((24, 24, 24), n_extra=1)
+    cfg = TrainConfig(levels=3, steps_per_stage=(2, 2, 2), lr=1e-3, val_every=10, val_pairs=2, cascade=TINY,
+                      seed=1, train_top_k=1)
+    with pytest.raises(ValueError, match="train_top_k"):
+        TrainConfig(train_top_k=0)
+    early = train(data, tmp_path / "a", cfg, val_data=data, progress=False, device="cpu", max_steps=1)
+    with pytest.raises(ValueError, match="nothing to export"):
+        export(early, "x", tmp_path)
+    part = train(data, tmp_path / "a", cfg, val_data=data, progress=False, device="cpu", max_steps=5, resume=True)
+    assert part.step == 5 and not part.completed
+    pt, card_path = export(part, "two", tmp_path)
+    card = json.loads(card_path.read_text())
+    assert card["levels_exported"] == 2 and card["completed"] is False and card["steps"] == 5
+    assert card["config"]["cascade"]["levels"] == 2
+    assert card["validation"]["best"]["stage"] == 2
+    loaded = load_weights(pt)
+    assert loaded.model.config.levels == 2 and len(loaded.model.nets) == 2
+    state = part.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())

@@ -95,6 +95,8 @@ class CascadeConfig:
     int_steps : int
         Scaling-and-squaring steps in diffeomorphic mode.
     composition : "compose" or "add"
+    patch_batch : int
+        Patches per network call at S2/S3 (memory against speed; results do not depend on it).
     """
 
     levels: int = 3
@@ -117,6 +119,7 @@ class CascadeConfig:
     diffeomorphic: bool = False
     int_steps: int = 7
     composition: Literal["compose", "add"] = "compose"
+    patch_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.levels not in (1, 2, 3):
@@ -277,12 +280,29 @@ class HDARCascade(nn.Module):
         attention : ``(1, w2, x, y, z)``
             The sub-network's attention map for the patch.
         """
+        residuals, atts = self.refine_patches(level, fixed, warped, flow, [patch])
+        return residuals[0], atts[0]
+
+    def refine_patches(self, level: int, fixed: torch.Tensor, warped: torch.Tensor, flow: torch.Tensor,
+                       patches: Sequence[Patch]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run S2/S3 on several patches of one pair, ``config.patch_batch`` of them per network call
+        (patches of a level share one size, so they stack into a batch; batched 3-D convolutions are also
+        the fast path of PyTorch's CPU kernels). Returns per patch what :meth:`refine_patch` returns."""
         size = self.config.input_size(level)
-        f = resize_volume(crop_patch(fixed, patch.start, patch.size), size)
-        m = resize_volume(crop_patch(warped, patch.start, patch.size), size)
-        u = resize_flow(crop_patch(flow, patch.start, patch.size, mode="replicate"), size)
-        out, att = self.nets[level - 1](torch.cat([m, f, m - f, u], dim=1))
-        return resize_flow(out, patch.size), att
+        residuals: list[torch.Tensor] = []
+        attention: list[torch.Tensor] = []
+        step = max(1, int(self.config.patch_batch))
+        for first in range(0, len(patches), step):
+            chunk = patches[first:first + step]
+            f = torch.cat([resize_volume(crop_patch(fixed, p.start, p.size), size) for p in chunk], 0)
+            m = torch.cat([resize_volume(crop_patch(warped, p.start, p.size), size) for p in chunk], 0)
+            u = torch.cat([resize_flow(crop_patch(flow, p.start, p.size, mode="replicate"), size)
+                           for p in chunk], 0)
+            out, att = self.nets[level - 1](torch.cat([m, f, m - f, u], dim=1))
+            for index, p in enumerate(chunk):
+                residuals.append(resize_flow(out[index:index + 1], p.size))
+                attention.append(att[index:index + 1])
+        return residuals, attention
 
     def refine(self, level: int, fixed: torch.Tensor, moving: torch.Tensor, flow: torch.Tensor,
                patches: Sequence[Patch]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -292,13 +312,11 @@ class HDARCascade(nn.Module):
         warped = self.warp(moving, flow)
         taper = [int(round(self.config.taper * p)) for p in self.config.patch_size(level)]
         blender = PatchBlender(shape, channels=3, taper=taper, device=flow.device, dtype=flow.dtype)
-        attention = []
-        for patch in patches:
-            residual, att = self.refine_patch(level, fixed, warped, flow, patch)
-            blender.add(residual, patch)
-            attention.append(att)
         if not patches:
-            return flow, attention
+            return flow, []
+        residuals, attention = self.refine_patches(level, fixed, warped, flow, patches)
+        for residual, patch in zip(residuals, patches):
+            blender.add(residual, patch)
         residual = blender.result()
         if self.config.diffeomorphic:
             residual = self.integrate(residual)
@@ -306,7 +324,7 @@ class HDARCascade(nn.Module):
         return new, attention
 
     def select(self, level: int, previous: LevelResult, batch: int, mask: torch.Tensor | None,
-               mode: Mode, selection: Selection | None = None) -> list[Patch]:
+               mode: Mode, selection: Selection | None = None, top_k: int | None = None) -> list[Patch]:
         """Patches for ``level`` (2 or 3) of batch element ``batch``, from the previous level's result.
 
         ``selection`` (default ``config.selection``): ``"attention"`` ranks the fast-mode candidates by
@@ -327,7 +345,7 @@ class HDARCascade(nn.Module):
             candidates += candidate_patches(
                 att, patch_size=size, full_shape=shape, region_start=parent.start, region_size=parent.size,
                 stride=cfg.candidate_stride, parent=index if previous.level > 1 else -1)
-        return select_patches(candidates, top_k=cfg.top_k, iou_threshold=cfg.iou_threshold,
+        return select_patches(candidates, top_k=cfg.top_k if top_k is None else int(top_k), iou_threshold=cfg.iou_threshold,
                               mask=mask_np, min_mask_fraction=cfg.min_mask_fraction,
                               ranking="random" if selection == "random" else "score", rng=self.selection_rng)
 
@@ -335,7 +353,7 @@ class HDARCascade(nn.Module):
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, *, mask: torch.Tensor | None = None,
                 mode: Mode | None = None, levels: int | None = None,
-                selection: Selection | None = None) -> CascadeOutput:
+                selection: Selection | None = None, top_k: int | None = None) -> CascadeOutput:
         """Register ``moving`` to ``fixed``.
 
         Parameters
@@ -351,6 +369,8 @@ class HDARCascade(nn.Module):
             Run only the first ``levels`` sub-networks (at most ``config.levels``).
         selection : "attention" or "random", optional
             Overrides ``config.selection`` (fast mode's patch ranking).
+        top_k : int, optional
+            Overrides ``config.top_k`` (fast mode's patches per level; the trainer may use fewer).
         """
         if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
             raise ValueError(f"fixed and moving must both be (B, 1, X, Y, Z); got {tuple(fixed.shape)} "
@@ -371,7 +391,7 @@ class HDARCascade(nn.Module):
         for level in range(2, n_levels + 1):
             flows, patches, attention = [], [], []
             for b in range(batch):
-                chosen = self.select(level, result, b, mask, mode, selection)
+                chosen = self.select(level, result, b, mask, mode, selection, top_k)
                 new, atts = self.refine(level, fixed[b:b + 1], moving[b:b + 1], result.flow[b:b + 1], chosen)
                 flows.append(new)
                 patches.append(chosen)

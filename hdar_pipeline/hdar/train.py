@@ -108,6 +108,10 @@ class TrainConfig:
         Random flips and axis permutations.
     train_mode : "fast" or "full"
         How S2/S3 patches are chosen while training (paper: the K hardest, "fast").
+    train_top_k : int, optional
+        Patches per level in a training step (default: the cascade's ``top_k``, the paper's K = 8). Fewer
+        patches make a patch-level step proportionally cheaper on a CPU; validation and inference keep
+        ``top_k``. The ranking still picks the hardest ones, so the network sees the hardest regions.
     val_every, val_pairs : int
         Validate every ``val_every`` steps (and at the end of each stage) on ``val_pairs`` held-out pairs.
     checkpoint_every, keep_checkpoints : int
@@ -133,6 +137,7 @@ class TrainConfig:
     loss_resolution: Literal["level", "full"] = "level"
     augment: bool = True
     train_mode: Literal["fast", "full"] = "fast"
+    train_top_k: int | None = None
     val_every: int = 250
     val_pairs: int = 8
     checkpoint_every: int = 500
@@ -158,6 +163,8 @@ class TrainConfig:
             raise ValueError(f"smoothness must be 'anti_folding' or 'diffusion', got {self.smoothness!r}")
         if self.loss_resolution not in ("level", "full"):
             raise ValueError(f"loss_resolution must be 'level' or 'full', got {self.loss_resolution!r}")
+        if self.train_top_k is not None and int(self.train_top_k) < 1:
+            raise ValueError(f"train_top_k must be >= 1, got {self.train_top_k}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         for name in ("val_every", "checkpoint_every"):
@@ -397,12 +404,13 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
                 out, _ = model.nets[0](torch.cat([m_t, f_t, m_t - f_t], dim=1))
                 flow = model.integrate(out) if cfg.diffeomorphic else out
             else:
-                flow = resize_flow(model(f, m, levels=stage, mode=config.train_mode).flow.float(), size)
+                flow = resize_flow(model(f, m, levels=stage, mode=config.train_mode,
+                                       top_k=config.train_top_k).flow.float(), size)
             if fl is not None:
                 fl = torch.nn.functional.interpolate(fl.float(), size=size, mode="nearest-exact").long()
                 ml = torch.nn.functional.interpolate(ml.float(), size=size, mode="nearest-exact").long()  # type: ignore[union-attr]
         else:
-            result = model(f, m, levels=stage, mode=config.train_mode)
+            result = model(f, m, levels=stage, mode=config.train_mode, top_k=config.train_top_k)
             flow, f_t, m_t = result.flow, f, m
             if level and stage > 1:
                 box = _union_box(result.patches(stage), shape)
@@ -810,8 +818,9 @@ def build_model_card(result: TrainResult, *, name: str, command: str | None = No
     """Model-card fields of a finished run (see :mod:`hdar_pipeline.hdar.weights`)."""
     from ..provenance import library_versions
 
+    levels = finished_levels(result)
     final = result.final_validation or {}
-    finite = [v for v in result.validation if v.get("stage") == result.config.levels and math.isfinite(v.get("val_dice", float("nan")))]
+    finite = [v for v in result.validation if v.get("stage") == levels and math.isfinite(v.get("val_dice", float("nan")))]
     best = max(finite, key=lambda v: v["val_dice"]) if finite else None
     return {
         "name": name,
@@ -824,18 +833,41 @@ def build_model_card(result: TrainResult, *, name: str, command: str | None = No
         "train_step_seconds_total": round(result.train_seconds, 1),
         "steps": result.step,
         "completed": result.completed,
+        "levels_exported": levels,
         "validation": {"final": final, "best": best, "history": result.validation},
         "config": {"training": result.config.to_dict()},
         "versions": library_versions(),
     }
 
 
+def finished_levels(result: TrainResult) -> int:
+    """Levels whose training stage is complete (``config.levels`` for a finished run)."""
+    if result.completed:
+        return result.config.levels
+    return sum(1 for stage in range(1, result.config.levels + 1) if result.config.stage_end(stage) <= result.step)
+
+
 def export(result: TrainResult, name: str, directory: PathLike | None = None, *, command: str | None = None,
            data_description: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``<directory>/<name>.pt`` and its model card from a training result (default directory: the
-    run's ``out_dir``). Copy both into ``hdar_pipeline/hdar/weights/`` to ship them."""
+    run's ``out_dir``). Copy both into ``hdar_pipeline/hdar/weights/`` to ship them.
+
+    A run stopped early (``max_steps``) exports only the levels whose stage finished, as a cascade with
+    that many levels (a half-trained or untrained deeper level would only damage the field); the card's
+    ``levels_exported`` and ``completed`` say so. Stopping inside stage 1 is an error."""
+    from .cascade import CascadeConfig, HDARCascade
     from .weights import save_weights
 
     directory = Path(directory) if directory is not None else result.out_dir
+    levels = finished_levels(result)
+    if levels < 1:
+        raise ValueError(f"nothing to export: stage 1 ends at step {result.config.stage_end(1)}, "
+                         f"training stopped at step {result.step}")
+    model = result.model
+    if levels < model.config.levels:
+        truncated = HDARCascade(CascadeConfig.from_dict({**model.config.to_dict(), "levels": levels}))
+        truncated.load_state_dict({k: v for k, v in model.state_dict().items()
+                                   if not k.startswith("nets.") or int(k.split(".")[1]) < levels})
+        model = truncated.eval()
     card = build_model_card(result, name=name, command=command, data_description=data_description)
-    return save_weights(result.model, result.model.config, card, directory / f"{name}.pt")
+    return save_weights(model, model.config, card, directory / f"{name}.pt")
