@@ -234,6 +234,10 @@ def test_level_resolution_loss_of_stage1_is_computed_on_the_s1_grid():
     cached, _ = pair_loss(model, augmented, 1, cfg, torch.device("cpu"), rng, lowres=LowResCache(data))
     direct, _ = pair_loss(model, augmented, 1, cfg, torch.device("cpu"), rng, lowres=None)
     assert cached.item() == pytest.approx(direct.item(), abs=1e-5)
+    # stage 2 takes S1's inputs from the cache as well: the same loss as resizing the augmented pair
+    cached, _ = pair_loss(model, augmented, 2, cfg, torch.device("cpu"), rng, lowres=LowResCache(data))
+    direct, _ = pair_loss(model, augmented, 2, cfg, torch.device("cpu"), rng, lowres=None)
+    assert cached.item() == pytest.approx(direct.item(), abs=1e-5)
     # stage 2 (at 1/2) and stage 3 (full resolution, its patches' box) train only their own level
     for stage in (2, 3):
         set_stage(model, stage)

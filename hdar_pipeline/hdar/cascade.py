@@ -250,12 +250,19 @@ class HDARCascade(nn.Module):
 
     # ------------------------------------------------------------------ building blocks
 
-    def level1(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def level1(self, fixed: torch.Tensor, moving: torch.Tensor,
+               inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run S1. Returns the full-resolution field ``(B, 3, X, Y, Z)`` (voxels) and S1's attention
-        ``(B, w2, x, y, z)`` (half the S1 input size, covering the whole volume)."""
+        ``(B, w2, x, y, z)`` (half the S1 input size, covering the whole volume).
+
+        ``inputs``: fixed and moving already resized to ``config.s1_size`` (a trainer's cache); by default
+        they are resized here."""
         size = self.config.s1_size(fixed.shape[2:])
-        f = resize_volume(fixed, size)
-        m = resize_volume(moving, size)
+        if inputs is not None and all(tuple(t.shape[2:]) == tuple(size) for t in inputs):
+            f, m = inputs
+        else:
+            f = resize_volume(fixed, size)
+            m = resize_volume(moving, size)
         out, att = self.nets[0](torch.cat([m, f, m - f], dim=1))
         if self.config.diffeomorphic:
             out = self.integrate(out)
@@ -353,7 +360,8 @@ class HDARCascade(nn.Module):
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, *, mask: torch.Tensor | None = None,
                 mode: Mode | None = None, levels: int | None = None,
-                selection: Selection | None = None, top_k: int | None = None) -> CascadeOutput:
+                selection: Selection | None = None, top_k: int | None = None,
+                s1_inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> CascadeOutput:
         """Register ``moving`` to ``fixed``.
 
         Parameters
@@ -371,6 +379,8 @@ class HDARCascade(nn.Module):
             Overrides ``config.selection`` (fast mode's patch ranking).
         top_k : int, optional
             Overrides ``config.top_k`` (fast mode's patches per level; the trainer may use fewer).
+        s1_inputs : (fixed, moving) at S1's input size, optional
+            Skips S1's resizing (see :meth:`level1`).
         """
         if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
             raise ValueError(f"fixed and moving must both be (B, 1, X, Y, Z); got {tuple(fixed.shape)} "
@@ -384,7 +394,7 @@ class HDARCascade(nn.Module):
         shape = tuple(fixed.shape[2:])
         batch = fixed.shape[0]
         whole = Patch((0, 0, 0), shape)  # type: ignore[arg-type]
-        flow, att = self.level1(fixed, moving)
+        flow, att = self.level1(fixed, moving, s1_inputs)
         result = LevelResult(1, flow, [[whole] for _ in range(batch)],
                              [[att[b:b + 1].detach().mean(1, keepdim=True)] for b in range(batch)])
         results = [result]

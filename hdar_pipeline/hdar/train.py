@@ -404,8 +404,13 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
                 out, _ = model.nets[0](torch.cat([m_t, f_t, m_t - f_t], dim=1))
                 flow = model.integrate(out) if cfg.diffeomorphic else out
             else:
-                flow = resize_flow(model(f, m, levels=stage, mode=config.train_mode,
-                                       top_k=config.train_top_k).flow.float(), size)
+                s1_inputs = None
+                if lowres is not None:  # S1's inputs from the cache too (saves two full-volume resizes)
+                    s1_base = cfg.s1_size(lowres.data.shape)
+                    s1_inputs = tuple(torch.from_numpy(aug.apply(lowres.get(k, s1_base)))[None, None].to(device)
+                                      for k in (fi, mi))
+                flow = resize_flow(model(f, m, levels=stage, mode=config.train_mode, top_k=config.train_top_k,
+                                         s1_inputs=s1_inputs).flow.float(), size)
             if fl is not None:
                 fl = torch.nn.functional.interpolate(fl.float(), size=size, mode="nearest-exact").long()
                 ml = torch.nn.functional.interpolate(ml.float(), size=size, mode="nearest-exact").long()  # type: ignore[union-attr]
