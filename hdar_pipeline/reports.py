@@ -904,6 +904,9 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
             rg = get("refine_grid")
             if rg is not None:
                 extra.append(f"correction grid {_value_text(rg)} times the image size")
+            rs = get("refine_scale")
+            if rs is not None and float(rs) < 1:
+                extra.append(f"loss computed at {_value_text(rs)} times the image resolution")
             text += (f" The network's field was refined by {int(refine)} steps of instance optimisation (Adam on "
                      "local normalised cross-correlation plus an anti-folding smoothness term"
                      + (f"; {', '.join(extra)}" if extra else "") + ").")

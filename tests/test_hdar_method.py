@@ -84,6 +84,14 @@ def test_refine_improves_ncc_further(trained):
     assert ncc1 > ncc0 + 0.005
     assert refined.metadata["refine_steps"] == 15
     assert refined.jacobian_determinant().min() > 0
+    # the loss at half resolution still improves the full-resolution NCC
+    half = HDARMethod(weights=trained["pt"], device="cpu", refine=15, refine_scale=0.5)
+    ncc_half = ncc_after(half.register(trained["fixed"], trained["moving"]), trained["fixed"], trained["moving"])
+    print(f"refine 15 steps, loss at 1/2: local NCC {ncc0:.4f} -> {ncc_half:.4f} ({half.last_run.runtime_s:.2f} s)")
+    assert ncc_half > ncc0 + 0.003
+    assert half.parameters["refine_scale"] == 0.5
+    with pytest.raises(ValueError, match="refine_scale"):
+        HDARMethod(weights=trained["pt"], refine_scale=0)
 
 
 def test_moving_on_another_grid_is_resampled_and_intensities_rescaled(trained):
