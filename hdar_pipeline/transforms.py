@@ -217,8 +217,14 @@ class Transform:
             paths.append(write_affine(self.matrix, directory / f"{prefix}affine.mat"))
         return paths
 
-    def write_composite(self, path: PathLike) -> Path:
-        """Write an ITK composite transform (``.h5``) that ANTs applies as one file."""
+    def write_composite(self, path: PathLike, *, compact: bool = True) -> Path:
+        """Write an ITK composite transform (``.h5``) that ANTs applies as one file.
+
+        With ``compact`` (default) the displacement field's parameters are stored as float32 with
+        gzip compression: lossless, since :attr:`field` is float32, and about a third of ITK's
+        uncompressed float64 (118 -> ~40-50 MB for a 160x192x160 field). ITK (SimpleITK, ANTs,
+        antspyx) converts the values back to double on reading; HDF5's gzip filter is built into ITK.
+        """
         import SimpleITK as sitk
 
         path = Path(path)
@@ -229,7 +235,15 @@ class Transform:
         if self.field is not None:
             parts.append(_sitk_field_transform(self.field, self.grid))
         composite = sitk.CompositeTransform(parts)
-        sitk.WriteTransform(composite, str(path))
+        if not (compact and self.field is not None):
+            sitk.WriteTransform(composite, str(path))
+            return path
+        tmp = path.with_name(path.name + ".itk.tmp.h5")
+        try:
+            sitk.WriteTransform(composite, str(tmp))
+            _compact_h5(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -297,6 +311,27 @@ def _sitk_affine(matrix: np.ndarray):
     tx.SetMatrix(np.asarray(matrix[:3, :3], dtype=np.float64).flatten().tolist())
     tx.SetTranslation(np.asarray(matrix[:3, 3], dtype=np.float64).tolist())
     return tx
+
+
+def _compact_h5(src: Path, dst: Path, min_size: int = 4096) -> None:
+    """Copy an ITK HDF5 transform file, storing large parameter arrays (displacement fields) as gzip-compressed
+    float32; everything else (types, fixed parameters, affines) is copied unchanged."""
+    import h5py
+
+    with h5py.File(src, "r") as fin, h5py.File(dst, "w") as fout:
+        for key, value in fin.attrs.items():
+            fout.attrs[key] = value
+
+        def visit(name: str, obj) -> None:
+            if isinstance(obj, h5py.Group):
+                fout.require_group(name)
+            elif name.endswith("/TransformParameters") and obj.size >= min_size:
+                fout.create_dataset(name, data=obj[()].astype(np.float32), compression="gzip", compression_opts=1,
+                                    shuffle=True, chunks=(min(obj.size, 1 << 20),))
+            else:
+                fin.copy(obj, fout, name=name)
+
+        fin.visititems(visit)
 
 
 def _sitk_field_transform(field: np.ndarray, grid: Grid):
