@@ -80,7 +80,8 @@ def test_pair_modes_and_specs():
 
 def test_benchmark_api_cache_and_limits(phantom_bids, tmp_path, capsys):
     out = tmp_path / "out"
-    result = bm.run_benchmark(_config(phantom_bids, out), show_progress=False)
+    absent = str(tmp_path / "absent.pt")  # weights that do not exist: the "not run" path
+    result = bm.run_benchmark(_config(phantom_bids, out, hdar_weights=absent), show_progress=False)
     pairs = pd.read_csv(out / "benchmark_pairs.csv")
     summary = pd.read_csv(out / "benchmark_summary.csv").set_index("variant")
     md = (out / "benchmark.md").read_text()
@@ -98,7 +99,7 @@ def test_benchmark_api_cache_and_limits(phantom_bids, tmp_path, capsys):
     # no SyN quality: the ratio column is there, NaN, with a note
     assert summary["time_ratio_to_syn_quality"].isna().all()
     assert "syn-quality did not run" in md
-    # HDAR without weights: a "not run" row and a note, not a crash
+    # HDAR without usable weights: a "not run" row and a note, not a crash
     assert summary.loc["hdar-fast", "status"].startswith("not run:")
     assert summary.loc["hdar-fast", "n_pairs"] == 0
     assert "| hdar-fast | 0 | not run:" in md and "hdar-fast not run:" in md
@@ -108,7 +109,7 @@ def test_benchmark_api_cache_and_limits(phantom_bids, tmp_path, capsys):
 
     # a second run reuses every cached row: fast, and the same numbers
     start = time.perf_counter()
-    again = bm.run_benchmark(_config(phantom_bids, out), show_progress=False)
+    again = bm.run_benchmark(_config(phantom_bids, out, hdar_weights=absent), show_progress=False)
     assert time.perf_counter() - start < 10
     assert again.rows["cached"].all()
     cols = ["variant", "moving", "fixed", "mean_dice", "mean_target_overlap", "runtime_s", "folded_percent"]
@@ -137,7 +138,8 @@ def test_benchmark_cli(phantom_bids, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli"
     argv = ["--bids-dir", str(raw), "--labels-dir", str(labels), "--pairs", "02:01", "sub-03:01",
             "--variants", "affine", "demons", "hdar-refined", "--refine-steps", "5",
-            "--no-affine", "--threads", "1", "-o", str(out), "--no-progress", "--max-pairs-per-variant", "demons=1"]
+            "--no-affine", "--threads", "1", "-o", str(out), "--no-progress", "--max-pairs-per-variant", "demons=1",
+            "--hdar-weights", str(tmp_path / "absent.pt")]
     monkeypatch.setattr(sys, "argv", ["/somewhere/bin/hdar", "benchmark", *argv])
     assert bm.run_benchmark_cli(parser.parse_args(argv)) == 0
     printed = capsys.readouterr().out
@@ -147,7 +149,7 @@ def test_benchmark_cli(phantom_bids, tmp_path, capsys, monkeypatch):
     assert summary.loc["hdar-refined", "status"].startswith("not run")
     assert math.isnan(summary.loc["demons", "time_ratio_to_syn_quality"])
     md = (out / "benchmark.md").read_text()
-    assert "hdar benchmark --bids-dir" in md and "demons=1\n```" in md  # the exact command line
+    assert "hdar benchmark --bids-dir" in md and "absent.pt\n```" in md  # the exact command line
     assert "no affine stage" in md
     # bad input: one clear message, exit status 2
     bad = parser.parse_args(["--bids-dir", str(raw), "--labels-dir", str(labels), "--pairs", "02:09", "-o",
