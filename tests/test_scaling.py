@@ -1,4 +1,5 @@
-"""benchmarks/scaling.py on tiny sizes: both parts, the tables, the plot, the cache and HDAR without weights."""
+"""benchmarks/scaling.py on tiny sizes: both parts, the tables, the plot, the cache, HDAR with the shipped
+weights and without any."""
 
 from __future__ import annotations
 
@@ -48,14 +49,6 @@ def scaling_run(tmp_path_factory):
     return script, out, rc, time.perf_counter() - start
 
 
-def hdar_has_weights() -> bool:
-    try:
-        from hdar_pipeline.hdar.weights import available_weights
-    except ImportError:
-        return False
-    return "default" in available_weights()
-
-
 @slow
 def test_size_table_has_a_row_per_size_and_variant(scaling_run):
     _, out, rc, _ = scaling_run
@@ -66,7 +59,7 @@ def test_size_table_has_a_row_per_size_and_variant(scaling_run):
         assert col in rows.columns, col
     assert sorted(zip(rows["variant"], rows["size"])) == sorted((v, s) for v in VARIANTS for s in SIZES)
     assert (rows["voxels"] == rows["size"] ** 3).all()
-    ran = rows[rows["variant"].isin(["affine", "demons"])]
+    ran = rows  # affine, Demons and HDAR with the shipped weights
     assert (ran["status"] == "ok").all(), ran["status"].tolist()
     assert (ran["runtime_s"] > 0).all()
     assert (ran["peak_memory_mb"] > 0).all() and (ran["max_rss_mb"] >= ran["peak_memory_mb"] - 1).all()
@@ -89,13 +82,18 @@ def test_peak_memory_is_per_process_not_the_parent_high_water_mark(scaling_run):
 
 
 @slow
-def test_hdar_without_weights_is_reported_as_not_run(scaling_run):
-    if hdar_has_weights():
-        pytest.skip("HDAR weights are installed here: the variant runs")
-    _, out, _, _ = scaling_run
+def test_hdar_without_weights_is_reported_as_not_run(tmp_path, monkeypatch):
+    from hdar_pipeline.hdar import weights as W
+
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    monkeypatch.setattr(W, "WEIGHTS_DIR", empty)  # the variant is built in this process: no weights here
+    out = tmp_path / "out"
+    assert load_script().main(["--sizes", "24", "--variants", "hdar-fast", "--skip-cohort", "--threads", "1",
+                               "-o", str(out)]) == 0
     rows = pd.read_csv(out / "scaling_size.csv")
     hdar = rows[rows["variant"] == "hdar-fast"]
-    assert len(hdar) == len(SIZES)
+    assert len(hdar) == 1
     assert hdar["status"].str.startswith("not run: ").all()
     assert hdar["status"].str.contains("weights").all()
     assert hdar["runtime_s"].isna().all()
@@ -151,12 +149,12 @@ def test_rerun_uses_the_cache(scaling_run, capsys):
     assert script.main(argv(out)) == 0
     second = time.perf_counter() - start
     printed = capsys.readouterr().out
-    assert printed.count(": cached") == 2 * len(SIZES) + len(COHORT_SIZES) * len(WORKERS)
+    assert printed.count(": cached") == len(VARIANTS) * len(SIZES) + len(COHORT_SIZES) * len(WORKERS)
     assert "| subjects | workers |" in printed  # the tables are printed at the end
     assert second < max(20.0, first / 3), (first, second)
     after_size = pd.read_csv(out / "scaling_size.csv")
     after_cohort = pd.read_csv(out / "scaling_cohort.csv")
-    assert after_size["cached"].fillna(False).astype(bool).sum() == 2 * len(SIZES)
+    assert after_size["cached"].fillna(False).astype(bool).sum() == len(VARIANTS) * len(SIZES)
     cols = [c for c in before_size.columns if c != "cached"]
     pd.testing.assert_frame_equal(before_size[cols], after_size[cols])
     cols = [c for c in before_cohort.columns if c != "cached"]
