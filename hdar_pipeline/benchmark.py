@@ -19,7 +19,7 @@ Variants
 ``hdar-refined``   HDAR fast + ``--refine-steps`` steps of instance optimisation
 =================  ==========================================================================
 
-A variant that cannot run here (HDAR while no weights ship) appears in the table as "not run: <reason>"
+A variant that cannot run here (HDAR when the requested weights are missing or unusable) appears in the table as "not run: <reason>"
 and in the notes; it never stops the others. A pair that fails is reported and the run goes on.
 
 Pairs

@@ -65,7 +65,7 @@ class HDARMethod(MethodBase):
     Raises
     ------
     hdar_pipeline.hdar.weights.NoWeightsError
-        At construction, when the weights do not exist (no weights are shipped yet).
+        At construction, when the requested weights do not exist.
     """
 
     name: ClassVar[str] = "hdar"
