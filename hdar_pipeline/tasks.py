@@ -294,6 +294,7 @@ def RegisterSubject(
     seed: int | None = None,
     threads: int | None = None,
     device: str = "auto",
+    model: str = "",
 ) -> tuple[File, File | None, File | None, File | None]:
     """Register one subject with one method; failure becomes a status record
     (hdar_pipeline.cohort.register_subject).
@@ -311,6 +312,9 @@ def RegisterSubject(
         seed: Random seed.
         threads: Worker threads.
         device: auto, cpu or cuda[:N].
+        model: Identity of the method's trained model (HDAR: weights name and SHA-256, see
+            hdar_pipeline.hdar.weights.weights_identity). Not read here: it is part of the cache key,
+            so results cached with other weights are recomputed.
 
     Returns:
         record: register_record.json (status, error, paths, runtime).

@@ -172,3 +172,36 @@ def test_workflow_with_preprocessing(cohort_files, tmp_path):
     assert list(group["status"]) == ["ok", "ok", "ok", "error"]
     assert group.loc[3, "failed_step"] == "preprocess" and "sub-04_T1w.nii.gz" in group.loc[3, "error"]
     assert group.loc[:2, "mean_dice"].between(0, 1).all() and group.loc[:2, "evaluated"].all()
+
+
+def test_the_hdar_weights_are_part_of_the_cache_key(cohort_files, tmp_path, monkeypatch):
+    """Other HDAR weights give the workflow another hash (a cache made with the old weights is not reused);
+    the classical methods' model identity is empty."""
+    import shutil
+
+    from hdar_pipeline.hdar import weights as W
+    from hdar_pipeline.methods import model_identity
+    from hdar_pipeline.tasks import RegisterSubject
+
+    shipped = model_identity("hdar")
+    assert shipped == f"default@sha256:{W.file_sha256(W.WEIGHTS_DIR / 'default.pt')}"
+    assert model_identity("syn") == model_identity("demons") == ""
+
+    def wf():
+        return init_cohort_wf(methods=["hdar", "syn"], threads=1, seed=1)(
+            atlas=cohort_files["atlas"], subjects=cohort_files["subjects"], t1w=cohort_files["t1w"])
+
+    before = wf()
+    assert before.models == {"hdar": shipped, "syn": ""}
+    other = tmp_path / "weights"
+    other.mkdir()
+    shutil.copy(W.WEIGHTS_DIR / "default.json", other / "default.json")
+    (other / "default.pt").write_bytes((W.WEIGHTS_DIR / "default.pt").read_bytes() + b"changed")
+    monkeypatch.setattr(W, "WEIGHTS_DIR", other)
+    after = wf()
+    assert after.models["hdar"] != shipped and after.models["syn"] == ""
+    assert after._hash != before._hash  # Pydra's task hash (private API, stable in 1.0a12)
+    # the registration task's own key changes with the model identity too
+    a = RegisterSubject(atlas=cohort_files["atlas"], method="hdar", model=shipped)
+    b = RegisterSubject(atlas=cohort_files["atlas"], method="hdar", model=after.models["hdar"])
+    assert a._hash != b._hash

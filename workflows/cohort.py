@@ -10,7 +10,7 @@ from typing import Sequence
 from fileformats.generic import File
 from pydra.compose import workflow
 
-from hdar_pipeline.methods import METHODS
+from hdar_pipeline.methods import METHODS, model_identity
 from hdar_pipeline.tasks import (
     CollectRecords,
     EvaluateSubject,
@@ -128,6 +128,10 @@ def init_cohort_wf(
     methods, presets, preprocess, skull_stripped, n4, affine, reference, figures, distances, seed,
     threads, device
         As above (defaults from the factory).
+    models : dict of str
+        Method -> identity of its trained model (default, from the factory:
+        :func:`hdar_pipeline.methods.model_identity`, i.e. the shipped HDAR weights' SHA-256). It is part
+        of each registration's cache key, so a cache made with other weights is not reused.
 
     Outputs
     -------
@@ -152,6 +156,7 @@ def init_cohort_wf(
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     default_presets = dict(presets or {})
     default_reference = reference or ("hdar" if "hdar" in methods else methods[0])
+    default_models = {m: model_identity(m) for m in methods}
 
     @workflow.define(outputs=["group_csv", "labels_csv", "records", "n_failed", "stats_files"])
     def CohortWorkflow(
@@ -175,6 +180,7 @@ def init_cohort_wf(
         seed: int | None = seed,
         threads: int | None = threads,
         device: str = device,
+        models: dict[str, str] = default_models,
     ) -> tuple[File, File, list[File], int, list[File]]:
         n = len(subjects)
         if len(t1w) != n:
@@ -185,6 +191,7 @@ def init_cohort_wf(
             raise ValueError(f"{n} subjects but {len(labels)} label maps and {len(sessions)} sessions")
         method_list = list(methods)
         preset_list = [presets.get(m) for m in method_list]
+        model_list = [models[m] if m in models else model_identity(m) for m in method_list]
 
         if preprocess:
             prep = workflow.add(
@@ -195,14 +202,15 @@ def init_cohort_wf(
             register = workflow.add(
                 RegisterSubject(atlas=atlas, preprocessed=prep.record,
                                 affine=False, seed=seed, threads=threads, device=device)
-                .split(("method", "preset"), method=method_list, preset=preset_list),
+                .split(("method", "preset", "model"), method=method_list, preset=preset_list, model=model_list),
                 name="register")
             subject_state = "preprocess.subject"
         else:
             register = workflow.add(
                 RegisterSubject(atlas=atlas, affine=affine, seed=seed, threads=threads, device=device)
-                .split([("subject", "session", "t1w", "labels"), ("method", "preset")], subject=subjects,
-                       session=sessions, t1w=t1w, labels=labels, method=method_list, preset=preset_list),
+                .split([("subject", "session", "t1w", "labels"), ("method", "preset", "model")], subject=subjects,
+                       session=sessions, t1w=t1w, labels=labels, method=method_list, preset=preset_list,
+                       model=model_list),
                 name="register")
             subject_state = "register.subject"
 

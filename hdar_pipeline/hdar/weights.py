@@ -134,6 +134,17 @@ def resolve_weights(weights: PathLike = "default") -> tuple[Path, Path]:
     return pt, card
 
 
+def weights_identity(weights: PathLike = "default") -> str:
+    """``"<name>@sha256:<hex>"`` of the weights ``weights`` resolves to (the SHA-256 of the ``.pt`` bytes), or
+    ``""`` when there are none. Workflows put it among a registration task's inputs, so a cache made with
+    other weights is not reused."""
+    try:
+        pt, _ = resolve_weights(weights)
+    except WeightsError:
+        return ""
+    return f"{pt.stem}@sha256:{file_sha256(pt)}"
+
+
 def read_card(path: PathLike) -> dict[str, Any]:
     """The model card as a dict (``path``: the ``.json`` or its ``.pt``)."""
     p = Path(path)

@@ -149,6 +149,17 @@ def register_pair(
     return transform, info
 
 
+def model_identity(method: str) -> str:
+    """What identifies the trained model behind ``method`` with its default options: for ``"hdar"`` the
+    shipped default weights' ``"<name>@sha256:<hex>"`` (``""`` when none ship), ``""`` for the classical
+    methods. Workflows pass it to registration tasks so that cached results follow the weights."""
+    if method != "hdar":
+        return ""
+    from ..hdar.weights import weights_identity
+
+    return weights_identity("default")
+
+
 def _stage(method: MethodBase) -> dict[str, Any]:
     run = method.last_run
     return {"method": method.name, "parameters": method.parameters, "runtime_s": run.runtime_s,
@@ -161,4 +172,4 @@ def _same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialIm
     return Grid.of(a).same_as(Grid.of(b), atol=1e-3)
 
 
-__all__ = ["METHODS", "MethodBase", "RegistrationMethod", "get_method", "register_pair"]
+__all__ = ["METHODS", "MethodBase", "RegistrationMethod", "get_method", "model_identity", "register_pair"]
