@@ -352,7 +352,8 @@ class HDARCascade(nn.Module):
             candidates += candidate_patches(
                 att, patch_size=size, full_shape=shape, region_start=parent.start, region_size=parent.size,
                 stride=cfg.candidate_stride, parent=index if previous.level > 1 else -1)
-        return select_patches(candidates, top_k=cfg.top_k if top_k is None else int(top_k), iou_threshold=cfg.iou_threshold,
+        k = cfg.top_k if top_k is None else int(top_k)
+        return select_patches(candidates, top_k=k, iou_threshold=cfg.iou_threshold,
                               mask=mask_np, min_mask_fraction=cfg.min_mask_fraction,
                               ranking="random" if selection == "random" else "score", rng=self.selection_rng)
 

@@ -344,6 +344,10 @@ class LowResCache:
             self.store[key] = resize_volume(img, key[1])[0, 0].numpy().copy()
         return self.store[key]
 
+    def augmented(self, index: int, size: Sequence[int], augmentation: Any, device: torch.device) -> torch.Tensor:
+        """The cached image ``index`` at ``size`` (un-augmented orientation), augmented, as ``(1, 1, ...)``."""
+        return torch.from_numpy(augmentation.apply(self.get(index, size)))[None, None].to(device)
+
 
 def sample_region(volume: torch.Tensor, flow: torch.Tensor, start: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
     """``volume`` ``(B, C, X, Y, Z)`` sampled (trilinear, zeros outside) at ``p + flow(p)`` for the voxels
@@ -396,8 +400,7 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
             aug = pair.augmentation
             base = level_loss_size(cfg, stage, lowres.data.shape) if lowres is not None else None
             if lowres is not None and base is not None and tuple(base[a] for a in aug.permutation) == size:
-                f_t = torch.from_numpy(aug.apply(lowres.get(fi, base)))[None, None].to(device)
-                m_t = torch.from_numpy(aug.apply(lowres.get(mi, base)))[None, None].to(device)
+                f_t, m_t = lowres.augmented(fi, base, aug, device), lowres.augmented(mi, base, aug, device)
             else:
                 f_t, m_t = resize_volume(f, size), resize_volume(m, size)
             if stage == 1:
@@ -407,8 +410,7 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
                 s1_inputs = None
                 if lowres is not None:  # S1's inputs from the cache too (saves two full-volume resizes)
                     s1_base = cfg.s1_size(lowres.data.shape)
-                    s1_inputs = tuple(torch.from_numpy(aug.apply(lowres.get(k, s1_base)))[None, None].to(device)
-                                      for k in (fi, mi))
+                    s1_inputs = (lowres.augmented(fi, s1_base, aug, device), lowres.augmented(mi, s1_base, aug, device))
                 flow = resize_flow(model(f, m, levels=stage, mode=config.train_mode, top_k=config.train_top_k,
                                          s1_inputs=s1_inputs).flow.float(), size)
             if fl is not None:
