@@ -143,18 +143,22 @@ def smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
     """
     sigmas = as_triple(sigma)
     b, c = x.shape[:2]
-    out = x.reshape(b * c, 1, *x.shape[2:])
+    out = x.reshape(b * c, *x.shape[2:])
     for axis, s in enumerate(sigmas):
         if s <= 0:
             continue
-        k = gaussian_kernel1d(float(s), device=x.device, dtype=x.dtype)
-        r = (k.numel() - 1) // 2
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = k.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r  # F.pad lists the last axis first
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.view(shape))
-    return out.reshape(b, c, *out.shape[2:])
+        k = gaussian_kernel1d(float(s), device=x.device, dtype=x.dtype).tolist()
+        r = (len(k) - 1) // 2
+        n = out.shape[1 + axis]
+        # A weighted sum of shifted views: a single-channel F.conv3d is PyTorch's slow CPU path
+        # (measured 8x slower on a 160x192x160 volume).
+        index = torch.arange(-r, n + r, device=x.device).clamp_(0, n - 1)
+        padded = out.index_select(1 + axis, index)
+        acc = padded.narrow(1 + axis, 0, n) * k[0]
+        for i in range(1, len(k)):
+            acc = acc.add(padded.narrow(1 + axis, i, n), alpha=k[i])
+        out = acc
+    return out.reshape(b, c, *out.shape[1:])
 
 
 def resize_volume(x: torch.Tensor, size: Sequence[int], *, antialias: bool = True,
@@ -171,10 +175,17 @@ def resize_volume(x: torch.Tensor, size: Sequence[int], *, antialias: bool = Tru
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     if antialias:
-        sig = [max(0.0, (n / m - 1.0) / 2.0) for n, m in zip(x.shape[2:], size)]
-        if any(s > 0.1 for s in sig):
-            x = smooth(x, [s if s > 0.1 else 0.0 for s in sig])
+        sig = antialias_sigma(x.shape[2:], size)
+        if any(sig):
+            x = smooth(x, sig)
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+
+
+def antialias_sigma(shape: Sequence[int], size: Sequence[int]) -> list[float]:
+    """Per-axis Gaussian sigma (voxels of ``shape``) that :func:`resize_volume` applies before shrinking
+    ``shape`` to ``size``: ``(f - 1) / 2`` for a shrink factor ``f``, 0 where it is below 0.1 voxel."""
+    sig = [max(0.0, (int(n) / int(m) - 1.0) / 2.0) for n, m in zip(shape, size)]
+    return [s if s > 0.1 else 0.0 for s in sig]
 
 
 class ResizeFlow(nn.Module):
