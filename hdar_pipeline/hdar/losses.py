@@ -19,23 +19,27 @@ from .layers import as_triple
 def box_sum(x: torch.Tensor, window: int | Sequence[int]) -> torch.Tensor:
     """Sum over a centred ``window``-voxel box of every voxel of ``(B, C, X, Y, Z)``, zero outside.
 
-    Computed as three separable 1-D box filters (``avg_pool3d`` with kernels ``(w,1,1)``,
-    ``(1,w,1)``, ``(1,1,w)`` on the zero-padded volume, times ``w``), which equals a ``w^3`` box sum
-    at ``3w`` instead of ``w^3`` operations. (Pooling rather than a single-channel ``conv3d``: on the
-    CPU it is 2x faster forward and 4x faster backward.) Even windows are centred on the voxel's high side.
+    Three separable 1-D box sums, each a running sum of ``w`` shifted views of the zero-padded volume:
+    ``3w`` instead of ``w^3`` additions per voxel. (Measured on the CPU, forward and backward, this is
+    2x faster than ``avg_pool3d`` with 1-D kernels, itself faster than a single-channel ``conv3d``; a
+    cumulative sum is faster still but loses float32 precision in the variances of flat regions.)
+    Even windows are centred on the voxel's high side.
     """
     b, c = x.shape[:2]
-    out = x.reshape(b * c, 1, *x.shape[2:])
+    out = x.reshape(b * c, *x.shape[2:])
     for axis, w in enumerate(as_triple(window)):
         w = int(w)
         if w <= 1:
             continue
-        kernel = [1, 1, 1]
-        kernel[axis] = w
+        n = out.shape[1 + axis]
         pad = [0, 0, 0, 0, 0, 0]
         pad[2 * (2 - axis)] = (w - 1) // 2
         pad[2 * (2 - axis) + 1] = w // 2
-        out = F.avg_pool3d(F.pad(out, pad), kernel, stride=1) * float(w)
+        padded = F.pad(out, pad)
+        acc = padded.narrow(1 + axis, 0, n)
+        for i in range(1, w):
+            acc = acc + padded.narrow(1 + axis, i, n)
+        out = acc
     return out.reshape(b, c, *x.shape[2:])
 
 
