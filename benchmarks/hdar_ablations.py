@@ -17,7 +17,7 @@ Variants (groups of the table)
 ``fast``           S2/S3 on the K hardest patches
 ``full``           S2/S3 on a sliding window over the brain
 ``refine-0``       no instance optimisation
-``refine-N``       ``--refine-steps`` (50) Adam steps of instance optimisation after the network
+``refine-N``       ``--refine-steps`` (30) Adam steps of instance optimisation after the network
 ``diffeomorphic``  stationary velocity fields integrated by scaling and squaring
 ``displacement``   plain displacement fields
 =================  ==========================================================================
@@ -70,11 +70,11 @@ from hdar_pipeline.benchmark import (BenchmarkInputError, BenchmarkResult, PairI
                                      progress_bar, report_sections, rows_frame, run_console, summary_stat,
                                      variant_rows, variant_status, write_results)
 from hdar_pipeline.methods.base import MethodBase
-from hdar_pipeline.methods.hdar import register_with_model, unit_range
+from hdar_pipeline.methods.hdar import HDARMethod, register_with_model, unit_range
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ablations"
-DEFAULT_REFINE_STEPS = 50
+DEFAULT_REFINE_STEPS = 30
 DEFAULT_RANDOM_SEEDS = 3
 VARIANT_NAMES = ("levels-1", "levels-2", "levels-3", "attention", "random", "fast", "full", "refine-0", "refine-N",
                  "diffeomorphic", "displacement")
@@ -156,8 +156,10 @@ class Settings:
     selection: str = "attention"
     selection_seed: int | None = None
     refine: int = 0
-    refine_lr: float = 0.1
-    refine_grid: float = 0.5
+    refine_lr: float = HDARMethod.refine_lr
+    refine_grid: float = HDARMethod.refine_grid
+    refine_scale: float = HDARMethod.refine_scale
+    refine_diffeomorphic: bool = HDARMethod.refine_diffeomorphic
     device: str = "auto"
     seed: int | None = None
     threads: int | None = None
@@ -188,7 +190,8 @@ class AblationHDAR(MethodBase):
         self.loaded.model.seed_selection(cfg.selection_seed if cfg.selection_seed is not None else cfg.seed)
         transform, self.device_used = register_with_model(
             self.loaded, fixed, moving, fixed_mask, mode=cfg.mode, levels=cfg.levels, selection=cfg.selection,
-            refine=cfg.refine, refine_lr=cfg.refine_lr, refine_grid=cfg.refine_grid)
+            refine=cfg.refine, refine_lr=cfg.refine_lr, refine_grid=cfg.refine_grid, refine_scale=cfg.refine_scale,
+            refine_diffeomorphic=cfg.refine_diffeomorphic)
         return transform
 
 

