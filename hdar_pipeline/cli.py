@@ -42,8 +42,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", type=int, default=None, metavar="N",
                    help="HDAR: N instance-optimisation steps after the network (default 0)")
     p.add_argument("--refine-scale", type=float, default=None, metavar="S",
-                   help="HDAR: resolution of the refinement loss relative to the image (default 1; 0.5 is about "
-                        "8x cheaper per step)")
+                   help="HDAR: resolution of the refinement loss relative to the image (default 0.5, about 8x "
+                        "cheaper per step than 1)")
     p.set_defaults(func=_run_register)
 
 
