@@ -283,6 +283,7 @@ def _run_train(args: argparse.Namespace) -> int:
     configure_threads(args.threads)
     from pathlib import Path
 
+    import nibabel as nib
     import numpy as np
 
     from .hdar.data import DataError, PairDataset, collect_subjects
@@ -327,7 +328,8 @@ def _run_train(args: argparse.Namespace) -> int:
             else [str(Path(f).resolve()) for f in args.images],
             "train_subjects": data.names, "val_subjects": val.names if val is not None else [],
             "labelled_train_subjects": data.n_labelled, "grid_shape": list(data.shape),
-            "voxel_size_mm": [round(float(v), 4) for v in data.grid.spacing]}
+            "voxel_size_mm": [round(float(v), 4) for v in data.grid.spacing],
+            "orientation": "".join(nib.aff2axcodes(data.grid.affine))}
         result = train(data, args.output, config, val_data=val, resume=args.resume, device=args.device,
                        threads=args.threads, progress=args.progress, max_steps=args.max_steps,
                        data_description=description)

@@ -147,3 +147,42 @@ def test_register_function_several_pairs_and_cli_weights(trained, tmp_path):
     assert record["weights_sha256"] == trained["card"]["sha256"]
     assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "bad"), "--method", "hdar",
                  "--weights", str(tmp_path / "missing.pt")]) == 2
+
+
+def _stored_as(img, codes: str):
+    """The same world image stored with array axes ``codes`` (flips/permutations only)."""
+    import nibabel as nib
+
+    from hdar_pipeline.hdar.orientation import orientation_to
+
+    ornt = orientation_to(img.affine, codes)
+    data = nib.orientations.apply_orientation(np.asarray(img.dataobj), ornt)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
+    return nib.Nifti1Image(np.ascontiguousarray(data), affine)
+
+
+@pytest.mark.parametrize("codes", ["LPS", "SAL"])
+def test_the_network_runs_in_the_orientation_of_its_training_data(trained, codes):
+    """A pair stored L-P-S (or permuted) is registered exactly as the same pair stored as the model was trained
+    (R-A-S here): the network sees identical arrays, and the field maps back onto the fixed array."""
+    import dataclasses
+
+    import nibabel as nib
+
+    from hdar_pipeline.hdar.orientation import orientation_to
+    from hdar_pipeline.methods.hdar import register_with_model
+
+    loaded = W.load_weights(trained["pt"])
+    ras = dataclasses.replace(loaded, card={**loaded.card, "data": {"orientation": "RAS"}})
+    fixed, moving, labels = trained["fixed"], trained["moving"], trained["moving_labels"]
+    t_ras, _ = register_with_model(ras, fixed, moving)
+    t_other, _ = register_with_model(ras, _stored_as(fixed, codes), _stored_as(moving, codes))
+    assert not np.allclose(t_ras.field, 0)
+    ornt = orientation_to(fixed.affine, codes)
+    want = nib.orientations.apply_orientation(np.asarray(t_ras.apply(labels, interpolation="nearest").dataobj), ornt)
+    got = np.asarray(t_other.apply(_stored_as(labels, codes), interpolation="nearest").dataobj)
+    assert got.shape == want.shape and (got != want).mean() < 1e-3
+    # without the card's orientation the reoriented arrays go into the network as they are
+    bare = dataclasses.replace(loaded, card={**loaded.card, "data": {}})
+    t_bare, _ = register_with_model(bare, _stored_as(fixed, codes), _stored_as(moving, codes))
+    assert not np.allclose(t_bare.field, t_other.field, atol=1e-3)

@@ -158,7 +158,9 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     """Register an aligned pair with an already loaded HDAR model (the core of :class:`HDARMethod`).
 
     The network runs without gradients; ``refine`` steps of :func:`instance_optimise` follow (smoothness
-    weight from the model card's training config, default 1.5). Threads, seeds and the random-selection
+    weight from the model card's training config, default 1.5). Both run on the pair flipped and permuted
+    into the array orientation of the training data (``card["data"]["orientation"]``, e.g. ``"LPS"``; see
+    :mod:`hdar_pipeline.hdar.orientation`), and the field is mapped back onto the fixed image's array. Threads, seeds and the random-selection
     generator are left as the caller set them.
 
     Parameters
@@ -198,6 +200,7 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     import torch
 
     from ..hdar.cascade import field_voxels_to_transform
+    from ..hdar.orientation import inverse, is_identity, orientation_to, reorient_field, to_orientation
 
     model = loaded.model
     dev = next(model.parameters()).device if device is None else device
@@ -210,6 +213,14 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     ft = torch.as_tensor(unit_range(fixed), device=dev)[None, None]
     mt = torch.as_tensor(unit_range(moving), device=dev)[None, None]
     mk = None if mask is None else torch.as_tensor(mask, device=dev)[None, None]
+    # The network runs in its training data's array orientation (model card), the field comes back after.
+    codes = (loaded.card.get("data") or {}).get("orientation")
+    ornt = orientation_to(grid.affine, codes) if codes else None
+    if ornt is not None and is_identity(ornt):
+        ornt = None
+    if ornt is not None:
+        ft, mt = to_orientation(ft, ornt), to_orientation(mt, ornt)
+        mk = None if mk is None else to_orientation(mk, ornt)
     with torch.no_grad():
         flow = model(ft, mt, mask=mk, mode=mode, levels=levels, selection=selection).flow.float()
     if refine:
@@ -218,6 +229,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
                                  diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic),
                                  smooth_weight=float(loaded.card.get("config", {}).get("training", {})
                                                      .get("smooth_weight", 1.5)))
+    if ornt is not None:
+        flow = reorient_field(flow, inverse(ornt)).contiguous()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     device_used = str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}"
