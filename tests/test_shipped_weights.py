@@ -20,6 +20,7 @@ def test_default_weights_ship_with_a_complete_model_card():
     assert "hdar train " in card["command"]
     assert card["config"]["cascade"]["levels"] == loaded.model.config.levels == card["levels_exported"]
     assert set(card["data"]["train_subjects"]).isdisjoint(card["data"]["val_subjects"])
+    assert card["data"]["orientation"] == "LPS"  # LPBA40's array axes; inference reorients to them
 
 
 @pytest.mark.slow
