@@ -337,6 +337,7 @@ def test_cli_train_folder_with_labels_export_and_resume(tmp_path, capsys):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and rows[-1]["val_dice"]
     card = json.loads((out / "tiny.json").read_text())
     assert card["data"]["source"] == "folder" and len(card["data"]["val_subjects"]) == 2
+    assert card["data"]["orientation"] == "RAS" and card["data"]["voxel_size_mm"] == [2.0, 2.0, 2.0]
     assert card["config"]["cascade"]["levels"] == 2 and card["config"]["training"]["steps_per_stage"] == [2, 2]
     assert card["steps"] == 4 and card["seed"] == 0 and card["validation"]["final"]["step"] == 4
     assert main(["train", "--folder", str(tmp_path / "nothing"), "-o", str(out)]) == 2
