@@ -831,9 +831,22 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
     notes.append("peak_memory_mb is the resident set of the benchmark process while the method ran (the "
                  "pair's images and earlier variants' freed memory included): an upper bound per method.")
     notes.append(stamp.load_note("benchmark_pairs.csv"))
+    notes.append(wall_time_note(table, stamp.elapsed()))
+    if "commit" in table and table["commit"].notna().any():
+        notes.append("rows measured at commit " + ", ".join(sorted(set(table["commit"].dropna().astype(str))))
+                     + " (the Machine section's commit is the one that wrote this report).")
     md = markdown_report(summary, config, notes, n_pairs=len(config.pairs))
     paths = write_results(output, "benchmark", table, summary, md)
     return BenchmarkResult(table, summary, md, notes, paths)
+
+
+def wall_time_note(rows: pd.DataFrame, elapsed_s: float) -> str:
+    """How long this run took, how many rows came from the cache and what the rows' registrations add up to."""
+    cached = rows["cached"].fillna(False).astype(bool) if "cached" in rows else pd.Series(False, index=rows.index)
+    total = float(pd.to_numeric(rows.get("runtime_s"), errors="coerce").sum()) if len(rows) else 0.0
+    return (f"this run took {elapsed_s / 60:.1f} min of wall time for {len(rows)} rows ({int(cached.sum())} from the "
+            f"cache); the registrations of all rows add up to {total / 60:.1f} min (cached rows count their "
+            "original runtime).")
 
 
 def variant_rows(rows: pd.DataFrame, variant: str) -> tuple[pd.DataFrame, int]:

@@ -115,6 +115,7 @@ def test_benchmark_api_cache_and_limits(phantom_bids, tmp_path, capsys):
     cols = ["variant", "moving", "fixed", "mean_dice", "mean_target_overlap", "runtime_s", "folded_percent"]
     pd.testing.assert_frame_equal(again.rows[cols], result.rows[cols])
     assert capsys.readouterr().out.count(": cached") == 4
+    assert "for 4 rows (0 from the cache)" in result.markdown and "for 4 rows (4 from the cache)" in again.markdown
 
     # a changed parameter (the seed) makes the rows stale
     stale = bm.run_benchmark(_config(phantom_bids, out, seed=2, variants=["affine"]), show_progress=False)
