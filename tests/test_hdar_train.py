@@ -303,7 +303,9 @@ def test_training_improves_the_loss_on_a_phantom(tmp_path):
     full resolution: at 32^3 the level-resolution loss of S1 would sit on a 16^3 grid): the validation
     (NCC and nearest-neighbour label Dice) improves over the untrained model."""
     data = pair_dataset((32, 32, 32))
-    cfg = TrainConfig(levels=1, steps_per_stage=40, lr=3e-3, augment=False, val_every=40, checkpoint_every=40,
+    # lr 3e-3 sat at the edge of stability here: a change of 1e-7 in the resized inputs (a new but equivalent
+    # Gaussian smoothing) turned a loss gain into a loss; at 2e-3 both give the same gain.
+    cfg = TrainConfig(levels=1, steps_per_stage=40, lr=2e-3, augment=False, val_every=40, checkpoint_every=40,
                       val_pairs=2, cascade=dict(s1_scale=0.5), seed=0, loss_resolution="full")
     before = validate(build_cascade("small", 1, seed=0, s1_scale=0.5), data, [(0, 1), (1, 0)])
     result = train(data, tmp_path, cfg, val_data=data, progress=False, device="cpu")

@@ -214,7 +214,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     mt = torch.as_tensor(unit_range(moving), device=dev)[None, None]
     mk = None if mask is None else torch.as_tensor(mask, device=dev)[None, None]
     # The network runs in its training data's array orientation (model card), the field comes back after.
-    codes = (loaded.card.get("data") or {}).get("orientation")
+    data = loaded.card.get("data")
+    codes = data.get("orientation") if isinstance(data, dict) else None
     ornt = orientation_to(grid.affine, codes) if codes else None
     if ornt is not None and is_identity(ornt):
         ornt = None
