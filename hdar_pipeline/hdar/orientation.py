@@ -60,12 +60,16 @@ def inverse(ornt: np.ndarray) -> np.ndarray:
 
 def to_orientation(x: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
     """Flip and permute the spatial axes of ``(B, C, X, Y, Z)`` as :func:`nibabel.orientations.apply_orientation`
-    does for an array (a scalar volume or a mask; use :func:`reorient_field` for displacements)."""
+    does for an array (a scalar volume or a mask; use :func:`reorient_field` for displacements). The result is
+    contiguous (a copy unless ``ornt`` is the identity), so the network and the refinement loop do not work on
+    strided views."""
+    if is_identity(ornt):
+        return x
     flips = [2 + i for i in range(3) if ornt[i, 1] < 0]
     if flips:
         x = torch.flip(x, flips)
     order = [int(a) for a in np.argsort(ornt[:, 0])]
-    return x.permute(0, 1, *(2 + a for a in order))
+    return x.permute(0, 1, *(2 + a for a in order)).contiguous()
 
 
 def reorient_field(flow: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
