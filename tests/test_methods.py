@@ -208,10 +208,14 @@ def test_register_pair_recovers_an_affine_plus_a_deformation(brain_phantom, defo
     transform, info = register_pair(brain_phantom.image, moving, get_method("demons", threads=1), affine=True,
                                     seed=1, threads=1)
     assert transform.affine is not None and transform.field is not None
-    # Measured against the deformation's own size (the affine part is recovered almost exactly).
-    error, _ = mapping_error_mm(transform, truth, brain_phantom.mask)
-    _, deformation = mapping_error_mm(Transform.identity(brain_phantom.grid), deformed.truth, brain_phantom.mask)
-    assert error < 0.4 * deformation, (error, deformation)
+    error, total = mapping_error_mm(transform, truth, brain_phantom.mask)
+    assert error < 0.2 * total, (error, total)
+    # The affine stage also fits the deformation's low-frequency part (it lands ~2.5 mm from ``a``), so the
+    # pipeline is held to Demons on the deformation alone: measured 1.38 mm against 1.19 mm here (1.42 mm on
+    # CI's CPU), with 0.5 mm of slack for ITK's platform-dependent arithmetic.
+    alone = get_method("demons", seed=1, threads=1).register(brain_phantom.image, deformed.image)
+    alone_error, _ = mapping_error_mm(alone, deformed.truth, brain_phantom.mask)
+    assert error < alone_error + 0.5, (error, alone_error)
     fixed = _labels(brain_phantom.labels)
     after = mean_dice(fixed, _labels(transform.apply(moving_labels, interpolation="nearest")))
     assert after > mean_dice(fixed, _labels(moving_labels)) + 0.1
