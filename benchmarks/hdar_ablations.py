@@ -155,10 +155,10 @@ class Settings:
     mode: str = "fast"
     selection: str = "attention"
     selection_seed: int | None = None
+    prealign: bool = HDARMethod.prealign
     refine: int = 0
+    refine_levels: tuple[float, ...] = HDARMethod.refine_levels
     refine_lr: float = HDARMethod.refine_lr
-    refine_grid: float = HDARMethod.refine_grid
-    refine_scale: float = HDARMethod.refine_scale
     refine_diffeomorphic: bool = HDARMethod.refine_diffeomorphic
     device: str = "auto"
     seed: int | None = None
@@ -169,8 +169,8 @@ class Settings:
 class AblationHDAR(MethodBase):
     """HDAR with an already loaded model (``hdar_pipeline.hdar.weights.LoadedWeights``, on its device) run
     as ``settings`` says: ``levels``, ``mode`` and ``selection`` at inference (the selection generator
-    reseeded with ``selection_seed`` before each pair), then ``refine`` steps of
-    :func:`~hdar_pipeline.methods.hdar.instance_optimise` (as :class:`~hdar_pipeline.methods.hdar.HDARMethod`)."""
+    reseeded with ``selection_seed`` before each pair) after the affine pre-alignment, then ``refine`` steps
+    per level of :func:`~hdar_pipeline.hdar.instance.refine_flow` (as :class:`~hdar_pipeline.methods.hdar.HDARMethod`)."""
 
     name: ClassVar[str] = "hdar"
     settings: Settings = None  # type: ignore[assignment]
@@ -190,8 +190,8 @@ class AblationHDAR(MethodBase):
         self.loaded.model.seed_selection(cfg.selection_seed if cfg.selection_seed is not None else cfg.seed)
         transform, self.device_used = register_with_model(
             self.loaded, fixed, moving, fixed_mask, mode=cfg.mode, levels=cfg.levels, selection=cfg.selection,
-            refine=cfg.refine, refine_lr=cfg.refine_lr, refine_grid=cfg.refine_grid, refine_scale=cfg.refine_scale,
-            refine_diffeomorphic=cfg.refine_diffeomorphic)
+            prealign=cfg.prealign, refine=cfg.refine, refine_levels=tuple(cfg.refine_levels),
+            refine_lr=cfg.refine_lr, refine_diffeomorphic=cfg.refine_diffeomorphic)
         return transform
 
 

@@ -41,14 +41,19 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help="HDAR weights: a shipped name (default) or an exported .pt with its model card beside it")
     p.add_argument("--refine", type=int, default=None, metavar="N",
                    help="HDAR: N instance-optimisation steps after the network (default 0)")
-    p.add_argument("--refine-scale", type=float, default=None, metavar="S",
-                   help="HDAR: resolution of the refinement loss relative to the image (default 0.5, about 8x "
-                        "cheaper per step than 1)")
+    p.add_argument("--refine-levels", type=float, nargs="+", default=None, metavar="S",
+                   help="HDAR: resolutions of the refinement levels relative to the image, coarse to fine "
+                        "(default 0.25 0.5); --refine steps run on each")
+    p.add_argument("--no-prealign", dest="prealign", action="store_false", default=None,
+                   help="HDAR: skip the affine pre-alignment before the network")
     p.set_defaults(func=_run_register)
 
 
 def _method_options(args: argparse.Namespace) -> dict | None:
-    options = {k: getattr(args, k) for k in ("weights", "refine", "refine_scale") if getattr(args, k, None) is not None}
+    options = {k: getattr(args, k) for k in ("weights", "refine", "refine_levels", "prealign")
+               if getattr(args, k, None) is not None}
+    if "refine_levels" in options:
+        options["refine_levels"] = tuple(options["refine_levels"])
     if options and args.method != "hdar":
         raise ValueError(f"--{' and --'.join(k.replace('_', '-') for k in options)} only apply to --method hdar")
     return options or None

@@ -894,6 +894,10 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
         details.append("diffeomorphic (stationary velocity fields integrated by scaling and squaring)" if diffeo
                        else "non-diffeomorphic displacement fields")
     text += f", with {_join(details)}." if details else "."
+    prealign = get("prealign")
+    if prealign:
+        text += (" Before the network, a 12-parameter affine map was fitted on local normalised cross-correlation "
+                 "at a quarter of the image resolution (Adam).")
     refine = get("refine", "refine_steps", "refinement_steps")
     if refine is not None:
         if int(refine) > 0:
@@ -901,15 +905,14 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
             lr = get("refine_lr")
             if lr is not None:
                 extra.append(f"learning rate {_value_text(lr)}")
-            rg = get("refine_grid")
-            if rg is not None:
-                extra.append(f"correction grid {_value_text(rg)} times the image size")
-            rs = get("refine_scale")
-            if rs is not None and float(rs) < 1:
-                extra.append(f"loss computed at {_value_text(rs)} times the image resolution")
+            levels = get("refine_levels")
+            if levels:
+                extra.append("on each of the resolutions " + ", ".join(_value_text(x) for x in levels)
+                             + " times the image size, coarse to fine")
             if get("refine_diffeomorphic"):
-                extra.append("the correction integrated from a stationary velocity field by scaling and squaring")
-            text += (f" The network's field was refined by {int(refine)} steps of instance optimisation (Adam on "
+                extra.append("each correction integrated from a stationary velocity field by scaling and squaring "
+                             "and composed with the field")
+            text += (f" The network's field was refined by {int(refine)} steps per level of instance optimisation (Adam on "
                      "local normalised cross-correlation plus an anti-folding smoothness term"
                      + (f"; {', '.join(extra)}" if extra else "") + ").")
         else:

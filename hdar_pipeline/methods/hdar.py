@@ -7,14 +7,15 @@ Presets
 ``full``
     S1 everywhere, S2/S3 on a sliding window over the brain, blended without seams.
 
-``refine=N`` adds instance optimisation: N Adam steps on the training loss (local NCC + anti-folding
-smoothness, weight 1.5) over a correction ``c`` of the network's field ``u``; the total field is the
-composition ``u o (id + c)``. By default ``c = exp(v)``, a stationary velocity integrated by scaling and
-squaring (``refine_diffeomorphic``), which keeps folding near zero at learning rates that fold a plain
-displacement. The correction lives on a grid of ``refine_grid`` (default 1/4) times the image size
-(trilinearly upsampled) and the loss is computed at ``refine_scale`` (default 1/2) of the image
-resolution, which keeps it smooth and cheap: on 10 held-out LPBA40 pairs 30 steps raised the shipped model's
-mean Dice from 0.618 to 0.684, with at most 0.042 % folded voxels (README, "Results").
+Before the network, ``prealign`` (default on) fits a 12-parameter affine map of the moving image on the same
+local NCC at 1/4 resolution (about a second on a CPU): the network was trained on LPBA40's rigidly aligned
+space, and the affine residual between two subjects (scale, shear) costs it accuracy.
+
+``refine=N`` adds instance optimisation after the network: a pyramid of corrections (``refine_levels``,
+default 1/4 then 1/2 of the image size), each optimised by N Adam steps on the training loss (local NCC +
+anti-folding smoothness, weight from the model card, default 1.5) at that level's resolution and added to
+the field (:func:`hdar_pipeline.hdar.instance.refine_flow`). ``refine_diffeomorphic`` composes
+``exp(v)`` corrections instead, about three times the cost per step.
 
 The inputs are expected affinely aligned on the fixed grid (as :func:`~hdar_pipeline.methods.register_pair`
 provides them); a moving image on another grid is resampled onto the fixed grid first. Intensities
@@ -45,17 +46,16 @@ class HDARMethod(MethodBase):
     Parameters
     ----------
     preset : {"fast", "full"}
+    prealign : bool
+        Fit an affine map on local NCC before the network (:func:`hdar_pipeline.hdar.instance.affine_prealign`).
     refine : int
-        Instance-optimisation steps after the network (0: none).
+        Instance-optimisation steps on each refinement level after the network (0: none).
+    refine_levels : tuple of float
+        Resolutions of the refinement levels relative to the image, coarse to fine.
     refine_lr : float
-        Adam learning rate of the correction, in voxels per step.
-    refine_grid : float
-        Size of the correction grid relative to the image (1: full resolution).
-    refine_scale : float
-        Resolution of the refinement loss relative to the image (1: full resolution; 0.5 costs about an
-        eighth per step on the CPU and optimises the same correction grid at ``refine_grid <= 0.5``).
+        Adam learning rate of the correction, in voxels of each level's grid per step.
     refine_diffeomorphic : bool
-        Integrate the correction as a stationary velocity field (always so for a diffeomorphic model).
+        Compose corrections integrated from stationary velocity fields instead of adding displacements.
     weights : str or Path
         A shipped name (``"default"``) or the path of an exported ``.pt`` (model card beside it).
     device : str
@@ -75,11 +75,11 @@ class HDARMethod(MethodBase):
 
     name: ClassVar[str] = "hdar"
     preset: str = "fast"
+    prealign: bool = True
     refine: int = 0
+    refine_levels: tuple[float, ...] = (0.25, 0.5)
     refine_lr: float = 0.2
-    refine_grid: float = 0.25
-    refine_scale: float = 0.5
-    refine_diffeomorphic: bool = True
+    refine_diffeomorphic: bool = False
     weights: str | Path = "default"
     device: str = "auto"
     seed: int | None = None
@@ -91,10 +91,9 @@ class HDARMethod(MethodBase):
             raise ValueError(f"unknown HDAR preset {self.preset!r}; choose from {sorted(HDAR_PRESETS)}")
         if self.refine < 0:
             raise ValueError("refine must be >= 0")
-        if not 0 < self.refine_grid <= 1:
-            raise ValueError("refine_grid must be in (0, 1]")
-        if not 0 < self.refine_scale <= 1:
-            raise ValueError("refine_scale must be in (0, 1]")
+        self.refine_levels = tuple(float(x) for x in self.refine_levels)
+        if not self.refine_levels or not all(0 < x <= 1 for x in self.refine_levels):
+            raise ValueError(f"refine_levels must be scales in (0, 1], got {self.refine_levels}")
         from ..hdar.weights import resolve_weights
 
         resolve_weights(self.weights)  # fail early, with the clear message, when there are none
@@ -125,8 +124,8 @@ class HDARMethod(MethodBase):
             moving = resample_to(moving, grid, interpolation="linear")
         dev = resolve_device(self.device)
         transform, self.device_used = register_with_model(
-            self._model(dev), fixed, moving, fixed_mask, mode=HDAR_PRESETS[self.preset]["mode"], refine=self.refine,
-            refine_lr=self.refine_lr, refine_grid=self.refine_grid, refine_scale=self.refine_scale,
+            self._model(dev), fixed, moving, fixed_mask, mode=HDAR_PRESETS[self.preset]["mode"],
+            prealign=self.prealign, refine=self.refine, refine_levels=self.refine_levels, refine_lr=self.refine_lr,
             refine_diffeomorphic=self.refine_diffeomorphic, device=dev)
         return transform
 
@@ -152,13 +151,15 @@ def unit_range(img) -> np.ndarray:
 
 
 def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: str = "fast",
-                        levels: int | None = None, selection: str | None = None, refine: int = 0,
-                        refine_lr: float = 0.2, refine_grid: float = 0.25, refine_scale: float = 0.5,
-                        refine_diffeomorphic: bool = True, device: Any = None) -> tuple[Transform, str]:
+                        levels: int | None = None, selection: str | None = None, prealign: bool = True,
+                        refine: int = 0, refine_levels: tuple[float, ...] = (0.25, 0.5), refine_lr: float = 0.2,
+                        refine_diffeomorphic: bool = False, device: Any = None) -> tuple[Transform, str]:
     """Register an aligned pair with an already loaded HDAR model (the core of :class:`HDARMethod`).
 
-    The network runs without gradients; ``refine`` steps of :func:`instance_optimise` follow (smoothness
-    weight from the model card's training config, default 1.5). Both run on the pair flipped and permuted
+    An affine pre-alignment (``prealign``, :func:`~hdar_pipeline.hdar.instance.affine_prealign`) comes
+    first; the network runs without gradients on the pre-aligned moving image; ``refine`` steps per level
+    of :func:`~hdar_pipeline.hdar.instance.refine_flow` follow (smoothness weight from the model card's
+    training config, default 1.5). All run on the pair flipped and permuted
     into the array orientation of the training data (``card["data"]["orientation"]``, e.g. ``"LPS"``; see
     :mod:`hdar_pipeline.hdar.orientation`), and the field is mapped back onto the fixed image's array.
     Threads, seeds and the random-selection generator are left as the caller set them.
@@ -177,12 +178,16 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
         Run only the first ``levels`` sub-networks (default: all).
     selection : {"attention", "random"}, optional
         Fast mode's patch ranking (default: the model's).
+    prealign : bool
+        Fit an affine map on local NCC before the network.
     refine : int
-        Instance-optimisation steps (0: none).
-    refine_lr, refine_grid, refine_scale : float
-        Their learning rate, correction grid size and loss resolution (see :func:`instance_optimise`).
+        Instance-optimisation steps per refinement level (0: none).
+    refine_levels : tuple of float
+        The levels' resolutions relative to the image, coarse to fine.
+    refine_lr : float
+        Adam's learning rate on every level.
     refine_diffeomorphic : bool
-        The correction is a stationary velocity field (forced for a diffeomorphic model).
+        Compose ``exp(v)`` corrections (forced for a diffeomorphic model) instead of adding them.
     device : torch.device, optional
         Where the model is (default: the device of its parameters).
 
@@ -200,6 +205,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     import torch
 
     from ..hdar.cascade import field_voxels_to_transform
+    from ..hdar.instance import affine_prealign, default_refine_levels, refine_flow
+    from ..hdar.layers import SpatialTransformer, compose_flows
     from ..hdar.orientation import inverse, is_identity, orientation_to, reorient_field, to_orientation
 
     model = loaded.model
@@ -222,85 +229,22 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     if ornt is not None:
         ft, mt = to_orientation(ft, ornt), to_orientation(mt, ornt)
         mk = None if mk is None else to_orientation(mk, ornt)
+    pre = affine_prealign(ft, mt) if prealign else None
     with torch.no_grad():
-        flow = model(ft, mt, mask=mk, mode=mode, levels=levels, selection=selection).flow.float()
+        aligned = mt if pre is None else SpatialTransformer("bilinear", "zeros")(mt, pre)
+        flow = model(ft, aligned, mask=mk, mode=mode, levels=levels, selection=selection).flow.float()
+        if pre is not None:
+            flow = compose_flows(pre, flow)
     if refine:
-        flow = instance_optimise(ft, mt, flow, steps=refine, lr=refine_lr, grid_scale=refine_grid,
-                                 loss_scale=refine_scale,
-                                 diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic),
-                                 smooth_weight=float(loaded.card.get("config", {}).get("training", {})
-                                                     .get("smooth_weight", 1.5)))
+        training = loaded.card.get("config", {}).get("training", {})
+        flow = refine_flow(ft, mt, flow, default_refine_levels(refine, refine_levels, lr=refine_lr),
+                           smooth_weight=float(training.get("smooth_weight", 1.5)),
+                           diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic))
     if ornt is not None:
         flow = reorient_field(flow, inverse(ornt)).contiguous()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     device_used = str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}"
     return field_voxels_to_transform(flow, grid, weights_sha256=loaded.sha256, weights=loaded.name,
-                                     device=device_used, refine_steps=int(refine)), device_used
-
-
-def instance_optimise(fixed, moving, flow, *, steps: int, lr: float = 0.1, grid_scale: float = 0.5,
-                      loss_scale: float = 1.0, smooth_weight: float = 1.5, window: int = 9,
-                      diffeomorphic: bool = False):
-    """Refine a displacement by optimising a correction on the training loss.
-
-    Parameters
-    ----------
-    fixed, moving : Tensor ``(1, 1, X, Y, Z)``
-        Intensities in [0, 1] on the fixed grid.
-    flow : Tensor ``(1, 3, X, Y, Z)``
-        The network's displacement (voxels).
-    steps : int
-        Adam steps.
-    lr : float
-        Adam learning rate (voxels of the correction grid per step, roughly).
-    grid_scale : float
-        Correction grid size relative to the image.
-    loss_scale : float
-        Resolution of the loss relative to the image: below 1 the images are resized once (antialiased)
-        and the network's field and the correction are resized to that grid at every step; the returned
-        field is still composed at full resolution.
-    smooth_weight : float
-        Weight of the anti-folding smoothness of the total field.
-    window : int
-        Local NCC window.
-    diffeomorphic : bool
-        Treat the correction as a stationary velocity (integrated by scaling and squaring).
-
-    Returns
-    -------
-    Tensor ``(1, 3, X, Y, Z)``: ``compose_flows(flow, c)``, detached.
-    """
-    import torch
-
-    from ..hdar.layers import SpatialTransformer, VecInt, compose_flows, resize_flow, resize_volume
-    from ..hdar.losses import anti_folding_loss, local_ncc_loss
-
-    shape = tuple(flow.shape[2:])
-    small = tuple(max(4, int(round(n * grid_scale))) for n in shape)
-    base = flow.detach()
-    corr = torch.zeros((1, 3, *small), device=flow.device, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([corr], lr=lr)
-    warp = SpatialTransformer("bilinear", "zeros")
-    integrate = VecInt(7) if diffeomorphic else None
-
-    loss_shape = shape if loss_scale >= 1 else tuple(max(4, int(round(n * loss_scale))) for n in shape)
-    f_loss, m_loss = fixed, moving
-    base_loss = base
-    if loss_shape != shape:
-        f_loss, m_loss = resize_volume(fixed, loss_shape), resize_volume(moving, loss_shape)
-        base_loss = resize_flow(base, loss_shape)
-
-    def total(on=base, size=shape) -> torch.Tensor:
-        c = integrate(corr) if integrate is not None else corr
-        return compose_flows(on, resize_flow(c, size))
-
-    with torch.enable_grad():
-        for _ in range(int(steps)):
-            u = total(base_loss, loss_shape)
-            loss = local_ncc_loss(f_loss, warp(m_loss, u), window) + smooth_weight * anti_folding_loss(u)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        return total()
+                                     device=device_used, refine_steps=int(refine),
+                                     prealign=bool(prealign)), device_used
