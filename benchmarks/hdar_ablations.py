@@ -135,7 +135,7 @@ def ablations(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Ablation]:
         Ablation("fast", "mode", "S2/S3 on the K hardest patches"),
         Ablation("full", "mode", "S2/S3 on a sliding window over the brain", mode="full"),
         Ablation("refine-0", "refinement", "no instance optimisation"),
-        Ablation(f"refine-{n}", "refinement", f"fast + {n} instance-optimisation steps", refine=n),
+        Ablation(f"refine-{n}", "refinement", f"fast + {n} instance-optimisation steps per level", refine=n),
         Ablation("diffeomorphic", "parameterisation", "stationary velocity, scaling and squaring", "diffeomorphic"),
         Ablation("displacement", "parameterisation", "displacement field", "displacement"),
     ]
@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, default=list(VARIANT_NAMES), metavar="VARIANT",
                    help=f"variants to run (default all: {', '.join(VARIANT_NAMES)})")
     p.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS, metavar="N",
-                   help=f"instance-optimisation steps of refine-N (default {DEFAULT_REFINE_STEPS})")
+                   help=f"instance-optimisation steps per refinement level of refine-N (default {DEFAULT_REFINE_STEPS})")
     p.add_argument("--random-seeds", type=int, default=DEFAULT_RANDOM_SEEDS, metavar="N",
                    help=f"selection seeds of the random variant, SEED..SEED+N-1 (default {DEFAULT_RANDOM_SEEDS})")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")

@@ -118,7 +118,7 @@ def default_variants(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Vari
         Variant("hdar-fast", "hdar", "fast", {}, "HDAR, S2/S3 on the hardest patches"),
         Variant("hdar-full", "hdar", "full", {}, "HDAR, S2/S3 on a sliding window"),
         Variant("hdar-refined", "hdar", "fast", {"refine": int(refine_steps)},
-                f"HDAR fast + {int(refine_steps)} instance-optimisation steps"),
+                f"HDAR fast + {int(refine_steps)} instance-optimisation steps per refinement level"),
         Variant("syn-quality", "syn", "quality", {}, "ANTs SyN, antsRegistrationSyN.sh quality"),
     ]
     return {v.name: v for v in variants}
@@ -1142,7 +1142,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
                     help="run VARIANT on its first N pairs only ('all' lifts the limit); default syn-quality=1 "
                          "(about 30 min per LPBA40 pair on 2 cores)")
     mg.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS, metavar="N",
-                    help=f"instance-optimisation steps of hdar-refined (default {DEFAULT_REFINE_STEPS})")
+                    help=f"instance-optimisation steps per refinement level of hdar-refined (default {DEFAULT_REFINE_STEPS})")
     mg.add_argument("--hdar-weights", metavar="NAME|PATH", help="HDAR weights (default: the shipped 'default')")
     aff = mg.add_mutually_exclusive_group()
     aff.add_argument("--affine", dest="affine", action="store_true", default=None,

@@ -40,7 +40,7 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None,
                    help="HDAR weights: a shipped name (default) or an exported .pt with its model card beside it")
     p.add_argument("--refine", type=int, default=None, metavar="N",
-                   help="HDAR: N instance-optimisation steps after the network (default 0)")
+                   help="HDAR: N instance-optimisation steps on each refinement level after the network (default 0)")
     p.add_argument("--refine-levels", type=float, nargs="+", default=None, metavar="S",
                    help="HDAR: resolutions of the refinement levels relative to the image, coarse to fine "
                         "(default 0.25 0.5); --refine steps run on each")
