@@ -74,7 +74,7 @@ from hdar_pipeline.methods.hdar import HDARMethod, register_with_model, unit_ran
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ablations"
-DEFAULT_REFINE_STEPS = 30
+DEFAULT_REFINE_STEPS = 20
 DEFAULT_RANDOM_SEEDS = 3
 VARIANT_NAMES = ("levels-1", "levels-2", "levels-3", "attention", "random", "fast", "full", "refine-0", "refine-N",
                  "diffeomorphic", "displacement")

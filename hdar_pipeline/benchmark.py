@@ -72,7 +72,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = "benchmark-results"
-DEFAULT_REFINE_STEPS = 30
+DEFAULT_REFINE_STEPS = 20
 #: Variants limited to fewer pairs unless ``--max-pairs-per-variant`` says otherwise.
 DEFAULT_MAX_PAIRS: dict[str, int] = {"syn-quality": 1}
 #: LPBA40's held-out (validation) subjects.

@@ -44,13 +44,17 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-levels", type=float, nargs="+", default=None, metavar="S",
                    help="HDAR: resolutions of the refinement levels relative to the image, coarse to fine "
                         "(default 0.25 0.5); --refine steps run on each")
+    p.add_argument("--refine-similarity", choices=("full", "level"), default=None,
+                   help="HDAR: the finest refinement level's loss: 'full' (default) the local NCC of the "
+                        "full-resolution images, linearised around the warp; 'level' the images downsampled "
+                        "to that level")
     p.add_argument("--no-prealign", dest="prealign", action="store_false", default=None,
                    help="HDAR: skip the affine pre-alignment before the network")
     p.set_defaults(func=_run_register)
 
 
 def _method_options(args: argparse.Namespace) -> dict | None:
-    options = {k: getattr(args, k) for k in ("weights", "refine", "refine_levels", "prealign")
+    options = {k: getattr(args, k) for k in ("weights", "refine", "refine_levels", "refine_similarity", "prealign")
                if getattr(args, k, None) is not None}
     if "refine_levels" in options:
         options["refine_levels"] = tuple(options["refine_levels"])

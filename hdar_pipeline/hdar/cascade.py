@@ -40,6 +40,13 @@ Design decisions
 * **Sizes** are configurable; the paper's are 56^3 network inputs, 112^3 S2 patches, 56^3 S3 patches.
   For LPBA40's 160x192x160 the S1 input is 40x48x40 (exactly 1/4).
 
+* **Working resolution.** By default (``resolution="full"``, what training uses) every field lives on the
+  full-resolution grid. ``resolution="level"`` (inference) keeps the fields on the grid of the finest
+  level that runs, ``input / patch`` of the full grid (1/2 for a two-level cascade with the paper's sizes):
+  S2 then crops its 56^3 inputs straight from half-resolution images instead of resizing 112^3 crops,
+  and warps, blending and compositions cost an eighth. The field is upsampled to full resolution only
+  when ``CascadeOutput.flow`` is read.
+
 Batches: S1 runs batched; patch levels loop over batch elements (each has its own patches).
 """
 
@@ -176,26 +183,35 @@ class LevelResult:
     ----------
     level : int
         1, 2 or 3.
-    flow : Tensor ``(B, 3, X, Y, Z)``
-        The cumulative full-resolution field after this level (voxels).
+    flow : Tensor ``(B, 3, x, y, z)``
+        The cumulative field after this level, in voxels of its own grid: the full-resolution grid, or
+        the cascade's working grid with ``resolution="level"``.
     patches : list (per batch element) of list of Patch
         Level 1: one patch covering the volume.
     attention : list (per batch element) of list of Tensor ``(1, 1, x, y, z)``
         Channel-mean attention map of each patch (detached), at half the network input resolution;
         it covers its patch's full-resolution box.
+    shape : 3 ints, optional
+        The full-resolution grid (default: ``flow``'s).
     """
 
     level: int
     flow: torch.Tensor
     patches: list[list[Patch]]
     attention: list[list[torch.Tensor]]
+    shape: tuple[int, int, int] | None = None
+
+    @property
+    def full_shape(self) -> tuple[int, int, int]:
+        """The full-resolution grid the patches refer to (``flow`` may be on a coarser working grid)."""
+        return tuple(self.shape) if self.shape is not None else tuple(self.flow.shape[2:])  # type: ignore
 
     def attention_volume(self, batch: int = 0) -> torch.Tensor:
         """This level's attention painted on the full-resolution grid, ``(X, Y, Z)`` in [0, 1], for QC.
 
         Each patch's map is resized to its box; overlapping boxes are averaged; voxels in no patch are 0.
         """
-        blender = PatchBlender(self.flow.shape[2:], channels=1, taper=0, device=self.flow.device)
+        blender = PatchBlender(self.full_shape, channels=1, taper=0, device=self.flow.device)
         for patch, att in zip(self.patches[batch], self.attention[batch]):
             blender.add(resize_volume(att.to(self.flow.dtype), patch.size, antialias=False), patch)
         return blender.result()[0, 0]
@@ -205,12 +221,20 @@ class LevelResult:
 class CascadeOutput:
     """Result of :meth:`HDARCascade.forward`.
 
-    ``flow``: ``(B, 3, X, Y, Z)`` full-resolution displacement in voxels of the fixed grid (sample the
-    moving image at ``x + flow``); ``levels``: one :class:`LevelResult` per level run.
+    ``levels``: one :class:`LevelResult` per level run; ``flow``: ``(B, 3, X, Y, Z)`` full-resolution
+    displacement in voxels of the fixed grid (sample the moving image at ``x + flow``), the last level's
+    field upsampled from the working grid when that is coarser (computed when first read).
     """
 
-    flow: torch.Tensor
     levels: list[LevelResult] = dc_field(default_factory=list)
+    _flow: torch.Tensor | None = dc_field(default=None, repr=False)
+
+    @property
+    def flow(self) -> torch.Tensor:
+        if self._flow is None:
+            last = self.levels[-1]
+            self._flow = resize_flow(last.flow, last.full_shape)
+        return self._flow
 
     def patches(self, level: int, batch: int = 0) -> list[Patch]:
         return self.levels[level - 1].patches[batch]
@@ -251,9 +275,10 @@ class HDARCascade(nn.Module):
     # ------------------------------------------------------------------ building blocks
 
     def level1(self, fixed: torch.Tensor, moving: torch.Tensor,
-               inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run S1. Returns the full-resolution field ``(B, 3, X, Y, Z)`` (voxels) and S1's attention
-        ``(B, w2, x, y, z)`` (half the S1 input size, covering the whole volume).
+               inputs: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+               out_shape: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run S1. Returns its field (voxels) on ``out_shape`` (default: the full-resolution grid of
+        ``fixed``) and S1's attention ``(B, w2, x, y, z)`` (half the S1 input size, covering the volume).
 
         ``inputs``: fixed and moving already resized to ``config.s1_size`` (a trainer's cache); by default
         they are resized here."""
@@ -266,7 +291,7 @@ class HDARCascade(nn.Module):
         out, att = self.nets[0](torch.cat([m, f, m - f], dim=1))
         if self.config.diffeomorphic:
             out = self.integrate(out)
-        return resize_flow(out, fixed.shape[2:]), att
+        return resize_flow(out, fixed.shape[2:] if out_shape is None else out_shape), att
 
     def refine_patch(self, level: int, fixed: torch.Tensor, warped: torch.Tensor, flow: torch.Tensor,
                      patch: Patch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,12 +337,17 @@ class HDARCascade(nn.Module):
         return residuals, attention
 
     def refine(self, level: int, fixed: torch.Tensor, moving: torch.Tensor, flow: torch.Tensor,
-               patches: Sequence[Patch]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               patches: Sequence[Patch], *, scale: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Refine ``flow`` ``(1, 3, X, Y, Z)`` with S2/S3 on ``patches``; return the new field and the
-        attention map of each patch. This is the unit a stage-wise trainer calls for S2/S3."""
+        attention map of each patch. This is the unit a stage-wise trainer calls for S2/S3.
+
+        ``scale``: ``fixed``, ``moving`` and ``flow`` are on a working grid at this fraction of the
+        full-resolution grid that ``patches`` refer to (the field in voxels of the working grid)."""
         shape = fixed.shape[2:]
+        if scale != 1.0:
+            patches = [scale_patch(p, scale) for p in patches]
         warped = self.warp(moving, flow)
-        taper = [int(round(self.config.taper * p)) for p in self.config.patch_size(level)]
+        taper = [int(round(self.config.taper * p * scale)) for p in self.config.patch_size(level)]
         blender = PatchBlender(shape, channels=3, taper=taper, device=flow.device, dtype=flow.dtype)
         if not patches:
             return flow, []
@@ -340,7 +370,7 @@ class HDARCascade(nn.Module):
         selection = selection or cfg.selection
         if selection not in ("attention", "random"):
             raise ValueError(f"selection must be 'attention' or 'random', got {selection!r}")
-        shape = tuple(previous.flow.shape[2:])
+        shape = previous.full_shape
         size = cfg.patch_size(level)
         mask_np = None if mask is None else mask[batch, 0].detach().cpu().numpy().astype(bool)
         if mode == "full":
@@ -362,7 +392,9 @@ class HDARCascade(nn.Module):
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, *, mask: torch.Tensor | None = None,
                 mode: Mode | None = None, levels: int | None = None,
                 selection: Selection | None = None, top_k: int | None = None,
-                s1_inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> CascadeOutput:
+                s1_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                resolution: Literal["full", "level"] = "full",
+                work_inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> CascadeOutput:
         """Register ``moving`` to ``fixed``.
 
         Parameters
@@ -382,6 +414,15 @@ class HDARCascade(nn.Module):
             Overrides ``config.top_k`` (fast mode's patches per level; the trainer may use fewer).
         s1_inputs : (fixed, moving) at S1's input size, optional
             Skips S1's resizing (see :meth:`level1`).
+        resolution : "full" or "level"
+            The grid the fields live on while the levels run: the full-resolution grid (training), or the
+            finest level's own grid (:meth:`work_scale`; inference: same networks, fewer full-resolution
+            operations). ``CascadeOutput.flow`` is full-resolution either way; the levels' ``flow`` are on
+            the working grid.
+        work_inputs : (fixed, moving) on the working grid, optional
+            Skips their resizing with ``resolution="level"``. Like ``s1_inputs`` they take precedence over
+            ``fixed`` and ``moving``, which then only give the full-resolution grid and the default mask
+            (a caller may pass a pre-aligned moving image here only, at the low resolutions).
         """
         if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
             raise ValueError(f"fixed and moving must both be (B, 1, X, Y, Z); got {tuple(fixed.shape)} "
@@ -394,22 +435,49 @@ class HDARCascade(nn.Module):
                 mask = None
         shape = tuple(fixed.shape[2:])
         batch = fixed.shape[0]
+        if resolution not in ("full", "level"):
+            raise ValueError(f"resolution must be 'full' or 'level', got {resolution!r}")
+        scale = 1.0 if resolution == "full" else self.work_scale(n_levels)
+        work = self.work_shape(shape, scale)
+        fixed_w, moving_w = fixed, moving
+        if work != shape:
+            if work_inputs is not None and all(tuple(t.shape[2:]) == work for t in work_inputs):
+                fixed_w, moving_w = work_inputs
+            else:
+                fixed_w, moving_w = resize_volume(fixed, work), resize_volume(moving, work)
         whole = Patch((0, 0, 0), shape)  # type: ignore[arg-type]
-        flow, att = self.level1(fixed, moving, s1_inputs)
+        flow, att = self.level1(fixed, moving, s1_inputs, out_shape=work)
         result = LevelResult(1, flow, [[whole] for _ in range(batch)],
-                             [[att[b:b + 1].detach().mean(1, keepdim=True)] for b in range(batch)])
+                             [[att[b:b + 1].detach().mean(1, keepdim=True)] for b in range(batch)], shape)
         results = [result]
         for level in range(2, n_levels + 1):
             flows, patches, attention = [], [], []
             for b in range(batch):
                 chosen = self.select(level, result, b, mask, mode, selection, top_k)
-                new, atts = self.refine(level, fixed[b:b + 1], moving[b:b + 1], result.flow[b:b + 1], chosen)
+                new, atts = self.refine(level, fixed_w[b:b + 1], moving_w[b:b + 1], result.flow[b:b + 1], chosen,
+                                        scale=scale)
                 flows.append(new)
                 patches.append(chosen)
                 attention.append([a.detach().mean(1, keepdim=True) for a in atts])
-            result = LevelResult(level, torch.cat(flows, 0), patches, attention)
+            result = LevelResult(level, torch.cat(flows, 0), patches, attention, shape)
             results.append(result)
-        return CascadeOutput(result.flow, results)
+        return CascadeOutput(results)
+
+    def work_scale(self, levels: int | None = None) -> float:
+        """Resolution of the finest of the first ``levels`` levels relative to the full grid: 1 for S1
+        alone or with S3 (full-resolution patches), ``input / patch`` (1/2) with S2 as the finest."""
+        n = self.config.levels if levels is None else min(int(levels), self.config.levels)
+        if n == 1:
+            return 1.0
+        ratios = [i / p for i, p in zip(self.config.input_size(n), self.config.patch_size(n))]
+        return float(max(ratios)) if max(ratios) < 1.0 else 1.0
+
+    @staticmethod
+    def work_shape(shape: Sequence[int], scale: float) -> tuple[int, int, int]:
+        """The working grid for ``scale``: ``round(n * scale)`` per axis (the full grid for 1)."""
+        if scale == 1.0:
+            return tuple(int(n) for n in shape)  # type: ignore[return-value]
+        return tuple(max(4, int(round(int(n) * scale))) for n in shape)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -430,6 +498,13 @@ class HDARCascade(nn.Module):
         model = cls(CascadeConfig.from_dict({**checkpoint["config"], **overrides}))
         model.load_state_dict(checkpoint["state_dict"])
         return model
+
+
+def scale_patch(patch: Patch, scale: float) -> Patch:
+    """``patch`` on a grid at ``scale`` of its own (start floored, size rounded, at least 1 voxel)."""
+    start = tuple(int(np.floor(s * scale)) for s in patch.start)
+    size = tuple(max(1, int(round(n * scale))) for n in patch.size)
+    return Patch(start, size, patch.score, patch.parent)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------- conversion
@@ -460,7 +535,18 @@ def field_voxels_to_transform(flow: torch.Tensor | np.ndarray, grid: Grid, **met
     if arr.ndim != 4 or arr.shape[0] != 3 or tuple(arr.shape[1:]) != tuple(grid.shape):
         raise ValueError(f"flow must be (3, *{tuple(grid.shape)}), got {arr.shape}")
     lin = grid.lps_affine[:3, :3].astype(np.float64)
-    field = np.einsum("ca,axyz->xyzc", lin, arr.astype(np.float64)).astype(np.float32)
+    arr = arr.astype(np.float32, copy=False)
+    field = np.empty((*arr.shape[1:], 3), np.float32)
+    for c in range(3):
+        # a sum of scaled components (most grids have one non-zero per row); float32 like the result
+        terms = [(a, np.float32(lin[c, a])) for a in range(3) if lin[c, a] != 0.0]
+        out = field[..., c]
+        if not terms:
+            out[...] = 0.0
+            continue
+        np.multiply(arr[terms[0][0]], terms[0][1], out=out)
+        for a, w in terms[1:]:
+            out += arr[a] * w
     return Transform(grid, field=field, metadata=dict(metadata))
 
 

@@ -1,8 +1,8 @@
 """Instance optimisation around the network: an affine pre-alignment before it, a refinement after it.
 
 Both optimise the network's own training loss (local NCC, plus the anti-folding smoothness for the
-refinement) with Adam on one image pair, on downsampled copies of the images, so they cost a few seconds
-on a CPU for a 160 x 192 x 160 pair.
+refinement) with Adam on one image pair, on downsampled copies of the images (an :class:`ImagePyramid`
+shared with the network's inputs), so they cost a few seconds on a CPU for a 160 x 192 x 160 pair.
 
 Shapes and units
 ----------------
@@ -13,21 +13,63 @@ of their own grid, channel ``c`` along array axis ``c`` (as in :mod:`hdar_pipeli
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
-from .layers import SpatialTransformer, VecInt, compose_flows, identity_grid, resize_flow, resize_volume
-from .losses import anti_folding_loss, local_ncc_loss
+from .layers import (SpatialTransformer, VecInt, compose_flows, identity_grid, resize_flow, resize_volume,
+                     sample_region)
+from .losses import LocalNCC, anti_folding_loss
 
-__all__ = ["RefineLevel", "affine_displacement", "affine_prealign", "default_refine_levels", "refine_flow",
-           "scaled_shape"]
+__all__ = ["ImagePyramid", "RefineLevel", "affine_displacement", "affine_prealign", "default_refine_levels",
+           "refine_flow", "scaled_shape"]
 
 
 def scaled_shape(shape: Sequence[int], scale: float) -> tuple[int, int, int]:
     """``round(n * scale)`` per axis, at least 4 voxels."""
     return tuple(max(4, int(round(int(n) * float(scale)))) for n in shape)
+
+
+class ImagePyramid:
+    """Antialiased down-sampled copies of one volume, each computed once.
+
+    ``pyramid.at(size)`` is :func:`~hdar_pipeline.hdar.layers.resize_volume` of the volume to ``size``,
+    computed from the smallest cached copy that is still at least ``size`` on every axis (with the
+    smoothing that copy already carries deducted), so a 1/4 copy after a 1/2 one costs little. The
+    pre-alignment, the network's inputs and the refinement levels of one registration share one pyramid
+    per image.
+
+    Parameters
+    ----------
+    image : Tensor ``(B, C, X, Y, Z)``
+    """
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image = image
+        self.shape: tuple[int, int, int] = tuple(int(n) for n in image.shape[2:])  # type: ignore[assignment]
+        self._levels: dict[tuple[int, ...], torch.Tensor] = {self.shape: image}
+
+    def at(self, size: Sequence[int]) -> torch.Tensor:
+        """The volume resized to ``size`` (voxels per axis), ``(B, C, *size)``."""
+        size = tuple(int(v) for v in size)
+        if size not in self._levels:
+            sources = [k for k in self._levels if all(a >= b for a, b in zip(k, size))]
+            source = min(sources, key=math.prod) if sources else self.shape
+            if source == self.shape:
+                out = resize_volume(self.image, size)
+            else:
+                out = resize_volume(self._levels[source], size, source_shape=self.shape)
+            self._levels[size] = out
+        return self._levels[size]
+
+
+Volume = Union[torch.Tensor, ImagePyramid]
+
+
+def _pyramid(volume: Volume) -> ImagePyramid:
+    return volume if isinstance(volume, ImagePyramid) else ImagePyramid(volume)
 
 
 # ---------------------------------------------------------------------------------- affine pre-alignment
@@ -65,8 +107,8 @@ def affine_displacement(delta: torch.Tensor, translation: torch.Tensor, shape: S
     return d * half * s
 
 
-def affine_prealign(fixed: torch.Tensor, moving: torch.Tensor, *, steps: int = 50, scale: float = 0.25,
-                    lr: float = 0.01, window: int = 5) -> torch.Tensor:
+def affine_prealign(fixed: Volume, moving: Volume, *, steps: int = 30, scale: float = 0.25,
+                    lr: float = 0.015, window: int = 5, out_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Fit a 12-parameter affine map of the moving image onto the fixed one and return its displacement.
 
     Adam on local NCC (``window`` voxels of the downsampled grid) between the fixed image and the warped
@@ -76,7 +118,7 @@ def affine_prealign(fixed: torch.Tensor, moving: torch.Tensor, *, steps: int = 5
 
     Parameters
     ----------
-    fixed, moving : Tensor ``(1, 1, X, Y, Z)``
+    fixed, moving : Tensor ``(1, 1, X, Y, Z)`` or ImagePyramid of one
         Intensities in [0, 1] on one grid.
     steps : int
         Adam steps (0 returns a zero field).
@@ -86,30 +128,35 @@ def affine_prealign(fixed: torch.Tensor, moving: torch.Tensor, *, steps: int = 5
         Adam learning rate in the normalised units of :func:`affine_displacement`.
     window : int
         Local NCC window, voxels of the downsampled grid.
+    out_shape : 3 ints, optional
+        Grid to return the displacement on (default: the image grid); the map is affine, so it is exact
+        on any grid.
 
     Returns
     -------
-    Tensor ``(1, 3, X, Y, Z)``
-        The affine displacement in voxels of the image grid, detached.
+    Tensor ``(1, 3, *out_shape)``
+        The affine displacement in voxels of ``out_shape``, detached.
     """
-    full = tuple(fixed.shape[2:])
-    dev = fixed.device
+    fp, mp = _pyramid(fixed), _pyramid(moving)
+    full = fp.shape
+    dev = fp.image.device
     delta = torch.zeros(3, 3, device=dev, requires_grad=True)
     translation = torch.zeros(3, device=dev, requires_grad=True)
     if steps > 0:
         # no coarser than 32 voxels per axis: too few voxels make the NCC fit noisy on small images
         small = tuple(min(n, max(m, 32)) for n, m in zip(full, scaled_shape(full, scale)))
-        f, m = resize_volume(fixed.float(), small), resize_volume(moving.float(), small)
+        f, m = fp.at(small).float(), mp.at(small).float()
+        ncc = LocalNCC(f, window)
         warp = SpatialTransformer("bilinear", "zeros")
         opt = torch.optim.Adam([delta, translation], lr=lr)
         with torch.enable_grad():
             for _ in range(int(steps)):
-                loss = local_ncc_loss(f, warp(m, affine_displacement(delta, translation, small, full)), window)
+                loss = ncc.loss(warp(m, affine_displacement(delta, translation, small, full)))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
     with torch.no_grad():
-        return affine_displacement(delta.detach(), translation.detach(), full, full)
+        return affine_displacement(delta.detach(), translation.detach(), out_shape or full, full)
 
 
 # ---------------------------------------------------------------------------------- refinement
@@ -122,48 +169,80 @@ class RefineLevel:
     Parameters
     ----------
     scale : float
-        Resolution of both the loss and the correction grid relative to the image (0.5: half).
+        Resolution of the correction grid relative to the image (0.5: half); with
+        ``similarity="level"`` also the resolution of the loss.
     steps : int
         Adam steps on this level.
     lr : float
         Adam learning rate, voxels of this level's grid per step (roughly).
     window : int
-        Local NCC window, voxels of this level's grid.
+        Local NCC window, voxels of this level's grid (with ``similarity="full"``: blocks of
+        ``1 / scale`` full-resolution voxels, so 5 at 1/2 is a 10-voxel window).
+    similarity : {"level", "full"}
+        ``"level"``: the loss on the images downsampled to this level. ``"full"``: the local NCC of the
+        full-resolution images, with block-aligned windows and the warp linearised
+        (:class:`~hdar_pipeline.hdar.block_ncc.LinearisedBlockNCC`); ``1 / scale`` must be a whole number.
+        It sees the detail that the downsampled images lose, at little more than the level's own cost.
+    relinearise : int
+        ``similarity="full"``: steps between re-warps of the full-resolution moving image.
     """
 
     scale: float
     steps: int
     lr: float = 0.2
     window: int = 9
+    similarity: str = "level"
+    relinearise: int = 5
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 1:
             raise ValueError(f"refinement scale must be in (0, 1], got {self.scale}")
         if self.steps < 0:
             raise ValueError("refinement steps must be >= 0")
+        if self.similarity not in ("level", "full"):
+            raise ValueError(f"similarity must be 'level' or 'full', got {self.similarity!r}")
+        if self.similarity == "full" and abs(1.0 / self.scale - round(1.0 / self.scale)) > 1e-6:
+            raise ValueError(f"similarity='full' needs a scale of 1/b for a whole number b, got {self.scale}")
+        if self.relinearise < 1:
+            raise ValueError("relinearise must be >= 1")
+
+    @property
+    def block(self) -> int:
+        """Full-resolution voxels per correction voxel along each axis (``similarity="full"``)."""
+        return int(round(1.0 / self.scale))
 
 
 def default_refine_levels(steps: int, scales: Sequence[float] = (0.25, 0.5), *, lr: float = 0.2,
-                          window: int = 9) -> list[RefineLevel]:
-    """``steps`` Adam steps on each of ``scales`` (coarse to fine), the same ``lr`` and ``window``."""
-    return [RefineLevel(float(s), int(steps), lr, window) for s in scales]
+                          window: int = 9, similarity: str = "full", full_window: int = 5,
+                          relinearise: int = 5) -> list[RefineLevel]:
+    """``steps`` Adam steps on each of ``scales`` (coarse to fine), the same ``lr``; the finest level's loss
+    at ``similarity`` (default ``"full"``: full-resolution NCC, windows of ``full_window`` blocks), the
+    others at their own resolution with ``window``."""
+    levels = [RefineLevel(float(s), int(steps), lr, window) for s in scales]
+    if similarity == "full" and levels:
+        last = levels[-1]
+        levels[-1] = RefineLevel(last.scale, last.steps, lr, full_window, "full", relinearise)
+    return levels
 
 
-def refine_flow(fixed: torch.Tensor, moving: torch.Tensor, flow: torch.Tensor, levels: Sequence[RefineLevel], *,
-                smooth_weight: float = 1.5, diffeomorphic: bool = False) -> torch.Tensor:
+def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Sequence[RefineLevel], *,
+                smooth_weight: float = 1.5, diffeomorphic: bool = False,
+                out_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Refine a displacement coarse to fine by optimising a correction on the training loss.
 
     On each level the images are downsampled (antialiased) to the level's scale and a correction ``c``
     on that grid is optimised with Adam on ``local NCC(F, M o (id + u)) + smooth_weight * anti-folding(u)``,
     where ``u`` is the current field with the correction applied; the corrected field is carried to the
-    next level at full resolution.
+    next level on the finer of its own grid and the level's (nothing of the starting field's detail is
+    lost), and returned on ``out_shape``.
 
     Parameters
     ----------
-    fixed, moving : Tensor ``(1, 1, X, Y, Z)``
+    fixed, moving : Tensor ``(1, 1, X, Y, Z)`` or ImagePyramid of one
         Intensities in [0, 1] on the fixed grid.
-    flow : Tensor ``(1, 3, X, Y, Z)``
-        The starting displacement (voxels), e.g. the network's.
+    flow : Tensor ``(1, 3, x, y, z)``
+        The starting displacement in voxels of its own grid (the image grid or any grid over the same
+        extent, e.g. the network's working grid).
     levels : sequence of RefineLevel
         Coarse to fine.
     smooth_weight : float
@@ -173,20 +252,28 @@ def refine_flow(fixed: torch.Tensor, moving: torch.Tensor, flow: torch.Tensor, l
         term). ``True``: ``c = exp(v)`` from a stationary velocity by scaling and squaring and the field is
         composed, ``u o (id + exp(v))`` (about 3x the cost per step at half resolution).
 
+    out_shape : 3 ints, optional
+        Grid of the result (default: the image grid).
+
     Returns
     -------
-    Tensor ``(1, 3, X, Y, Z)``
-        The refined displacement in voxels, detached.
+    Tensor ``(1, 3, *out_shape)``
+        The refined displacement in voxels of ``out_shape``, detached.
     """
-    shape = tuple(flow.shape[2:])
+    fp, mp = _pyramid(fixed), _pyramid(moving)
+    shape = fp.shape
     current = flow.detach().float()
     warp = SpatialTransformer("bilinear", "zeros")
     integrate = VecInt(7) if diffeomorphic else None
     for level in levels:
         if level.steps == 0:
             continue
+        if level.similarity == "full":
+            current = _refine_full_similarity(fp, mp, current, level, smooth_weight=smooth_weight)
+            continue
         size = scaled_shape(shape, level.scale)
-        f, m = resize_volume(fixed.float(), size), resize_volume(moving.float(), size)
+        f, m = fp.at(size).float(), mp.at(size).float()
+        ncc = LocalNCC(f, level.window)
         base = resize_flow(current, size)
         corr = torch.zeros((1, 3, *size), device=flow.device, dtype=torch.float32, requires_grad=True)
         opt = torch.optim.Adam([corr], lr=level.lr)
@@ -199,11 +286,95 @@ def refine_flow(fixed: torch.Tensor, moving: torch.Tensor, flow: torch.Tensor, l
         with torch.enable_grad():
             for _ in range(int(level.steps)):
                 u = total(base, size)
-                loss = (local_ncc_loss(f, warp(m, u), level.window)
-                        + smooth_weight * anti_folding_loss(u))
+                loss = ncc.loss(warp(m, u)) + smooth_weight * anti_folding_loss(u)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            current = total(current, shape)
-    return current.detach()
+            grid = max(tuple(current.shape[2:]), size, key=math.prod)
+            current = total(resize_flow(current, grid), grid)
+    return resize_flow(current, out_shape or shape).detach()
+
+
+def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tensor, level: RefineLevel, *,
+                            smooth_weight: float) -> torch.Tensor:
+    """One ``similarity="full"`` level: a correction on the grid of ``b^3`` blocks (``b = 1 / scale``),
+    optimised against the full-resolution local NCC of :class:`LinearisedBlockNCC` (re-warped every
+    ``level.relinearise`` steps) plus the anti-folding smoothness of the total field on the block grid.
+    The correction is added (it is small: a few tenths of a voxel per step). Returns the field on the
+    full-resolution grid, in its voxels.
+
+    The NCC is evaluated on the fixed brain's bounding box (non-zero voxels) widened by two half-windows,
+    the only blocks whose moving intensities reach a window where the fixed image varies; elsewhere it
+    is exactly zero. Volumes whose size is not a multiple of ``b`` are padded at the high end (images
+    with zeros, the field by replication) and cropped back.
+    """
+    from .block_ncc import LinearisedBlockNCC
+
+    shape = fp.shape
+    b = level.block
+    padded = tuple(-(-n // b) * b for n in shape)
+    grid = tuple(n // b for n in padded)
+    extra = [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]]
+    fixed = torch.nn.functional.pad(fp.image.float(), extra)
+    moving = torch.nn.functional.pad(mp.image.float(), extra)
+    lo, hi = _brain_blocks(fixed, b, 2 * (level.window // 2))
+    box = tuple(slice(a, z) for a, z in zip(lo, hi))
+    start = tuple(a * b for a in lo)
+    full_box = tuple(slice(a * b, z * b) for a, z in zip(lo, hi))
+    base = resize_flow(flow.detach().float(), shape)
+    if any(extra):
+        base = torch.nn.functional.pad(base, extra, mode="replicate")
+    with torch.no_grad():
+        base_grid = resize_flow(base, grid)  # the total field on the block grid, for the smoothness term
+    ncc = LinearisedBlockNCC(fixed[(..., *full_box)], b, level.window, mean_over=math.prod(grid))
+    corr = torch.zeros((1, 3, *grid), device=base.device, dtype=torch.float32, requires_grad=True)
+    anchor = torch.zeros_like(corr)
+    opt = torch.optim.Adam([corr], lr=level.lr)
+    with torch.enable_grad():
+        for step in range(int(level.steps)):
+            if step % level.relinearise == 0:
+                with torch.no_grad():
+                    anchor = corr.detach().clone()
+                    u = base[(..., *full_box)] + _upsample_box(anchor, b, lo, hi)
+                    ncc.linearise(sample_region(moving, u, start))
+            d = ((corr - anchor) * float(b))[(..., *box)]
+            loss = ncc.loss(d) + smooth_weight * anti_folding_loss(base_grid + corr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        out = base + resize_flow(corr.detach(), padded)
+    return out[:, :, :shape[0], :shape[1], :shape[2]].contiguous()
+
+
+def _upsample_box(field: torch.Tensor, block: int, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+    """``resize_flow(field, block * grid)`` on the full-resolution box of blocks ``[lo, hi)`` only.
+
+    Cell-centred trilinear upsampling by a whole factor needs one neighbouring block on each side, so the
+    box is cut with that halo (where the grid has one), upsampled and trimmed: the same values as
+    upsampling everything, for the box's share of the work."""
+    grid = field.shape[2:]
+    lo_h = [max(0, a - 1) for a in lo]
+    hi_h = [min(int(n), z + 1) for n, z in zip(grid, hi)]
+    part = field[(..., *(slice(a, z) for a, z in zip(lo_h, hi_h)))]
+    up = torch.nn.functional.interpolate(part, scale_factor=float(block), mode="trilinear", align_corners=False)
+    trim = tuple(slice((a - ah) * block, (a - ah) * block + (z - a) * block) for a, ah, z in zip(lo, lo_h, hi))
+    return up[(..., *trim)] * float(block)
+
+
+def _brain_blocks(fixed: torch.Tensor, block: int, margin: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Block-grid bounding box ``[lo, hi)`` of the non-zero voxels of ``fixed`` ``(1, 1, X, Y, Z)`` widened
+    by ``margin`` blocks and clipped to the grid (the whole grid when the image has no zero voxel or no
+    non-zero one)."""
+    grid = [int(n) // block for n in fixed.shape[2:]]
+    nonzero = fixed[0, 0] != 0
+    if bool(nonzero.all()) or not bool(nonzero.any()):
+        return (0, 0, 0), tuple(grid)
+    lo, hi = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = torch.nonzero(nonzero.any(dim=other[1]).any(dim=other[0])).flatten()
+        lo.append(max(0, int(idx[0]) // block - margin))
+        hi.append(min(grid[axis], -(-(int(idx[-1]) + 1) // block) + margin))
+    return tuple(lo), tuple(hi)

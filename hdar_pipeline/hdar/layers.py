@@ -88,6 +88,21 @@ class SpatialTransformer(nn.Module):
         return F.grid_sample(src, locs, mode=self.mode, padding_mode=self.padding_mode, align_corners=True)
 
 
+def sample_region(volume: torch.Tensor, flow: torch.Tensor, start: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """``volume`` ``(B, C, X, Y, Z)`` sampled (trilinear, zeros outside) at ``p + flow(p)`` for the voxels
+    ``p`` of the box ``[start, start + flow.shape[2:])``; ``flow`` ``(B, 3, x, y, z)`` in voxels of ``volume``.
+
+    With ``start = 0`` and a full-size ``flow`` this is :class:`~hdar_pipeline.hdar.layers.SpatialTransformer`;
+    on a box it warps only the box (the region losses of S3)."""
+    shape = volume.shape[2:]
+    grid = identity_grid(flow.shape[2:], device=flow.device, dtype=flow.dtype)
+    offset = torch.tensor([float(s) for s in start], device=flow.device, dtype=flow.dtype).view(1, 3, 1, 1, 1)
+    scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in shape], device=flow.device,
+                         dtype=flow.dtype).view(1, 3, 1, 1, 1)
+    locs = ((grid + offset + flow) * scale - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
+    return torch.nn.functional.grid_sample(volume, locs, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
 def compose_flows(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """Displacement of ``x -> phi_outer(phi_inner(x))`` where ``phi(x) = x + u(x)``, all in voxels.
 
@@ -162,12 +177,17 @@ def smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
 
 
 def resize_volume(x: torch.Tensor, size: Sequence[int], *, antialias: bool = True,
-                  mode: Literal["trilinear", "nearest"] = "trilinear") -> torch.Tensor:
+                  mode: Literal["trilinear", "nearest"] = "trilinear",
+                  source_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Resample a volume ``(B, C, X, Y, Z)`` to ``size`` covering the same extent (cell-centred).
 
     When shrinking by a factor ``f > 1`` along an axis and ``antialias`` is set, the volume is first
     smoothed with a Gaussian of sigma ``(f - 1) / 2`` voxels along that axis (scikit-image's rule),
     so 1/4 downsampling does not alias.
+
+    ``source_shape``: ``x`` is itself an antialiased down-sampling of a volume of this shape (a pyramid
+    level); the result then approximates resizing that volume directly: the smoothing ``x`` already
+    carries is deducted from the Gaussian (variances subtract), which is cheaper on the smaller grid.
     """
     size = tuple(int(s) for s in size)
     if tuple(x.shape[2:]) == size:
@@ -175,7 +195,15 @@ def resize_volume(x: torch.Tensor, size: Sequence[int], *, antialias: bool = Tru
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     if antialias:
-        sig = antialias_sigma(x.shape[2:], size)
+        if source_shape is None:
+            sig = antialias_sigma(x.shape[2:], size)
+        else:
+            target = antialias_sigma(source_shape, size)
+            carried = antialias_sigma(source_shape, x.shape[2:])
+            # remaining sigma in source voxels, then in voxels of x
+            sig = [math.sqrt(max(0.0, t * t - c * c)) * int(m) / int(n)
+                   for t, c, m, n in zip(target, carried, x.shape[2:], source_shape)]
+            sig = [v if v > 0.1 else 0.0 for v in sig]
         if any(sig):
             x = smooth(x, sig)
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)

@@ -65,7 +65,7 @@ import torch
 from ..runtime import configure_threads, seed_everything
 from .cascade import CascadeConfig, HDARCascade, build_cascade
 from .data import Pair, PairDataset
-from .layers import SpatialTransformer, identity_grid, resize_flow, resize_volume
+from .layers import SpatialTransformer, resize_flow, resize_volume, sample_region
 from .losses import anti_folding_loss, diffusion_loss, jacobian_determinant, local_ncc_loss, one_hot, soft_dice_loss
 
 PathLike = str | os.PathLike
@@ -347,21 +347,6 @@ class LowResCache:
     def augmented(self, index: int, size: Sequence[int], augmentation: Any, device: torch.device) -> torch.Tensor:
         """The cached image ``index`` at ``size`` (un-augmented orientation), augmented, as ``(1, 1, ...)``."""
         return torch.from_numpy(augmentation.apply(self.get(index, size)))[None, None].to(device)
-
-
-def sample_region(volume: torch.Tensor, flow: torch.Tensor, start: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
-    """``volume`` ``(B, C, X, Y, Z)`` sampled (trilinear, zeros outside) at ``p + flow(p)`` for the voxels
-    ``p`` of the box ``[start, start + flow.shape[2:])``; ``flow`` ``(B, 3, x, y, z)`` in voxels of ``volume``.
-
-    With ``start = 0`` and a full-size ``flow`` this is :class:`~hdar_pipeline.hdar.layers.SpatialTransformer`;
-    on a box it warps only the box (the region losses of S3)."""
-    shape = volume.shape[2:]
-    grid = identity_grid(flow.shape[2:], device=flow.device, dtype=flow.dtype)
-    offset = torch.tensor([float(s) for s in start], device=flow.device, dtype=flow.dtype).view(1, 3, 1, 1, 1)
-    scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in shape], device=flow.device,
-                         dtype=flow.dtype).view(1, 3, 1, 1, 1)
-    locs = ((grid + offset + flow) * scale - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
-    return torch.nn.functional.grid_sample(volume, locs, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def _union_box(patches: Sequence[Any], shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
