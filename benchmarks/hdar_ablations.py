@@ -17,7 +17,9 @@ Variants (groups of the table)
 ``fast``           S2/S3 on the K hardest patches
 ``full``           S2/S3 on a sliding window over the brain
 ``refine-0``       no instance optimisation
-``refine-N``       ``--refine-steps`` (30) Adam steps of instance optimisation after the network
+``refine-N``       ``--refine-steps`` (20) Adam steps per level of instance optimisation after the network
+                   (1/4, then 1/2 with the loss on the full-resolution images, linearised)
+``refine-N-level`` the same with the finest level's loss on the half-resolution images
 ``diffeomorphic``  stationary velocity fields integrated by scaling and squaring
 ``displacement``   plain displacement fields
 =================  ==========================================================================
@@ -77,7 +79,7 @@ DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ablations"
 DEFAULT_REFINE_STEPS = 20
 DEFAULT_RANDOM_SEEDS = 3
 VARIANT_NAMES = ("levels-1", "levels-2", "levels-3", "attention", "random", "fast", "full", "refine-0", "refine-N",
-                 "diffeomorphic", "displacement")
+                 "refine-N-level", "diffeomorphic", "displacement")
 #: How to get the model a parameterisation row needs.
 TRAIN_HINT = {True: "hdar train --diffeomorphic", False: "hdar train without --diffeomorphic, the default"}
 
@@ -85,8 +87,8 @@ PAIR_COLUMNS = [
     "variant", "group", "weights_role", "moving", "fixed", "selection_seed", "status", "error", "cached",
     "shared_with", "mean_dice", "mean_dice_before", "mean_target_overlap", "n_labels", "n_labels_missing",
     "folded_percent", "std_log_jacobian", "jacobian_min", "jacobian_max", "runtime_s", "peak_memory_mb",
-    "device", "levels", "mode", "selection", "refine", "diffeomorphic", "weights", "weights_sha256",
-    "threads", "seed", "load_avg_1min", "finished_utc", "commit", "machine", "key", "fixed_image", "moving_image",
+    "device", "levels", "mode", "selection", "refine", "refine_similarity", "diffeomorphic", "weights",
+    "weights_sha256", "threads", "seed", "load_avg_1min", "finished_utc", "commit", "machine", "key", "fixed_image", "moving_image",
 ]
 SUMMARY_COLUMNS = [
     "variant", "group", "description", "status", "weights", "n_pairs", "n_pairs_planned", "n_seeds", "n_failed",
@@ -120,6 +122,7 @@ class Ablation:
     mode: str = "fast"
     selection: str = "attention"
     refine: int = 0
+    refine_similarity: str = "full"
 
 
 def ablations(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Ablation]:
@@ -135,11 +138,15 @@ def ablations(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Ablation]:
         Ablation("fast", "mode", "S2/S3 on the K hardest patches"),
         Ablation("full", "mode", "S2/S3 on a sliding window over the brain", mode="full"),
         Ablation("refine-0", "refinement", "no instance optimisation"),
-        Ablation(f"refine-{n}", "refinement", f"fast + {n} instance-optimisation steps per level", refine=n),
+        Ablation(f"refine-{n}", "refinement", f"fast + {n} instance-optimisation steps per level (finest level's "
+                 "loss on the full-resolution images)", refine=n),
+        Ablation(f"refine-{n}-level", "refinement", f"fast + {n} instance-optimisation steps per level (finest "
+                 "level's loss on the half-resolution images)", refine=n, refine_similarity="level"),
         Ablation("diffeomorphic", "parameterisation", "stationary velocity, scaling and squaring", "diffeomorphic"),
         Ablation("displacement", "parameterisation", "displacement field", "displacement"),
     ]
-    return {("refine-N" if a.refine else a.name): a for a in rows}
+    return {(("refine-N" + ("-level" if a.refine_similarity == "level" else "")) if a.refine else a.name): a
+            for a in rows}
 
 
 # --------------------------------------------------------------------------------------- the method
@@ -159,6 +166,7 @@ class Settings:
     refine: int = 0
     refine_levels: tuple[float, ...] = HDARMethod.refine_levels
     refine_lr: float = HDARMethod.refine_lr
+    refine_similarity: str = HDARMethod.refine_similarity
     refine_diffeomorphic: bool = HDARMethod.refine_diffeomorphic
     device: str = "auto"
     seed: int | None = None
@@ -191,7 +199,8 @@ class AblationHDAR(MethodBase):
         transform, self.device_used = register_with_model(
             self.loaded, fixed, moving, fixed_mask, mode=cfg.mode, levels=cfg.levels, selection=cfg.selection,
             prealign=cfg.prealign, refine=cfg.refine, refine_levels=tuple(cfg.refine_levels),
-            refine_lr=cfg.refine_lr, refine_diffeomorphic=cfg.refine_diffeomorphic)
+            refine_lr=cfg.refine_lr, refine_similarity=cfg.refine_similarity,
+            refine_diffeomorphic=cfg.refine_diffeomorphic)
         return transform
 
 
@@ -359,7 +368,8 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
             progress.update(task, description=f"{label} {pair.name}")
             levels = min(a.levels, loaded.model.config.levels)
             settings = Settings(weights=str(loaded.path), weights_sha256=loaded.sha256, levels=levels, mode=a.mode,
-                                 selection=a.selection, selection_seed=sel_seed, refine=a.refine, device=str(device),
+                                 selection=a.selection, selection_seed=sel_seed, refine=a.refine,
+                                 refine_similarity=a.refine_similarity, device=str(device),
                                  seed=config.seed, threads=config.threads)
             spec = {**asdict(settings), "weights": loaded.sha256,
                     "fixed_image": str(pair.fixed.image), "moving_image": str(pair.moving.image),
@@ -368,7 +378,8 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
             name = f"{label}_{pair.key}_{loaded.sha256[:12]}_{key[:12]}"
             base = {"variant": a.name, "group": a.group, "weights_role": a.weights, "moving": pair.moving.subject,
                     "fixed": pair.fixed.subject, "selection_seed": sel_seed, "levels": levels, "mode": a.mode,
-                    "selection": a.selection, "refine": a.refine, "diffeomorphic": bool(loaded.model.config.diffeomorphic),
+                    "selection": a.selection, "refine": a.refine, "refine_similarity": a.refine_similarity,
+                    "diffeomorphic": bool(loaded.model.config.diffeomorphic),
                     "weights": str(loaded.path), "weights_sha256": loaded.sha256, "threads": config.threads,
                     "seed": config.seed, "key": key, "fixed_image": str(pair.fixed.image),
                     "moving_image": str(pair.moving.image)}

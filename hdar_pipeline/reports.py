@@ -909,6 +909,9 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
             if levels:
                 extra.append("on each of the resolutions " + ", ".join(_value_text(x) for x in levels)
                              + " times the image size, coarse to fine")
+            if get("refine_similarity") == "full":
+                extra.append("the finest level's similarity computed on the full-resolution images, linearised "
+                             "around the current warp and re-warped every few steps")
             if get("refine_diffeomorphic"):
                 extra.append("each correction integrated from a stationary velocity field by scaling and squaring "
                              "and composed with the field")

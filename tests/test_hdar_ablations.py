@@ -84,7 +84,7 @@ def test_every_variant_on_two_pairs_then_cached(script, tiny_weights, lpba_like,
     md = (out / "ablations.md").read_text()
 
     ran = ["levels-1", "levels-2", "levels-3", "attention", "random", "fast", "full", "refine-0", "refine-2",
-           "displacement"]
+           "refine-2-level", "displacement"]
     assert list(summary.index) == ran[:-1] + ["diffeomorphic", "displacement"]
     assert set(rows["variant"]) == set(ran) and (rows["status"] == "ok").all()
     for name in ran:
@@ -104,6 +104,7 @@ def test_every_variant_on_two_pairs_then_cached(script, tiny_weights, lpba_like,
     assert set(rows.loc[rows["variant"].str.startswith("levels"), "levels"]) == {1, 2, 3}
     assert (rows.loc[rows["variant"] == "full", "mode"] == "full").all()
     assert (rows.loc[rows["variant"] == "refine-2", "refine"] == 2).all()
+    assert (rows.loc[rows["variant"] == "refine-2-level", "refine_similarity"] == "level").all()
     # one registration for identical settings, reported under each name
     base = rows[rows["variant"] == "levels-3"].set_index("moving")["mean_dice"]
     for name in ("attention", "fast", "refine-0", "displacement"):

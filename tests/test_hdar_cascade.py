@@ -314,3 +314,29 @@ def test_top_k_override_limits_the_patches_per_level():
         default, fewer = model(f, m), model(f, m, top_k=1)
     assert len(default.patches(2)) == 3 and len(fewer.patches(2)) == 1 and len(fewer.patches(3)) == 1
     assert fewer.patches(2)[0].start == default.patches(2)[0].start  # the hardest one either way
+
+
+def test_level_resolution_gives_the_full_resolution_field_on_a_coarser_grid():
+    """resolution='level' keeps the fields on S2's half-resolution grid: same patches, vectors in the right
+    units (a constant S2 residual of 0.5 input voxels is one full-resolution voxel either way), and the
+    field upsampled once at the end."""
+    torch.manual_seed(0)
+    model = HDARCascade(width="small", levels=2, **TINY)
+    with torch.no_grad():
+        model.nets[1].flow.bias.copy_(torch.tensor([0.5, 0.0, -0.25]))
+    f, m, _, _ = phantom((48, 40, 36))
+    assert model.work_scale() == 0.5 and model.work_scale(1) == 1.0
+    with torch.no_grad():
+        full = model(f, m, mode="fast")
+        level = model(f, m, mode="fast", resolution="level")
+    assert level.levels[-1].flow.shape == (1, 3, 24, 20, 18)
+    assert level.levels[-1].full_shape == (48, 40, 36)
+    assert level.flow.shape == full.flow.shape == (1, 3, 48, 40, 36)
+    assert [p.start for p in level.patches(2)] == [p.start for p in full.patches(2)]
+    patch = full.patches(2)[0]
+    core = (slice(None), slice(None), *(slice(s + 8, s + 16) for s in patch.start))
+    assert level.flow[core][:, 0].mean().item() == pytest.approx(1.0, abs=0.05)
+    assert level.flow[core][:, 2].mean().item() == pytest.approx(-0.5, abs=0.05)
+    assert float((level.flow - full.flow).abs().mean()) < 0.05
+    with pytest.raises(ValueError, match="resolution"):
+        model(f, m, resolution="half")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from hdar_pipeline.hdar.instance import (RefineLevel, affine_displacement, affine_prealign, default_refine_levels,
-                                         refine_flow)
-from hdar_pipeline.hdar.layers import SpatialTransformer
+from hdar_pipeline.hdar.instance import (ImagePyramid, RefineLevel, _brain_blocks, _upsample_box, affine_displacement,
+                                         affine_prealign, default_refine_levels, refine_flow)
+from hdar_pipeline.hdar.layers import SpatialTransformer, resize_flow, resize_volume
 from hdar_pipeline.hdar.losses import jacobian_determinant, local_ncc
 from test_hdar_layers import blob_image, smooth_field
 
@@ -89,3 +89,66 @@ def test_refine_level_validates():
     with pytest.raises(ValueError, match="steps"):
         RefineLevel(0.5, -1)
     assert [lv.scale for lv in default_refine_levels(3)] == [0.25, 0.5]
+    with pytest.raises(ValueError, match="relinearise"):
+        RefineLevel(0.5, 5, similarity="full", relinearise=0)
+
+
+# ------------------------------------------------------------------ pyramids and the full-resolution level
+
+
+def test_image_pyramid_reuses_its_levels_and_approximates_direct_resizing():
+    image = torch.from_numpy(blob_image(SHAPE, seed=4))[None, None]
+    pyramid = ImagePyramid(image)
+    half = pyramid.at((20, 24, 18))
+    assert torch.equal(half, resize_volume(image, (20, 24, 18)))  # from the full image: exact
+    quarter = pyramid.at((10, 12, 9))  # from the half level, the half level's smoothing deducted
+    assert pyramid.at((10, 12, 9)) is quarter
+    direct = resize_volume(image, (10, 12, 9))
+    # measured: mean difference 0.005 (6 % of the mean intensity), at most 0.054 (9 % of the maximum)
+    assert float((quarter - direct).abs().mean()) < 0.1 * float(direct.abs().mean())
+    assert float((quarter - direct).abs().max()) < 0.15 * float(direct.abs().max())
+    assert pyramid.at(SHAPE) is image
+
+
+def test_upsample_box_and_brain_blocks():
+    field = torch.randn(1, 3, 10, 12, 9)
+    for lo, hi in [((2, 3, 1), (7, 12, 5)), ((0, 0, 0), (10, 12, 9)), ((4, 0, 3), (10, 5, 9))]:
+        part = _upsample_box(field, 2, lo, hi)
+        whole = resize_flow(field, (20, 24, 18))[(..., *(slice(2 * a, 2 * z) for a, z in zip(lo, hi)))]
+        assert torch.equal(part, whole)
+    image = torch.zeros(1, 1, 20, 16, 12)
+    image[0, 0, 5:9, 3:4, 7:12] = 1.0
+    assert _brain_blocks(image, 2, 1) == ((1, 0, 2), (6, 3, 6))
+    assert _brain_blocks(torch.ones(1, 1, 8, 8, 8), 2, 1) == ((0, 0, 0), (4, 4, 4))
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (39, 46, 35)])  # the second is padded to whole blocks
+def test_full_resolution_similarity_level_refines_fine_misalignment(shape):
+    fixed = torch.from_numpy(blob_image(shape, seed=6))[None, None]
+    truth = torch.from_numpy(smooth_field(shape, 2.5, seed=3, sigma=4.0))[None]  # about half a voxel
+    moving = SpatialTransformer("bilinear", "zeros")(fixed, -truth)
+    brain = fixed[0, 0] > 0.05
+    start = torch.zeros(1, 3, *[n // 2 for n in shape])  # a half-resolution starting field
+    level = RefineLevel(0.5, 15, 0.2, 3, "full", 5)
+    out = refine_flow(fixed, moving, start, [level], out_shape=shape)
+    assert out.shape == (1, 3, *shape) and not out.requires_grad
+    st = SpatialTransformer("bilinear", "zeros")
+    ncc0 = float(local_ncc(fixed, moving)[0, 0][brain].mean())
+    ncc1 = float(local_ncc(fixed, st(moving, out))[0, 0][brain].mean())
+    error0 = float(truth.norm(dim=1)[0][brain].mean())
+    error1 = float((out - truth).norm(dim=1)[0][brain].mean())
+    # measured: NCC 0.90 -> 0.96, error 0.54 -> 0.25 voxels on both shapes
+    assert ncc1 > ncc0 + 0.03, (ncc0, ncc1)
+    assert error1 < 0.6 * error0, (error0, error1)
+    assert float((jacobian_determinant(out) <= 0).float().mean()) < 1e-3
+
+
+def test_refine_level_similarity_options():
+    with pytest.raises(ValueError, match="similarity"):
+        RefineLevel(0.5, 5, similarity="other")
+    with pytest.raises(ValueError, match="1/b"):
+        RefineLevel(0.4, 5, similarity="full")
+    levels = default_refine_levels(7)
+    assert [(lv.scale, lv.similarity, lv.window) for lv in levels] == [(0.25, "level", 9), (0.5, "full", 5)]
+    assert levels[1].block == 2
+    assert all(lv.similarity == "level" for lv in default_refine_levels(7, similarity="level"))

@@ -229,3 +229,15 @@ def test_field_voxels_to_transform_rejects_wrong_shapes(oblique_grid):
         field_voxels_to_transform(np.zeros((3, 30, 36, 25), np.float32), oblique_grid)
     with pytest.raises(ValueError):
         field_voxels_to_transform(np.zeros((30, 36, 24, 3), np.float32), oblique_grid)
+
+
+def test_field_conversion_on_an_oblique_grid_matches_the_matrix_product():
+    rng = np.random.default_rng(0)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[0.0, -1.2, 0.1], [0.9, 0.0, 0.0], [0.05, 0.0, 1.1]])
+    grid = Grid((5, 6, 4), affine)
+    flow = rng.normal(size=(3, 5, 6, 4)).astype(np.float32)
+    field = field_voxels_to_transform(flow, grid).field
+    expected = np.einsum("ca,axyz->xyzc", grid.lps_affine[:3, :3], flow.astype(np.float64))
+    assert field.dtype == np.float32 and np.allclose(field, expected, atol=1e-5)
+    assert np.allclose(transform_to_field_voxels(field_voxels_to_transform(flow, grid)), flow, atol=1e-5)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from hdar_pipeline.hdar.losses import (anti_folding_loss, box_sum, diffusion_loss, jacobian_determinant,
-                                       local_ncc, local_ncc_loss, one_hot, soft_dice_loss)
+from hdar_pipeline.hdar.losses import (LocalNCC, anti_folding_loss, box_sum, diffusion_loss, jacobian_determinant,
+                                       local_ncc, local_ncc_loss, one_hot, soft_dice_loss, spatial_gradients)
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -118,3 +118,68 @@ def test_soft_dice():
     shifted = one_hot(torch.roll(lab, 2, 2), [0, 1, 2])
     assert 0.3 < soft_dice_loss(shifted, oh).item() < 1.0
     assert soft_dice_loss(torch.zeros_like(oh), oh).item() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------ closed-form gradients
+
+
+def _autograd_ncc_loss(fixed, warped, window, mask=None):
+    """The loss through autograd: a fixed image that needs a gradient takes local_ncc_loss's autograd path."""
+    return local_ncc_loss(fixed.clone().requires_grad_(True), warped, window, mask=mask)
+
+
+@pytest.mark.parametrize("shape, window, masked", [((13, 11, 9), 5, False), ((12, 10, 14), (4, 5, 3), True),
+                                                   ((20, 20, 20), 9, False)])
+def test_closed_form_ncc_gradient_equals_autograd(shape, window, masked):
+    torch.manual_seed(0)
+    fixed = torch.rand(2, 1, *shape, dtype=torch.float64)
+    fixed[..., :3] = 0.0  # a flat region: clamped variances, eps
+    warped = torch.rand(2, 1, *shape, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(2, 1, *shape) > 0.3) if masked else None
+    ref = _autograd_ncc_loss(fixed, warped, window, mask)
+    (g_ref,) = torch.autograd.grad(ref, warped)
+    fast = local_ncc_loss(fixed, warped, window, mask=mask)  # fixed needs no gradient: LocalNCC
+    (g_fast,) = torch.autograd.grad(fast, warped)
+    assert float(fast) == pytest.approx(float(ref), rel=1e-12)
+    assert torch.allclose(g_fast, g_ref, atol=1e-14 * float(g_ref.abs().max()) + 1e-18, rtol=1e-9)
+    # one LocalNCC reused across evaluations gives the same value
+    ncc = LocalNCC(fixed, window, mask=mask)
+    assert float(ncc.loss(warped)) == pytest.approx(float(ref), rel=1e-12)
+
+
+def test_box_sum_transpose_is_the_adjoint():
+    torch.manual_seed(1)
+    x, y = torch.rand(1, 2, 9, 8, 7, dtype=torch.float64), torch.rand(1, 2, 9, 8, 7, dtype=torch.float64)
+    for window in (4, (3, 6, 2), 5):
+        lhs = (box_sum(x, window) * y).sum()
+        rhs = (x * box_sum(y, window, transpose=True)).sum()
+        assert float(lhs) == pytest.approx(float(rhs), rel=1e-12)
+
+
+def _autograd_anti_folding(flow, compress_weight=2.0, fold_weight=1.0, min_jacobian=0.0):
+    """The definition in the docstring of anti_folding_loss, differentiated by autograd."""
+    grads = spatial_gradients(flow)
+    total = flow.new_zeros(())
+    for a, g in enumerate(grads):
+        sq = g.pow(2)
+        weight = torch.where(g[:, a:a + 1] < 0, torch.full_like(sq[:, :1], compress_weight), torch.ones_like(sq[:, :1]))
+        total = total + (sq.sum(dim=1, keepdim=True) + (weight - 1.0) * sq[:, a:a + 1]).mean() / 3.0
+    loss = total / 3.0
+    if fold_weight:
+        loss = loss + fold_weight * torch.relu(min_jacobian - jacobian_determinant(flow)).pow(2).mean()
+    return loss
+
+
+@pytest.mark.parametrize("scale, kwargs", [(0.3, {}), (1.0, dict(compress_weight=3.0, fold_weight=10.0, min_jacobian=0.1)),
+                                           (0.1, dict(fold_weight=0.0))])
+def test_closed_form_anti_folding_gradient_equals_autograd(scale, kwargs):
+    torch.manual_seed(2)
+    flow = (torch.randn(2, 3, 7, 9, 6, dtype=torch.float64) * scale).requires_grad_(True)
+    ref = _autograd_anti_folding(flow, **kwargs)
+    (g_ref,) = torch.autograd.grad(ref, flow)
+    fast = anti_folding_loss(flow, **kwargs)
+    (g_fast,) = torch.autograd.grad(3.0 * fast, flow)
+    assert float(fast) == pytest.approx(float(ref), rel=1e-12)
+    assert torch.allclose(g_fast / 3.0, g_ref, rtol=1e-9, atol=1e-15)
+    if scale == 1.0:
+        assert bool((jacobian_determinant(flow) < 0.1).any())  # the folding branch was exercised

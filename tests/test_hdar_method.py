@@ -73,6 +73,11 @@ def test_full_preset_and_register_pair_provenance(trained):
     assert info["preset"] == "full" and transform.field is not None
     with pytest.raises(ValueError, match="unknown HDAR preset"):
         HDARMethod(preset="ultra", weights=trained["pt"])
+    # 'refined': fast mode plus the default refinement, unless refine is given
+    refined = HDARMethod(preset="refined", weights=trained["pt"])
+    assert refined.refine == 20 and refined.parameters["mode"] == "fast" and refined.parameters["refine"] == 20
+    assert HDARMethod(preset="refined", refine=5, weights=trained["pt"]).refine == 5
+    assert HDARMethod(weights=trained["pt"]).refine == 0
 
 
 def test_refine_improves_ncc_further(trained):
@@ -91,8 +96,17 @@ def test_refine_improves_ncc_further(trained):
     print(f"refine 15 steps at full resolution: local NCC {ncc0:.4f} -> {ncc_other:.4f}")
     assert ncc_other > ncc0 + 0.003
     assert other.parameters["refine_levels"] == (1.0,) and other.parameters["prealign"] is False
+    # the finest level on the downsampled images instead of the linearised full-resolution NCC
+    level = HDARMethod(weights=trained["pt"], device="cpu", refine=15, refine_similarity="level")
+    ncc_level = ncc_after(level.register(trained["fixed"], trained["moving"]), trained["fixed"], trained["moving"])
+    print(f"refine 15 steps, finest level on half-resolution images: local NCC {ncc0:.4f} -> {ncc_level:.4f}")
+    assert ncc_level > ncc0 + 0.003 and level.parameters["refine_similarity"] == "level"
     with pytest.raises(ValueError, match="refine_levels"):
         HDARMethod(weights=trained["pt"], refine_levels=(0.5, 0))
+    with pytest.raises(ValueError, match="refine_similarity"):
+        HDARMethod(weights=trained["pt"], refine_similarity="coarse")
+    with pytest.raises(ValueError, match="1/b"):
+        HDARMethod(weights=trained["pt"], refine=5, refine_levels=(0.25, 0.4))
 
 
 def test_prealign_helps_when_the_pair_is_affinely_misaligned(trained):

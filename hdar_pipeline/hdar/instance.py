@@ -216,10 +216,13 @@ def default_refine_levels(steps: int, scales: Sequence[float] = (0.25, 0.5), *, 
                           window: int = 9, similarity: str = "full", full_window: int = 5,
                           relinearise: int = 5) -> list[RefineLevel]:
     """``steps`` Adam steps on each of ``scales`` (coarse to fine), the same ``lr``; the finest level's loss
-    at ``similarity`` (default ``"full"``: full-resolution NCC, windows of ``full_window`` blocks), the
-    others at their own resolution with ``window``."""
+    at ``similarity`` (default ``"full"``: full-resolution NCC, windows of ``full_window`` blocks; a finest
+    level at scale 1 sees the full-resolution images anyway and keeps ``"level"``), the others at their own
+    resolution with ``window``."""
+    if similarity not in ("level", "full"):
+        raise ValueError(f"similarity must be 'level' or 'full', got {similarity!r}")
     levels = [RefineLevel(float(s), int(steps), lr, window) for s in scales]
-    if similarity == "full" and levels:
+    if similarity == "full" and levels and levels[-1].scale < 1.0:
         last = levels[-1]
         levels[-1] = RefineLevel(last.scale, last.steps, lr, full_window, "full", relinearise)
     return levels
@@ -304,9 +307,9 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
     The correction is added (it is small: a few tenths of a voxel per step). Returns the field on the
     full-resolution grid, in its voxels.
 
-    The NCC is evaluated on the fixed brain's bounding box (non-zero voxels) widened by two half-windows,
-    the only blocks whose moving intensities reach a window where the fixed image varies; elsewhere it
-    is exactly zero. Volumes whose size is not a multiple of ``b`` are padded at the high end (images
+    The NCC is evaluated on the fixed brain's bounding box (non-zero voxels) widened by two half-windows
+    and a block, which holds every block whose moving intensities reach a window where the fixed image
+    varies; elsewhere the correlation is exactly zero. Volumes whose size is not a multiple of ``b`` are padded at the high end (images
     with zeros, the field by replication) and cropped back.
     """
     from .block_ncc import LinearisedBlockNCC
@@ -318,7 +321,9 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
     extra = [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]]
     fixed = torch.nn.functional.pad(fp.image.float(), extra)
     moving = torch.nn.functional.pad(mp.image.float(), extra)
-    lo, hi = _brain_blocks(fixed, b, 2 * (level.window // 2))
+    # two half-windows reach every block a correlated window touches; one more block keeps the image
+    # gradient (one-sided at the crop's faces) equal to the whole volume's on all of them
+    lo, hi = _brain_blocks(fixed, b, 2 * (level.window // 2) + 1)
     box = tuple(slice(a, z) for a, z in zip(lo, hi))
     start = tuple(a * b for a in lo)
     full_box = tuple(slice(a * b, z * b) for a, z in zip(lo, hi))

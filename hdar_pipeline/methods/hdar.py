@@ -6,16 +6,21 @@ Presets
     S1 on the whole pair, S2/S3 on the K hardest patches (the paper's inference).
 ``full``
     S1 everywhere, S2/S3 on a sliding window over the brain, blended without seams.
+``refined``
+    ``fast`` followed by ``refine=20`` (:data:`REFINED_STEPS`) instance-optimisation steps per level: the
+    most accurate HDAR, in a few seconds more on a CPU.
 
 Before the network, ``prealign`` (default on) fits a 12-parameter affine map of the moving image on the same
-local NCC at 1/4 resolution (about a second on a CPU): the network was trained on LPBA40's rigidly aligned
+local NCC at 1/4 resolution (under a second on a CPU): the network was trained on LPBA40's rigidly aligned
 space, and the affine residual between two subjects (scale, shear) costs it accuracy.
 
 ``refine=N`` adds instance optimisation after the network: a pyramid of corrections (``refine_levels``,
 default 1/4 then 1/2 of the image size), each optimised by N Adam steps on the training loss (local NCC +
-anti-folding smoothness, weight from the model card, default 1.5) at that level's resolution and added to
-the field (:func:`hdar_pipeline.hdar.instance.refine_flow`). ``refine_diffeomorphic`` composes
-``exp(v)`` corrections instead, about three times the cost per step.
+anti-folding smoothness, weight from the model card, default 1.5) and added to the field
+(:func:`hdar_pipeline.hdar.instance.refine_flow`). The coarse level's loss is on the images downsampled to
+it; the finest level's (``refine_similarity="full"``) on the full-resolution images, linearised around the
+warp (:mod:`hdar_pipeline.hdar.block_ncc`), which is where the fine anatomical detail is.
+``refine_diffeomorphic`` composes ``exp(v)`` corrections on the downsampled levels instead.
 
 The inputs are expected affinely aligned on the fixed grid (as :func:`~hdar_pipeline.methods.register_pair`
 provides them); a moving image on another grid is resampled onto the fixed grid first. Intensities
@@ -36,7 +41,11 @@ from ..runtime import configure_threads, seed_everything
 from ..transforms import Transform
 from .base import MethodBase
 
-HDAR_PRESETS: dict[str, dict[str, Any]] = {"fast": {"mode": "fast"}, "full": {"mode": "full"}}
+#: Instance-optimisation steps per refinement level of the ``refined`` preset.
+REFINED_STEPS = 20
+
+HDAR_PRESETS: dict[str, dict[str, Any]] = {"fast": {"mode": "fast"}, "full": {"mode": "full"},
+                                           "refined": {"mode": "fast"}}
 
 
 @dataclass
@@ -45,11 +54,12 @@ class HDARMethod(MethodBase):
 
     Parameters
     ----------
-    preset : {"fast", "full"}
+    preset : {"fast", "full", "refined"}
     prealign : bool
         Fit an affine map on local NCC before the network (:func:`hdar_pipeline.hdar.instance.affine_prealign`).
-    refine : int
-        Instance-optimisation steps on each refinement level after the network (0: none).
+    refine : int, optional
+        Instance-optimisation steps on each refinement level after the network (0: none); default: the
+        preset's (:data:`REFINED_STEPS` for ``refined``, 0 for the others).
     refine_levels : tuple of float
         Resolutions of the refinement levels relative to the image, coarse to fine.
     refine_lr : float
@@ -83,7 +93,7 @@ class HDARMethod(MethodBase):
     name: ClassVar[str] = "hdar"
     preset: str = "fast"
     prealign: bool = True
-    refine: int = 0
+    refine: int | None = None
     refine_levels: tuple[float, ...] = (0.25, 0.5)
     refine_lr: float = 0.2
     refine_similarity: str = "full"
@@ -97,6 +107,9 @@ class HDARMethod(MethodBase):
     def __post_init__(self) -> None:
         if self.preset not in HDAR_PRESETS:
             raise ValueError(f"unknown HDAR preset {self.preset!r}; choose from {sorted(HDAR_PRESETS)}")
+        if self.refine is None:
+            self.refine = REFINED_STEPS if self.preset == "refined" else 0
+        self.refine = int(self.refine)
         if self.refine < 0:
             raise ValueError("refine must be >= 0")
         self.refine_levels = tuple(float(x) for x in self.refine_levels)
@@ -172,9 +185,11 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     """Register an aligned pair with an already loaded HDAR model (the core of :class:`HDARMethod`).
 
     An affine pre-alignment (``prealign``, :func:`~hdar_pipeline.hdar.instance.affine_prealign`) comes
-    first; the network runs without gradients on the pre-aligned moving image; ``refine`` steps per level
-    of :func:`~hdar_pipeline.hdar.instance.refine_flow` follow (smoothness weight from the model card's
-    training config, default 1.5). All run on the pair flipped and permuted
+    first; the network runs without gradients on the pre-aligned moving image, its fields on its finest
+    level's grid (``resolution="level"``); ``refine`` steps per level of
+    :func:`~hdar_pipeline.hdar.instance.refine_flow` follow (smoothness weight from the model card's
+    training config, default 1.5). One :class:`~hdar_pipeline.hdar.instance.ImagePyramid` per image feeds
+    all of them. All run on the pair flipped and permuted
     into the array orientation of the training data (``card["data"]["orientation"]``, e.g. ``"LPS"``; see
     :mod:`hdar_pipeline.hdar.orientation`), and the field is mapped back onto the fixed image's array.
     Threads, seeds and the random-selection generator are left as the caller set them.
