@@ -25,7 +25,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("--method", choices=["affine", "syn", "demons", "hdar"], default="syn")
     p.add_argument("--preset", default=None,
-                   help="method preset: syn fast|quality (default fast), hdar fast|full (default fast)")
+                   help="method preset: syn fast|quality (default fast), hdar fast|full|refined (default fast; "
+                        "refined: fast + 20 refinement steps per level)")
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
     p.add_argument("--affine", dest="affine", action="store_true", default=True,

@@ -48,7 +48,7 @@ def register_files(
         original intensities.
     method : {"affine", "syn", "demons", "hdar"}
     preset : str, optional
-        Method preset (``syn``: ``fast`` or ``quality``; ``hdar``: ``fast`` or ``full``).
+        Method preset (``syn``: ``fast`` or ``quality``; ``hdar``: ``fast``, ``full`` or ``refined``).
     affine : bool
         Run the affine stage before a deformable method.
     seed, threads, device
@@ -150,7 +150,7 @@ def register(
         One moving image, or several (one Transform each, in order).
     method : {"hdar", "syn", "demons", "affine"}
     preset : str, optional
-        ``hdar``: ``fast``/``full``; ``syn``: ``fast``/``quality``.
+        ``hdar``: ``fast``/``full``/``refined``; ``syn``: ``fast``/``quality``.
     affine : bool
         Run the affine stage first (skip it for images already aligned on the fixed grid).
     fixed_mask : path-like or nibabel image, optional

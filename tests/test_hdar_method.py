@@ -185,7 +185,13 @@ def test_register_function_several_pairs_and_cli_weights(trained, tmp_path):
                  "--weights", str(trained["pt"]), "--refine", "2", "--device", "cpu", "--threads", "1"]) == 0
     record = json.loads((tmp_path / "out" / "registration.json").read_text())
     assert record["parameters"]["weights"] == str(trained["pt"]) and record["parameters"]["refine"] == 2
+    assert record["parameters"]["refine_similarity"] == "full"
     assert record["weights_sha256"] == trained["card"]["sha256"]
+    assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "level"), "--method", "hdar", "--no-affine",
+                 "--weights", str(trained["pt"]), "--preset", "refined", "--refine-similarity", "level",
+                 "--device", "cpu", "--threads", "1"]) == 0
+    record = json.loads((tmp_path / "level" / "registration.json").read_text())
+    assert record["parameters"]["refine"] == 20 and record["parameters"]["refine_similarity"] == "level"
     assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "bad"), "--method", "hdar",
                  "--weights", str(tmp_path / "missing.pt")]) == 2
 
