@@ -25,8 +25,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("--method", choices=["affine", "syn", "demons", "hdar"], default="syn")
     p.add_argument("--preset", default=None,
-                   help="method preset: syn fast|quality (default fast), hdar fast|full|refined (default fast; "
-                        "refined: fast + 20 refinement steps per level)")
+                   help="method preset: syn fast|quality (default fast), hdar refined|fast|full (default refined: "
+                        "the network then 20 diffeomorphic refinement steps per level; fast: the network alone)")
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
     p.add_argument("--affine", dest="affine", action="store_true", default=True,
@@ -80,7 +80,8 @@ def _run_register(args: argparse.Namespace) -> int:
         print(f"hdar register: error: {exc}", file=sys.stderr)
         return 2
     print(f"{record['method']} ({record.get('preset') or 'default'}): {record['runtime_s']:.1f} s, "
-          f"peak {record['peak_memory_mb']:.0f} MiB, folded {record['jacobian']['folded_percent']:.4f} %")
+          f"peak {record['peak_memory_mb']:.0f} MiB, folded {record['jacobian']['folded_percent_mask']:.4f} % of the "
+          f"fixed brain's voxels ({record['jacobian']['folded_percent_grid']:.4f} % of the grid)")
     print(f"wrote {args.output}/registration.json; transforms (ants.apply_transforms order): "
           f"{', '.join(record['transforms'])}")
     return 0
@@ -258,7 +259,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss-resolution", choices=["level", "full"], default="level",
                    help="compute each stage's loss at its network's resolution (default; S1 1/4, S2 1/2, S3 full on "
                         "its patches) or on the whole full-resolution volume (much slower on a CPU)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips / axis permutations")
+    p.add_argument("--augment", choices=["none", "geometry", "intensity", "all"], default="intensity",
+                   help="training augmentation: 'intensity' (default: an independent random acquisition change per "
+                        "image: blur, bias field, gamma, noise), 'geometry' (the paper's random flips and axis "
+                        "permutations), 'all' (both) or 'none'")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
     p.add_argument("--diffeomorphic", action="store_true", help="predict stationary velocity fields")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision on CUDA (default auto: bf16 where supported); the CPU always uses float32")
@@ -497,9 +502,11 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
                    choices=["hdar", "syn", "demons", "affine"])
     g.add_argument("--syn-preset", choices=["fast", "quality"], default="fast")
-    g.add_argument("--hdar-preset", choices=["fast", "full", "refined"], default="fast",
-                   help="HDAR: fast (the network on the hardest patches), full (on a sliding window) or refined "
-                        "(fast plus 20 instance-optimisation steps per level: the most accurate, a few seconds more)")
+    # the default is hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal; not imported here so
+    # that `--help` does not load the library)
+    g.add_argument("--hdar-preset", choices=["fast", "full", "refined"], default="refined",
+                   help="HDAR: refined (default: fast plus 20 diffeomorphic instance-optimisation steps per level, "
+                        "the most accurate), fast (the network on the hardest patches) or full (on a sliding window)")
     g.add_argument("--no-preprocess", dest="preprocess", action="store_false",
                    help="skip N4, brain extraction and the affine to the atlas (the affine stage of each "
                         "method still runs)")

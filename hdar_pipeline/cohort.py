@@ -350,7 +350,8 @@ def register_subject(
                 "warped": str((out / rec["outputs"]["warped"]).resolve()), "warped_labels": warped_labels,
                 "transform": composite, "transforms": transforms, "preset": rec.get("preset") or preset or "",
                 "runtime_s": float(rec["runtime_s"]), "peak_memory_mb": float(rec["peak_memory_mb"]),
-                "device": rec.get("device", "cpu"), "folded_percent": float(rec["jacobian"]["folded_percent"]),
+                "device": rec.get("device", "cpu"), "folded_percent": float(rec["jacobian"]["folded_percent_grid"]),
+                "folded_percent_mask": float(rec["jacobian"]["folded_percent_mask"]),
                 "preprocessed": upstream is not None}
 
     return write_record(_run_step("register", base, step), out / RECORD_NAMES["register"])
@@ -474,6 +475,8 @@ def collect_records(
         row["evaluated"] = bool(r.get("evaluated", False))
         if r.get("status") == STATUS_OK and "folded_percent" in r:
             row["folded_percent"] = r["folded_percent"]
+            if r.get("folded_percent_mask") is not None:
+                row["folded_percent_mask"] = r["folded_percent_mask"]
         row.update(r.get("metrics") or {})
         rows.append(row)
         status_cols = {c: row[c] for c in ("status", "error", "failed_step")}
@@ -564,6 +567,8 @@ def report_subject(
         metrics = dict(r.get("metrics") or {})
         if r.get("folded_percent") is not None:
             metrics.setdefault("folded_percent", r["folded_percent"])
+        if r.get("folded_percent_mask") is not None:
+            metrics.setdefault("folded_percent_mask", r["folded_percent_mask"])
         entries.append(ReportEntry(method=str(r.get("method", "")), status=str(r.get("status", "")),
                                    error=str(r.get("error") or ""), preset=str(r.get("preset") or ""),
                                    warped=r.get("warped") if is_ok(r) else None,

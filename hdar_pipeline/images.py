@@ -266,16 +266,18 @@ def normalize_intensity(
     lower_percentile: float = 0.5,
     upper_percentile: float = 99.5,
 ) -> nib.Nifti1Image:
-    """Rescale intensities to [0, 1] with robust percentiles taken inside the brain.
+    """Rescale intensities to [0, 1]: the background to 0, a robust maximum of the brain to 1
+    (:func:`robust_unit_range`).
 
     Parameters
     ----------
     img : nibabel image
         Input volume.
     mask : ndarray of bool, optional
-        Brain mask on the image grid; by default the non-zero voxels.
+        Brain mask on the image grid; by default the voxels above the image's minimum (the background).
     lower_percentile, upper_percentile : float
-        Percentiles (0-100) of the in-mask intensities mapped to 0 and 1; values outside are clipped.
+        Percentiles (0-100) of the in-mask intensities mapped to 0 (only for an image with no background)
+        and 1; values outside are clipped.
 
     Returns
     -------
@@ -284,16 +286,47 @@ def normalize_intensity(
         rescaled (clipped) value, so a skull-stripped input stays zero outside the brain.
     """
     data = np.asarray(img.dataobj, dtype=np.float32)
+    try:
+        out = robust_unit_range(data, mask, lower_percentile=lower_percentile, upper_percentile=upper_percentile)
+    except ValueError as exc:
+        raise ImageError(getattr(img, "get_filename", lambda: None)(), str(exc)) from None
+    return new_image(out, img)
+
+
+def robust_unit_range(data: np.ndarray, mask: np.ndarray | None = None, *, lower_percentile: float = 0.5,
+                      upper_percentile: float = 99.5) -> np.ndarray:
+    """The array core of :func:`normalize_intensity`: ``clip((data - lo) / (hi - lo), 0, 1)``.
+
+    ``hi`` is the ``upper_percentile`` of the brain's values. ``lo`` is the background's value when the image
+    has a background (at least 5 % of its voxels at its minimum: the zeros around a skull-stripped brain, or
+    the 40 of an int16 file stored with an offset), so the brain's dark voxels (CSF) stay above the
+    background and the brain's edge keeps its contrast; otherwise the ``lower_percentile`` of the brain's
+    values. The brain is ``mask`` when given, else the voxels above the background (every voxel when there is
+    none). HDAR's training data and its inference inputs go through this one function.
+
+    Raises
+    ------
+    ValueError
+        No voxel inside the mask.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    if data.size == 0:
+        raise ValueError("no voxels inside the mask to normalise")
+    background = float(data.min())
+    has_background = float(np.count_nonzero(data == background)) >= 0.05 * data.size
     if mask is None:
-        mask = data != 0
+        mask = data > background if has_background else np.ones(data.shape, bool)
     values = data[mask]
     if values.size == 0:
-        raise ImageError(getattr(img, "get_filename", lambda: None)(), "no voxels inside the mask to normalise")
-    lo, hi = np.percentile(values, [lower_percentile, upper_percentile])
+        raise ValueError("no voxels inside the mask to normalise")
+    # 'higher': a value of the data, so an image normalised once maps its brightest kept voxel to exactly 1 and a
+    # second normalisation changes nothing (callers and HDAR's canonical frame may both normalise)
+    hi = float(np.percentile(values, upper_percentile, method="higher"))
+    lo = background if has_background else float(np.percentile(values, lower_percentile, method="lower"))
     if hi <= lo:
         hi = lo + 1.0
-    out = np.clip((data - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-    return new_image(out, img)
+    out = (data - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def resample_to(

@@ -64,7 +64,8 @@ def test_register_writes_everything_and_ants_reapplies_it(tmp_path, pair, method
         reference = np.asarray(nib.load(str(pair["fixed_labels"])).dataobj)
         moving = np.asarray(nib.load(str(pair["labels"])).dataobj)
         assert dice(reference, ours).mean() > dice(reference, moving).mean() + 0.03
-        assert record["jacobian"]["folded_percent"] == 0.0
+        assert record["jacobian"]["folded_percent_mask"] == record["jacobian"]["folded_percent_grid"] == 0.0
+        assert record["jacobian"]["mask_voxels"] < record["jacobian"]["grid_voxels"]
 
 
 def test_register_bad_input_is_one_clear_error(tmp_path, pair, capsys):

@@ -369,3 +369,42 @@ def test_train_top_k_and_export_of_an_unfinished_run_keeps_finished_levels(tmp_p
     assert loaded.model.config.levels == 2 and len(loaded.model.nets) == 2
     state = part.model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------- intensity augmentation
+
+
+def test_intensity_augmentation_is_seeded_keeps_the_background_and_differs_per_image():
+    from hdar_pipeline.hdar.data import Augmentation, IntensityAugmentation, augmentation_flags
+
+    f, m, _, _ = textured_pair((32, 32, 32))
+    aug = IntensityAugmentation(blur=0.8, bias=(0.1,) * 10, gamma=1.3, noise=0.02, seed=5)
+    out = aug.apply(f)
+    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
+    assert np.all(out[f == 0] == 0)  # a skull-stripped background stays background
+    np.testing.assert_array_equal(out, aug.apply(f))  # seeded: the same change twice
+    assert np.abs(out - f).mean() > 0.02
+    assert IntensityAugmentation().apply(f) is f
+    rng = np.random.default_rng(0)
+    pair = Augmentation.draw(rng, geometry=False, intensity=True)
+    assert pair.flips == (False, False, False) and pair.permutation == (0, 1, 2)
+    assert pair.intensity[0] != pair.intensity[1]
+    assert not np.array_equal(pair.apply(f, 0), pair.apply(f, 1))
+    np.testing.assert_array_equal(pair.apply(f, None), f)  # label maps and role-less arrays only move
+    # a down-sampled copy gets the same change at its own scale (the blur scaled with it)
+    small = f[::2, ::2, ::2]
+    assert aug.apply(small, f.shape).shape == small.shape
+    assert augmentation_flags("all") == (True, True) and augmentation_flags(True) == (True, False)
+    assert augmentation_flags("none") == augmentation_flags(False) == (False, False)
+    with pytest.raises(ValueError, match="augment must be"):
+        augmentation_flags("flips")
+
+
+def test_sample_with_intensity_augmentation_changes_images_not_labels():
+    data = pair_dataset((32, 32, 32))
+    pair = data.sample(np.random.default_rng(1), augment="intensity")
+    assert not torch.equal(pair.fixed, torch.from_numpy(data.volumes[pair.indices[0]].image)[None, None])
+    assert torch.equal(pair.fixed_labels, torch.from_numpy(data.volumes[pair.indices[0]].labels.astype(np.int64))[None, None])
+    lazy = data.sample(np.random.default_rng(1), augment="intensity", full_resolution_intensity=False)
+    assert torch.equal(lazy.fixed, torch.from_numpy(data.volumes[lazy.indices[0]].image)[None, None])
+    assert lazy.augmentation == pair.augmentation

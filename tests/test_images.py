@@ -141,7 +141,8 @@ def test_normalize_to_unit_range_with_robust_percentiles(volume):
     out = np.asarray(img.dataobj)
     assert out.min() == 0.0 and out.max() == 1.0
     inside = out[volume > 0]
-    assert 0.3 < np.median(inside) < 0.7
+    # the background (0) is the image's 0; the brain's values 50-100 land on 0.5-1 (the outlier clipped)
+    assert 0.6 < np.median(inside) < 0.9 and 0.45 < inside.min() < 0.55
     assert np.all(out[volume == 0] == 0)
 
 

@@ -386,29 +386,136 @@ def load_volumes(
 # ------------------------------------------------------------------------------------------- pairs
 
 
-@dataclass
-class Augmentation:
-    """Flips (per array axis, applied first) and an axis permutation (applied second)."""
+@dataclass(frozen=True)
+class IntensityAugmentation:
+    """A random change of acquisition, applied to one image of a pair: what another scanner or protocol
+    would have recorded of the same anatomy.
 
-    flips: tuple[bool, bool, bool] = (False, False, False)
-    permutation: tuple[int, int, int] = (0, 1, 2)
+    In order: a Gaussian blur (a coarser acquisition resampled to the training voxel size), a smooth
+    multiplicative bias field (a quadratic polynomial in the exponent), a gamma change of contrast, Gaussian
+    noise inside the brain, and the robust rescaling to [0, 1] every image gets
+    (:func:`~hdar_pipeline.images.robust_unit_range`, as at inference). Voxels that are 0 (outside a
+    skull-stripped brain) stay 0.
+
+    Attributes
+    ----------
+    blur : float
+        Gaussian sigma in voxels of the full-resolution training grid (scaled for down-sampled copies).
+    bias : tuple of 10 floats
+        Coefficients of ``1, x, y, z, x^2, y^2, z^2, xy, xz, yz`` (coordinates in [-1, 1] over the grid);
+        the image is multiplied by ``exp`` of the polynomial.
+    gamma : float
+        ``x -> x ** gamma`` on the [0, 1] image.
+    noise : float
+        Standard deviation of the added noise, in units of the [0, 1] range.
+    seed : int
+        Seeds the noise.
+    """
+
+    blur: float = 0.0
+    bias: tuple[float, ...] = ()
+    gamma: float = 1.0
+    noise: float = 0.0
+    seed: int = 0
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, *, flip_probability: float = 0.5, permute: bool = True) -> "Augmentation":
-        flips = tuple(bool(v) for v in rng.random(3) < flip_probability)
-        perm = tuple(int(v) for v in rng.permutation(3)) if permute else (0, 1, 2)
-        return cls(flips, perm)  # type: ignore[arg-type]
+    def draw(cls, rng: np.random.Generator, probability: float = 0.8) -> "IntensityAugmentation":
+        """Each component with ``probability``: blur sigma U(0.3, 1.2) voxels, bias coefficients N(0, 0.15),
+        gamma exp(N(0, 0.25)), noise U(0.005, 0.04)."""
+        on = rng.random(4) < probability
+        blur = float(rng.uniform(0.3, 1.2)) if on[0] else 0.0
+        bias = tuple(float(v) for v in rng.normal(0.0, 0.15, 10)) if on[1] else ()
+        gamma = float(np.exp(rng.normal(0.0, 0.25))) if on[2] else 1.0
+        noise = float(rng.uniform(0.005, 0.04)) if on[3] else 0.0
+        return cls(blur, bias, gamma, noise, int(rng.integers(2**31)))
 
     @property
     def is_identity(self) -> bool:
-        return not any(self.flips) and self.permutation == (0, 1, 2)
+        return self.blur == 0 and not self.bias and self.gamma == 1 and self.noise == 0
 
-    def apply(self, arr: np.ndarray) -> np.ndarray:
-        """Augment a volume ``(X, Y, Z)``; returns a contiguous array."""
+    def apply(self, arr: np.ndarray, full_shape: Sequence[int] | None = None) -> np.ndarray:
+        """Augment a volume ``(X, Y, Z)`` in [0, 1]; ``full_shape`` is the full-resolution grid it was
+        down-sampled from (default: its own). Returns float32 in [0, 1]."""
+        if self.is_identity:
+            return arr
+        from scipy.ndimage import gaussian_filter
+
+        from ..images import robust_unit_range
+
+        x = np.asarray(arr, dtype=np.float32)
+        brain = x > 0
+        scale = arr.shape[0] / float((full_shape or arr.shape)[0])
+        if self.blur > 0 and self.blur * scale > 0.1:
+            x = gaussian_filter(x, self.blur * scale).astype(np.float32) * brain
+        if self.bias:
+            c = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in x.shape]
+            gx, gy, gz = c[0][:, None, None], c[1][None, :, None], c[2][None, None, :]
+            b = self.bias
+            poly = (b[0] + b[1] * gx + b[2] * gy + b[3] * gz + b[4] * gx ** 2 + b[5] * gy ** 2 + b[6] * gz ** 2
+                    + b[7] * gx * gy + b[8] * gx * gz + b[9] * gy * gz)
+            x = x * np.exp(poly).astype(np.float32)
+        if self.gamma != 1.0:
+            x = np.clip(x, 0.0, None) ** np.float32(self.gamma)
+        if self.noise > 0:
+            noise = np.random.default_rng(self.seed).standard_normal(x.shape).astype(np.float32)
+            x = np.clip(x + self.noise * float(np.percentile(x[brain], 99.5) if brain.any() else 1.0) * noise, 0.0,
+                        None) * brain
+        if not brain.any():
+            return x.astype(np.float32)
+        return robust_unit_range(x)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Flips (per array axis, applied first), an axis permutation (applied second), both to the whole pair,
+    and an optional :class:`IntensityAugmentation` per image (fixed, moving), applied before them."""
+
+    flips: tuple[bool, bool, bool] = (False, False, False)
+    permutation: tuple[int, int, int] = (0, 1, 2)
+    intensity: tuple[IntensityAugmentation | None, IntensityAugmentation | None] = (None, None)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, *, flip_probability: float = 0.5, permute: bool = True,
+             geometry: bool = True, intensity: bool = False) -> "Augmentation":
+        """``geometry``: the paper's random flips and permutation; ``intensity``: an independent
+        :class:`IntensityAugmentation` for each image (the pair then looks like two protocols)."""
+        flips, perm = (False, False, False), (0, 1, 2)
+        if geometry:
+            flips = tuple(bool(v) for v in rng.random(3) < flip_probability)  # type: ignore[assignment]
+            perm = tuple(int(v) for v in rng.permutation(3)) if permute else (0, 1, 2)  # type: ignore[assignment]
+        inten = (IntensityAugmentation.draw(rng), IntensityAugmentation.draw(rng)) if intensity else (None, None)
+        return cls(flips, perm, inten)  # type: ignore[arg-type]
+
+    @property
+    def is_identity(self) -> bool:
+        return (not any(self.flips) and self.permutation == (0, 1, 2)
+                and all(a is None or a.is_identity for a in self.intensity))
+
+    def apply(self, arr: np.ndarray, role: int | None = None, full_shape: Sequence[int] | None = None) -> np.ndarray:
+        """Augment a volume ``(X, Y, Z)``; returns a contiguous array. ``role`` (0 fixed, 1 moving) selects
+        the intensity change of an image; label maps pass ``None`` and only move."""
+        out = arr
+        if role is not None and self.intensity[role] is not None:
+            out = self.intensity[role].apply(out, full_shape)  # type: ignore[union-attr]
         axes = [a for a in range(3) if self.flips[a]]
-        out = np.flip(arr, axis=axes) if axes else arr
+        out = np.flip(out, axis=axes) if axes else out
         out = np.transpose(out, self.permutation)
         return np.ascontiguousarray(out)
+
+
+AUGMENTATIONS = ("none", "geometry", "intensity", "all")
+
+
+def augmentation_flags(kind: str | bool) -> tuple[bool, bool]:
+    """``(geometry, intensity)`` of an augmentation setting: ``"none"``, ``"geometry"`` (the paper's flips and
+    permutations), ``"intensity"`` or ``"all"``; ``True``/``False`` are the historical ``"geometry"``/``"none"``."""
+    if kind is True:
+        kind = "geometry"
+    elif kind is False:
+        kind = "none"
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
+    return kind in ("geometry", "all"), kind in ("intensity", "all")
 
 
 @dataclass
@@ -495,30 +602,36 @@ class PairDataset:
         return (PairDataset([self.volumes[i] for i in train], self.grid),
                 PairDataset([self.volumes[i] for i in val], self.grid))
 
-    def pair(self, fixed: int, moving: int, augmentation: Augmentation | None = None) -> Pair:
-        """The pair ``(fixed, moving)`` of subject indices, optionally augmented."""
+    def pair(self, fixed: int, moving: int, augmentation: Augmentation | None = None, *,
+             full_resolution_intensity: bool = True) -> Pair:
+        """The pair ``(fixed, moving)`` of subject indices, optionally augmented (the intensity changes left
+        out of the full-resolution tensors with ``full_resolution_intensity=False``, for a caller that reads
+        only down-sampled copies and augments those)."""
         aug = augmentation or Augmentation()
         f, m = self.volumes[fixed], self.volumes[moving]
 
-        def vol(arr: np.ndarray | None, dtype) -> torch.Tensor | None:
+        def vol(arr: np.ndarray | None, dtype, role: int | None = None) -> torch.Tensor | None:
             if arr is None:
                 return None
-            out = aug.apply(arr) if not aug.is_identity else arr
+            out = aug.apply(arr, role if full_resolution_intensity else None) if not aug.is_identity else arr
             return torch.from_numpy(np.asarray(out, dtype=dtype))[None, None]
 
         has = f.labels is not None and m.labels is not None
-        return Pair(vol(f.image, np.float32), vol(m.image, np.float32),  # type: ignore[arg-type]
+        return Pair(vol(f.image, np.float32, 0), vol(m.image, np.float32, 1),  # type: ignore[arg-type]
                     vol(f.labels, np.int64) if has else None, vol(m.labels, np.int64) if has else None,
                     (fixed, moving), (f.name, m.name), aug)
 
-    def sample(self, rng: np.random.Generator, *, augment: bool = True) -> Pair:
+    def sample(self, rng: np.random.Generator, *, augment: str | bool = True,
+               full_resolution_intensity: bool = True) -> Pair:
         """A random ordered pair of two different subjects, with a random :class:`Augmentation`
-        (applied identically to both images and labels) when ``augment``."""
+        (``augment``: see :func:`augmentation_flags`; flips and permutations identical for both images and
+        labels, intensity changes independent per image)."""
         if len(self) < 2:
             raise DataError("need at least two subjects to draw pairs")
         i, j = (int(v) for v in rng.choice(len(self), size=2, replace=False))
-        aug = Augmentation.draw(rng) if augment else None
-        return self.pair(i, j, aug)
+        geometry, intensity = augmentation_flags(augment)
+        aug = Augmentation.draw(rng, geometry=geometry, intensity=intensity) if geometry or intensity else None
+        return self.pair(i, j, aug, full_resolution_intensity=full_resolution_intensity)
 
     def validation_pairs(self, n_pairs: int, seed: int = 0) -> list[tuple[int, int]]:
         """Up to ``n_pairs`` fixed ordered pairs ``(fixed, moving)`` of different subjects, reproducible

@@ -19,6 +19,7 @@ from typing import Sequence, Union
 
 import torch
 
+from .adam import Adam
 from .layers import (SpatialTransformer, VecInt, compose_flows, identity_grid, resize_flow, resize_volume,
                      sample_region)
 from .losses import LocalNCC, anti_folding_loss
@@ -148,7 +149,7 @@ def affine_prealign(fixed: Volume, moving: Volume, *, steps: int = 30, scale: fl
         f, m = fp.at(small).float(), mp.at(small).float()
         ncc = LocalNCC(f, window)
         warp = SpatialTransformer("bilinear", "zeros")
-        opt = torch.optim.Adam([delta, translation], lr=lr)
+        opt = Adam([delta, translation], lr=lr)
         with torch.enable_grad():
             for _ in range(int(steps)):
                 loss = ncc.loss(warp(m, affine_displacement(delta, translation, small, full)))
@@ -272,14 +273,15 @@ def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Seque
         if level.steps == 0:
             continue
         if level.similarity == "full":
-            current = _refine_full_similarity(fp, mp, current, level, smooth_weight=smooth_weight)
+            current = _refine_full_similarity(fp, mp, current, level, smooth_weight=smooth_weight,
+                                              diffeomorphic=diffeomorphic)
             continue
         size = scaled_shape(shape, level.scale)
         f, m = fp.at(size).float(), mp.at(size).float()
         ncc = LocalNCC(f, level.window)
         base = resize_flow(current, size)
         corr = torch.zeros((1, 3, *size), device=flow.device, dtype=torch.float32, requires_grad=True)
-        opt = torch.optim.Adam([corr], lr=level.lr)
+        opt = Adam([corr], lr=level.lr)
 
         def total(on: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
             if integrate is None:
@@ -300,12 +302,18 @@ def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Seque
 
 
 def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tensor, level: RefineLevel, *,
-                            smooth_weight: float) -> torch.Tensor:
+                            smooth_weight: float, diffeomorphic: bool = False) -> torch.Tensor:
     """One ``similarity="full"`` level: a correction on the grid of ``b^3`` blocks (``b = 1 / scale``),
     optimised against the full-resolution local NCC of :class:`LinearisedBlockNCC` (re-warped every
     ``level.relinearise`` steps) plus the anti-folding smoothness of the total field on the block grid.
-    The correction is added (it is small: a few tenths of a voxel per step). Returns the field on the
-    full-resolution grid, in its voxels.
+    Returns the field on the full-resolution grid, in its voxels.
+
+    ``diffeomorphic=False``: the correction ``c`` is added, ``u + c``. ``diffeomorphic=True``: ``c`` is a
+    stationary velocity and the field is composed, ``u o (id + exp(c))``, at every re-linearisation and at
+    the end, so a diffeomorphic ``u`` stays diffeomorphic. The linearised similarity is the same in both
+    cases: ``W + grad W . d`` with ``W`` the moving image warped by the current field and the gradient
+    taken on the fixed grid is, to first order, the moving image warped by the current field *composed*
+    with ``id + d``; between re-linearisations ``exp(c) - exp(c_0)`` is taken as ``c - c_0``.
 
     The NCC is evaluated on the fixed brain's bounding box (non-zero voxels) widened by two half-windows
     and a block, which holds every block whose moving intensities reach a window where the fixed image
@@ -335,21 +343,33 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
     ncc = LinearisedBlockNCC(fixed[(..., *full_box)], b, level.window, mean_over=math.prod(grid))
     corr = torch.zeros((1, 3, *grid), device=base.device, dtype=torch.float32, requires_grad=True)
     anchor = torch.zeros_like(corr)
-    opt = torch.optim.Adam([corr], lr=level.lr)
+    opt = Adam([corr], lr=level.lr)
+    integrate = VecInt(7) if diffeomorphic else None
+
+    def total(c: torch.Tensor) -> torch.Tensor:
+        """The full-resolution field on the box of blocks, with correction ``c`` applied."""
+        if integrate is None:
+            return base[(..., *full_box)] + _upsample_box(c, b, lo, hi)
+        inner = _upsample_box(integrate(c), b, lo, hi)
+        # base sampled at x + inner(x), in the coordinates of the whole padded volume
+        return inner + sample_region(base, inner, start)
+
     with torch.enable_grad():
         for step in range(int(level.steps)):
             if step % level.relinearise == 0:
                 with torch.no_grad():
                     anchor = corr.detach().clone()
-                    u = base[(..., *full_box)] + _upsample_box(anchor, b, lo, hi)
-                    ncc.linearise(sample_region(moving, u, start))
+                    ncc.linearise(sample_region(moving, total(anchor), start))
             d = ((corr - anchor) * float(b))[(..., *box)]
             loss = ncc.loss(d) + smooth_weight * anti_folding_loss(base_grid + corr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     with torch.no_grad():
-        out = base + resize_flow(corr.detach(), padded)
+        if integrate is None:
+            out = base + resize_flow(corr.detach(), padded)
+        else:
+            out = compose_flows(base, resize_flow(integrate(corr.detach()), padded))
     return out[:, :, :shape[0], :shape[1], :shape[2]].contiguous()
 
 

@@ -104,8 +104,11 @@ class TrainConfig:
         Where the loss is computed: at the resolution of the level being trained (S1 on its 1/4 input
         grid, S2 at 1/2, S3 at full resolution on its patches' bounding box; each network's own input
         resolution, and 10-50x cheaper on the CPU) or on the whole volume at full resolution.
-    augment : bool
-        Random flips and axis permutations.
+    augment : {"none", "geometry", "intensity", "all"} or bool
+        ``"geometry"``: the paper's random flips and axis permutations of the pair; ``"intensity"``: an
+        independent random acquisition change per image (blur, bias field, gamma, noise;
+        :class:`~hdar_pipeline.hdar.data.IntensityAugmentation`); ``"all"``: both. ``True``/``False`` are the
+        historical ``"geometry"``/``"none"``.
     train_mode : "fast" or "full"
         How S2/S3 patches are chosen while training (paper: the K hardest, "fast").
     train_top_k : int, optional
@@ -135,7 +138,7 @@ class TrainConfig:
     max_dice_labels: int = 16
     ncc_window: int = 9
     loss_resolution: Literal["level", "full"] = "level"
-    augment: bool = True
+    augment: str | bool = "intensity"
     train_mode: Literal["fast", "full"] = "fast"
     train_top_k: int | None = None
     val_every: int = 250
@@ -344,9 +347,12 @@ class LowResCache:
             self.store[key] = resize_volume(img, key[1])[0, 0].numpy().copy()
         return self.store[key]
 
-    def augmented(self, index: int, size: Sequence[int], augmentation: Any, device: torch.device) -> torch.Tensor:
-        """The cached image ``index`` at ``size`` (un-augmented orientation), augmented, as ``(1, 1, ...)``."""
-        return torch.from_numpy(augmentation.apply(self.get(index, size)))[None, None].to(device)
+    def augmented(self, index: int, size: Sequence[int], augmentation: Any, device: torch.device,
+                  role: int | None = None) -> torch.Tensor:
+        """The cached image ``index`` at ``size`` (un-augmented orientation), augmented (``role``: 0 fixed,
+        1 moving, for the intensity change), as ``(1, 1, ...)``."""
+        out = augmentation.apply(self.get(index, size), role, self.data.shape)
+        return torch.from_numpy(out)[None, None].to(device)
 
 
 def _union_box(patches: Sequence[Any], shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -385,7 +391,7 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
             aug = pair.augmentation
             base = level_loss_size(cfg, stage, lowres.data.shape) if lowres is not None else None
             if lowres is not None and base is not None and tuple(base[a] for a in aug.permutation) == size:
-                f_t, m_t = lowres.augmented(fi, base, aug, device), lowres.augmented(mi, base, aug, device)
+                f_t, m_t = lowres.augmented(fi, base, aug, device, 0), lowres.augmented(mi, base, aug, device, 1)
             else:
                 f_t, m_t = resize_volume(f, size), resize_volume(m, size)
             if stage == 1:
@@ -395,7 +401,8 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
                 s1_inputs = None
                 if lowres is not None:  # S1's inputs from the cache too (saves two full-volume resizes)
                     s1_base = cfg.s1_size(lowres.data.shape)
-                    s1_inputs = (lowres.augmented(fi, s1_base, aug, device), lowres.augmented(mi, s1_base, aug, device))
+                    s1_inputs = (lowres.augmented(fi, s1_base, aug, device, 0),
+                                 lowres.augmented(mi, s1_base, aug, device, 1))
                 flow = resize_flow(model(f, m, levels=stage, mode=config.train_mode, top_k=config.train_top_k,
                                          s1_inputs=s1_inputs).flow.float(), size)
             if fl is not None:
@@ -747,7 +754,10 @@ def train(
                 bar.print(f"stage {stage}: training S{stage}" + (f" ({frozen} frozen)" if frozen else "")
                           + f", steps {config.stage_end(stage - 1) + 1}-{config.stage_end(stage)}")
             assert optimizer is not None
-            pair = train_data.sample(rng, augment=config.augment)
+            # S1 at its own resolution reads both images from the low-resolution cache, where the intensity
+            # change costs a hundredth of the full-resolution one
+            s1_cached = stage == 1 and config.loss_resolution == "level"
+            pair = train_data.sample(rng, augment=config.augment, full_resolution_intensity=not s1_cached)
             t0 = time.perf_counter()
             loss, terms = pair_loss(model, pair, stage, config, dev, rng, dtype, lowres)
             optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     ----------
     name : {"affine", "syn", "demons", "hdar"}
     preset : str, optional
-        ``syn``: ``"fast"`` (default) or ``"quality"``; ``hdar``: ``"fast"`` (default) or ``"full"``.
+        ``syn``: ``"fast"`` (default) or ``"quality"``; ``hdar``: ``"refined"`` (default), ``"fast"`` or ``"full"``.
         ``affine`` and ``demons`` have none (``None`` or ``"default"``).
     seed : int, optional
         Seeds the method (``ANTS_RANDOM_SEED`` for the ANTs methods; Demons is deterministic).
@@ -67,9 +67,9 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
             raise NotImplementedError(
                 "the HDAR method is not available in this version: the network and its trained weights "
                 "arrive with the HDAR issue; use --method syn or demons")
-        from .hdar import HDARMethod
+        from .hdar import DEFAULT_PRESET, HDARMethod
 
-        return HDARMethod(preset=preset or "fast", seed=seed, threads=threads, device=device or "auto")
+        return HDARMethod(preset=preset or DEFAULT_PRESET, seed=seed, threads=threads, device=device or "auto")
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
@@ -78,9 +78,9 @@ def _with_options(method, name, preset, seed, threads, device, opts: dict[str, A
     import dataclasses
 
     if name == "hdar":
-        from .hdar import HDARMethod as cls
+        from .hdar import DEFAULT_PRESET, HDARMethod as cls
 
-        base = dict(preset=preset or "fast", seed=seed, threads=threads, device=device or "auto")
+        base = dict(preset=preset or DEFAULT_PRESET, seed=seed, threads=threads, device=device or "auto")
     else:
         cls = type(method)
         base = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}

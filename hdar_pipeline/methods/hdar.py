@@ -44,6 +44,10 @@ from .base import MethodBase
 #: Instance-optimisation steps per refinement level of the ``refined`` preset.
 REFINED_STEPS = 20
 
+#: The preset used when none is named: the most accurate whose runtime stays within a fifth of SyN fast's
+#: (README "Results": measured on the 20 LPBA40 validation pairs, the re-stored frames and the IXI heads).
+DEFAULT_PRESET = "refined"
+
 HDAR_PRESETS: dict[str, dict[str, Any]] = {"fast": {"mode": "fast"}, "full": {"mode": "full"},
                                            "refined": {"mode": "fast"}}
 
@@ -55,6 +59,7 @@ class HDARMethod(MethodBase):
     Parameters
     ----------
     preset : {"fast", "full", "refined"}
+        Default :data:`DEFAULT_PRESET`.
     prealign : bool
         Fit an affine map on local NCC before the network (:func:`hdar_pipeline.hdar.instance.affine_prealign`).
     refine : int, optional
@@ -70,9 +75,10 @@ class HDARMethod(MethodBase):
         re-warped every 5 steps, windows of 5 correction voxels); ``"level"`` the images downsampled to
         the level, like the coarser levels.
     refine_diffeomorphic : bool
-        Compose corrections integrated from stationary velocity fields instead of adding displacements
-        (on the levels with ``similarity="level"``; the full-resolution level's sub-voxel correction is
-        always added).
+        Compose corrections integrated from stationary velocity fields, ``u o exp(v)``, on every refinement
+        level including the full-resolution one (default), instead of adding displacements ``u + c``. With a
+        diffeomorphic network (stationary-velocity output) the whole chain is then a composition of
+        diffeomorphisms: no folded voxels by construction. Forced on for a diffeomorphic model.
     weights : str or Path
         A shipped name (``"default"``) or the path of an exported ``.pt`` (model card beside it).
     device : str
@@ -91,13 +97,13 @@ class HDARMethod(MethodBase):
     """
 
     name: ClassVar[str] = "hdar"
-    preset: str = "fast"
+    preset: str = DEFAULT_PRESET
     prealign: bool = True
     refine: int | None = None
     refine_levels: tuple[float, ...] = (0.25, 0.5)
     refine_lr: float = 0.2
     refine_similarity: str = "full"
-    refine_diffeomorphic: bool = False
+    refine_diffeomorphic: bool = True
     weights: str | Path = "default"
     device: str = "auto"
     seed: int | None = None
@@ -236,31 +242,29 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     """
     import torch
 
-    from ..hdar.cascade import field_voxels_to_transform
+    from ..hdar.frame import brain_box, normalise_in_frame
     from ..hdar.instance import ImagePyramid, affine_prealign, default_refine_levels, refine_flow
     from ..hdar.layers import SpatialTransformer, compose_flows, resize_flow
-    from ..hdar.orientation import inverse, is_identity, orientation_to, reorient_field, to_orientation
 
     model = loaded.model
     dev = next(model.parameters()).device if device is None else device
     grid = Grid.of(fixed)
+    if not Grid.of(moving).same_as(grid, atol=1e-3):
+        raise ValueError("register_with_model: the moving image must lie on the fixed grid")
+    fixed_arr = np.asarray(fixed.dataobj, dtype=np.float32)
     mask = None
     if fixed_mask is not None:
         mask = np.asarray(fixed_mask.dataobj) > 0
         if mask.shape != grid.shape:
             raise ValueError(f"fixed_mask shape {mask.shape} does not match the fixed image {grid.shape}")
-    ft = torch.as_tensor(unit_range(fixed), device=dev)[None, None]
-    mt = torch.as_tensor(unit_range(moving), device=dev)[None, None]
-    mk = None if mask is None else torch.as_tensor(mask, device=dev)[None, None]
-    # The network runs in its training data's array orientation (model card), the field comes back after.
-    data = loaded.card.get("data")
-    codes = data.get("orientation") if isinstance(data, dict) else None
-    ornt = orientation_to(grid.affine, codes) if codes else None
-    if ornt is not None and is_identity(ornt):
-        ornt = None
-    if ornt is not None:
-        ft, mt = to_orientation(ft, ornt), to_orientation(mt, ornt)
-        mk = None if mk is None else to_orientation(mk, ornt)
+    # The network and the refinement run in the canonical frame of the training data (model card):
+    # its axis order and voxel size, a box of its shape centred on the fixed brain. The field comes back
+    # onto the fixed grid once, at the end.
+    frame = frame_for(loaded.card, grid, brain_box(fixed_arr, mask))
+    ft = normalise_in_frame(frame.to_canonical(fixed_arr, device=dev))
+    mt = normalise_in_frame(frame.to_canonical(np.asarray(moving.dataobj, dtype=np.float32), device=dev))
+    mk = None if mask is None else frame.to_canonical(mask.astype(np.float32), interpolation="nearest",
+                                                      device=dev) > 0.5
     shape = tuple(ft.shape[2:])
     fp, mp = ImagePyramid(ft), ImagePyramid(mt)
     # The cascade keeps its fields on its finest level's grid (1/2 for S1 + S2) and the refinement
@@ -288,12 +292,28 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
                            smooth_weight=float(training.get("smooth_weight", 1.5)),
                            diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic), out_shape=shape)
     with torch.no_grad():
-        flow = resize_flow(flow, shape)
-    if ornt is not None:
-        flow = reorient_field(flow, inverse(ornt)).contiguous()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+        field = frame.field_to_fixed(resize_flow(flow, shape))
     device_used = str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}"
-    return field_voxels_to_transform(flow, grid, weights_sha256=loaded.sha256, weights=loaded.name,
-                                     device=device_used, refine_steps=int(refine),
-                                     prealign=bool(prealign)), device_used
+    return Transform(grid, field=field, metadata=dict(
+        weights_sha256=loaded.sha256, weights=loaded.name, device=device_used, refine_steps=int(refine),
+        prealign=bool(prealign), frame={"shape": list(frame.grid.shape), "exact": frame.exact,
+                                        "voxel_size_mm": [float(v) for v in frame.grid.spacing]})), device_used
+
+
+def frame_for(card: dict, grid: Grid, box) -> Any:
+    """The canonical frame (:func:`~hdar_pipeline.hdar.frame.canonical_frame`) of the model card's training
+    data (``data.orientation``, ``data.voxel_size_mm``, ``data.grid_shape``) for a fixed ``grid`` and its
+    brain ``box``. What the card does not say is taken from the fixed grid (its own axis order, voxel size
+    or shape), so a card that describes no training data runs the network on the fixed grid as it is."""
+    import nibabel as nib
+
+    from ..hdar.frame import canonical_frame
+
+    data = card.get("data") if isinstance(card.get("data"), dict) else {}
+    own = nib.orientations.io_orientation(grid.affine)
+    codes = data.get("orientation") or "".join(nib.orientations.ornt2axcodes(own))
+    order = [int(np.nonzero(own[:, 0] == w)[0][0]) for w in nib.orientations.axcodes2ornt(tuple(codes))[:, 0]]
+    voxel = data.get("voxel_size_mm") or [float(grid.spacing[a]) for a in order]
+    shape = data.get("grid_shape") or [int(grid.shape[a]) for a in order]
+    return canonical_frame(grid, box, orientation=codes, voxel_size=voxel, shape=shape,
+                           fit_brain=bool(data.get("grid_shape")))
