@@ -176,3 +176,40 @@ def test_bad_shapes_rejected(grid):
         Transform(grid, field=np.zeros((3, 3, 3, 3)))
     with pytest.raises(ValueError, match="affine must be 4x4"):
         Transform(grid, affine=np.eye(3))
+
+
+def test_folding_over_the_brain_agrees_with_ants_composing_the_written_files(tmp_path):
+    """registration.json's folded_percent_mask is jacobian_statistics over the fixed brain; ANTs composing the
+    files we wrote (as shared/tools/evaltool.py does) must count the same folded brain voxels."""
+    import ants
+
+    from hdar_pipeline.images import save_image
+    from hdar_pipeline.metrics import jacobian_statistics
+
+    grid = Grid((30, 34, 28), np.array([[-1.2, 0, 0, 10], [0, -1.0, 0, 5], [0, 0, 1.1, -3], [0, 0, 0, 1]]))
+    idx = np.indices(grid.shape).astype(float)
+    centre = (np.asarray(grid.shape) - 1) / 2
+    r2 = sum(((idx[a] - centre[a]) / (0.35 * grid.shape[a])) ** 2 for a in range(3))
+    brain = r2 < 1
+    # a displacement with a strong local compression: folds near the centre, smooth elsewhere
+    bump = np.exp(-((idx[0] - centre[0]) ** 2 + (idx[1] - centre[1]) ** 2 + (idx[2] - centre[2]) ** 2) / 8.0)
+    field = np.zeros((*grid.shape, 3), np.float32)
+    field[..., 0] = (-3.5 * (idx[0] - centre[0]) * bump).astype(np.float32)
+    t = Transform(grid, affine=np.diag([1.05, 0.97, 1.0, 1.0]), field=field)
+    ours = jacobian_statistics(t, brain)
+    assert ours["folded_percent_mask"] > 0.5
+    fixed_path = tmp_path / "fixed.nii.gz"
+    save_image(new_image(brain.astype(np.float32), grid), fixed_path)
+    files = [str(p) for p in t.write(tmp_path, prefix="t_")]
+    fixed = ants.image_read(str(fixed_path))
+    composed = ants.apply_transforms(fixed, fixed, transformlist=files, compose=str(tmp_path / "comp"))
+    disp = ants.image_read(composed).numpy()
+    d = np.array(fixed.direction).reshape(3, 3)
+    u = np.einsum("ij,xyzj->xyzi", np.linalg.inv(d), disp)
+    jac = np.zeros(u.shape[:3] + (3, 3))
+    for i in range(3):
+        g = np.gradient(u[..., i] / fixed.spacing[i], axis=(0, 1, 2))
+        for j in range(3):
+            jac[..., i, j] = g[j] + (1.0 if i == j else 0.0)
+    theirs = 100.0 * np.mean(np.linalg.det(jac)[fixed.numpy() > 0] <= 0)
+    assert ours["folded_percent_mask"] == pytest.approx(theirs, abs=0.3)
