@@ -41,7 +41,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None,
                    help="HDAR weights: a shipped name (default) or an exported .pt with its model card beside it")
     p.add_argument("--refine", type=int, default=None, metavar="N",
-                   help="HDAR: N instance-optimisation steps on each refinement level after the network (default 0)")
+                   help="HDAR: N instance-optimisation steps on each refinement level after the network (default: "
+                        "the preset's, 20 for refined, 0 for fast and full)")
     p.add_argument("--refine-levels", type=float, nargs="+", default=None, metavar="S",
                    help="HDAR: resolutions of the refinement levels relative to the image, coarse to fine "
                         "(default 0.25 0.5); --refine steps run on each")
@@ -49,13 +50,17 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help="HDAR: the finest refinement level's loss: 'full' (default) the local NCC of the "
                         "full-resolution images, linearised around the warp; 'level' the images downsampled "
                         "to that level")
+    p.add_argument("--refine-additive", dest="refine_diffeomorphic", action="store_false", default=None,
+                   help="HDAR: add the refinement's corrections (u + c) instead of composing diffeomorphic ones "
+                        "(u o exp(v), the default); faster, may fold")
     p.add_argument("--no-prealign", dest="prealign", action="store_false", default=None,
                    help="HDAR: skip the affine pre-alignment before the network")
     p.set_defaults(func=_run_register)
 
 
 def _method_options(args: argparse.Namespace) -> dict | None:
-    options = {k: getattr(args, k) for k in ("weights", "refine", "refine_levels", "refine_similarity", "prealign")
+    options = {k: getattr(args, k) for k in ("weights", "refine", "refine_levels", "refine_similarity", "prealign",
+                                            "refine_diffeomorphic")
                if getattr(args, k, None) is not None}
     if "refine_levels" in options:
         options["refine_levels"] = tuple(options["refine_levels"])
@@ -292,6 +297,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
+def relative_locations(files: Sequence[str]) -> list[str]:
+    """Training files as a model card records them: relative to their common folder, that folder's own name
+    first (``lpba40/S01/S01.delineation.skullstripped.nii.gz``), never an absolute machine path."""
+    import os
+    from pathlib import Path
+
+    paths = [Path(f).resolve() for f in files]
+    if not paths:
+        return []
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    return [str(Path(root.name) / p.relative_to(root)) for p in paths]
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from .runtime import configure_threads
 
@@ -339,8 +357,9 @@ def _run_train(args: argparse.Namespace) -> int:
                              seed=args.seed, amp=args.amp, cascade=cascade, train_top_k=args.train_top_k)
         description = {
             "source": "bids" if args.bids else "folder" if args.folder else "images",
-            "location": str(Path(args.bids or args.folder).resolve()) if (args.bids or args.folder)
-            else [str(Path(f).resolve()) for f in args.images],
+            # no machine paths on a model card: folder names, and files relative to their common folder
+            "location": Path(args.bids or args.folder).resolve().name if (args.bids or args.folder)
+            else relative_locations(args.images),
             "train_subjects": data.names, "val_subjects": val.names if val is not None else [],
             "labelled_train_subjects": data.n_labelled, "grid_shape": list(data.shape),
             "voxel_size_mm": [round(float(v), 4) for v in data.grid.spacing],

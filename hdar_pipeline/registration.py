@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from .images import check_labels_match, load_image, normalize_intensity, save_image
-from .metrics import jacobian_statistics
 from .provenance import json_default, library_versions, sha256
 
 PathLike = str | os.PathLike
@@ -67,6 +66,7 @@ def register_files(
         expects.
     """
     from .methods import get_method, register_pair
+    from .metrics import jacobian_statistics
 
     out = Path(out_dir)
     fixed_img = load_image(fixed)

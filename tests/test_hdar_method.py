@@ -283,3 +283,21 @@ def test_every_preset_gives_the_same_answer_in_another_storage_frame(framed, pre
     print(f"\n{preset}: Dice native frame {d_native:.4f}, A-S-L off-centre int16 {d_other:.4f}")
     assert abs(d_native - d_other) < 0.01
     assert mean_dice(warped_native, back_native) > 0.98
+
+
+def test_the_default_preset_is_the_same_everywhere():
+    """`hdar register`, the BIDS App, get_method and the benchmark's `hdar` row all mean DEFAULT_PRESET."""
+    from hdar_pipeline.benchmark import build_method, default_variants
+    from hdar_pipeline.cli import build_bids_app_parser
+    from hdar_pipeline.methods.hdar import DEFAULT_PRESET
+
+    assert DEFAULT_PRESET == "refined"
+    args = build_bids_app_parser().parse_args(["in", "out", "participant"])
+    assert args.hdar_preset == DEFAULT_PRESET
+    from hdar_pipeline.workflows.bids_app import AppOptions
+
+    assert AppOptions(bids_dir="in", output_dir="out", analysis_level="participant").hdar_preset == DEFAULT_PRESET
+    method = get_method("hdar")
+    assert method.preset == DEFAULT_PRESET and method.refine == 20 and method.refine_diffeomorphic
+    row = default_variants()["hdar"]
+    assert row.preset is None and build_method(row, seed=0, threads=1).preset == DEFAULT_PRESET

@@ -116,8 +116,6 @@ def register_pair(
         ``method``, ``preset``, ``parameters``, ``runtime_s`` and ``peak_memory_mb`` (totals over the
         stages), ``stages`` (one dict per stage), ``device``.
     """
-    from .affine import AffineMethod
-
     stages: list[dict[str, Any]] = []
     if method.name == "affine" or not affine:
         if method.name != "affine" and not _same_grid(fixed, moving):
@@ -126,6 +124,8 @@ def register_pair(
         transform = method.register(fixed, moving, fixed_mask=fixed_mask)
         stages.append(_stage(method))
     else:
+        from .affine import AffineMethod  # imports antspyx (seconds): only when the affine stage runs
+
         aff_method = AffineMethod(seed=seed, threads=threads)
         aff = aff_method.register(fixed, moving, fixed_mask=fixed_mask)
         stages.append(_stage(aff_method))
