@@ -48,7 +48,7 @@ def ncc_after(transform: Transform, fixed, moving) -> float:
 
 
 def test_hdar_method_with_trained_weights_improves_dice(trained):
-    method = HDARMethod(weights=trained["pt"], device="cpu", seed=0, threads=1)
+    method = HDARMethod(weights=trained["pt"], device="cpu", seed=0, threads=1, preset="fast")
     transform = method.register(trained["fixed"], trained["moving"])
     assert transform.field.shape == (32, 32, 32, 3) and transform.affine is None
     before = mean_dice(trained["fixed_labels"], np.asarray(trained["moving_labels"].dataobj))
@@ -77,11 +77,12 @@ def test_full_preset_and_register_pair_provenance(trained):
     refined = HDARMethod(preset="refined", weights=trained["pt"])
     assert refined.refine == 20 and refined.parameters["mode"] == "fast" and refined.parameters["refine"] == 20
     assert HDARMethod(preset="refined", refine=5, weights=trained["pt"]).refine == 5
-    assert HDARMethod(weights=trained["pt"]).refine == 0
+    assert HDARMethod(weights=trained["pt"]).refine == 20  # refined is the default preset
+    assert HDARMethod(weights=trained["pt"], preset="fast").refine == 0
 
 
 def test_refine_improves_ncc_further(trained):
-    plain = HDARMethod(weights=trained["pt"], device="cpu").register(trained["fixed"], trained["moving"])
+    plain = HDARMethod(weights=trained["pt"], device="cpu", preset="fast").register(trained["fixed"], trained["moving"])
     refined_method = HDARMethod(weights=trained["pt"], device="cpu", refine=15)
     refined = refined_method.register(trained["fixed"], trained["moving"])
     ncc0, ncc1 = ncc_after(plain, trained["fixed"], trained["moving"]), ncc_after(refined, trained["fixed"], trained["moving"])
@@ -120,7 +121,7 @@ def test_prealign_helps_when_the_pair_is_affinely_misaligned(trained):
     labels = resample_to(new_image(np.asarray(trained["moving_labels"].dataobj), scaled), grid, interpolation="nearest")
     scores = {}
     for prealign in (False, True):
-        t = HDARMethod(weights=trained["pt"], device="cpu", prealign=prealign).register(trained["fixed"], moving)
+        t = HDARMethod(weights=trained["pt"], device="cpu", prealign=prealign, preset="fast").register(trained["fixed"], moving)
         assert t.metadata["prealign"] is prealign
         scores[prealign] = mean_dice(trained["fixed_labels"],
                                      np.asarray(t.apply(labels, interpolation="nearest").dataobj))
@@ -130,14 +131,14 @@ def test_prealign_helps_when_the_pair_is_affinely_misaligned(trained):
 
 def test_moving_on_another_grid_is_resampled_and_intensities_rescaled(trained):
     fixed, moving = trained["fixed"], trained["moving"]
-    method = HDARMethod(weights=trained["pt"], device="cpu")
+    method = HDARMethod(weights=trained["pt"], device="cpu", preset="fast")
     # raw scanner-like intensities are rescaled with normalize_intensity, as the training data were
     scaled = method.register(fixed, new_image(np.asarray(moving.dataobj) * 800.0, trained["grid"]))
     normalised = method.register(fixed, normalize_intensity(moving))
     # float32 rounding of the two rescalings differs slightly; the pre-alignment's 50 Adam steps carry that
     # to hundredths of a millimetre (1e-4 without pre-alignment)
     assert np.allclose(scaled.field, normalised.field, atol=0.05)
-    no_pre = HDARMethod(weights=trained["pt"], device="cpu", prealign=False)
+    no_pre = HDARMethod(weights=trained["pt"], device="cpu", prealign=False, preset="fast")
     assert np.allclose(no_pre.register(fixed, new_image(np.asarray(moving.dataobj) * 800.0, trained["grid"])).field,
                        no_pre.register(fixed, normalize_intensity(moving)).field, atol=1e-4)
     # a moving image on another (finer, shifted) grid is resampled onto the fixed grid first (compared without

@@ -20,12 +20,12 @@ from typing import Sequence, Union
 import torch
 
 from .adam import Adam
-from .layers import (SpatialTransformer, VecInt, compose_flows, identity_grid, resize_flow, resize_volume,
+from .layers import (SpatialTransformer, compose_flows, identity_grid, resize_flow, resize_volume,
                      sample_region)
 from .losses import LocalNCC, anti_folding_loss
 
 __all__ = ["ImagePyramid", "RefineLevel", "affine_displacement", "affine_prealign", "default_refine_levels",
-           "refine_flow", "scaled_shape"]
+           "exponential", "refine_flow", "scaled_shape"]
 
 
 def scaled_shape(shape: Sequence[int], scale: float) -> tuple[int, int, int]:
@@ -163,6 +163,26 @@ def affine_prealign(fixed: Volume, moving: Volume, *, steps: int = 30, scale: fl
 # ---------------------------------------------------------------------------------- refinement
 
 
+def exponential(velocity: torch.Tensor, max_step: float = 0.25, max_squarings: int = 7) -> torch.Tensor:
+    """``exp(v)`` of a stationary velocity ``(1, 3, X, Y, Z)`` (voxels) by scaling and squaring, with as few
+    squarings as keep the first step under ``max_step`` voxels (at most ``max_squarings``, VoxelMorph's 7).
+
+    A refinement correction moves a voxel or two, so 2-3 squarings integrate it as accurately as 7 (the
+    first step ``v / 2^n`` is what must be small), for a fraction of the cost of back-propagating through
+    seven full-volume interpolations at every Adam step.
+    """
+    with torch.no_grad():
+        peak = float(velocity.detach().abs().max())
+    n = 0
+    while n < max_squarings and peak / 2 ** n > max_step:
+        n += 1
+    disp = velocity * (1.0 / 2 ** n)
+    warp = SpatialTransformer("bilinear", "border")
+    for _ in range(n):
+        disp = disp + warp(disp, disp)
+    return disp
+
+
 @dataclass(frozen=True)
 class RefineLevel:
     """One level of the refinement pyramid.
@@ -252,9 +272,10 @@ def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Seque
     smooth_weight : float
         Weight of :func:`~hdar_pipeline.hdar.losses.anti_folding_loss` on the total field.
     diffeomorphic : bool
-        ``False``: the correction is added, ``u + c`` (cheapest; folding is held off by the anti-folding
-        term). ``True``: ``c = exp(v)`` from a stationary velocity by scaling and squaring and the field is
-        composed, ``u o (id + exp(v))`` (about 3x the cost per step at half resolution).
+        ``False``: the correction is added, ``u + c`` (folding is held off by the anti-folding term only).
+        ``True``: ``c = exp(v)`` from a stationary velocity by scaling and squaring (:func:`exponential`) and
+        the field is composed, ``u o (id + exp(v))``, on every level including a ``similarity="full"`` one, so
+        a diffeomorphic starting field stays diffeomorphic.
 
     out_shape : 3 ints, optional
         Grid of the result (default: the image grid).
@@ -268,7 +289,7 @@ def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Seque
     shape = fp.shape
     current = flow.detach().float()
     warp = SpatialTransformer("bilinear", "zeros")
-    integrate = VecInt(7) if diffeomorphic else None
+    integrate = exponential if diffeomorphic else None
     for level in levels:
         if level.steps == 0:
             continue
@@ -283,10 +304,12 @@ def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Seque
         corr = torch.zeros((1, 3, *size), device=flow.device, dtype=torch.float32, requires_grad=True)
         opt = Adam([corr], lr=level.lr)
 
-        def total(on: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        def total(on: torch.Tensor, grid: Sequence[int], final: bool = False) -> torch.Tensor:
             if integrate is None:
                 return on + resize_flow(corr, grid)
-            return compose_flows(on, resize_flow(integrate(corr), grid))
+            # while optimising, exp(v) is taken to first order (id + v: one interpolation instead of
+            # back-propagating through the squarings); the result composes the integrated exp(v)
+            return compose_flows(on, resize_flow(integrate(corr) if final else corr, grid))
 
         with torch.enable_grad():
             for _ in range(int(level.steps)):
@@ -297,7 +320,7 @@ def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Seque
                 opt.step()
         with torch.no_grad():
             grid = max(tuple(current.shape[2:]), size, key=math.prod)
-            current = total(resize_flow(current, grid), grid)
+            current = total(resize_flow(current, grid), grid, final=True)
     return resize_flow(current, out_shape or shape).detach()
 
 
@@ -344,15 +367,15 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
     corr = torch.zeros((1, 3, *grid), device=base.device, dtype=torch.float32, requires_grad=True)
     anchor = torch.zeros_like(corr)
     opt = Adam([corr], lr=level.lr)
-    integrate = VecInt(7) if diffeomorphic else None
+    diffeo = exponential if diffeomorphic else None
 
     def total(c: torch.Tensor) -> torch.Tensor:
         """The full-resolution field on the box of blocks, with correction ``c`` applied."""
-        if integrate is None:
+        if diffeo is None:
             return base[(..., *full_box)] + _upsample_box(c, b, lo, hi)
-        inner = _upsample_box(integrate(c), b, lo, hi)
-        # base sampled at x + inner(x), in the coordinates of the whole padded volume
-        return inner + sample_region(base, inner, start)
+        # composed on the block grid (the starting field is no finer than it: the cascade and the coarser
+        # levels work at half resolution or below), then upsampled
+        return _upsample_box(compose_flows(base_grid, diffeo(c)), b, lo, hi)
 
     with torch.enable_grad():
         for step in range(int(level.steps)):
@@ -366,10 +389,10 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
             loss.backward()
             opt.step()
     with torch.no_grad():
-        if integrate is None:
+        if diffeo is None:
             out = base + resize_flow(corr.detach(), padded)
         else:
-            out = compose_flows(base, resize_flow(integrate(corr.detach()), padded))
+            out = resize_flow(compose_flows(base_grid, diffeo(corr.detach())), padded)
     return out[:, :, :shape[0], :shape[1], :shape[2]].contiguous()
 
 

@@ -79,6 +79,9 @@ class HDARMethod(MethodBase):
         level including the full-resolution one (default), instead of adding displacements ``u + c``. With a
         diffeomorphic network (stationary-velocity output) the whole chain is then a composition of
         diffeomorphisms: no folded voxels by construction. Forced on for a diffeomorphic model.
+    refine_smooth_weight : float, optional
+        Weight of the anti-folding smoothness in the refinement loss; default: the model's training weight
+        (model card ``config.training.smooth_weight``, 1.5 when absent).
     weights : str or Path
         A shipped name (``"default"``) or the path of an exported ``.pt`` (model card beside it).
     device : str
@@ -104,6 +107,7 @@ class HDARMethod(MethodBase):
     refine_lr: float = 0.2
     refine_similarity: str = "full"
     refine_diffeomorphic: bool = True
+    refine_smooth_weight: float | None = None
     weights: str | Path = "default"
     device: str = "auto"
     seed: int | None = None
@@ -159,7 +163,8 @@ class HDARMethod(MethodBase):
         transform, self.device_used = register_with_model(
             self._model(dev), fixed, moving, fixed_mask, mode=HDAR_PRESETS[self.preset]["mode"],
             prealign=self.prealign, refine=self.refine, refine_levels=self.refine_levels, refine_lr=self.refine_lr,
-            refine_similarity=self.refine_similarity, refine_diffeomorphic=self.refine_diffeomorphic, device=dev)
+            refine_similarity=self.refine_similarity, refine_diffeomorphic=self.refine_diffeomorphic,
+            refine_smooth_weight=self.refine_smooth_weight, device=dev)
         return transform
 
 
@@ -186,8 +191,8 @@ def unit_range(img) -> np.ndarray:
 def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: str = "fast",
                         levels: int | None = None, selection: str | None = None, prealign: bool = True,
                         refine: int = 0, refine_levels: tuple[float, ...] = (0.25, 0.5), refine_lr: float = 0.2,
-                        refine_similarity: str = "full", refine_diffeomorphic: bool = False,
-                        device: Any = None) -> tuple[Transform, str]:
+                        refine_similarity: str = "full", refine_diffeomorphic: bool = True,
+                        refine_smooth_weight: float | None = None, device: Any = None) -> tuple[Transform, str]:
     """Register an aligned pair with an already loaded HDAR model (the core of :class:`HDARMethod`).
 
     An affine pre-alignment (``prealign``, :func:`~hdar_pipeline.hdar.instance.affine_prealign`) comes
@@ -226,6 +231,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
         The finest refinement level's loss (see :class:`HDARMethod`).
     refine_diffeomorphic : bool
         Compose ``exp(v)`` corrections (forced for a diffeomorphic model) instead of adding them.
+    refine_smooth_weight : float, optional
+        The refinement's smoothness weight (default: the model card's training weight, else 1.5).
     device : torch.device, optional
         Where the model is (default: the device of its parameters).
 
@@ -288,8 +295,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     if refine:
         training = loaded.card.get("config", {}).get("training", {})
         pyramid = default_refine_levels(refine, refine_levels, lr=refine_lr, similarity=refine_similarity)
-        flow = refine_flow(fp, mp, flow, pyramid,
-                           smooth_weight=float(training.get("smooth_weight", 1.5)),
+        weight = refine_smooth_weight if refine_smooth_weight is not None else training.get("smooth_weight", 1.5)
+        flow = refine_flow(fp, mp, flow, pyramid, smooth_weight=float(weight),
                            diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic), out_shape=shape)
     with torch.no_grad():
         field = frame.field_to_fixed(resize_flow(flow, shape))
