@@ -23,9 +23,10 @@ warp (:mod:`hdar_pipeline.hdar.block_ncc`), which is where the fine anatomical d
 ``refine_diffeomorphic`` composes ``exp(v)`` corrections on the downsampled levels instead.
 
 The inputs are expected affinely aligned on the fixed grid (as :func:`~hdar_pipeline.methods.register_pair`
-provides them); a moving image on another grid is resampled onto the fixed grid first. Intensities
-should be in [0, 1]; images outside that range are rescaled with
-:func:`~hdar_pipeline.images.normalize_intensity`.
+provides them); a moving image on another grid is resampled onto the fixed grid first. The pair is then
+taken into the canonical frame of the training data (:mod:`hdar_pipeline.hdar.frame`) and rescaled there
+with :func:`~hdar_pipeline.images.robust_unit_range`, the function the training data went through, whatever
+intensity range the inputs have.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..images import Grid, normalize_intensity, resample_to
+from ..images import Grid, resample_to, robust_unit_range
 from ..runtime import configure_threads, seed_everything
 from ..transforms import Transform
 from .base import MethodBase
@@ -169,23 +170,20 @@ class HDARMethod(MethodBase):
 
 
 def unit_range(img) -> np.ndarray:
-    """An image's intensities as a contiguous float32 array in [0, 1].
+    """An image's intensities as a contiguous float32 array in [0, 1], rescaled by
+    :func:`~hdar_pipeline.images.robust_unit_range` (HDAR's one normalisation; idempotent, so an image
+    normalised before is unchanged).
 
     Parameters
     ----------
     img : nibabel image
-        Intensities already in [0, 1] (within 1e-3) are kept as they are; others are rescaled with
-        :func:`~hdar_pipeline.images.normalize_intensity`.
 
     Returns
     -------
     numpy.ndarray
         ``float32``, C-contiguous, the image's shape.
     """
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.min() < -1e-3 or data.max() > 1.0 + 1e-3:
-        data = np.asarray(normalize_intensity(img).dataobj, dtype=np.float32)
-    return np.ascontiguousarray(data)
+    return np.ascontiguousarray(robust_unit_range(np.asarray(img.dataobj, dtype=np.float32)))
 
 
 def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: str = "fast",
