@@ -175,7 +175,7 @@ def test_refine_level_similarity_options():
     with pytest.raises(ValueError, match="1/b"):
         RefineLevel(0.4, 5, similarity="full")
     levels = default_refine_levels(7)
-    assert [(lv.scale, lv.similarity, lv.window) for lv in levels] == [(0.25, "level", 9), (0.5, "full", 5)]
+    assert [(lv.scale, lv.similarity, lv.window) for lv in levels] == [(0.25, "level", 9), (0.5, "full", 3)]
     assert levels[1].block == 2
     assert all(lv.similarity == "level" for lv in default_refine_levels(7, similarity="level"))
 

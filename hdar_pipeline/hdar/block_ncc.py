@@ -140,33 +140,43 @@ class LinearisedBlockNCC:
         return _BlockNCCLoss.apply(d, self)
 
     def moving_sums(self, d: torch.Tensor) -> torch.Tensor:
-        """Per-block ``sum j``, ``sum j^2``, ``sum i j`` ``(1, 3, ...)`` of the linearised moving image."""
+        """Per-block ``sum j``, ``sum j^2``, ``sum i j`` ``(1, 3, ...)`` of the linearised moving image
+        (values only; :meth:`loss` is the differentiable path)."""
+        with torch.no_grad():
+            return self._moving_sums(d)[0]
+
+    def _moving_sums(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`moving_sums` and ``(sum G G^T) d`` per block ``(1, 3, ...)``, which the gradient reuses."""
         s = self.sums
         assert s is not None
-        sj = s["j"] + (d * s["g"]).sum(1, keepdim=True)
-        sij = s["ij"] + (d * s["ig"]).sum(1, keepdim=True)
-        gd = (s["gg"] * d.unsqueeze(1)).sum(2)  # (sum G G^T) d per block
-        sjj = s["jj"] + ((2.0 * s["jg"] + gd) * d).sum(1, keepdim=True)
-        return torch.cat([sj, sjj, sij], dim=1)
+        out = torch.empty((1, 3, *d.shape[2:]), dtype=d.dtype, device=d.device)
+        torch.sum(d * s["g"], 1, keepdim=True, out=out[:, 0:1])
+        out[:, 0:1] += s["j"]
+        gd = torch.einsum("bacxyz,bcxyz->baxyz", s["gg"], d)  # (sum G G^T) d per block
+        torch.sum((2.0 * s["jg"] + gd) * d, 1, keepdim=True, out=out[:, 1:2])
+        out[:, 1:2] += s["jj"]
+        torch.sum(d * s["ig"], 1, keepdim=True, out=out[:, 2:3])
+        out[:, 2:3] += s["ij"]
+        return out, gd
 
 
 class _BlockNCCLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, d: torch.Tensor, ncc: LinearisedBlockNCC) -> torch.Tensor:  # type: ignore[override]
-        cc, terms = ncc_from_sums(ncc.moving_sums(d), ncc.window, ncc.inv_n, ncc.mi, ncc.var_i, ncc.eps)
+        sums, gd = ncc._moving_sums(d)
+        cc, terms = ncc_from_sums(sums, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i, ncc.eps)
         ctx.ncc = ncc
-        ctx.save_for_backward(d, *terms)
+        ctx.save_for_backward(gd, *terms)
         return -(cc * ncc.weight).sum()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         ncc: LinearisedBlockNCC = ctx.ncc
-        d, *terms = ctx.saved_tensors
+        gd, *terms = ctx.saved_tensors
         s = ncc.sums
         assert s is not None
         gs = ncc_sum_gradients(terms, -grad_out * ncc.weight, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i)
         g_j, g_jj, g_ij = gs[:, :1], gs[:, 1:2], gs[:, 2:]
         # d(sum j^2)/d d_a = 2 (sum W G_a + sum_b sum G_a G_b d_b)
-        gd = (s["gg"] * d.unsqueeze(1)).sum(2)
         grad = g_j * s["g"] + 2.0 * g_jj * (s["jg"] + gd) + g_ij * s["ig"]
         return grad, None

@@ -438,7 +438,7 @@ class HDARCascade(nn.Module):
         if resolution not in ("full", "level"):
             raise ValueError(f"resolution must be 'full' or 'level', got {resolution!r}")
         scale = 1.0 if resolution == "full" else self.work_scale(n_levels)
-        work = self.work_shape(shape, scale)
+        work = shape if resolution == "full" else self.work_grid(shape, n_levels)
         fixed_w, moving_w = fixed, moving
         if work != shape:
             if work_inputs is not None and all(tuple(t.shape[2:]) == work for t in work_inputs):
@@ -471,6 +471,15 @@ class HDARCascade(nn.Module):
             return 1.0
         ratios = [i / p for i, p in zip(self.config.input_size(n), self.config.patch_size(n))]
         return float(max(ratios)) if max(ratios) < 1.0 else 1.0
+
+    def work_grid(self, shape: Sequence[int], levels: int | None = None) -> tuple[int, int, int]:
+        """The grid the fields live on with ``resolution="level"`` for a full-resolution ``shape``: S1's own
+        grid (:meth:`CascadeConfig.s1_size`) when S1 runs alone (its field is no finer than that, so nothing
+        is gained by carrying it at full resolution), else :meth:`work_shape` of :meth:`work_scale`."""
+        n = self.config.levels if levels is None else min(int(levels), self.config.levels)
+        if n == 1:
+            return self.config.s1_size(shape)
+        return self.work_shape(shape, self.work_scale(n))
 
     @staticmethod
     def work_shape(shape: Sequence[int], scale: float) -> tuple[int, int, int]:

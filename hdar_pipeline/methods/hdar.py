@@ -73,7 +73,7 @@ class HDARMethod(MethodBase):
     refine_similarity : {"full", "level"}
         The finest refinement level's loss: ``"full"`` (default) the local NCC of the full-resolution
         images, linearised around the warp (:class:`~hdar_pipeline.hdar.block_ncc.LinearisedBlockNCC`;
-        re-warped every 5 steps, windows of 5 correction voxels); ``"level"`` the images downsampled to
+        re-warped every 5 steps, windows of 3 correction voxels); ``"level"`` the images downsampled to
         the level, like the coarser levels.
     refine_diffeomorphic : bool
         Compose corrections integrated from stationary velocity fields, ``u o exp(v)``, on every refinement
@@ -272,9 +272,9 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
                                                       device=dev) > 0.5
     shape = tuple(ft.shape[2:])
     fp, mp = ImagePyramid(ft), ImagePyramid(mt)
-    # The cascade keeps its fields on its finest level's grid (1/2 for S1 + S2) and the refinement
+    # The cascade keeps its fields on its finest level's grid (S1's alone, 1/2 with S2) and the refinement
     # carries them on, so the only full-resolution field operation is the final upsampling.
-    work = model.work_shape(shape, model.work_scale(levels))
+    work = model.work_grid(shape, levels)
     s1 = model.config.s1_size(shape)
     with torch.no_grad():
         pre = affine_prealign(fp, mp, out_shape=work) if prealign else None
