@@ -198,13 +198,19 @@ def test_register_function_several_pairs_and_cli_weights(trained, tmp_path):
                  "--weights", str(tmp_path / "missing.pt")]) == 2
 
 
+def _orientation_to(affine, codes: str):
+    """nibabel's orientation transform from ``affine``'s array axes to ``codes`` (e.g. ``"LPS"``)."""
+    import nibabel as nib
+
+    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(tuple(codes)))
+
+
 def _stored_as(img, codes: str):
     """The same world image stored with array axes ``codes`` (flips/permutations only)."""
     import nibabel as nib
 
-    from hdar_pipeline.hdar.orientation import orientation_to
-
-    ornt = orientation_to(img.affine, codes)
+    ornt = _orientation_to(img.affine, codes)
     data = nib.orientations.apply_orientation(np.asarray(img.dataobj), ornt)
     affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
     return nib.Nifti1Image(np.ascontiguousarray(data), affine)
@@ -218,7 +224,6 @@ def test_the_network_runs_in_the_orientation_of_its_training_data(trained, codes
 
     import nibabel as nib
 
-    from hdar_pipeline.hdar.orientation import orientation_to
     from hdar_pipeline.methods.hdar import register_with_model
 
     loaded = W.load_weights(trained["pt"])
@@ -227,7 +232,7 @@ def test_the_network_runs_in_the_orientation_of_its_training_data(trained, codes
     t_ras, _ = register_with_model(ras, fixed, moving)
     t_other, _ = register_with_model(ras, _stored_as(fixed, codes), _stored_as(moving, codes))
     assert not np.allclose(t_ras.field, 0)
-    ornt = orientation_to(fixed.affine, codes)
+    ornt = _orientation_to(fixed.affine, codes)
     want = nib.orientations.apply_orientation(np.asarray(t_ras.apply(labels, interpolation="nearest").dataobj), ornt)
     got = np.asarray(t_other.apply(_stored_as(labels, codes), interpolation="nearest").dataobj)
     assert got.shape == want.shape and (got != want).mean() < 1e-3

@@ -198,9 +198,9 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     level's grid (``resolution="level"``); ``refine`` steps per level of
     :func:`~hdar_pipeline.hdar.instance.refine_flow` follow (smoothness weight from the model card's
     training config, default 1.5). One :class:`~hdar_pipeline.hdar.instance.ImagePyramid` per image feeds
-    all of them. All run on the pair flipped and permuted
-    into the array orientation of the training data (``card["data"]["orientation"]``, e.g. ``"LPS"``; see
-    :mod:`hdar_pipeline.hdar.orientation`), and the field is mapped back onto the fixed image's array.
+    all of them. All run in the canonical frame of the training data (:func:`frame_for`,
+    :mod:`hdar_pipeline.hdar.frame`: the card's axis order, e.g. ``"LPS"``, voxel size and box, centred on the
+    fixed brain), and the field is mapped back onto the fixed image's grid once.
     Threads, seeds and the random-selection generator are left as the caller set them.
 
     Parameters
