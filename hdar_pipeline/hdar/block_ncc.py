@@ -139,14 +139,10 @@ class LinearisedBlockNCC:
             raise RuntimeError("call linearise() before loss()")
         return _BlockNCCLoss.apply(d, self)
 
-    def moving_sums(self, d: torch.Tensor) -> torch.Tensor:
-        """Per-block ``sum j``, ``sum j^2``, ``sum i j`` ``(1, 3, ...)`` of the linearised moving image
-        (values only; :meth:`loss` is the differentiable path)."""
-        with torch.no_grad():
-            return self._moving_sums(d)[0]
-
-    def _moving_sums(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`moving_sums` and ``(sum G G^T) d`` per block ``(1, 3, ...)``, which the gradient reuses."""
+    def moving_sums(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block ``sum j``, ``sum j^2``, ``sum i j`` ``(1, 3, ...)`` of the linearised moving image, and
+        ``(sum G G^T) d`` per block ``(1, 3, ...)``, which the gradient reuses. Values only (written in
+        place, no autograd graph): :meth:`loss` is the differentiable path."""
         s = self.sums
         assert s is not None
         out = torch.empty((1, 3, *d.shape[2:]), dtype=d.dtype, device=d.device)
@@ -163,7 +159,7 @@ class LinearisedBlockNCC:
 class _BlockNCCLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, d: torch.Tensor, ncc: LinearisedBlockNCC) -> torch.Tensor:  # type: ignore[override]
-        sums, gd = ncc._moving_sums(d)
+        sums, gd = ncc.moving_sums(d)
         cc, terms = ncc_from_sums(sums, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i, ncc.eps)
         ctx.ncc = ncc
         ctx.save_for_backward(gd, *terms)

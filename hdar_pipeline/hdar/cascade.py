@@ -464,8 +464,9 @@ class HDARCascade(nn.Module):
         return CascadeOutput(results)
 
     def work_scale(self, levels: int | None = None) -> float:
-        """Resolution of the finest of the first ``levels`` levels relative to the full grid: 1 for S1
-        alone or with S3 (full-resolution patches), ``input / patch`` (1/2) with S2 as the finest."""
+        """Resolution of the finest of the first ``levels`` levels relative to the full grid: 1 with S3
+        (full-resolution patches), ``input / patch`` (1/2) with S2 as the finest, 1 for S1 alone (whose
+        fields :meth:`work_grid` keeps on S1's own grid instead)."""
         n = self.config.levels if levels is None else min(int(levels), self.config.levels)
         if n == 1:
             return 1.0

@@ -360,13 +360,15 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
     start = tuple(a * b for a in lo)
     full_box = tuple(slice(a * b, z * b) for a, z in zip(lo, hi))
     with torch.no_grad():
+        start_flow = flow.detach().float()
+        # ``base``: the starting field at full resolution, needed only to add corrections to it (or to pad
+        # it); ``base_grid``: on the block grid, for the smoothness term and the composition
         base = None
         if not diffeomorphic or any(extra):
-            base = resize_flow(flow.detach().float(), shape)
+            base = resize_flow(start_flow, shape)
             if any(extra):
                 base = torch.nn.functional.pad(base, extra, mode="replicate")
-        # the total field on the block grid, for the smoothness term (and, composed, the diffeomorphic field)
-        base_grid = resize_flow(base if base is not None else flow.detach().float(), grid)
+        base_grid = resize_flow(start_flow if base is None else base, grid)
     ncc = LinearisedBlockNCC(fixed[(..., *full_box)], b, level.window, mean_over=math.prod(grid))
     corr = torch.zeros((1, 3, *grid), device=base_grid.device, dtype=torch.float32, requires_grad=True)
     anchor = torch.zeros_like(corr)
