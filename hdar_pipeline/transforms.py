@@ -16,7 +16,10 @@ Conventions (those of ITK and ANTs)
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
+import threading
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -311,7 +314,9 @@ def sample(data: np.ndarray, vox: np.ndarray, *, order: int = 1, fill: float = 0
 
 
 def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
+    # in the points' precision: a float64 matrix would make numpy upcast (and copy) a whole float32 grid
+    m = np.asarray(matrix, dtype=np.result_type(points.dtype, np.float32))
+    return points @ m[:3, :3].T + m[:3, 3]
 
 
 def _sitk_affine(matrix: np.ndarray):
@@ -378,14 +383,29 @@ def write_affine(matrix: np.ndarray, path: PathLike) -> Path:
 
 
 def write_displacement_field(field: np.ndarray, grid: Grid, path: PathLike) -> Path:
-    """Write an ITK displacement field NIfTI (vector intent, LPS components in mm)."""
+    """Write an ITK displacement field NIfTI (vector intent, LPS components in mm).
+
+    A ``.nii.gz`` path gets a gzip file whose deflate blocks are stored, not compressed: zlib shrinks a
+    float32 field by about 11 % (59 -> 53 MB at 160x192x160) for about 3 s of CPU, longer than the
+    registration's own writing otherwise takes. Every gzip reader (ITK, ANTs, nibabel) reads it as usual.
+    """
     import SimpleITK as sitk
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # zlib level 1: a field is 59 MB of float32 at 160x192x160, and level 6 (ITK's default) takes
-    # three times as long for a file about 10 % smaller
-    sitk.WriteImage(to_sitk(np.asarray(field, dtype=np.float32), grid), str(path), True, 1)
+    img = to_sitk(np.asarray(field, dtype=np.float32), grid)
+    if not path.name.endswith(".gz"):
+        sitk.WriteImage(img, str(path), False)
+        return path
+    # ITK's NIfTI writer ignores the compression level, so it writes plain NIfTI and Python wraps it
+    tmp = path.with_name(f".{path.name[:-3]}.{os.getpid()}.{threading.get_ident()}.tmp.nii")
+    try:
+        sitk.WriteImage(img, str(tmp), False)
+        with open(tmp, "rb") as src, open(path, "wb") as raw, \
+                gzip.GzipFile(filename="", mode="wb", compresslevel=0, fileobj=raw, mtime=0) as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
