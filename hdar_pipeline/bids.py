@@ -191,31 +191,68 @@ def query_cohort(
                      **filters}
             if ses:
                 query["session"] = ses
-            found = sorted(layout.get(return_type="filename", **query))
+            found = sorted(layout.get(**query), key=lambda f: f.path)
             if found:
-                entry.t1w = Path(found[0])
+                entry.t1w = Path(found[0].path)
                 if len(found) > 1:
-                    entry.notes.append(f"{len(found)} T1w images match; using {Path(found[0]).name}")
+                    entry.notes.append(f"{len(found)} T1w images match; using {entry.t1w.name}")
             if labels_layout is not None:
-                entry.labels = _find_labels(labels_layout, sub, ses, entry)
+                siblings = layout.get(subject=sub, suffix="T1w", extension=[".nii", ".nii.gz"], datatype="anat",
+                                      **({"session": ses} if ses else {}))
+                entry.labels = _find_labels(labels_layout, sub, ses, entry,
+                                            t1w=found[0] if found else None, siblings=siblings)
             cohort.append(entry)
     return cohort
 
 
-def _find_labels(layout, subject: str, session: str, entry: SubjectInputs) -> Path | None:
+#: Entities that say which image a file belongs to (not what a derivative did to it): a label map that
+#: carries one of them with a value its T1w does not have belongs to another image.
+SOURCE_ENTITIES = ("task", "acquisition", "ceagent", "reconstruction", "direction", "run", "echo", "flip",
+                   "inv", "mt", "part", "chunk")
+_NOT_COMPARED = ("subject", "session", "suffix", "extension", "datatype")
+
+
+def _find_labels(layout, subject: str, session: str, entry: SubjectInputs, *, t1w=None,
+                 siblings: Sequence = ()) -> Path | None:
+    """The label map (``dseg``, in T1w space) of one subject's chosen T1w in the labels dataset.
+
+    The label map must carry the entities of its T1w (``run``, ``acq``, ``rec``, ...): one with another
+    value, or with a source entity the T1w lacks, belongs to another image and is never used. A label
+    map that leaves out an entity of the T1w (``sub-01_dseg`` for ``sub-01_run-2_T1w``) is used only when
+    that entity does not tell the subject's T1w images apart; otherwise the subject is not evaluated and a
+    note says why.
+    """
     query = {"subject": subject, "suffix": "dseg", "extension": [".nii", ".nii.gz"]}
     if session:
         query["session"] = session
-    files = []
+    mine = {k: v for k, v in (t1w.get_entities() if t1w is not None else {}).items() if k not in _NOT_COMPARED}
+    full, partial, ambiguous = [], [], []
     for f in layout.get(**query):
-        space = f.get_entities().get("space")
-        if space in (None, "T1w", "orig"):
-            files.append(f.path)
-    files.sort()
+        ent = f.get_entities()
+        if ent.get("space") not in (None, "T1w", "orig"):
+            continue
+        if any(k in ent and ent[k] != v for k, v in mine.items()):
+            continue  # another run / acquisition / ... of this subject
+        if any(k in ent and k not in mine for k in SOURCE_ENTITIES):
+            continue  # names an image property the chosen T1w does not have
+        missing = [k for k in mine if k not in ent]
+        if not missing:
+            full.append(f.path)
+        elif all(len({s.get_entities().get(k) for s in siblings}) <= 1 for k in missing):
+            partial.append(f.path)
+        else:
+            ambiguous.append((f.path, missing))
+    files = sorted(full) or sorted(partial)
     if not files:
+        if ambiguous and t1w is not None:
+            path, missing = sorted(ambiguous)[0]
+            entry.notes.append(f"label map {Path(path).name} does not say which T1w it belongs to (no "
+                               f"{', '.join(missing)} entity, and the subject has several T1w images); "
+                               f"{Path(t1w.path).name} is not evaluated")
         return None
     if len(files) > 1:
-        entry.notes.append(f"{len(files)} label maps match; using {Path(files[0]).name}")
+        entry.notes.append(f"{len(files)} label maps match {Path(t1w.path).name if t1w is not None else 'the subject'}; "
+                           f"using {Path(files[0]).name}")
     return Path(files[0])
 
 
