@@ -720,62 +720,73 @@ class PreprocessResult:
     runtime_s: dict = field(default_factory=dict)
 
 
-def preprocess_t1w(
+@dataclass
+class BrainResult:
+    """Output of :func:`prepare_brain`: a T1w image's brain on its own grid, ready to register.
+
+    Attributes
+    ----------
+    native_brain : nibabel.Nifti1Image
+        Bias-corrected intensities normalised to [0, 1] inside the brain (floored at ``BRAIN_FLOOR`` so that
+        ``native_brain != 0`` is exactly the mask), 0 outside, on the input grid.
+    native_mask : nibabel.Nifti1Image
+        uint8 brain mask on the input grid.
+    steps : list of str
+        What ran, in order, one human-readable line per step.
+    skull_stripped_input : bool
+        Whether the input was treated as already skull-stripped.
+    evidence : SkullStripEvidence or None
+        The heuristic's measurements (when ``skull_stripped="auto"``).
+    runtime_s : dict
+        Seconds per step.
+    """
+
+    native_brain: nib.Nifti1Image
+    native_mask: nib.Nifti1Image
+    steps: list[str]
+    skull_stripped_input: bool = False
+    evidence: SkullStripEvidence | None = None
+    runtime_s: dict = field(default_factory=dict)
+
+
+def prepare_brain(
     img: ImageLike,
-    atlas: ImageLike,
     *,
     skull_stripped: Literal["auto"] | bool = "auto",
     n4: bool = True,
     seed: int | None = None,
     threads: int | None = None,
-    atlas_mask: nib.spatialimages.SpatialImage | None = None,
     template: nib.spatialimages.SpatialImage | None = None,
     template_mask: nib.spatialimages.SpatialImage | None = None,
     working_spacing_mm: float = 2.0,
-) -> PreprocessResult:
-    """Prepare a T1w image for registration to ``atlas``.
+) -> BrainResult:
+    """The brain of a T1w image, bias-corrected and normalised, on the image's own grid.
 
-    Steps: N4 bias correction -> brain extraction (unless the input is skull-stripped) -> intensity
-    normalisation to [0, 1] inside the brain mask -> affine registration to the atlas -> resampling
-    onto the atlas grid. The input is never modified.
+    Steps: skull-strip check -> N4 bias correction -> brain extraction (unless the input is skull-stripped)
+    -> N4 again inside the brain -> intensity normalisation to [0, 1] inside the brain mask. This is what
+    :func:`preprocess_t1w` does before its affine to the atlas, and what an atlas taken from a dataset of
+    raw heads needs (the BIDS App's ``--atlas-participant``), so that subject and atlas are prepared alike.
+    The input is never modified.
 
     Parameters
     ----------
     img : nibabel image or path
-        The subject's T1w image (raw head, or already skull-stripped with a zero background).
-    atlas : nibabel image or path
-        The skull-stripped atlas (fixed image) whose grid the outputs lie on.
-    skull_stripped : {"auto", True, False}
-        Whether the input is already skull-stripped; ``"auto"`` asks :func:`is_skull_stripped`. A
-        skull-stripped input keeps its non-zero voxels as the brain mask, unchanged.
-    n4 : bool
-        Run N4 bias correction (inside the brain for skull-stripped input, inside the head otherwise).
-    seed : int, optional
-        Seeds numpy and ANTs (``ANTS_RANDOM_SEED``) through :func:`hdar_pipeline.runtime.seed_everything`.
-    threads : int, optional
-        ITK threads.
-    atlas_mask : nibabel image, optional
-        Brain mask of the atlas, used to restrict the affine metric.
-    template, template_mask : nibabel image, optional
-        Brain-extraction template (default: the packaged MNI ICBM152 2009a, see :func:`brain_extract`).
-    working_spacing_mm : float
-        Registration grid spacing of the brain extraction (mm).
+        A T1w image (raw head, or already skull-stripped with a zero background).
+    skull_stripped, n4, seed, threads, template, template_mask, working_spacing_mm
+        As in :func:`preprocess_t1w`.
 
     Returns
     -------
-    PreprocessResult
+    BrainResult
 
     Raises
     ------
     ImageError
-        Unreadable or invalid input or atlas (the message names the file), or an empty brain mask.
+        Unreadable or invalid input (the message names the file), or an empty brain mask.
     """
-    from .methods.affine import AffineMethod
-
     if skull_stripped not in ("auto", True, False):
         raise ValueError(f"skull_stripped must be 'auto', True or False, got {skull_stripped!r}")
     img = _as_image(img)
-    atlas_img = _as_image(atlas, "atlas")
     configure_threads(threads)
     seed_everything(seed)
     steps: list[str] = []
@@ -834,10 +845,72 @@ def preprocess_t1w(
     t0 = time.perf_counter()
     normalised = _float(normalize_intensity(new_image(brain, grid), mask=mask))
     normalised = np.where(mask, np.maximum(normalised, BRAIN_FLOOR), 0.0).astype(np.float32)
-    native_brain = new_image(normalised, grid)
-    native_mask = new_image(mask.astype(np.uint8), grid)
     runtime["normalise"] = time.perf_counter() - t0
     steps.append("intensity normalisation to [0, 1] (0.5-99.5 percentiles inside the brain mask)")
+    return BrainResult(native_brain=new_image(normalised, grid), native_mask=new_image(mask.astype(np.uint8), grid),
+                       steps=steps, skull_stripped_input=stripped, evidence=evidence, runtime_s=runtime)
+
+
+def preprocess_t1w(
+    img: ImageLike,
+    atlas: ImageLike,
+    *,
+    skull_stripped: Literal["auto"] | bool = "auto",
+    n4: bool = True,
+    seed: int | None = None,
+    threads: int | None = None,
+    atlas_mask: nib.spatialimages.SpatialImage | None = None,
+    template: nib.spatialimages.SpatialImage | None = None,
+    template_mask: nib.spatialimages.SpatialImage | None = None,
+    working_spacing_mm: float = 2.0,
+) -> PreprocessResult:
+    """Prepare a T1w image for registration to ``atlas``.
+
+    Steps: N4 bias correction -> brain extraction (unless the input is skull-stripped) -> intensity
+    normalisation to [0, 1] inside the brain mask -> affine registration to the atlas -> resampling
+    onto the atlas grid. The input is never modified.
+
+    Parameters
+    ----------
+    img : nibabel image or path
+        The subject's T1w image (raw head, or already skull-stripped with a zero background).
+    atlas : nibabel image or path
+        The skull-stripped atlas (fixed image) whose grid the outputs lie on.
+    skull_stripped : {"auto", True, False}
+        Whether the input is already skull-stripped; ``"auto"`` asks :func:`is_skull_stripped`. A
+        skull-stripped input keeps its non-zero voxels as the brain mask, unchanged.
+    n4 : bool
+        Run N4 bias correction (inside the brain for skull-stripped input, inside the head otherwise).
+    seed : int, optional
+        Seeds numpy and ANTs (``ANTS_RANDOM_SEED``) through :func:`hdar_pipeline.runtime.seed_everything`.
+    threads : int, optional
+        ITK threads.
+    atlas_mask : nibabel image, optional
+        Brain mask of the atlas, used to restrict the affine metric.
+    template, template_mask : nibabel image, optional
+        Brain-extraction template (default: the packaged MNI ICBM152 2009a, see :func:`brain_extract`).
+    working_spacing_mm : float
+        Registration grid spacing of the brain extraction (mm).
+
+    Returns
+    -------
+    PreprocessResult
+
+    Raises
+    ------
+    ImageError
+        Unreadable or invalid input or atlas (the message names the file), or an empty brain mask.
+    """
+    from .methods.affine import AffineMethod
+
+    img = _as_image(img)
+    atlas_img = _as_image(atlas, "atlas")
+    prepared = prepare_brain(img, skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
+                             template=template, template_mask=template_mask,
+                             working_spacing_mm=working_spacing_mm)
+    native_brain, native_mask = prepared.native_brain, prepared.native_mask
+    mask = np.asarray(native_mask.dataobj) > 0
+    steps, runtime = list(prepared.steps), dict(prepared.runtime_s)
 
     t0 = time.perf_counter()
     method = AffineMethod(seed=seed, threads=threads)
@@ -854,20 +927,22 @@ def preprocess_t1w(
     runtime["resample"] = time.perf_counter() - t0
     steps.append("resampled onto the atlas grid (linear image, nearest-neighbour mask)")
     return PreprocessResult(image=image, mask=atlas_mask_out, native_brain=native_brain, native_mask=native_mask,
-                            to_atlas=to_atlas, steps=steps, skull_stripped_input=stripped, evidence=evidence,
-                            runtime_s=runtime)
+                            to_atlas=to_atlas, steps=steps, skull_stripped_input=prepared.skull_stripped_input,
+                            evidence=prepared.evidence, runtime_s=runtime)
 
 
 __all__ = [
     "BRAIN_FLOOR",
     "N4_BRAIN_ITERATIONS",
     "BrainExtractionInfo",
+    "BrainResult",
     "PreprocessResult",
     "SkullStripEvidence",
     "brain_extract",
     "is_skull_stripped",
     "mni_template",
     "n4_bias_correct",
+    "prepare_brain",
     "preprocess_t1w",
     "skull_strip_evidence",
 ]
