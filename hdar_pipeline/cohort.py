@@ -167,6 +167,57 @@ def preprocess_files(
     return record
 
 
+def prepare_atlas_files(
+    t1w: PathLike,
+    out_dir: PathLike,
+    *,
+    name: str = "atlas",
+    skull_stripped: str | bool = "auto",
+    n4: bool = True,
+    seed: int | None = None,
+    threads: int | None = None,
+) -> Path:
+    """Prepare a dataset's own T1w as the atlas, as its subjects are prepared, and return the prepared image.
+
+    A participant of the cohort chosen as atlas is stored as the others are: a raw head, as often as not.
+    Registering skull-stripped subjects to a head aligns brains to skulls, so the atlas goes through
+    :func:`hdar_pipeline.preprocess.prepare_brain` (skull-strip check, N4, brain extraction where needed,
+    normalisation to [0, 1]) once, on its own grid (its labels still apply).
+
+    Writes ``<name>_desc-brain_T1w.nii.gz`` and ``<name>_desc-brain_T1w.json`` (the steps, the source's path
+    and SHA-256, the options) into ``out_dir``; a later call with the same source bytes and options returns the
+    existing file without recomputing it.
+
+    Returns
+    -------
+    Path
+        The prepared atlas image (float32, 0 outside the brain).
+    """
+    from .images import load_image, save_image
+    from .preprocess import prepare_brain
+    from .provenance import sha256
+
+    out = Path(out_dir)
+    image_path = out / f"{name}_desc-brain_T1w.nii.gz"
+    sidecar = image_path.with_name(f"{name}_desc-brain_T1w.json")
+    key = {"source": str(Path(t1w).resolve()), "source_sha256": sha256(t1w),
+           "skull_stripped": str(skull_stripped), "n4": bool(n4), "seed": seed}
+    if image_path.is_file() and sidecar.is_file():
+        try:
+            if json.loads(sidecar.read_text()).get("key") == key:
+                return image_path
+        except (OSError, ValueError):
+            pass
+    result = prepare_brain(load_image(t1w), skull_stripped=skull_stripped_flag(skull_stripped), n4=n4, seed=seed,
+                           threads=threads)
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(result.native_brain, image_path)
+    sidecar.write_text(json.dumps({"key": key, "steps": list(result.steps),
+                                   "skull_stripped_input": bool(result.skull_stripped_input),
+                                   "runtime_s": {k: float(v) for k, v in result.runtime_s.items()}}, indent=2))
+    return image_path
+
+
 def skull_stripped_flag(value: str | bool) -> Literal["auto"] | bool:
     """``"auto"``, or a bool from ``True``/``False``/``"yes"``/``"no"``/``"true"``/``"false"`` (any case)."""
     if isinstance(value, bool):
@@ -611,6 +662,7 @@ __all__ = [
     "read_record",
     "register_subject",
     "report_subject",
+    "prepare_atlas_files",
     "skull_stripped_flag",
     "write_record",
 ]

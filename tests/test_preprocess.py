@@ -324,3 +324,30 @@ def test_lpba40_synthetic_head_brain_mask(lpba40_dir):
           f"{result.runtime_s}")
     assert d >= 0.9
     assert dice(result.mask.dataobj, np.asarray(atlas.dataobj) != 0) > 0.85
+
+
+def test_an_atlas_taken_from_raw_heads_is_prepared_as_the_subjects(tmp_path, head3):
+    """The BIDS App's --atlas-participant on a dataset of raw heads: the atlas is brain-extracted once (the
+    subjects are; a head as atlas would align their brains to its skull), on its own grid, and reused."""
+    from hdar_pipeline.cohort import prepare_atlas_files
+    from hdar_pipeline.images import save_image
+
+    head, true_mask = head3
+    source = save_image(head, tmp_path / "sub-01_T1w.nii.gz")
+    before = source.read_bytes()
+    prepared = prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", seed=1, threads=2)
+    assert prepared.name == "sub-01_desc-brain_T1w.nii.gz" and source.read_bytes() == before
+    img = load_image(prepared)
+    assert Grid.of(img).same_as(Grid.of(head))  # its labels still apply
+    data = np.asarray(img.dataobj)
+    assert is_skull_stripped(img) and not is_skull_stripped(head)
+    assert dice(data > 0, true_mask.dataobj) > 0.9
+    assert 0.0 <= data.min() and data.max() <= 1.0
+    sidecar = prepared.with_name("sub-01_desc-brain_T1w.json").read_text()
+    assert "brain extraction" in sidecar and "not skull-stripped" in sidecar
+    # the same source and options: the file is reused as it is; other options: prepared again
+    stamp = prepared.stat().st_mtime_ns
+    assert prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", seed=1, threads=2) == prepared
+    assert prepared.stat().st_mtime_ns == stamp
+    prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", seed=1, threads=2, n4=False)
+    assert prepared.stat().st_mtime_ns != stamp
