@@ -27,6 +27,10 @@ from scipy import ndimage
 from hdar_pipeline.images import Grid, new_image
 from hdar_pipeline.transforms import Transform
 
+# strict_skips: with HDAR_STRICT_SKIPS=1 (.ci/run) a skip is a failure unless the machine explains it;
+# pytester: runs pytest on generated test files (tests/test_strict_skips.py)
+pytest_plugins = ["strict_skips", "pytester"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
