@@ -177,6 +177,14 @@ def query_cohort(
     skip = {check_label(e) for e in exclude}
     subjects = [s for s in subjects if s not in skip]
     sessions_wanted = [check_label(s, "session") for s in session_labels] if session_labels else None
+    if sessions_wanted is not None:
+        have = sorted(layout.get_sessions(subject=subjects) if subjects else [])
+        unknown = [s for s in sessions_wanted if s not in have]
+        if unknown:
+            who = "the selected participants have" if participant_labels or skip else "the dataset has"
+            raise BIDSError(f"{bids_dir}: session(s) {', '.join('ses-' + s for s in unknown)} not found ("
+                            + (f"{who} {len(have)}: {', '.join('ses-' + s for s in have[:10])}"
+                               f"{' ...' if len(have) > 10 else ''})" if have else f"{who} no sessions)"))
     filters = dict(bids_filter or {})
     labels_layout = _layout(labels_dir, validate=False, derivative=True) if labels_dir is not None else None
 

@@ -62,9 +62,10 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def _load_labels(value: ImageLike, what: str) -> tuple[nib.spatialimages.SpatialImage, str | None]:
+def _load_labels(value: ImageLike, what: str, *, allow_empty: bool = False
+                 ) -> tuple[nib.spatialimages.SpatialImage, str | None]:
     if isinstance(value, (str, os.PathLike)):
-        return load_image(value, labels=True), str(value)
+        return load_image(value, labels=True, allow_empty=allow_empty), str(value)
     if not hasattr(value, "dataobj"):
         raise TypeError(f"{what} must be a path or a nibabel image, got {type(value).__name__}")
     return value, None
@@ -119,7 +120,7 @@ def evaluate(
     """
     start = time.perf_counter()
     ref_img, ref_src = _load_labels(reference_labels, "reference_labels")
-    lab_img, lab_src = _load_labels(labels, "labels")
+    lab_img, lab_src = _load_labels(labels, "labels", allow_empty=True)  # a method may lose every label
     check_labels_match(ref_img, lab_img, image_source=ref_src, labels_source=lab_src)
     grid = Grid.of(ref_img)
     ref = np.asarray(ref_img.dataobj)
@@ -135,6 +136,13 @@ def evaluate(
     values = [int(v) for v in values if int(v) != 0]
     table = label_metrics(ref, lab, spacing=grid.spacing, label_values=values, names=names, distances=distances)
     notes = []
+    if values and not np.any(lab):
+        # Every label was lost (e.g. a registration that failed): there is no overlap anywhere, which is a
+        # score of 0 (Dice, Jaccard, target overlap) and a false-negative rate of 1, not a missing value.
+        table.loc[:, ["dice", "jaccard", "target_overlap", "mean_overlap"]] = 0.0
+        table.loc[:, "false_negative"] = np.where(table["reference_voxels"] > 0, 1.0, np.nan)
+        table.loc[table["reference_voxels"] == 0, ["dice", "jaccard", "target_overlap", "mean_overlap"]] = np.nan
+        notes.append(f"{lab_src or 'labels'}: the label map is all background (every label lost); scored 0")
     n_flagged = int((table["flag"] != "").sum())
     if n_flagged:
         notes.append(f"{n_flagged} label(s) missing from one image: "
@@ -217,20 +225,40 @@ def evaluate_files(
     extra: Mapping[str, object] | None = None,
     distances: bool = True,
     figures: bool = True,
+    other_inputs: Mapping[str, PathLike | None] | None = None,
 ) -> tuple[Evaluation, dict[str, list[Path] | Path]]:
     """Run :func:`evaluate` and write its tables (and a Jacobian figure).
 
     Writes ``OUT.csv`` (one row per label), ``OUT_summary.csv`` (one row), and with a transform
     ``OUT_jacobian.csv`` (one row) and, if ``figures``, ``OUT_jacobian.png`` / ``.svg``.
 
+    Parameters
+    ----------
+    other_inputs : mapping, optional
+        More files the caller read (``{"--record": path}``), protected like the others.
+
     Returns
     -------
     (Evaluation, dict)
         The evaluation and the written paths by kind.
+
+    Raises
+    ------
+    InputError
+        Before any work: an input is missing, or an output would be a folder, be unwritable or overwrite an
+        input (``-o`` naming the reference labels, a transform file ...).
     """
+    from .guard import InputGuard
+
+    guard = InputGuard({"REFERENCE_LABELS": reference_labels, "LABELS": labels, "--transform": transform,
+                        "--mask": mask, "--label-table": label_table, **dict(other_inputs or {})})
+    paths = output_paths(out_csv)
+    figure = paths["jacobian_figure"]
+    guard.output_file(paths["labels"], "-o/--output",
+                      also=[paths["summary"], paths["jacobian"], figure.with_name(figure.name + ".png"),
+                            figure.with_name(figure.name + ".svg")])
     result = evaluate(reference_labels, labels, transform=transform, mask=mask, label_table=label_table, ids=ids,
                       extra=extra, distances=distances)
-    paths = output_paths(out_csv)
     written: dict[str, list[Path] | Path] = {"labels": write_table(result.labels, paths["labels"]),
                                              "summary": write_table(result.summary, paths["summary"])}
     if result.jacobian is not None:
@@ -240,6 +268,7 @@ def evaluate_files(
 
             written["jacobian_figure"] = plot_jacobian_slices(result.jacobian_map, paths["jacobian_figure"],
                                                               mask=result.mask, grid=result.grid)
+    guard.verify()
     return result, written
 
 

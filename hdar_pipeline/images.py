@@ -12,9 +12,10 @@ Every validation failure raises :class:`ImageError`, whose message names the fil
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import nibabel as nib
 import numpy as np
@@ -95,7 +96,7 @@ def _describe(source: PathLike | None) -> str:
     return str(source) if source is not None else "<in-memory image>"
 
 
-def load_image(path: PathLike, *, dtype=np.float32, labels: bool = False) -> nib.Nifti1Image:
+def load_image(path: PathLike, *, dtype=np.float32, labels: bool = False, allow_empty: bool = False) -> nib.Nifti1Image:
     """Load and validate a 3-D volume.
 
     Reads NIfTI (``.nii``, ``.nii.gz``), MGH/MGZ and Analyze (``.img``/``.hdr``, optionally
@@ -109,6 +110,8 @@ def load_image(path: PathLike, *, dtype=np.float32, labels: bool = False) -> nib
         Data type of the returned array (ignored for ``labels=True``, which keeps integers).
     labels : bool
         Treat the image as a label map: values must be non-negative integers; returned as int32.
+    allow_empty : bool
+        Accept an image whose every voxel is zero (e.g. warped labels that lost every label, to be scored).
 
     Returns
     -------
@@ -143,7 +146,7 @@ def load_image(path: PathLike, *, dtype=np.float32, labels: bool = False) -> nib
     out = nib.Nifti1Image(arr, affine)
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)
-    validate_image(out, source=path, labels=labels)
+    validate_image(out, source=path, labels=labels, allow_empty=allow_empty)
     return out
 
 
@@ -167,12 +170,55 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 shutil.copyfile(hdr, Path(tmp) / f"{stem}.hdr")
                 with gzip.open(img_gz, "rb") as src, open(Path(tmp) / f"{stem}.img", "wb") as dst:
                     shutil.copyfileobj(src, dst)
-                img = nib.load(str(Path(tmp) / f"{stem}.hdr"))
+                with _quiet_nibabel():
+                    img = nib.load(str(Path(tmp) / f"{stem}.hdr"))
+                _check_pixdims(img, path)
                 return np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         if name.endswith(".img.gz") and not hdr.exists() and not (path.parent / f"{stem}.hdr.gz").exists():
             raise ImageError(path, f"Analyze image without its header (expected {hdr.name} beside it)")
-    img = nib.load(str(path))
+    with _quiet_nibabel():  # header repairs are checked below, with the file's name
+        img = nib.load(str(path))
+    _check_pixdims(img, path)
     return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+
+
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header-repair log lines (they name no file); :func:`_check_pixdims` reports instead."""
+    logger = nib.imageglobals.logger
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _check_pixdims(img: nib.spatialimages.SpatialImage, source: PathLike) -> None:
+    """Refuse a NIfTI/Analyze header whose voxel size (``pixdim[1:4]``) is 0, negative or not finite for a
+    spatial axis.
+
+    nibabel repairs such a header on load (0 becomes 1 mm, with a log line that names no file), so the
+    image would register with a made-up geometry; the header is read again here as the file has it.
+    """
+    header = img.header
+    if not isinstance(header, nib.analyze.AnalyzeHeader):
+        return
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]  # a .nii has its header in the image
+        with holder.get_prepare_fileobj("rb") as fobj:
+            raw = type(header).from_fileobj(fobj, check=False)
+    except Exception:  # noqa: BLE001 - the header was read once already; nibabel's own checks stand
+        return
+    ndim = int(raw["dim"][0])
+    pixdim = np.asarray(raw["pixdim"][1:1 + max(1, min(ndim, 3))], dtype=np.float64)
+    bad = ~np.isfinite(pixdim) | (pixdim == 0)
+    if isinstance(header, nib.Nifti1Header):
+        bad |= pixdim < 0  # NIfTI voxel sizes are positive (the qform's handedness is in pixdim[0])
+    if np.any(bad):
+        axes = ", ".join("ijk"[i] for i in np.flatnonzero(bad))
+        raise ImageError(source, f"the header's voxel size (pixdim) is {np.round(pixdim, 4).tolist()} mm: invalid "
+                                 f"along axis {axes}; fix the header (e.g. with nibabel or fslhd/fslchpixdim) rather "
+                                 "than let it default to 1 mm")
 
 
 def _check_affine(affine: np.ndarray, source: PathLike | None) -> None:
@@ -198,7 +244,8 @@ def _as_labels(data: np.ndarray, source: PathLike | None) -> np.ndarray:
 
 
 def validate_image(
-    img: nib.spatialimages.SpatialImage, *, source: PathLike | None = None, labels: bool = False
+    img: nib.spatialimages.SpatialImage, *, source: PathLike | None = None, labels: bool = False,
+    allow_empty: bool = False,
 ) -> None:
     """Check that an image is usable for registration.
 
@@ -221,7 +268,7 @@ def validate_image(
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise ImageError(source, f"contains {bad} NaN or infinite voxels")
-    if not np.any(data):
+    if not allow_empty and not np.any(data):
         raise ImageError(source, "image is empty (every voxel is zero)")
     if labels:
         if np.issubdtype(data.dtype, np.floating) and np.max(np.abs(np.rint(data) - data)) > 1e-3:

@@ -12,8 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .guard import InputGuard
 from .images import check_labels_match, load_image, normalize_intensity, save_image
-from .provenance import json_default, library_versions, sha256
+from .provenance import json_default, library_versions
+
+#: What :func:`register_files` may write in its output folder (nothing else is ever touched there).
+REGISTER_OUTPUTS = ("warped.nii.gz", "warped_labels.nii.gz", "transform_warp.nii.gz", "transform_affine.mat",
+                    "transform.h5", "registration.json")
 
 PathLike = str | os.PathLike
 
@@ -63,12 +68,21 @@ def register_files(
     dict
         The content of ``registration.json``. Its ``transforms`` list holds the transform files
         relative to ``out_dir`` in the order ``ants.apply_transforms(fixed, moving, transformlist)``
-        expects.
+        expects; ``inputs`` holds the SHA-256 of every input, taken before anything was written.
+
+    Raises
+    ------
+    InputError
+        Before any work: an input is missing, ``out_dir`` is a file or cannot be written, or one of the
+        outputs (:data:`REGISTER_OUTPUTS`) would overwrite an input (e.g. ``MOVING`` is ``out_dir/warped.nii.gz``).
+    ImageError
+        An input image is unusable (the message names the file).
     """
     from .methods import get_method, register_pair
     from .metrics import jacobian_statistics
 
-    out = Path(out_dir)
+    guard = InputGuard({"FIXED": fixed, "MOVING": moving, "--moving-labels": moving_labels,
+                        "--fixed-mask": fixed_mask, "--weights": _weights_files(method, method_options)})
     fixed_img = load_image(fixed)
     moving_img = load_image(moving)
     labels_img = None
@@ -78,12 +92,12 @@ def register_files(
     mask_img = load_image(fixed_mask, labels=True) if fixed_mask is not None else None
     f_in = normalize_intensity(fixed_img) if normalize else fixed_img
     m_in = normalize_intensity(moving_img) if normalize else moving_img
+    out = guard.output_folder(out_dir, "-o/--output", writes=REGISTER_OUTPUTS)
 
     method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device, options=method_options)
     transform, info = register_pair(f_in, m_in, method_obj, affine=affine, fixed_mask=mask_img,
                                     seed=seed, threads=threads)
 
-    out.mkdir(parents=True, exist_ok=True)
     outputs = {"warped": "warped.nii.gz"}
     if labels_img is not None:
         outputs["warped_labels"] = "warped_labels.nii.gz"
@@ -118,8 +132,11 @@ def register_files(
             "fixed": str(Path(fixed).resolve()),
             "moving": str(Path(moving).resolve()),
             "moving_labels": str(Path(moving_labels).resolve()) if moving_labels else None,
-            "fixed_sha256": sha256(fixed),
-            "moving_sha256": sha256(moving),
+            "fixed_mask": str(Path(fixed_mask).resolve()) if fixed_mask else None,
+            "fixed_sha256": guard.sha256(fixed),
+            "moving_sha256": guard.sha256(moving),
+            "moving_labels_sha256": guard.sha256(moving_labels) if moving_labels else None,
+            "fixed_mask_sha256": guard.sha256(fixed_mask) if fixed_mask else None,
         },
         "outputs": outputs,
         "transforms": [p.name for p in files],
@@ -135,8 +152,23 @@ def register_files(
     }
     if "weights_sha256" in info:
         record["weights_sha256"] = info["weights_sha256"]
+    guard.verify()
     (out / "registration.json").write_text(json.dumps(record, indent=2, default=json_default))
     return record
+
+
+def _weights_files(method: str, options: dict | None) -> list[Path]:
+    """The HDAR weights (``.pt`` and model card) a registration reads, so that no output can replace them;
+    ``[]`` for the other methods or when the weights cannot be resolved (the method then says why)."""
+    if method != "hdar":
+        return []
+    weights = (options or {}).get("weights", "default")
+    try:
+        from .hdar.weights import resolve_weights
+
+        return list(resolve_weights(weights))
+    except (ImportError, ValueError):
+        return []
 
 
 def brain_mask_of(fixed_img, mask_img=None) -> tuple[np.ndarray, str]:

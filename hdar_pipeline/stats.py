@@ -476,6 +476,12 @@ def group_statistics(table: pd.DataFrame, *, reference: str = "hdar",
                       ranking_counts=ranking_counts, excluded=excluded, unpaired=unpaired, notes=notes)
 
 
+#: What :func:`write_group_statistics` writes in its folder (names and patterns); nothing else is touched.
+STATS_OUTPUTS = ("subjects.csv", "summary.csv", "summary_by_label.csv", "paired.csv", "paired_subjects.csv",
+                 "ranking.csv", "ranking_counts.csv", "excluded.csv", "unpaired.csv", "boxplot_labels_*",
+                 "boxplot_methods_*", "dice_vs_runtime.*")
+
+
 def write_group_statistics(
     tables: pd.DataFrame | Sequence[PathLike],
     out_dir: PathLike,
@@ -501,10 +507,12 @@ def write_group_statistics(
     (GroupStats, list of Path)
         The statistics and every file written.
     """
+    from .guard import InputGuard
+
+    guard = InputGuard({"TABLES": None if isinstance(tables, pd.DataFrame) else list(tables)})
+    out = guard.output_folder(out_dir, "-o/--output", writes=STATS_OUTPUTS)
     table = tables if isinstance(tables, pd.DataFrame) else read_tables(tables)
     result = group_statistics(table, reference=reference)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, frame in result.tables().items():
         path = out / f"{stem}.csv"
@@ -524,4 +532,5 @@ def write_group_statistics(
                 and (result.subjects["runtime_s"].notna() & result.subjects["dice"].notna()).any()):
             written += fig.plot_metric_vs_runtime(result.subjects, out / "dice_vs_runtime", metric="dice",
                                                   methods=result.methods)
+    guard.verify()
     return result, written

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from hdar_pipeline import bids
 from hdar_pipeline._version import __version__
+from hdar_pipeline.guard import InputError, InputGuard
 
 log = logging.getLogger("hdar_pipeline.app")
 
@@ -132,18 +133,8 @@ def resolve_atlas(opts: AppOptions) -> Atlas:
                                        validate=not opts.skip_bids_validation)
         labels = Path(opts.atlas_labels) if opts.atlas_labels else entry.labels
         space = opts.atlas_space or f"sub{label}"
-        image = entry.t1w.resolve()
-        description = f"participant sub-{label} of the dataset (T1w {entry.t1w.name})"
-        if opts.preprocess:
-            # prepared as its fellow subjects are (a raw head gets its brain extracted), once per work dir
-            from hdar_pipeline.cohort import prepare_atlas_files
-
-            log.info("preparing the atlas participant sub-%s as the subjects are prepared", label)
-            image = prepare_atlas_files(image, Path(opts.work_dir).resolve() / "atlas", name=f"sub-{label}",
-                                        skull_stripped=opts.skull_stripped, n4=opts.n4, seed=opts.seed,
-                                        threads=opts.omp_nthreads)
-            description += ", prepared as the subjects are (N4, brain extraction where needed, normalisation)"
-        return Atlas(image, labels.resolve() if labels else None, bids.check_label(space, "space"), description,
+        return Atlas(entry.t1w.resolve(), labels.resolve() if labels else None, bids.check_label(space, "space"),
+                     f"participant sub-{label} of the dataset (T1w {entry.t1w.name})",
                      label_table=bids.label_table(opts.labels_dir), exclude=[label])
     # The embedded default: the MNI ICBM152 2009a template nilearn ships, with six tissue labels.
     from hdar_pipeline.demo import DEMO_LABELS, demo_atlas
@@ -505,20 +496,69 @@ def run_group(opts: AppOptions) -> int:
     return EXIT_OK
 
 
+#: What the app writes in OUTPUT_DIR (top-level names and patterns); an input there is refused up front.
+APP_OUTPUTS = ("dataset_description.json", "sub-*", "group", "logs")
+
+
+def check_inputs(opts: AppOptions) -> InputGuard:
+    """Every check that can run before the work, before anything is written (see :mod:`hdar_pipeline.guard`).
+
+    The inputs (BIDS_DIR, ``--labels-dir``, ``--atlas``, ``--atlas-labels``, ``--bids-filter-file``) are
+    protected: OUTPUT_DIR and ``--work-dir`` may not be or lie inside an input dataset, nor hold an input
+    where the app writes. A user atlas must load as a 3-D image (and its labels as a label map on its grid);
+    the filter file must parse; participant and session labels must be BIDS labels.
+
+    Raises
+    ------
+    InputError, BIDSError, ImageError
+        With one line naming the argument or file and the problem.
+    """
+    from hdar_pipeline.images import check_labels_match, load_image
+
+    guard = InputGuard({"--atlas": opts.atlas, "--atlas-labels": opts.atlas_labels,
+                        "--bids-filter-file": opts.bids_filter_file},
+                       {"BIDS_DIR": opts.bids_dir, "--labels-dir": opts.labels_dir})
+    out = guard.output_folder(opts.output_dir, "OUTPUT_DIR", writes=APP_OUTPUTS, create=False)
+    work = guard.output_folder(opts.work_dir, "-w/--work-dir", create=False)
+    for label in opts.participant_label:
+        bids.check_label(label)
+    for label in opts.session_label:
+        bids.check_label(label, "session")
+    if opts.analysis_level == "participant" and not opts.reports_only:
+        bids.load_bids_filter(opts.bids_filter_file)
+        if opts.atlas_labels is not None and opts.atlas is None and not opts.atlas_participant:
+            raise InputError("--atlas-labels", opts.atlas_labels, "needs --atlas (the image the labels belong to)")
+        if opts.atlas is not None:
+            atlas = load_image(opts.atlas)
+            if opts.atlas_labels is not None:
+                check_labels_match(atlas, load_image(opts.atlas_labels, labels=True), image_source=opts.atlas,
+                                   labels_source=opts.atlas_labels)
+    # last, once everything else passed: create the folders and prove them writable
+    opts.output_dir = guard.output_folder(out, "OUTPUT_DIR", writes=APP_OUTPUTS)
+    opts.work_dir = guard.output_folder(work, "-w/--work-dir")
+    return guard
+
+
 def run(opts: AppOptions) -> int:
-    """Run the app at ``opts.analysis_level``; returns the exit code."""
-    opts.output_dir = bids.check_output_dir(opts.output_dir, opts.bids_dir)
-    opts.work_dir = bids.check_output_dir(opts.work_dir, opts.bids_dir, what="work folder")
+    """Run the app at ``opts.analysis_level``; returns the exit code.
+
+    Every input is checked (:func:`check_inputs`) before anything is written, and verified unchanged at
+    the end.
+    """
+    guard = check_inputs(opts)
     logfile = setup_logging(opts.output_dir, opts.analysis_level, opts.verbose)
     log.info("hdar-pipeline %s, %s level; log %s", __version__, opts.analysis_level, logfile)
     if opts.reports_only:
-        return run_reports_only(opts)
-    if opts.analysis_level == "participant":
-        return run_participant(opts)
-    if opts.analysis_level == "group":
-        return run_group(opts)
-    raise bids.BIDSError(f"unknown analysis level {opts.analysis_level!r}; choose participant or group")
+        code = run_reports_only(opts)
+    elif opts.analysis_level == "participant":
+        code = run_participant(opts)
+    elif opts.analysis_level == "group":
+        code = run_group(opts)
+    else:
+        raise bids.BIDSError(f"unknown analysis level {opts.analysis_level!r}; choose participant or group")
+    guard.verify()
+    return code
 
 
-__all__ = ["AppOptions", "Atlas", "ProgressWatcher", "resolve_atlas", "run", "run_group", "run_participant",
+__all__ = ["APP_OUTPUTS", "AppOptions", "Atlas", "ProgressWatcher", "check_inputs", "resolve_atlas", "run", "run_group", "run_participant",
            "write_reports"]
