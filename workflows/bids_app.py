@@ -133,8 +133,18 @@ def resolve_atlas(opts: AppOptions) -> Atlas:
                                        validate=not opts.skip_bids_validation)
         labels = Path(opts.atlas_labels) if opts.atlas_labels else entry.labels
         space = opts.atlas_space or f"sub{label}"
-        return Atlas(entry.t1w.resolve(), labels.resolve() if labels else None, bids.check_label(space, "space"),
-                     f"participant sub-{label} of the dataset (T1w {entry.t1w.name})",
+        image = entry.t1w.resolve()
+        description = f"participant sub-{label} of the dataset (T1w {entry.t1w.name})"
+        if opts.preprocess:
+            # prepared as its fellow subjects are (a raw head gets its brain extracted), once per work dir
+            from hdar_pipeline.cohort import prepare_atlas_files
+
+            log.info("preparing the atlas participant sub-%s as the subjects are prepared", label)
+            image = prepare_atlas_files(image, Path(opts.work_dir).resolve() / "atlas", name=f"sub-{label}",
+                                        skull_stripped=opts.skull_stripped, n4=opts.n4, seed=opts.seed,
+                                        threads=opts.omp_nthreads)
+            description += ", prepared as the subjects are (N4, brain extraction where needed, normalisation)"
+        return Atlas(image, labels.resolve() if labels else None, bids.check_label(space, "space"), description,
                      label_table=bids.label_table(opts.labels_dir), exclude=[label])
     # The embedded default: the MNI ICBM152 2009a template nilearn ships, with six tissue labels.
     from hdar_pipeline.demo import DEMO_LABELS, demo_atlas
