@@ -166,6 +166,7 @@ def evaluate(
         jac_table = pd.DataFrame([stats])[[*JACOBIAN_COLUMNS, "mask_source"]]
         summary.update({k: v for k, v in stats.items() if k != "mask_source"})
     elif mask is not None:
+        _mask_on(mask, grid, ref_src, ref)  # checked all the same: a bad input is never passed over
         notes.append("--mask is used for the Jacobian statistics only; no transform was given")
 
     summary_table = pd.DataFrame([summary])

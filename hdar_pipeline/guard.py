@@ -131,7 +131,7 @@ class InputGuard:
     # ------------------------------------------------------------------ where the outputs go
 
     def output_folder(self, path: PathLike, argument: str, *, writes: Sequence[str] = ("*",),
-                      create: bool = True) -> Path:
+                      create: bool = True, shown: PathLike | None = None) -> Path:
         """Check an output folder before the work and return it resolved (created when ``create``).
 
         Parameters
@@ -145,6 +145,8 @@ class InputGuard:
             folders written as a whole). ``("*",)``: the folder belongs to the run.
         create : bool
             Create the folder and prove it writable with a probe file (removed at once).
+        shown : path-like, optional
+            The path the messages name (default ``path``; an output file names itself, not its folder).
 
         Raises
         ------
@@ -153,6 +155,7 @@ class InputGuard:
             input file or folder lies where the run writes.
         """
         out = Path(path).resolve()
+        path = path if shown is None else shown
         if out.exists() and not out.is_dir():
             raise InputError(argument, path, "exists and is not a folder")
         for arg, folder in self.folders.items():
@@ -190,7 +193,7 @@ class InputGuard:
             raise InputError(argument, path, "is a folder; give the path of the output file")
         targets = [p, *map(Path, also)]
         folder = p.resolve().parent
-        self.output_folder(folder, argument, writes=[t.name for t in targets], create=True)
+        self.output_folder(folder, argument, writes=[t.name for t in targets], create=True, shown=path)
         return p.resolve()
 
     @staticmethod

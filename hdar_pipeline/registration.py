@@ -90,6 +90,8 @@ def register_files(
         labels_img = load_image(moving_labels, labels=True)
         check_labels_match(moving_img, labels_img, image_source=moving, labels_source=moving_labels)
     mask_img = load_image(fixed_mask, labels=True) if fixed_mask is not None else None
+    if mask_img is not None:
+        check_labels_match(fixed_img, mask_img, image_source=fixed, labels_source=fixed_mask)
     f_in = normalize_intensity(fixed_img) if normalize else fixed_img
     m_in = normalize_intensity(moving_img) if normalize else moving_img
     out = guard.output_folder(out_dir, "-o/--output", writes=REGISTER_OUTPUTS)
