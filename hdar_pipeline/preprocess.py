@@ -681,46 +681,6 @@ def _refine_mask(data: np.ndarray, mask0: np.ndarray, spacing: np.ndarray,
 
 
 @dataclass
-class PreprocessResult:
-    """Output of :func:`preprocess_t1w`.
-
-    Attributes
-    ----------
-    image : nibabel.Nifti1Image
-        The skull-stripped, bias-corrected subject, intensities in [0, 1], resampled (linear) onto the
-        atlas grid: ready for deformable registration to the atlas.
-    mask : nibabel.Nifti1Image
-        uint8 brain mask on the atlas grid (nearest neighbour).
-    native_brain : nibabel.Nifti1Image
-        The normalised brain on the subject's own grid: [0, 1] inside the brain (floored at
-        ``BRAIN_FLOOR`` so that ``native_brain != 0`` is exactly the mask), 0 outside.
-    native_mask : nibabel.Nifti1Image
-        uint8 brain mask on the subject grid.
-    to_atlas : Transform
-        Affine mapping from atlas (fixed) points to subject (moving) points, LPS mm, on the atlas grid:
-        ``to_atlas.apply(native_brain)`` is ``image``.
-    steps : list of str
-        What ran, in order, one human-readable line per step.
-    skull_stripped_input : bool
-        Whether the input was treated as already skull-stripped.
-    evidence : SkullStripEvidence or None
-        The heuristic's measurements (when ``skull_stripped="auto"``).
-    runtime_s : dict
-        Seconds per step.
-    """
-
-    image: nib.Nifti1Image
-    mask: nib.Nifti1Image
-    native_brain: nib.Nifti1Image
-    native_mask: nib.Nifti1Image
-    to_atlas: Transform
-    steps: list[str]
-    skull_stripped_input: bool = False
-    evidence: SkullStripEvidence | None = None
-    runtime_s: dict = field(default_factory=dict)
-
-
-@dataclass
 class BrainResult:
     """Output of :func:`prepare_brain`: a T1w image's brain on its own grid, ready to register.
 
@@ -747,6 +707,28 @@ class BrainResult:
     skull_stripped_input: bool = False
     evidence: SkullStripEvidence | None = None
     runtime_s: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class PreprocessResult(BrainResult):
+    """Output of :func:`preprocess_t1w`: :class:`BrainResult` (the brain on the subject's own grid, the steps)
+    and the subject on the atlas grid.
+
+    Attributes
+    ----------
+    image : nibabel.Nifti1Image
+        The skull-stripped, bias-corrected subject, intensities in [0, 1], resampled (linear) onto the
+        atlas grid: ready for deformable registration to the atlas.
+    mask : nibabel.Nifti1Image
+        uint8 brain mask on the atlas grid (nearest neighbour).
+    to_atlas : Transform
+        Affine mapping from atlas (fixed) points to subject (moving) points, LPS mm, on the atlas grid:
+        ``to_atlas.apply(native_brain)`` is ``image``.
+    """
+
+    image: nib.Nifti1Image
+    mask: nib.Nifti1Image
+    to_atlas: Transform
 
 
 def prepare_brain(
