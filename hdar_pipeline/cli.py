@@ -160,8 +160,14 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 2
     import pandas as pd
 
-    paths = run_demo(args.output, n_subjects=args.subjects, methods=args.methods, seed=args.seed,
-                     nprocs=args.nprocs, omp_nthreads=args.threads, progress=args.progress)
+    from .guard import InputError
+
+    try:
+        paths = run_demo(args.output, n_subjects=args.subjects, methods=args.methods, seed=args.seed,
+                         nprocs=args.nprocs, omp_nthreads=args.threads, progress=args.progress)
+    except InputError as exc:
+        print(f"hdar demo: error: {exc}", file=sys.stderr)
+        return 2
     group = pd.read_csv(paths["group_csv"], dtype={"subject": str})
     cols = [c for c in ("mean_dice", "mean_target_overlap", "folded_percent", "runtime_s") if c in group]
     ok = group[group["status"] == "ok"]
@@ -371,6 +377,26 @@ def _run_train(args: argparse.Namespace) -> int:
             return None
         return values[0] if len(values) == 1 and Path(values[0]).is_dir() else values
 
+    from .guard import InputError, InputGuard
+
+    def split(values):  # a list of label files, or one labels folder
+        one = labels_arg(values)
+        return (None, one) if isinstance(one, str) else (one, None)
+
+    try:
+        labels_files, labels_folder = split(args.labels)
+        val_labels_files, val_labels_folder = split(args.val_labels)
+        guard = InputGuard({"--images": args.images, "--val-images": args.val_images, "--labels": labels_files,
+                            "--val-labels": val_labels_files},
+                           {"--folder": args.folder, "--bids": args.bids, "--labels": labels_folder,
+                            "--val-labels": val_labels_folder}, hash_files=False)
+        guard.output_folder(args.output, "-o/--output")  # the training folder belongs to the run
+        if args.export:
+            guard.output_folder(args.export_dir or args.output, "--export-dir" if args.export_dir else "-o/--output",
+                                writes=(f"{args.export}.pt", f"{args.export}.json"))
+    except InputError as exc:
+        print(f"hdar train: error: {exc}", file=sys.stderr)
+        return 2
     try:
         labels = None if args.no_labels else (labels_arg(args.labels) if args.labels else "auto")
         subjects = collect_subjects(images=args.images, folder=args.folder, bids=args.bids, pattern=args.pattern,
@@ -475,6 +501,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .convert import ConvertError, convert, format_summary
+    from .guard import InputError
     from .images import ImageError
     from .labels import LabelTableError
 
@@ -483,7 +510,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                          subject_regex=args.subject_regex, label_table=args.label_table, use_heads=args.use_heads,
                          subjects=args.subjects, skip_bad=args.skip_bad, overwrite=args.overwrite,
                          subject_labels=args.subject_labels, log=None if args.quiet else print)
-    except (ConvertError, ImageError, LabelTableError, OSError) as exc:
+    except (ConvertError, ImageError, InputError, LabelTableError, OSError) as exc:
         print(f"hdar convert: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(result))

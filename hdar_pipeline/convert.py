@@ -705,6 +705,11 @@ def convert(preset: str, src: PathLike, dest: PathLike, *, images: str | Sequenc
                                f"{', '.join(s.source_id for s in named)}")
         named, orphans = chosen, []
     updating = _check_dest(src, dest, preset, use_heads, overwrite)
+    from .guard import InputGuard
+
+    # SRC and --label-table are never written: DEST may not hold them, and must be writable (checked here,
+    # before the first subject)
+    InputGuard({"--label-table": label_table}, {"SRC": src}, hash_files=False).output_folder(dest, "DEST")
     notes: list[str] = []
     table, fmt, table_source = _resolve_table(p, root, src, label_table, notes)
 

@@ -317,3 +317,57 @@ def test_evaluate_all_background_labels_scores_zero_with_a_flag(pair, capsys):
     # an empty *reference* still has nothing to evaluate against: refused, naming it
     code, err = run_cli(main, ["evaluate", empty, pair["fixed_labels"], "-o", out], capsys)
     assert_one_line_refusal(code, err, "lost_dseg.nii.gz", "empty")
+
+
+# ----------------------------------------------------------------------------- the other commands
+
+
+def test_demo_output_naming_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "demo"
+    target.write_text("keep")
+    code, err = run_cli(main, ["demo", "-o", target, "--subjects", "1", "--methods", "affine"], capsys)
+    assert_one_line_refusal(code, err, "-o/--output", str(target), "not a folder")
+    assert target.read_text() == "keep"
+
+
+@pytest.fixture()
+def images(tmp_path):
+    folder = tmp_path / "imgs"
+    image, labels = ball_phantom()
+    paths = []
+    for i in range(3):
+        s = make_subject(image, labels, seed=i, magnitude_mm=4.0)
+        paths.append(save_image(s.image, folder / f"s{i}_t1.nii.gz"))
+        save_image(s.labels, folder / f"s{i}_seg.nii.gz")
+    return folder, paths
+
+
+@pytest.mark.parametrize("case", ["inside --folder", "over --images", "a file"])
+def test_train_outputs_never_touch_its_inputs(images, tmp_path, capsys, case, monkeypatch):
+    import hdar_pipeline.hdar.train as training
+
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training started before the refusal"))
+    folder, paths = images
+    before = digest(folder)
+    if case == "inside --folder":
+        argv, needles = ["--folder", folder, "-o", folder / "run"], ["-o/--output", "--folder"]
+    elif case == "over --images":
+        argv, needles = ["--images", *paths, "-o", folder], ["-o/--output", "--images", "s0_t1.nii.gz"]
+    else:
+        argv, needles = ["--images", *paths, "-o", paths[0]], ["-o/--output", "not a folder"]
+    code, err = run_cli(main, ["train", *argv], capsys)
+    assert_one_line_refusal(code, err, *needles)
+    assert digest(folder) == before
+
+
+def test_convert_never_writes_its_label_table(images, tmp_path, capsys):
+    folder, _ = images
+    dest = tmp_path / "bids"
+    dest.mkdir()
+    table = dest / "dseg.tsv"
+    table.write_text("index\tname\n1\tone\n2\ttwo\n3\tthree\n4\tfour\n")
+    before = digest(folder, table)
+    code, err = run_cli(main, ["convert", "folder", folder, dest, "--images", "*_t1.nii.gz", "--labels",
+                               "*_seg.nii.gz", "--label-table", table, "--overwrite"], capsys)
+    assert_one_line_refusal(code, err, "DEST", "--label-table", "dseg.tsv")
+    assert digest(folder, table) == before

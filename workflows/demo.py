@@ -50,10 +50,14 @@ def run_demo(out_dir: str | os.PathLike = "hdar-demo", *, n_subjects: int = 3,
 
     Raises
     ------
+    InputError
+        ``out_dir`` is a file or cannot be written (before anything is written).
     RuntimeError
         When a level ends with an error exit code other than "some subjects failed".
     """
-    out = Path(out_dir).resolve()
+    from hdar_pipeline.guard import InputGuard
+
+    out = InputGuard().output_folder(out_dir, "-o/--output", writes=("rawdata", "labels", "work", "derivatives"))
     methods, notes = available_methods(methods)
     for note in notes:
         print(f"hdar demo: {note}")
