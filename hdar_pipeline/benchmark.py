@@ -1135,6 +1135,8 @@ def _ignore_in_repo(output: Path) -> None:
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``hdar benchmark`` (also used by ``benchmarks/compare_methods.py``)."""
+    from .cli import non_negative_int, positive_int
+
     src = parser.add_argument_group("data (one of)")
     src.add_argument("--bids-dir", type=Path, metavar="DIR", help="BIDS raw dataset (skull-stripped T1w)")
     src.add_argument("--labels-dir", type=Path, metavar="DIR",
@@ -1151,14 +1153,14 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     pg.add_argument("--pairs-from", choices=PAIR_MODES, default="consecutive",
                     help="how --subjects are paired: consecutive (each onto the next, the last onto the "
                          "first), onto-first, all (every ordered pair); default consecutive")
-    pg.add_argument("--n-pairs", type=int, metavar="N", help="keep the first N pairs")
+    pg.add_argument("--n-pairs", type=positive_int, metavar="N", help="keep the first N pairs")
     mg = parser.add_argument_group("methods")
     mg.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, default=list(VARIANT_NAMES), metavar="VARIANT",
                     help=f"variants to run (default all: {', '.join(VARIANT_NAMES)})")
     mg.add_argument("--max-pairs-per-variant", nargs="+", metavar="VARIANT=N", default=[],
                     help="run VARIANT on its first N pairs only ('all' lifts the limit); default syn-quality=1 "
                          "(about 30 min per LPBA40 pair on 2 cores)")
-    mg.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS, metavar="N",
+    mg.add_argument("--refine-steps", type=non_negative_int, default=DEFAULT_REFINE_STEPS, metavar="N",
                     help=f"instance-optimisation steps per refinement level of hdar-refined (default {DEFAULT_REFINE_STEPS})")
     mg.add_argument("--hdar-weights", metavar="NAME|PATH", help="HDAR weights (default: the shipped 'default')")
     aff = mg.add_mutually_exclusive_group()
@@ -1167,9 +1169,9 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     aff.add_argument("--no-affine", dest="affine", action="store_false",
                      help="no affine stage: images already aligned on one grid (default for LPBA40)")
     rg = parser.add_argument_group("run")
-    rg.add_argument("--threads", type=int, default=os.cpu_count(), metavar="N",
+    rg.add_argument("--threads", type=positive_int, default=os.cpu_count(), metavar="N",
                     help=f"worker threads for ITK and torch (default {os.cpu_count()}, the cores here)")
-    rg.add_argument("--seed", type=int, default=1, help="seeds numpy, torch and ANTs (default 1)")
+    rg.add_argument("--seed", type=non_negative_int, default=1, help="seeds numpy, torch and ANTs (default 1)")
     rg.add_argument("--device", default="auto", help="HDAR device: auto, cpu or cuda[:N] (default auto)")
     rg.add_argument("-o", "--output", type=Path, default=Path(DEFAULT_OUTPUT), metavar="DIR",
                     help=f"output folder (default {DEFAULT_OUTPUT}); cached rows in DIR/rows")
@@ -1242,12 +1244,22 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 def run_benchmark_cli(args: argparse.Namespace) -> int:
     """Run ``hdar benchmark`` from parsed options; print the table. Returns the exit status."""
     console = run_console()
+    from .guard import InputError, InputGuard
+
     try:
         config = config_from_args(args)
+        # the pairs' images and labels are never written: -o may not hold them (it belongs to the run)
+        files = sorted({str(f) for pair in config.pairs for s in (pair.moving, pair.fixed) for f in (s.image, s.labels)
+                        if f is not None})
+        bids_dir = getattr(args, "bids_dir", None)
+        lpba40 = None if bids_dir is not None else (getattr(args, "lpba40", None) or default_lpba40_dir())
+        InputGuard({"--bids-dir/--lpba40": files}, {"--bids-dir": bids_dir, "--lpba40": lpba40,
+                                                   "--labels-dir": getattr(args, "labels_dir", None)},
+                   hash_files=False).output_folder(config.output, "-o/--output")
         console.print(f"benchmark: {config.dataset}, {len(config.pairs)} pairs, variants "
                       f"{', '.join(config.variants)} -> {config.output}", highlight=False)
         result = run_benchmark(config, console=console, show_progress=not getattr(args, "no_progress", False))
-    except BenchmarkInputError as exc:
+    except (BenchmarkInputError, InputError) as exc:
         print(f"hdar benchmark: error: {exc}", file=sys.stderr)
         return 2
     console.print()

@@ -371,3 +371,19 @@ def test_convert_never_writes_its_label_table(images, tmp_path, capsys):
                                "*_seg.nii.gz", "--label-table", table, "--overwrite"], capsys)
     assert_one_line_refusal(code, err, "DEST", "--label-table", "dseg.tsv")
     assert digest(folder, table) == before
+
+
+def test_benchmark_output_inside_its_dataset_is_refused(tmp_path, capsys, no_registration):
+    """`hdar benchmark --lpba40 DIR -o DIR/out` used to write its rows into the dataset."""
+    data = tmp_path / "lpba40"
+    image, labels = ball_phantom()
+    for sid in ("S21", "S22"):
+        save_image(image, data / sid / f"{sid}.delineation.skullstripped.nii.gz")
+        save_image(labels, data / sid / f"{sid}.delineation.structure.label.nii.gz")
+    before = digest(data)
+    code, err = run_cli(main, ["benchmark", "--lpba40", data, "--subjects", "S21", "S22", "--variants", "affine",
+                               "-o", data / "out", "--no-progress"], capsys)
+    assert_one_line_refusal(code, err, "-o/--output", "--lpba40", str(data))
+    assert digest(data) == before and not (data / "out").exists()
+    code, err = run_cli(main, ["benchmark", "--lpba40", data, "--threads", "-2"], capsys)
+    assert_one_line_refusal(code, err, "--threads", "positive")
