@@ -315,19 +315,40 @@ def run_participant(opts: AppOptions) -> int:
     else:
         raise bids.BIDSError(f"unknown worker {opts.worker!r}; choose cf or slurm")
     expected = {(e.subject, e.session, m) for e in cohort for m in opts.methods}
-    t0 = time.perf_counter()
-    with ProgressWatcher(cache_root, expected, show=opts.progress):
-        with Submitter(worker=opts.worker, cache_root=cache_root, **worker_kwargs) as sub:
-            result = sub(wf, raise_errors=False)
+    work_lock = claim_work_dir(cache_root)  # held until the run ends; released by the OS if it is killed
+    t0, started = time.perf_counter(), time.time()
+    try:
+        for attempt in (1, 2, 3):
+            with ProgressWatcher(cache_root, expected, show=opts.progress):
+                with Submitter(worker=opts.worker, cache_root=cache_root, **worker_kwargs) as sub:
+                    result = sub(wf, raise_errors=False)
+            if not result.errored or opts.stop_on_first_crash or attempt == 3:
+                break
+            if _worker_died(result) and attempt == 1:
+                # a worker died (a signal, the out-of-memory killer) and took the jobs beside it along: run the
+                # unfinished jobs once more; the finished ones come from the cache
+                log.warning("a worker process died; running the unfinished jobs once more")
+            elif result.errors is not None:
+                break
+            # (no error recorded: Pydra's state after a dead worker; a resubmission completes from the cache)
+            clear_stale_pydra_state(cache_root)
+    finally:
+        work_lock.close()
     log.info("workflow finished in %.1f s", time.perf_counter() - t0)
     if result.errored:
         msg = _workflow_errors(result)
-        log.error("the workflow stopped: %s", msg)
+        log.error("the workflow stopped: %s", "a worker process died (killed by a signal or out of memory)"
+                  if _worker_died(result) else msg[:500])
+        log.debug("the workflow's error: %s", msg)
         if opts.stop_on_first_crash:
             return EXIT_ERROR
-        raise RuntimeError(f"the cohort workflow failed outside any one subject: {msg}")
-
-    records = [json.loads(Path(r.fspath if hasattr(r, "fspath") else r).read_text()) for r in result.outputs.records]
+        # A job died outside Python's reach (a worker killed by a signal or by the kernel's out-of-memory
+        # killer takes the process pool with it): keep what finished, record the rest as failed with the
+        # reason; a rerun with the same --work-dir finishes them (finished jobs come from the cache).
+        records = salvage_records(cache_root, expected, since=started, reason=msg)
+    else:
+        records = [json.loads(Path(r.fspath if hasattr(r, "fspath") else r).read_text())
+                   for r in result.outputs.records]
     if opts.stop_on_first_crash and any(r.get("status") != "ok" for r in records):
         # a failure cached by an earlier run without the flag: stop here, as a fresh run would have
         first = next(r for r in records if r.get("status") != "ok")
@@ -347,6 +368,83 @@ def run_participant(opts: AppOptions) -> int:
     print(f"hdar-pipeline participant: {len(records) - len(failed)}/{len(records)} subject x method ok; "
           f"derivatives in {out}")
     return EXIT_FAILED_SUBJECTS if failed else EXIT_OK
+
+
+def claim_work_dir(cache_root: Path):
+    """Take the work dir for this run (an ``flock`` on ``<cache_root>/.hdar-pipeline.lock``) and clear what a
+    killed earlier run left there: Pydra's lock files of jobs that never ended and the error files of jobs
+    and workflows that stopped, which would otherwise stall or fail the rerun. Returns the open lock file
+    (close it to release).
+
+    Raises
+    ------
+    BIDSError
+        Another hdar-pipeline run holds the work dir.
+    """
+    import fcntl
+
+    fh = open(cache_root / ".hdar-pipeline.lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise bids.BIDSError(f"{cache_root.parent}: the work folder is in use by another hdar-pipeline run; "
+                             "give each run its own --work-dir") from None
+    except OSError:  # a file system without flock (some network mounts): no cleanup, no exclusion
+        log.debug("no flock on %s; stale Pydra state is left as it is", cache_root)
+        return fh
+    clear_stale_pydra_state(cache_root)
+    return fh
+
+
+def clear_stale_pydra_state(cache_root: Path) -> None:
+    """Remove the lock files of Pydra jobs that never ended and the error files of stopped jobs (only while
+    this run holds the work dir: see :func:`claim_work_dir`)."""
+    for path in sorted(cache_root.glob("*.lock")) + sorted(cache_root.glob("*/_error.pklz")):
+        log.info("removing %s, left by a job that did not finish", path.relative_to(cache_root))
+        path.unlink(missing_ok=True)
+
+
+def _worker_died(result) -> bool:
+    return "BrokenProcessPool" in _workflow_errors(result)
+
+
+#: The reason given for a subject x method whose job never reported back.
+UNFINISHED = ("did not finish: the workflow stopped when a worker process died (killed by a signal, or by the "
+              "out-of-memory killer); rerun with the same --work-dir to finish it")
+
+
+def salvage_records(cache_root: Path, expected: set[tuple[str, str, str]], *, since: float,
+                    reason: str = "") -> list[dict[str, Any]]:
+    """The records of a run whose workflow stopped: each subject x method's evaluation record written during
+    this run where it has one, else a failed record that says why (:data:`UNFINISHED`, and the workflow's error
+    in ``traceback``)."""
+    found: dict[tuple[str, str, str], dict[str, Any]] = {}
+    registered: set[tuple[str, str, str]] = set()
+    for name in ("register_record.json", "evaluate_record.json"):  # an evaluation record wins
+        for path in cache_root.glob(f"*/{name}"):
+            try:
+                if path.stat().st_mtime < since - 1:
+                    continue
+                rec = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            key = (str(rec.get("subject", "")), str(rec.get("session") or ""), str(rec.get("method", "")))
+            if key not in expected:
+                continue
+            if name == "evaluate_record.json" or rec.get("status") != "ok":
+                found[key] = rec
+            else:
+                registered.add(key)
+    records = []
+    for key in sorted(expected):
+        rec = found.get(key)
+        if rec is None:
+            rec = {"subject": key[0], "session": key[1], "method": key[2], "status": "error",
+                   "failed_step": "evaluate" if key in registered else "register", "error": UNFINISHED,
+                   "traceback": reason[:4000]}
+        records.append(rec)
+    return records
 
 
 def _workflow_errors(result) -> str:
