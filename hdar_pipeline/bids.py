@@ -181,7 +181,7 @@ def query_cohort(
         have = sorted(layout.get_sessions(subject=subjects) if subjects else [])
         unknown = [s for s in sessions_wanted if s not in have]
         if unknown:
-            who = "the selected participants have" if participant_labels or skip else "the dataset has"
+            who = "the participants to process have" if participant_labels or skip else "the dataset has"
             raise BIDSError(f"{bids_dir}: session(s) {', '.join('ses-' + s for s in unknown)} not found ("
                             + (f"{who} {len(have)}: {', '.join('ses-' + s for s in have[:10])}"
                                f"{' ...' if len(have) > 10 else ''})" if have else f"{who} no sessions)"))

@@ -267,12 +267,15 @@ def run_participant(opts: AppOptions) -> int:
     from .cohort import init_cohort_wf
 
     out = Path(opts.output_dir)
-    atlas = resolve_atlas(opts)
+    # the cohort first (a wrong --participant-label or --session-label is refused before any work), then the
+    # atlas (an atlas participant is prepared: N4, brain extraction)
+    exclude = [bids.check_label(opts.atlas_participant)] if opts.atlas_participant and not opts.atlas else []
     cohort = bids.query_cohort(opts.bids_dir, participant_labels=opts.participant_label or None,
                                session_labels=opts.session_label or None,
                                bids_filter=bids.load_bids_filter(opts.bids_filter_file),
                                labels_dir=opts.labels_dir, validate=not opts.skip_bids_validation,
-                               exclude=atlas.exclude)
+                               exclude=exclude)
+    atlas = resolve_atlas(opts)
     if not cohort:
         raise bids.BIDSError(f"{opts.bids_dir}: no participants to process"
                              + (f" (the atlas participant sub-{atlas.exclude[0]} is left out)" if atlas.exclude else ""))
