@@ -94,9 +94,8 @@ def register_files(
         check_labels_match(fixed_img, mask_img, image_source=fixed, labels_source=fixed_mask)
     f_in = normalize_intensity(fixed_img) if normalize else fixed_img
     m_in = normalize_intensity(moving_img) if normalize else moving_img
-    out = guard.output_folder(out_dir, "-o/--output", writes=REGISTER_OUTPUTS)
-
     method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device, options=method_options)
+    out = guard.output_folder(out_dir, "-o/--output", writes=REGISTER_OUTPUTS)  # last check: creates the folder
     transform, info = register_pair(f_in, m_in, method_obj, affine=affine, fixed_mask=mask_img,
                                     seed=seed, threads=threads)
 
@@ -160,17 +159,24 @@ def register_files(
 
 
 def _weights_files(method: str, options: dict | None) -> list[Path]:
-    """The HDAR weights (``.pt`` and model card) a registration reads, so that no output can replace them;
-    ``[]`` for the other methods or when the weights cannot be resolved (the method then says why)."""
+    """The HDAR weights (``.pt`` and model card) a registration reads, present and verified against the card's
+    SHA-256 before the work, and protected from the outputs; ``[]`` for the other methods.
+
+    Raises
+    ------
+    WeightsError
+        The weights are missing, their card is missing, or the file does not match the card.
+    """
     if method != "hdar":
         return []
     weights = (options or {}).get("weights", "default")
     try:
-        from .hdar.weights import resolve_weights
-
-        return list(resolve_weights(weights))
-    except (ImportError, ValueError):
+        from .hdar.weights import resolve_weights, verify_weights
+    except ImportError:  # no torch: the method says so
         return []
+    pt, card = resolve_weights(weights)
+    verify_weights(pt, card)
+    return [pt, card]
 
 
 def brain_mask_of(fixed_img, mask_img=None) -> tuple[np.ndarray, str]:

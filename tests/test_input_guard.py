@@ -387,3 +387,22 @@ def test_benchmark_output_inside_its_dataset_is_refused(tmp_path, capsys, no_reg
     assert digest(data) == before and not (data / "out").exists()
     code, err = run_cli(main, ["benchmark", "--lpba40", data, "--threads", "-2"], capsys)
     assert_one_line_refusal(code, err, "--threads", "positive")
+
+
+@pytest.mark.parametrize("fault", ["tampered", "missing", "no model card"])
+def test_register_weights_are_present_and_verified_before_the_work(pair, tmp_path, capsys, no_registration, fault):
+    from hdar_pipeline.hdar.weights import resolve_weights
+
+    pt, card = resolve_weights("default")
+    weights = tmp_path / "w" / "model.pt"
+    weights.parent.mkdir()
+    if fault != "missing":
+        weights.write_bytes(pt.read_bytes() + (b"x" if fault == "tampered" else b""))
+    if fault != "no model card":
+        weights.with_suffix(".json").write_bytes(card.read_bytes())
+    out = tmp_path / "o"
+    code, err = run_cli(main, ["register", pair["fixed"], pair["moving"], "-o", out, "--method", "hdar",
+                               "--weights", weights], capsys)
+    assert_one_line_refusal(code, err, "model.pt", {"tampered": "SHA-256", "missing": "not found",
+                                                    "no model card": "model card"}[fault])
+    assert not out.exists()
