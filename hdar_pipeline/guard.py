@@ -240,10 +240,12 @@ class InputGuard:
         """Raise :class:`InputError` if any input file's bytes or any input folder's listing changed."""
         for arg, given, real in self._input_files():
             if real in self._hashes and (not real.is_file() or sha256(real) != self._hashes[real]):
-                raise InputError(arg, given, "changed during the run (it must never be written); please report this")
+                raise InputError(arg, given, "changed while the run went on (the run never writes its inputs: another "
+                                             "process did, or this is a bug to report); its results may not match it")
         for arg, folder in self.folders.items():
             if _folder_listing(folder) != self._listings[arg]:
-                raise InputError(arg, folder, "changed during the run (it is never written to); please report this")
+                raise InputError(arg, folder, "changed while the run went on (the run never writes into it: another "
+                                              "process did, or this is a bug to report); its results may not match it")
 
 
 __all__ = ["InputError", "InputGuard"]

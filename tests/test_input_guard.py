@@ -138,7 +138,14 @@ def test_guard_verify_catches_a_changed_input(tmp_path):
     guard = InputGuard({"FIXED": f})
     guard.verify()
     f.write_text("b")
-    with pytest.raises(InputError, match="FIXED .*in.txt: changed during the run"):
+    with pytest.raises(InputError, match="FIXED .*in.txt: changed while the run went on"):
+        guard.verify()
+    dataset = tmp_path / "ds"
+    (dataset / "sub-01").mkdir(parents=True)
+    guard = InputGuard(folders={"BIDS_DIR": dataset})
+    guard.verify()
+    (dataset / "sub-01" / "new.txt").write_text("x")
+    with pytest.raises(InputError, match="BIDS_DIR .*ds: changed while the run went on"):
         guard.verify()
 
 
