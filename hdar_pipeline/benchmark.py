@@ -1260,7 +1260,9 @@ def run_benchmark_cli(args: argparse.Namespace) -> int:
                       f"{', '.join(config.variants)} -> {config.output}", highlight=False)
         result = run_benchmark(config, console=console, show_progress=not getattr(args, "no_progress", False))
     except (BenchmarkInputError, InputError) as exc:
-        print(f"hdar benchmark: error: {exc}", file=sys.stderr)
+        from .cli import one_line
+
+        print(f"hdar benchmark: error: {one_line(exc)}", file=sys.stderr)
         return 2
     console.print()
     console.print(result.markdown, markup=False, highlight=False, soft_wrap=True)

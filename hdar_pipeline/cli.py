@@ -22,6 +22,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """An error message on one line: whitespace (the line breaks of ITK's messages) collapsed, and cut at
+    ``limit`` characters; the file and the problem come first in every message of this package."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (threads, processes, counts)."""
     try:
@@ -122,7 +129,7 @@ def _run_register(args: argparse.Namespace) -> int:
                                 affine=args.affine, seed=args.seed, threads=args.threads, device=args.device,
                                 normalize=args.normalize, method_options=_method_options(args))
     except (ImageError, ValueError, NotImplementedError, OSError) as exc:
-        print(f"hdar register: error: {exc}", file=sys.stderr)
+        print(f"hdar register: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"{record['method']} ({record.get('preset') or 'default'}): {record['runtime_s']:.1f} s, "
           f"peak {record['peak_memory_mb']:.0f} MiB, folded {record['jacobian']['folded_percent_mask']:.4f} % of the "
@@ -166,7 +173,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         paths = run_demo(args.output, n_subjects=args.subjects, methods=args.methods, seed=args.seed,
                          nprocs=args.nprocs, omp_nthreads=args.threads, progress=args.progress)
     except InputError as exc:
-        print(f"hdar demo: error: {exc}", file=sys.stderr)
+        print(f"hdar demo: error: {one_line(exc)}", file=sys.stderr)
         return 2
     group = pd.read_csv(paths["group_csv"], dtype={"subject": str})
     cols = [c for c in ("mean_dice", "mean_target_overlap", "folded_percent", "runtime_s") if c in group]
@@ -224,7 +231,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                          distances=args.distances, figures=args.figures,
                                          other_inputs={"--record": args.record})
     except (ImageError, LabelTableError, ValueError, OSError) as exc:
-        print(f"hdar evaluate: error: {exc}", file=sys.stderr)
+        print(f"hdar evaluate: error: {one_line(exc)}", file=sys.stderr)
         return 2
     for note in result.notes:
         print(f"hdar evaluate: warning: {note}", file=sys.stderr)
@@ -264,7 +271,7 @@ def _run_stats(args: argparse.Namespace) -> int:
         result, written = write_group_statistics(args.tables, args.output, reference=args.reference,
                                                  figures=args.figures, figure_metrics=args.figure_metrics)
     except (StatsError, ValueError, OSError) as exc:
-        print(f"hdar stats: error: {exc}", file=sys.stderr)
+        print(f"hdar stats: error: {one_line(exc)}", file=sys.stderr)
         return 2
     for note in result.notes:
         print(f"hdar stats: note: {note}", file=sys.stderr)
@@ -395,7 +402,7 @@ def _run_train(args: argparse.Namespace) -> int:
             guard.output_folder(args.export_dir or args.output, "--export-dir" if args.export_dir else "-o/--output",
                                 writes=(f"{args.export}.pt", f"{args.export}.json"))
     except InputError as exc:
-        print(f"hdar train: error: {exc}", file=sys.stderr)
+        print(f"hdar train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     try:
         labels = None if args.no_labels else (labels_arg(args.labels) if args.labels else "auto")
@@ -447,7 +454,7 @@ def _run_train(args: argparse.Namespace) -> int:
             written = export(result, args.export, args.export_dir or args.output, command=command,
                              data_description=description)
     except (DataError, ImageError, ValueError, FileNotFoundError) as exc:
-        print(f"hdar train: error: {exc}", file=sys.stderr)
+        print(f"hdar train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     final = result.final_validation
     print(f"{result.step} of {config.total_steps} steps on {result.device} in {result.elapsed_s:.1f} s "
@@ -511,7 +518,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                          subjects=args.subjects, skip_bad=args.skip_bad, overwrite=args.overwrite,
                          subject_labels=args.subject_labels, log=None if args.quiet else print)
     except (ConvertError, ImageError, InputError, LabelTableError, OSError) as exc:
-        print(f"hdar convert: error: {exc}", file=sys.stderr)
+        print(f"hdar convert: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(format_summary(result))
     return 0
@@ -645,7 +652,7 @@ def bids_app_main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(opts)
     except (BIDSError, InputError, ImageError, FileNotFoundError) as exc:
-        print(f"hdar-pipeline: error: {exc}", file=sys.stderr)
+        print(f"hdar-pipeline: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

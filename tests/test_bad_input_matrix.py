@@ -244,3 +244,21 @@ def test_the_matrix_covers_every_kind():
     """Every bad-input kind is tried on every slot that takes that kind of file."""
     assert len(CASES) == 2 * len(IMAGE_KINDS) + 3 * len(LABEL_KINDS) + 2 * (len(LABEL_KINDS) - 1)
     assert os.path.exists("/sys")  # the read-only-folder cases rely on it
+
+
+@pytest.mark.parametrize("kind", ["garbage .h5", "garbage .mat", "empty .h5", "missing .h5", "an image as .h5"])
+def test_evaluate_bad_transform_is_one_line(files, tmp_path, capsys, kind):
+    """ITK's multi-line reader errors reach the user as one line that names the file."""
+    bad = tmp_path / ("bad" + kind.split()[-1])
+    if kind.startswith("garbage"):
+        bad.write_bytes(b"not a transform\n\nat all\n")
+    elif kind.startswith("empty"):
+        bad.write_bytes(b"")
+    elif kind.startswith("an image"):
+        bad.write_bytes(files["fixed"].read_bytes())
+    before = digest(*files.values(), tmp_path)
+    out = tmp_path / "out" / "eval.csv"
+    code, err = run_cli(main, [*evaluate_argv(files, out), "--transform", bad], capsys)
+    assert_one_line_refusal(code, err, bad.name)
+    assert digest(*files.values(), tmp_path) == before
+    assert not out.exists()
