@@ -17,8 +17,8 @@ The ``xfm.h5`` is an ITK composite transform mapping atlas points to native subj
 the atlas. :func:`write_subject_derivatives` copies one registration record's files under those
 names with a JSON sidecar each; :func:`read_subject_metrics` reads them back for the group level.
 
-The library never writes into the input dataset: every writer here takes the *output* folder and
-refuses one that lies inside the input dataset (:func:`check_output_dir`).
+The library never writes into the input dataset: every writer here takes the *output* folder, and the
+commands check it against every input before the work (:mod:`hdar_pipeline.guard`).
 """
 
 from __future__ import annotations
@@ -287,14 +287,21 @@ def label_table(labels_dir: PathLike | None) -> Path | None:
 
 def check_output_dir(output_dir: PathLike, bids_dir: PathLike | None = None, *, what: str = "output folder") -> Path:
     """Resolve an output (or work) folder, refusing one inside the input dataset: nothing is ever
-    written into BIDS_DIR, not even under its ``derivatives/``."""
-    out = Path(output_dir).resolve()
-    if bids_dir is not None:
-        src = Path(bids_dir).resolve()
-        if out == src or src in out.parents:
-            raise BIDSError(f"{out}: the {what} lies inside the input dataset {src}, which is never written to; "
-                            "choose a folder outside it")
-    return out
+    written into BIDS_DIR, not even under its ``derivatives/``. A thin front to
+    :meth:`hdar_pipeline.guard.InputGuard.output_folder`, where the rule lives (the folder is not created).
+
+    Raises
+    ------
+    BIDSError
+        The folder is, or lies inside, BIDS_DIR, or is a file.
+    """
+    from .guard import InputError, InputGuard
+
+    try:
+        guard = InputGuard(folders={"BIDS_DIR": bids_dir} if bids_dir is not None else {})
+        return guard.output_folder(output_dir, what, create=False)
+    except InputError as exc:
+        raise BIDSError(str(exc)) from None
 
 
 def entity_prefix(subject: str, session: str = "") -> str:
