@@ -88,3 +88,16 @@ def test_a_subject_that_kills_its_worker_every_time_is_recorded_and_a_rerun_fini
     rec = statuses(tmp_path / "out")
     assert rec["sub-02"]["status"] == rec["sub-03"]["status"] == "ok"
     assert rec["sub-04"]["status"] == "error"
+
+
+def test_two_runs_never_share_a_work_dir(tmp_path, capsys):
+    import fcntl
+
+    bids_dir, labels_dir = make_bids_dataset(tmp_path)
+    (tmp_path / "work" / "pydra").mkdir(parents=True)
+    with open(tmp_path / "work" / "pydra" / ".hdar-pipeline.lock", "w") as held:  # another run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, err = run_cli(bids_app_main, argv(tmp_path, bids_dir, labels_dir, 1), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "in use by another hdar-pipeline run" in err.strip().splitlines()[-1]
+    assert not list((tmp_path / "out").glob("sub-*"))
