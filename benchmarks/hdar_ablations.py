@@ -168,6 +168,7 @@ class Settings:
     refine_lr: float = HDARMethod.refine_lr
     refine_similarity: str = HDARMethod.refine_similarity
     refine_diffeomorphic: bool = HDARMethod.refine_diffeomorphic
+    refine_gradient_sigma: float = HDARMethod.refine_gradient_sigma
     device: str = "auto"
     seed: int | None = None
     threads: int | None = None
@@ -200,7 +201,7 @@ class AblationHDAR(MethodBase):
             self.loaded, fixed, moving, fixed_mask, mode=cfg.mode, levels=cfg.levels, selection=cfg.selection,
             prealign=cfg.prealign, refine=cfg.refine, refine_levels=tuple(cfg.refine_levels),
             refine_lr=cfg.refine_lr, refine_similarity=cfg.refine_similarity,
-            refine_diffeomorphic=cfg.refine_diffeomorphic)
+            refine_diffeomorphic=cfg.refine_diffeomorphic, refine_gradient_sigma=cfg.refine_gradient_sigma)
         return transform
 
 

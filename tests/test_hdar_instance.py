@@ -8,7 +8,7 @@ import torch
 
 from hdar_pipeline.hdar.instance import (ImagePyramid, RefineLevel, _brain_blocks, _upsample_box, affine_displacement,
                                          affine_prealign, default_refine_levels, refine_flow)
-from hdar_pipeline.hdar.layers import SpatialTransformer, resize_flow, resize_volume
+from hdar_pipeline.hdar.layers import SpatialTransformer, resize_flow, resize_volume, smooth
 from hdar_pipeline.hdar.losses import jacobian_determinant, local_ncc
 from test_hdar_layers import blob_image, smooth_field
 
@@ -70,14 +70,15 @@ def test_refine_flow_recovers_a_smooth_deformation_coarse_to_fine():
     magnitude = float(truth.norm(dim=1)[0][brain].mean())
     ncc0 = float(local_ncc(fixed, moving)[0, 0][brain].mean())
     assert magnitude > 1.0
-    for diffeomorphic in (False, True):
-        out = refine_flow(fixed, moving, start, default_refine_levels(25, (0.5, 1.0)), diffeomorphic=diffeomorphic)
+    for diffeomorphic, sigma in ((False, 1.0), (True, 1.0), (True, 0.0)):
+        levels = default_refine_levels(25, (0.5, 1.0), coarse_gradient_sigma=sigma)
+        out = refine_flow(fixed, moving, start, levels, diffeomorphic=diffeomorphic)
         assert out.shape == start.shape and not out.requires_grad
         error = float((out - truth).norm(dim=1)[0][brain].mean())
         ncc1 = float(local_ncc(fixed, SpatialTransformer("bilinear", "zeros")(moving, out))[0, 0][brain].mean())
         # measured: error 0.46 / 0.44 voxels of 1.17, NCC 0.667 -> 0.987
-        assert error < 0.5 * magnitude, (diffeomorphic, error, magnitude)
-        assert ncc1 > ncc0 + 0.2, (diffeomorphic, ncc0, ncc1)
+        assert error < 0.5 * magnitude, (diffeomorphic, sigma, error, magnitude)
+        assert ncc1 > ncc0 + 0.2, (diffeomorphic, sigma, ncc0, ncc1)
         assert float((jacobian_determinant(out) <= 0).float().mean()) < 1e-3
     # zero steps everywhere: the start comes back unchanged
     assert torch.equal(refine_flow(fixed, moving, truth, [RefineLevel(0.5, 0)]), truth)
@@ -91,6 +92,28 @@ def test_refine_level_validates():
     assert [lv.scale for lv in default_refine_levels(3)] == [0.25, 0.5]
     with pytest.raises(ValueError, match="relinearise"):
         RefineLevel(0.5, 5, similarity="full", relinearise=0)
+    with pytest.raises(ValueError, match="gradient_sigma"):
+        RefineLevel(0.5, 5, gradient_sigma=-1.0)
+    # every level but the finest smooths its gradient
+    assert [lv.gradient_sigma for lv in default_refine_levels(3, (0.25, 0.5, 1.0))] == [1.0, 1.0, 0.0]
+    assert [lv.gradient_sigma for lv in default_refine_levels(3, coarse_gradient_sigma=0.5)] == [0.5, 0.0]
+
+
+def test_gradient_sigma_smooths_the_gradient_the_optimiser_sees():
+    target = torch.zeros(1, 3, 12, 10, 8)
+    target[0, 1, 6, 5, 4] = 1.0  # a one-voxel pull
+    for sigma in (0.0, 1.0):
+        corr = RefineLevel(0.5, 1, gradient_sigma=sigma).parameter((12, 10, 8), torch.device("cpu"))
+        assert corr.requires_grad and torch.count_nonzero(corr) == 0
+        (corr * target).sum().backward()
+        expected = target if sigma == 0 else smooth(target, sigma, truncate=2.0)
+        assert torch.allclose(corr.grad, expected)
+    # smoothed, the pull reaches the neighbours (exp(-1/2) of the centre one voxel away, a Gaussian of sigma
+    # 1), two voxels away but not three (the kernel is cut at 2 sigma), and its total is kept
+    g = corr.grad[0, 1]
+    assert abs(float(g[5, 5, 4] / g[6, 5, 4]) - np.exp(-0.5)) < 0.01
+    assert float(g[4, 5, 4]) > 0 and float(g[3, 5, 4]) == 0.0
+    assert abs(float(corr.grad.sum()) - 1.0) < 1e-5
 
 
 # ------------------------------------------------------------------ pyramids and the full-resolution level

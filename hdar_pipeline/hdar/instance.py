@@ -21,7 +21,7 @@ import torch
 
 from .adam import Adam
 from .layers import (SpatialTransformer, compose_flows, identity_grid, resize_flow, resize_volume,
-                     sample_region)
+                     sample_region, smooth)
 from .losses import LocalNCC, anti_folding_loss
 
 __all__ = ["ImagePyramid", "RefineLevel", "affine_displacement", "affine_prealign", "default_refine_levels",
@@ -206,6 +206,11 @@ class RefineLevel:
         It sees the detail that the downsampled images lose, at little more than the level's own cost.
     relinearise : int
         ``similarity="full"``: steps between re-warps of the full-resolution moving image.
+    gradient_sigma : float
+        Gaussian smoothing (sigma in voxels of this level's grid, kernel cut at 2 sigma; 0: none) of the
+        correction's gradient before each Adam step: a Sobolev-type preconditioner that turns the similarity's
+        voxel-wise pull into coherent motion of a neighbourhood (as the demons' fluid regularisation smooths
+        its update), so that a few steps travel further.
     """
 
     scale: float
@@ -214,6 +219,7 @@ class RefineLevel:
     window: int = 9
     similarity: str = "level"
     relinearise: int = 5
+    gradient_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 1:
@@ -226,6 +232,15 @@ class RefineLevel:
             raise ValueError(f"similarity='full' needs a scale of 1/b for a whole number b, got {self.scale}")
         if self.relinearise < 1:
             raise ValueError("relinearise must be >= 1")
+        if not self.gradient_sigma >= 0:
+            raise ValueError(f"gradient_sigma must be >= 0, got {self.gradient_sigma}")
+
+    def parameter(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        """A zero correction ``(1, 3, *shape)`` to optimise, its gradient smoothed by ``gradient_sigma``."""
+        corr = torch.zeros((1, 3, *shape), device=device, dtype=torch.float32, requires_grad=True)
+        if self.gradient_sigma > 0:
+            corr.register_hook(lambda grad: smooth(grad, self.gradient_sigma, truncate=2.0))
+        return corr
 
     @property
     def block(self) -> int:
@@ -235,15 +250,21 @@ class RefineLevel:
 
 def default_refine_levels(steps: int, scales: Sequence[float] = (0.25, 0.5), *, lr: float = 0.2,
                           window: int = 9, similarity: str = "full", full_window: int = 3,
-                          relinearise: int = 5) -> list[RefineLevel]:
+                          relinearise: int = 5, coarse_gradient_sigma: float = 1.0) -> list[RefineLevel]:
     """``steps`` Adam steps on each of ``scales`` (coarse to fine), the same ``lr``; the finest level's loss
     at ``similarity`` (default ``"full"``: full-resolution NCC, windows of ``full_window`` blocks, 3 blocks
     (6 voxels at 1/2) by default: as accurate as 5 on held-out LPBA40 pairs and faster; a finest
     level at scale 1 sees the full-resolution images anyway and keeps ``"level"``), the others at their own
-    resolution with ``window``."""
+    resolution with ``window``.
+
+    Every level but the finest smooths its gradient with ``coarse_gradient_sigma`` (voxels of its grid; see
+    :class:`RefineLevel`): on held-out LPBA40 pairs sigma 1 at 1/4 adds +0.003 mean Dice for a few percent of
+    the time; smoothing the finest level's gradient as well adds +0.001 more at the cost of as many steps."""
     if similarity not in ("level", "full"):
         raise ValueError(f"similarity must be 'level' or 'full', got {similarity!r}")
-    levels = [RefineLevel(float(s), int(steps), lr, window) for s in scales]
+    n = len(scales)
+    levels = [RefineLevel(float(s), int(steps), lr, window, gradient_sigma=coarse_gradient_sigma if i < n - 1 else 0.0)
+              for i, s in enumerate(scales)]
     if similarity == "full" and levels and levels[-1].scale < 1.0:
         last = levels[-1]
         levels[-1] = RefineLevel(last.scale, last.steps, lr, full_window, "full", relinearise)
@@ -302,7 +323,7 @@ def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Seque
         f, m = fp.at(size).float(), mp.at(size).float()
         ncc = LocalNCC(f, level.window)
         base = resize_flow(current, size)
-        corr = torch.zeros((1, 3, *size), device=flow.device, dtype=torch.float32, requires_grad=True)
+        corr = level.parameter(size, flow.device)
         opt = Adam([corr], lr=level.lr)
 
         def total(on: torch.Tensor, grid: Sequence[int], final: bool = False) -> torch.Tensor:
@@ -370,7 +391,7 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
                 base = torch.nn.functional.pad(base, extra, mode="replicate")
         base_grid = resize_flow(start_flow if base is None else base, grid)
     ncc = LinearisedBlockNCC(fixed[(..., *full_box)], b, level.window, mean_over=math.prod(grid))
-    corr = torch.zeros((1, 3, *grid), device=base_grid.device, dtype=torch.float32, requires_grad=True)
+    corr = level.parameter(grid, base_grid.device)
     anchor = torch.zeros_like(corr)
     opt = Adam([corr], lr=level.lr)
     diffeo = exponential if diffeomorphic else None

@@ -152,16 +152,17 @@ class VecInt(nn.Module):
 # ---------------------------------------------------------------------------------------- resizing
 
 
-def gaussian_kernel1d(sigma: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Normalised 1-D Gaussian, radius ``ceil(3 sigma)``."""
-    radius = max(1, int(math.ceil(3.0 * sigma)))
+def gaussian_kernel1d(sigma: float, *, truncate: float = 3.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian, radius ``ceil(truncate * sigma)`` (at least 1)."""
+    radius = max(1, int(math.ceil(truncate * sigma)))
     t = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return k / k.sum()
 
 
-def smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(B, C, X, Y, Z)`` (sigma in voxels, per axis; 0 skips an axis).
+def smooth(x: torch.Tensor, sigma: float | Sequence[float], *, truncate: float = 3.0) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(B, C, X, Y, Z)`` (sigma in voxels, per axis; 0 skips an axis), the
+    kernel cut at ``truncate`` sigmas.
 
     Edges are replicated, so a constant volume stays constant.
     """
@@ -171,7 +172,7 @@ def smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
     for axis, s in enumerate(sigmas):
         if s <= 0:
             continue
-        k = gaussian_kernel1d(float(s), device=x.device, dtype=x.dtype).tolist()
+        k = gaussian_kernel1d(float(s), truncate=truncate, device=x.device, dtype=x.dtype).tolist()
         r = (len(k) - 1) // 2
         n = out.shape[1 + axis]
         # A weighted sum of shifted views: a single-channel F.conv3d is PyTorch's slow CPU path
