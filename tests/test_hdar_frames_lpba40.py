@@ -1,7 +1,12 @@
 """HDAR outside LPBA40's frame, with the shipped weights: one held-out LPBA40 pair re-stored as other scanners
 and datasets store brains (another axis order, a brain off-centre in a 256x256x180 field of view, 0.9 and
 1.3 mm voxels, int16 with another range and an offset) registers as well as in its native frame, for every
-preset. Dice is computed on each frame's own grid, as a user of that frame would."""
+preset. Dice is computed on each frame's own grid, as a user of that frame would.
+
+A frame with other voxels changes the measurement as well as the registration: the fixed labels live on a
+coarser or finer grid and the moving labels were interpolated once more. Each frame's Dice is therefore compared
+with the native registration's own transform re-applied in that frame (the same world mapping, sampled on the
+frame's grid): what is left is HDAR's dependence on the frame."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from conftest import mean_dice
 from hdar_pipeline.images import load_image
 from hdar_pipeline.methods.hdar import HDAR_PRESETS, HDARMethod
 from hdar_pipeline.restoring import FRAMES, restore
+from hdar_pipeline.transforms import Transform
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -32,21 +38,27 @@ def stored(lpba40_dir):
 @pytest.mark.parametrize("preset", sorted(HDAR_PRESETS))
 def test_every_frame_within_a_hundredth_of_the_native_dice(stored, preset):
     method = HDARMethod(preset=preset, seed=1, threads=2)
-    scores, folded = {}, {}
+    native = method.register(stored["native"]["fixed"], stored["native"]["moving"])
+    scores, in_frame, folded = {}, {}, {}
     for name, pair in stored.items():
-        transform = method.register(pair["fixed"], pair["moving"])
-        warped = np.asarray(transform.apply(pair["moving_labels"], interpolation="nearest").dataobj)
+        transform = native if name == "native" else method.register(pair["fixed"], pair["moving"])
         reference = np.asarray(pair["fixed_labels"].dataobj)
+        warped = np.asarray(transform.apply(pair["moving_labels"], interpolation="nearest").dataobj)
         scores[name] = mean_dice(reference, warped)
+        # the native registration's world mapping on this frame's grid: the frame's measurement, not its input
+        native_here = native.compose(Transform.identity(pair["fixed"]))
+        in_frame[name] = mean_dice(reference, np.asarray(native_here.apply(pair["moving_labels"],
+                                                                           interpolation="nearest").dataobj))
         jac = transform.jacobian_determinant()
         folded[name] = float(100.0 * np.mean(jac[np.asarray(pair["fixed"].dataobj) > 0] <= 0))
-    print(f"\n{preset}: " + ", ".join(f"{k} {v:.4f} ({folded[k]:.4f} % folded)" for k, v in scores.items()))
+    print(f"\n{preset}: " + ", ".join(f"{k} {v:.4f} (native transform here {in_frame[k]:.4f}, {folded[k]:.4f} % "
+                                     f"folded)" for k, v in scores.items()))
     for name, value in scores.items():
-        # Frames that keep LPBA40's 1 mm voxels (other axis order, off-centre field of view, int16 with an
-        # offset) give the network the same arrays: within 0.01 (measured: 0.0001). Frames stored at other
-        # voxel sizes lose information in the storage itself (the fixed labels on a 1.3 mm grid, images
-        # interpolated twice): measured -0.007 at 0.9 mm and -0.012 at 1.3 mm with `refined` on this pair, so
-        # they are held to 0.015 (the issue's 0.01 is not met at 1.3 mm; README "Results").
+        # HDAR registering in the frame against the native answer measured in the frame: within 0.01 everywhere
+        # (measured with `refined` on this pair: 0.0000 at 1 mm, -0.0011 at 0.9 mm, -0.0013 at 1.3 mm)
+        assert abs(value - in_frame[name]) <= 0.01, (name, value, in_frame[name])
+        # Against the native frame's own Dice the 1 mm frames are the same test; at 0.9 and 1.3 mm the storage
+        # itself costs up to 0.01 (the native transform re-applied at 1.3 mm: 0.7318 vs 0.7417), so 0.015.
         same_voxels = FRAMES[name].voxel_size is None
         assert abs(value - scores["native"]) <= (0.01 if same_voxels else 0.015), (name, value, scores["native"])
         assert folded[name] == 0.0 or preset != "refined", (name, folded[name])
