@@ -29,26 +29,24 @@ def one_line(exc: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (threads, processes, counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _integer_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum``, refused in one line naming ``what`` it must be."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (seeds, step counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+#: argparse type: an integer >= 1 (threads, processes, counts)
+positive_int = _integer_at_least(1, "a positive integer")
+#: argparse type: an integer >= 0 (seeds, step counts)
+non_negative_int = _integer_at_least(0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:

@@ -43,7 +43,7 @@ def test_demo_runs_the_bids_app_on_a_synthetic_cohort(tmp_path, capsys):
             assert (anat / name).is_file(), name
     assert (deriv / "sub-01.html").is_file() and (deriv / "logs" / "CITATION.md").is_file()
     labels = pd.read_csv(deriv / "group" / "group_labels.csv")
-    assert len(labels) == 6  # six tissue labels
+    assert labels.groupby("method").size().to_dict() == {"affine": 6, "demons": 6, "hdar": 6}  # six tissue labels
 
 
 def test_demo_exits_3_when_a_row_failed(tmp_path, monkeypatch, capsys):
