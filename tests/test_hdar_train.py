@@ -343,7 +343,7 @@ def test_cli_train_folder_with_labels_export_and_resume(tmp_path, capsys):
     assert card["config"]["cascade"]["levels"] == 2 and card["config"]["training"]["steps_per_stage"] == [2, 2]
     assert card["steps"] == 4 and card["seed"] == 0 and card["validation"]["final"]["step"] == 4
     assert main(["train", "--folder", str(tmp_path / "nothing"), "-o", str(out)]) == 2
-    assert "not a folder" in capsys.readouterr().err
+    assert "folder not found" in capsys.readouterr().err
 
 
 def test_train_top_k_and_export_of_an_unfinished_run_keeps_finished_levels(tmp_path):
