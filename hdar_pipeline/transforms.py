@@ -353,8 +353,7 @@ def _compact_h5(src: Path, dst: Path, min_size: int = 4096,
                 fout.create_dataset(name, data=fixed.astype(obj.dtype))
             elif field is not None and name.endswith("/TransformParameters") and is_field(name):
                 values = np.ascontiguousarray(np.transpose(field[0], (2, 1, 0, 3)), dtype=np.float32).reshape(-1)
-                fout.create_dataset(name, data=values, compression="gzip", compression_opts=1, shuffle=True,
-                                    chunks=(min(values.size, 1 << 20),))
+                _write_gzip_shuffled(fout, name, values, chunk=min(values.size, 1 << 20))
             elif name.endswith("/TransformParameters") and obj.size >= min_size:
                 fout.create_dataset(name, data=obj[()].astype(np.float32), compression="gzip", compression_opts=1,
                                     shuffle=True, chunks=(min(obj.size, 1 << 20),))
@@ -362,6 +361,31 @@ def _compact_h5(src: Path, dst: Path, min_size: int = 4096,
                 fin.copy(obj, fout, name=name)
 
         fin.visititems(visit)
+
+
+def _write_gzip_shuffled(h5file, name: str, values: np.ndarray, *, chunk: int, level: int = 1) -> None:
+    """Write a 1-D float32 array as a chunked HDF5 dataset with HDF5's own shuffle and deflate filters, the chunks
+    compressed side by side in threads (zlib releases the GIL) and written with ``write_direct_chunk``: the
+    bytes HDF5 would write itself (every reader, ITK's included, sees an ordinary gzip + shuffle dataset), in
+    about half the wall time of HDF5's one-thread pipeline on two cores."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    dset = h5file.create_dataset(name, shape=values.shape, dtype=np.float32, chunks=(chunk,), compression="gzip",
+                                 compression_opts=level, shuffle=True)
+    itemsize = values.dtype.itemsize
+
+    def encode(start: int) -> bytes:
+        part = values[start:start + chunk]
+        if part.size < chunk:  # HDF5 stores an edge chunk at full size
+            part = np.concatenate([part, np.zeros(chunk - part.size, values.dtype)])
+        shuffled = part.view(np.uint8).reshape(-1, itemsize).T.tobytes()  # HDF5's byte shuffle
+        return zlib.compress(shuffled, level)
+
+    starts = range(0, values.size, chunk)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for start, data in zip(starts, pool.map(encode, starts)):
+            dset.id.write_direct_chunk((start,), data, 0)
 
 
 def _sitk_field_transform(field: np.ndarray, grid: Grid):
