@@ -15,6 +15,7 @@ The plain functions (:func:`make_brain_phantom`, :func:`rotation_scaling_affine`
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,14 @@ from hdar_pipeline.transforms import Transform
 pytest_plugins = ["strict_skips", "pytester"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def write_json(path: Path, data) -> Path:
+    """Write ``data`` as JSON to ``path`` (parents created) and return the path: the sidecars and
+    dataset_description.json of the phantom BIDS datasets."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
 
 
 def lpba40_path() -> Path:

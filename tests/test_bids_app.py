@@ -21,7 +21,7 @@ os.environ.setdefault("NO_ET", "1")
 pytest.importorskip("pydra")
 pytest.importorskip("bids")
 
-from conftest import make_brain_phantom  # noqa: E402
+from conftest import make_brain_phantom, write_json  # noqa: E402
 
 from hdar_pipeline.bids import BIDSError, check_label, derivative_path, query_cohort  # noqa: E402
 from hdar_pipeline.cli import bids_app_main  # noqa: E402
@@ -31,18 +31,13 @@ from hdar_pipeline.synthetic import make_subject  # noqa: E402
 SPACE = "sub01"
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-
-
 def make_bids_dataset(root: Path) -> tuple[Path, Path]:
     """A 4-subject phantom BIDS dataset and its labels derivatives; returns (bids_dir, labels_dir)."""
     bids_dir, labels_dir = root / "rawdata", root / "labels"
-    _write_json(bids_dir / "dataset_description.json", {"Name": "phantoms", "BIDSVersion": "1.9.0"})
+    write_json(bids_dir / "dataset_description.json", {"Name": "phantoms", "BIDSVersion": "1.9.0"})
     (bids_dir / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\nsub-03\nsub-04\n")
     (bids_dir / "README").write_text("Phantom dataset for the hdar-pipeline tests.\n")
-    _write_json(labels_dir / "dataset_description.json",
+    write_json(labels_dir / "dataset_description.json",
                 {"Name": "labels", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
                  "GeneratedBy": [{"Name": "manual"}]})
     (labels_dir / "dseg.tsv").write_text("index\tname\n1\touter\n2\tmiddle\n3\tinner\n4\tventricles\n")

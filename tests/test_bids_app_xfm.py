@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -20,16 +19,11 @@ os.environ.setdefault("NO_ET", "1")
 pytest.importorskip("pydra")
 pytest.importorskip("bids")
 
-from conftest import make_brain_phantom  # noqa: E402
+from conftest import make_brain_phantom, write_json  # noqa: E402
 
 from hdar_pipeline.cli import bids_app_main  # noqa: E402
 from hdar_pipeline.images import save_image  # noqa: E402
 from hdar_pipeline.synthetic import make_subject  # noqa: E402
-
-
-def _json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
 
 
 def moved(img: nib.Nifti1Image, angle_deg: float = 5.0, shift_mm=(6.0, -4.0, 3.0)) -> nib.Nifti1Image:
@@ -45,8 +39,8 @@ def test_xfm_h5_with_the_preprocessing_affine_is_what_ants_reapplies(tmp_path):
     import ants
 
     raw, labels = tmp_path / "rawdata", tmp_path / "labels"
-    _json(raw / "dataset_description.json", {"Name": "xfm", "BIDSVersion": "1.9.0"})
-    _json(labels / "dataset_description.json", {"Name": "labels", "BIDSVersion": "1.9.0",
+    write_json(raw / "dataset_description.json", {"Name": "xfm", "BIDSVersion": "1.9.0"})
+    write_json(labels / "dataset_description.json", {"Name": "labels", "BIDSVersion": "1.9.0",
                                                 "DatasetType": "derivative", "GeneratedBy": [{"Name": "manual"}]})
     atlas = make_brain_phantom((32, 32, 32), 3.0)
     save_image(atlas.image, raw / "sub-01" / "anat" / "sub-01_T1w.nii.gz")

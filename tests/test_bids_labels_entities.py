@@ -18,7 +18,7 @@ os.environ.setdefault("NO_ET", "1")
 pytest.importorskip("pydra")
 pytest.importorskip("bids")
 
-from conftest import make_brain_phantom  # noqa: E402
+from conftest import make_brain_phantom, write_json  # noqa: E402
 
 from hdar_pipeline.bids import load_bids_filter, query_cohort  # noqa: E402
 from hdar_pipeline.cli import bids_app_main  # noqa: E402
@@ -26,19 +26,13 @@ from hdar_pipeline.images import save_image  # noqa: E402
 from hdar_pipeline.synthetic import make_subject  # noqa: E402
 
 
-def _json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """sub-01 (the atlas) and sub-02 with run-1 and run-2 T1w of different anatomy, each with its dseg."""
     root = tmp_path_factory.mktemp("runs")
     raw, labels = root / "rawdata", root / "labels"
-    _json(raw / "dataset_description.json", {"Name": "runs", "BIDSVersion": "1.9.0"})
-    _json(labels / "dataset_description.json", {"Name": "labels", "BIDSVersion": "1.9.0",
+    write_json(raw / "dataset_description.json", {"Name": "runs", "BIDSVersion": "1.9.0"})
+    write_json(labels / "dataset_description.json", {"Name": "labels", "BIDSVersion": "1.9.0",
                                                   "DatasetType": "derivative", "GeneratedBy": [{"Name": "manual"}]})
     atlas = make_brain_phantom((32, 32, 32), 3.0)
     save_image(atlas.image, raw / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
@@ -47,7 +41,7 @@ def two_runs(tmp_path_factory):
         s = make_subject(atlas.image, atlas.labels, seed=seed, magnitude_mm=8.0, smoothness_mm=15.0)
         save_image(s.image, raw / "sub-02" / "anat" / f"sub-02_run-{run}_T1w.nii.gz")
         save_image(s.labels, labels / "sub-02" / "anat" / f"sub-02_run-{run}_dseg.nii.gz")
-    filt = _json(root / "filter.json", {"t1w": {"run": 2}})
+    filt = write_json(root / "filter.json", {"t1w": {"run": 2}})
     return {"root": root, "bids": raw, "labels": labels, "filter": filt}
 
 
