@@ -124,10 +124,13 @@ def test_second_run_with_the_same_cache_is_much_faster(first_run, cohort_files):
 
 def test_a_changed_workflow_reuses_the_cached_registrations(first_run, cohort_files):
     """Adding the group statistics changes the workflow's hash, but not the registration nodes'."""
-    _, first = first_run
+    first_outputs, first = first_run
+    before = sorted(Path(f.fspath).read_text() for f in first_outputs.records)
     outputs, elapsed = run_wf(make_wf(cohort_files, group_stats=True, figures=False), cohort_files["cache"])
-    print(f"cohort workflow + group statistics on the same cache: {elapsed:.1f} s")
-    assert elapsed < first / 2
+    print(f"cohort workflow + group statistics on the same cache: {elapsed:.1f} s (first run {first:.1f} s)")
+    # the same records to the byte (each holds its runtime to the microsecond): every registration and
+    # evaluation came from the cache (a timing comparison said the same thing less reliably on a busy machine)
+    assert sorted(Path(f.fspath).read_text() for f in outputs.records) == before
     names = {f.fspath.name for f in outputs.stats_files}
     assert {"summary.csv", "paired.csv", "excluded.csv"} <= names
     excluded = pd.read_csv(next(f.fspath for f in outputs.stats_files if f.fspath.name == "excluded.csv"),
