@@ -258,8 +258,9 @@ def default_refine_levels(steps: int, scales: Sequence[float] = (0.25, 0.5), *, 
     resolution with ``window``.
 
     Every level but the finest smooths its gradient with ``coarse_gradient_sigma`` (voxels of its grid; see
-    :class:`RefineLevel`): on held-out LPBA40 pairs sigma 1 at 1/4 adds +0.003 mean Dice for a few percent of
-    the time; smoothing the finest level's gradient as well adds +0.001 more at the cost of as many steps."""
+    :class:`RefineLevel`): sigma 1 at 1/4 raised 19 of the 20 held-out LPBA40 benchmark pairs (+0.003 mean Dice)
+    for about 1 % of the time; smoothing the finest level's gradient as well adds +0.001 more on three tuning
+    pairs, at the cost of about as many extra steps."""
     if similarity not in ("level", "full"):
         raise ValueError(f"similarity must be 'level' or 'full', got {similarity!r}")
     n = len(scales)
