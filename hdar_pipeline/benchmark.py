@@ -18,6 +18,7 @@ Variants
 ``hdar-fast``      HDAR, the paper's inference (S2/S3 on the hardest patches)
 ``hdar-full``      HDAR, S2/S3 on a sliding window over the brain
 ``hdar-refined``   HDAR fast + ``--refine-steps`` steps of instance optimisation
+``hdar-accurate``  HDAR's ``accurate`` preset: 30 steps per level and 3 on the full-resolution grid
 =================  ==========================================================================
 
 A variant that cannot run here (HDAR when the requested weights are missing or unusable) appears in the table as "not run: <reason>"
@@ -123,6 +124,8 @@ def default_variants(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Vari
         Variant("hdar-full", "hdar", "full", {}, "HDAR, S2/S3 on a sliding window"),
         Variant("hdar-refined", "hdar", "refined", {"refine": int(refine_steps)},
                 f"HDAR fast + {int(refine_steps)} instance-optimisation steps per refinement level"),
+        Variant("hdar-accurate", "hdar", "accurate", {},
+                "HDAR fast + 30 steps per refinement level and 3 on the full-resolution grid"),
         Variant("syn-quality", "syn", "quality", {}, "ANTs SyN, antsRegistrationSyN.sh quality"),
     ]
     return {v.name: v for v in variants}

@@ -48,7 +48,7 @@ class RegisterInputSpec(BaseInterfaceInputSpec):
     moving_image = File(exists=True, mandatory=True, desc="moving image (the subject)")
     moving_labels = File(exists=True, desc="labels of the moving image, warped with nearest neighbour")
     method = traits.Enum("syn", "demons", "affine", "hdar", usedefault=True, desc="registration method")
-    preset = traits.Str(desc="method preset (syn: fast or quality; hdar: fast, full or refined)")
+    preset = traits.Str(desc="method preset (syn: fast or quality; hdar: fast, full, refined or accurate)")
     affine = traits.Bool(True, usedefault=True, desc="run the affine stage before a deformable method")
     seed = traits.Int(desc="random seed (numpy, torch, ANTS_RANDOM_SEED)")
     num_threads = traits.Int(desc="worker threads (ITK, torch)")

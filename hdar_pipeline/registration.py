@@ -54,7 +54,7 @@ def register_files(
         original intensities.
     method : {"affine", "syn", "demons", "hdar"}
     preset : str, optional
-        Method preset (``syn``: ``fast`` or ``quality``; ``hdar``: ``fast``, ``full`` or ``refined``).
+        Method preset (``syn``: ``fast`` or ``quality``; ``hdar``: ``fast``, ``full``, ``refined`` or ``accurate``).
     affine : bool
         Run the affine stage before a deformable method.
     seed, threads, device
@@ -216,7 +216,7 @@ def register(
         One moving image, or several (one Transform each, in order).
     method : {"hdar", "syn", "demons", "affine"}
     preset : str, optional
-        ``hdar``: ``fast``/``full``/``refined``; ``syn``: ``fast``/``quality``.
+        ``hdar``: ``fast``/``full``/``refined``/``accurate``; ``syn``: ``fast``/``quality``.
     affine : bool
         Run the affine stage first (skip it for images already aligned on the fixed grid).
     fixed_mask : path-like or nibabel image, optional

@@ -912,6 +912,10 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
             if get("refine_similarity") == "full":
                 extra.append("the finest level's similarity computed on the full-resolution images, linearised "
                              "around the current warp and re-warped every few steps")
+            full_res = get("refine_full_resolution")
+            if full_res:
+                extra.append(f"then {int(full_res)} steps on a correction at the full resolution of the image, "
+                             "restricted to the brain's bounding box")
             if get("refine_diffeomorphic"):
                 extra.append("each correction integrated from a stationary velocity field by scaling and squaring "
                              "and composed with the field")

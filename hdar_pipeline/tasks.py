@@ -80,7 +80,7 @@ def Register(
         moving: Moving image (the subject).
         method: Registration method: affine, syn, demons or hdar.
         moving_labels: Label map of the moving image, warped with nearest neighbour.
-        preset: Method preset (syn: fast or quality; hdar: fast, full or refined).
+        preset: Method preset (syn: fast or quality; hdar: fast, full, refined or accurate).
         affine: Run the affine stage before a deformable method.
         seed: Random seed (numpy, torch, ANTS_RANDOM_SEED).
         threads: Worker threads (ITK, torch); None keeps the library defaults.

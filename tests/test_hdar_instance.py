@@ -192,6 +192,47 @@ def test_diffeomorphic_full_level_composes_onto_a_starting_field():
     assert float(jacobian_determinant(composed).min()) > 0
 
 
+@pytest.mark.parametrize("diffeomorphic", [False, True])
+def test_full_resolution_level_refines_on_the_brain_box_and_leaves_the_rest(diffeomorphic):
+    """A scale-1 ``similarity="full"`` level: the correction lives on the brain's box at full resolution,
+    improves the fit, is zero on the box's outer shell and leaves the starting field untouched outside."""
+    shape = (60, 64, 56)  # the ellipsoid fills a third on each side: the box leaves voxels out
+    fixed = torch.from_numpy(blob_image(shape, seed=7))[None, None]
+    truth = torch.from_numpy(smooth_field(shape, 1.2, seed=5, sigma=2.0))[None]  # fine, about a voxel
+    moving = SpatialTransformer("bilinear", "zeros")(fixed, -truth)
+    start = torch.from_numpy(smooth_field(shape, 0.3, seed=9, sigma=6.0))[None]  # a smooth starting field
+    level = RefineLevel(1.0, 8, 0.2, 5, "full", 5)
+    out = refine_flow(fixed, moving, start, [level], out_shape=shape, diffeomorphic=diffeomorphic)
+    assert out.shape == (1, 3, *shape) and not out.requires_grad
+    brain = fixed[0, 0] > 0.05
+    st = SpatialTransformer("bilinear", "zeros")
+    ncc0 = float(local_ncc(fixed, st(moving, start))[0, 0][brain].mean())
+    ncc1 = float(local_ncc(fixed, st(moving, out))[0, 0][brain].mean())
+    assert ncc1 > ncc0 + 0.03, (ncc0, ncc1)
+    error0 = float((start - truth).norm(dim=1)[0][brain].mean())
+    error1 = float((out - truth).norm(dim=1)[0][brain].mean())
+    assert error1 < 0.8 * error0, (error0, error1)
+    lo, hi = _brain_blocks(fixed, 1, 5 // 2 + 2 + 1)
+    inside = torch.zeros(shape, dtype=torch.bool)
+    inside[tuple(slice(a + 2, z - 2) for a, z in zip(lo, hi))] = True  # the box less its 2-voxel shell
+    assert not bool(inside.all())
+    # (composition samples the starting field at its own voxels there: equal up to float rounding)
+    assert torch.allclose(out[0][:, ~inside], start[0][:, ~inside], atol=1e-5)
+    if diffeomorphic:
+        assert float(jacobian_determinant(out).min()) > 0
+
+
+def test_default_refine_levels_appends_a_full_resolution_level():
+    levels = default_refine_levels(30, full_resolution_steps=3)
+    assert [(lv.scale, lv.steps, lv.similarity, lv.window) for lv in levels] == [
+        (0.25, 30, "level", 9), (0.5, 30, "full", 3), (1.0, 3, "full", 5)]
+    assert levels[-1].block == 1 and levels[-1].gradient_sigma == 0
+    with pytest.raises(ValueError, match="coarser than 1"):
+        default_refine_levels(5, (0.5, 1.0), full_resolution_steps=2)
+    with pytest.raises(ValueError, match=">= 0"):
+        default_refine_levels(5, full_resolution_steps=-1)
+
+
 def test_refine_level_similarity_options():
     with pytest.raises(ValueError, match="similarity"):
         RefineLevel(0.5, 5, similarity="other")

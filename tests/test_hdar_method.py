@@ -79,6 +79,14 @@ def test_full_preset_and_register_pair_provenance(trained):
     assert HDARMethod(preset="refined", refine=5, weights=trained["pt"]).refine == 5
     assert HDARMethod(weights=trained["pt"]).refine == 20  # refined is the default preset
     assert HDARMethod(weights=trained["pt"], preset="fast").refine == 0
+    # 'accurate': more steps per level and a last level at full resolution
+    accurate = HDARMethod(preset="accurate", weights=trained["pt"])
+    assert (accurate.refine, accurate.refine_full_resolution) == (30, 3)
+    assert accurate.parameters["refine_full_resolution"] == 3 and refined.parameters["refine_full_resolution"] == 0
+    with pytest.raises(ValueError, match="refine_full_resolution"):
+        HDARMethod(preset="fast", refine_full_resolution=2, weights=trained["pt"])
+    with pytest.raises(ValueError, match="coarser than 1"):
+        HDARMethod(preset="accurate", refine_levels=(0.5, 1.0), weights=trained["pt"])
 
 
 def test_refine_improves_ncc_further(trained):
@@ -90,6 +98,13 @@ def test_refine_improves_ncc_further(trained):
     assert ncc1 > ncc0 + 0.005
     assert refined.metadata["refine_steps"] == 15
     assert refined.jacobian_determinant().min() > 0
+    # the accurate preset (its last level on the full-resolution grid) fits better still, without folding
+    accurate = HDARMethod(weights=trained["pt"], device="cpu", preset="accurate").register(trained["fixed"],
+                                                                                           trained["moving"])
+    ncc_accurate = ncc_after(accurate, trained["fixed"], trained["moving"])
+    print(f"accurate: local NCC {ncc_accurate:.4f}")
+    assert ncc_accurate > ncc1 and accurate.metadata["refine_full_resolution_steps"] == 3
+    assert accurate.jacobian_determinant().min() > 0
     # one level at full resolution, no pre-alignment, composed exp(v) corrections: still better
     other = HDARMethod(weights=trained["pt"], device="cpu", refine=15, refine_levels=(1.0,), prealign=False,
                        refine_diffeomorphic=True)

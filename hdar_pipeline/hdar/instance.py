@@ -21,7 +21,7 @@ import torch
 
 from .adam import Adam
 from .layers import (SpatialTransformer, compose_flows, identity_grid, resize_flow, resize_volume,
-                     sample_region, smooth)
+                     sample_region, sampling_locations, smooth)
 from .losses import LocalNCC, anti_folding_loss
 
 __all__ = ["ImagePyramid", "RefineLevel", "affine_displacement", "affine_prealign", "default_refine_levels",
@@ -250,7 +250,8 @@ class RefineLevel:
 
 def default_refine_levels(steps: int, scales: Sequence[float] = (0.25, 0.5), *, lr: float = 0.2,
                           window: int = 9, similarity: str = "full", full_window: int = 3,
-                          relinearise: int = 5, coarse_gradient_sigma: float = 1.0) -> list[RefineLevel]:
+                          relinearise: int = 5, coarse_gradient_sigma: float = 1.0,
+                          full_resolution_steps: int = 0, full_resolution_window: int = 5) -> list[RefineLevel]:
     """``steps`` Adam steps on each of ``scales`` (coarse to fine), the same ``lr``; the finest level's loss
     at ``similarity`` (default ``"full"``: full-resolution NCC, windows of ``full_window`` blocks, 3 blocks
     (6 voxels at 1/2) by default: as accurate as 5 on held-out LPBA40 pairs and faster; a finest
@@ -260,15 +261,28 @@ def default_refine_levels(steps: int, scales: Sequence[float] = (0.25, 0.5), *, 
     Every level but the finest smooths its gradient with ``coarse_gradient_sigma`` (voxels of its grid; see
     :class:`RefineLevel`): sigma 1 at 1/4 raised 19 of the 20 held-out LPBA40 benchmark pairs (+0.003 mean Dice)
     for about 1 % of the time; smoothing the finest level's gradient as well adds +0.001 more on three tuning
-    pairs, at the cost of about as many extra steps."""
+    pairs, at the cost of about as many extra steps.
+
+    ``full_resolution_steps`` (default 0: none) adds a last level at scale 1 with that many steps: a correction
+    on the full-resolution grid against the linearised local NCC of windows of ``full_resolution_window``
+    voxels (:func:`_refine_full_resolution`), after the ``scales``, whose finest must then be coarser than 1.
+    Three such steps after 30 on each of 1/4 and 1/2 took three held-out LPBA40 pairs from 0.7316 (20 + 20)
+    to 0.7392 mean Dice, beyond what 80 + 80 steps without it reach (0.7373), for about twice the time."""
     if similarity not in ("level", "full"):
         raise ValueError(f"similarity must be 'level' or 'full', got {similarity!r}")
+    if full_resolution_steps < 0:
+        raise ValueError(f"full_resolution_steps must be >= 0, got {full_resolution_steps}")
+    if full_resolution_steps and max(scales) >= 1.0:
+        raise ValueError("a full-resolution level follows the scales: their finest must be coarser than 1, "
+                         f"got {tuple(scales)}")
     n = len(scales)
     levels = [RefineLevel(float(s), int(steps), lr, window, gradient_sigma=coarse_gradient_sigma if i < n - 1 else 0.0)
               for i, s in enumerate(scales)]
     if similarity == "full" and levels and levels[-1].scale < 1.0:
         last = levels[-1]
         levels[-1] = RefineLevel(last.scale, last.steps, lr, full_window, "full", relinearise)
+    if full_resolution_steps:
+        levels.append(RefineLevel(1.0, int(full_resolution_steps), lr, full_resolution_window, "full", relinearise))
     return levels
 
 
@@ -315,6 +329,10 @@ def refine_flow(fixed: Volume, moving: Volume, flow: torch.Tensor, levels: Seque
     integrate = exponential if diffeomorphic else None
     for level in levels:
         if level.steps == 0:
+            continue
+        if level.similarity == "full" and level.block == 1:
+            current = _refine_full_resolution(fp, mp, current, level, smooth_weight=smooth_weight,
+                                              diffeomorphic=diffeomorphic)
             continue
         if level.similarity == "full":
             current = _refine_full_similarity(fp, mp, current, level, smooth_weight=smooth_weight,
@@ -422,6 +440,79 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
         else:
             out = resize_flow(compose_flows(base_grid, diffeo(corr.detach())), padded)
     return out[:, :, :shape[0], :shape[1], :shape[2]].contiguous()
+
+
+def _refine_full_resolution(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tensor, level: RefineLevel, *,
+                            smooth_weight: float, diffeomorphic: bool = False) -> torch.Tensor:
+    """A ``similarity="full"`` level at scale 1: a correction on the full-resolution grid, confined to the
+    fixed brain's box, against the linearised full-resolution local NCC (windows of ``level.window`` voxels).
+
+    Everything runs on the box (the brain's bounding box widened by a half-window and a shell): the warped
+    moving image, the 18 linearisation channels, the loss, the smoothness of the total field and Adam's
+    state, so a step costs the brain's voxels, not the grid's. The correction is held at zero on a shell of
+    two voxels at the box's faces (its gradient is masked there): the corrected field then joins the
+    uncorrected one outside the box continuously, and ``exp(c)`` is exactly zero on the shell (each squaring
+    samples within a voxel of it). ``diffeomorphic=True`` composes ``u o (id + exp(c))`` (re-linearising
+    with ``exp(c)`` taken to first order, as the coarser levels do); ``False`` adds ``u + c``.
+
+    Returns the field ``(1, 3, *fp.shape)`` in full-resolution voxels.
+    """
+    from .block_ncc import LinearisedBlockNCC
+
+    shape = fp.shape
+    fixed, moving = fp.image.float(), mp.image.float()
+    base = resize_flow(flow.detach().float(), shape)
+    shell = 2
+    lo, hi = _brain_blocks(fixed, 1, level.window // 2 + shell + 1)
+    box = (..., *(slice(a, z) for a, z in zip(lo, hi)))
+    size = tuple(z - a for a, z in zip(lo, hi))
+    if min(size) <= 2 * shell:
+        return base
+    base_box = base[box]
+    ncc = LinearisedBlockNCC(fixed[box], 1, level.window, mean_over=math.prod(shape))
+    inner = torch.zeros((1, 1, *size), dtype=torch.float32, device=base.device)
+    inner[(..., *(slice(shell, n - shell) for n in size))] = 1.0
+    corr = torch.zeros((1, 3, *size), device=base.device, dtype=torch.float32, requires_grad=True)
+    if level.gradient_sigma > 0:
+        corr.register_hook(lambda grad: smooth(grad, level.gradient_sigma, truncate=2.0) * inner)
+    else:
+        corr.register_hook(lambda grad: grad * inner)
+    # the smoothness term as a mean over the whole grid's forward differences, of which the box holds these
+    share = math.prod(n - 1 for n in size) / math.prod(max(1, n - 1) for n in shape)
+    opt = Adam([corr], lr=level.lr)
+    anchor = torch.zeros_like(corr)
+
+    def total(c: torch.Tensor) -> torch.Tensor:
+        """The field on the box with correction ``c`` applied (to first order in ``exp``)."""
+        if not diffeomorphic:
+            return base_box + c
+        return _compose_into(base, c, lo)
+
+    with torch.enable_grad():
+        for step in range(int(level.steps)):
+            if step % level.relinearise == 0:
+                with torch.no_grad():
+                    anchor = corr.detach().clone()
+                    field = base_box if step == 0 else total(anchor)
+                    ncc.linearise(sample_region(moving, field, lo))
+            loss = ncc.loss(corr - anchor) + smooth_weight * share * anti_folding_loss(base_box + corr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        c = corr.detach()
+        out = base.clone()
+        out[box] = base_box + c if not diffeomorphic else _compose_into(base, exponential(c), lo)
+    return out
+
+
+def _compose_into(outer: torch.Tensor, inner: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
+    """``compose_flows(outer, inner)`` on the box of ``inner`` ``(1, 3, x, y, z)`` placed at ``start`` in
+    ``outer``'s grid ``(1, 3, X, Y, Z)`` (both in voxels of that grid): ``inner + outer(p + inner(p))``, the
+    outer field sampled from the whole grid (trilinear, edge-extended)."""
+    locs = sampling_locations(inner, outer.shape[2:], start)
+    return inner + torch.nn.functional.grid_sample(outer, locs, mode="bilinear", padding_mode="border",
+                                                   align_corners=True)
 
 
 def _upsample_box(field: torch.Tensor, block: int, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:

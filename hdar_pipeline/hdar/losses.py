@@ -19,8 +19,8 @@ from .layers import as_triple
 def box_sum(x: torch.Tensor, window: int | Sequence[int], *, transpose: bool = False) -> torch.Tensor:
     """Sum over a centred ``window``-voxel box of every voxel of ``(B, C, X, Y, Z)``, zero outside.
 
-    Three separable 1-D box sums, each a running sum of ``w`` shifted views of the zero-padded volume:
-    ``3w`` instead of ``w^3`` additions per voxel. (Measured on the CPU, forward and backward, this is
+    Three separable 1-D box sums of shifted views of the zero-padded volume (:func:`_window_sums`): at most
+    ``3w`` instead of ``w^3`` additions per voxel, ``3 (log2 w + popcount w - 1)`` for windows over 4. (Measured on the CPU, forward and backward, this is
     2x faster than ``avg_pool3d`` with 1-D kernels, itself faster than a single-channel ``conv3d``; a
     cumulative sum is faster still but loses float32 precision in the variances of flat regions.)
     Even windows are centred on the voxel's high side; ``transpose=True`` gives the adjoint operator
@@ -38,12 +38,38 @@ def box_sum(x: torch.Tensor, window: int | Sequence[int], *, transpose: bool = F
         pad = [0, 0, 0, 0, 0, 0]
         pad[2 * (2 - axis)] = low
         pad[2 * (2 - axis) + 1] = high
-        padded = F.pad(out, pad)
-        acc = padded.narrow(1 + axis, 0, n)
-        for i in range(1, w):
-            acc = acc + padded.narrow(1 + axis, i, n)
-        out = acc
+        out = _window_sums(F.pad(out, pad), 1 + axis, n, w)
     return out.reshape(b, c, *x.shape[2:])
+
+
+def _window_sums(padded: torch.Tensor, dim: int, n: int, w: int) -> torch.Tensor:
+    """``sum_{i < w} padded.narrow(dim, i, n)``. Up to 4 terms, one shifted view after another; wider
+    windows by doubling: sums of 2, 4, 8, ... neighbours, each the sum of two shifted halves, combined by
+    the binary digits of ``w`` (``log2 w + popcount w - 1`` additions instead of ``w - 1``: 4 instead of
+    8 for the window of 9)."""
+    if w <= 4:
+        acc = padded.narrow(dim, 0, n) + padded.narrow(dim, 1, n)
+        for i in range(2, w):
+            acc = acc + padded.narrow(dim, i, n)
+        return acc
+    parts = []
+    offset, span, rest, sums = 0, 1, w, padded
+    while True:
+        if rest & 1:
+            parts.append(sums.narrow(dim, offset, n))
+            offset += span
+        rest >>= 1
+        if not rest:
+            break
+        length = sums.shape[dim] - span
+        sums = sums.narrow(dim, 0, length) + sums.narrow(dim, span, length)
+        span *= 2
+    if len(parts) == 1:
+        return parts[0]
+    total = parts[0] + parts[1]
+    for part in parts[2:]:
+        total = total + part
+    return total
 
 
 def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int | Sequence[int] = 9,

@@ -7,8 +7,12 @@ Presets
 ``full``
     S1 everywhere, S2/S3 on a sliding window over the brain, blended without seams.
 ``refined``
-    ``fast`` followed by ``refine=20`` (:data:`REFINED_STEPS`) instance-optimisation steps per level: the
-    most accurate HDAR, in a few seconds more on a CPU.
+    ``fast`` followed by ``refine=20`` (:data:`REFINED_STEPS`) instance-optimisation steps per level: the most
+    accurate HDAR within a fifth of SyN fast's time (the default), a few seconds more than ``fast`` on a CPU.
+``accurate``
+    ``fast`` followed by 30 steps per level (:data:`ACCURATE_STEPS`) and 3 steps of a last level on the
+    full-resolution grid (:data:`ACCURATE_FULL_RESOLUTION_STEPS`): the most accurate HDAR, for about twice
+    ``refined``'s time.
 
 Before the network, ``prealign`` (default on) fits a 12-parameter affine map of the moving image on the same
 local NCC at 1/4 resolution (under a second on a CPU): the network was trained on LPBA40's rigidly aligned
@@ -45,12 +49,16 @@ from .base import MethodBase
 #: Instance-optimisation steps per refinement level of the ``refined`` preset.
 REFINED_STEPS = 20
 
+#: Steps per refinement level, and steps of the last, full-resolution level, of the ``accurate`` preset.
+ACCURATE_STEPS = 30
+ACCURATE_FULL_RESOLUTION_STEPS = 3
+
 #: The preset used when none is named: the most accurate whose runtime stays within a fifth of SyN fast's
 #: (README "Results": measured on the 20 LPBA40 validation pairs, the re-stored frames and the IXI heads).
 DEFAULT_PRESET = "refined"
 
 HDAR_PRESETS: dict[str, dict[str, Any]] = {"fast": {"mode": "fast"}, "full": {"mode": "full"},
-                                           "refined": {"mode": "fast"}}
+                                           "refined": {"mode": "fast"}, "accurate": {"mode": "fast"}}
 
 
 @dataclass
@@ -59,13 +67,13 @@ class HDARMethod(MethodBase):
 
     Parameters
     ----------
-    preset : {"fast", "full", "refined"}
+    preset : {"fast", "full", "refined", "accurate"}
         Default :data:`DEFAULT_PRESET`.
     prealign : bool
         Fit an affine map on local NCC before the network (:func:`hdar_pipeline.hdar.instance.affine_prealign`).
     refine : int, optional
         Instance-optimisation steps on each refinement level after the network (0: none); default: the
-        preset's (:data:`REFINED_STEPS` for ``refined``, 0 for the others).
+        preset's (:data:`REFINED_STEPS` for ``refined``, :data:`ACCURATE_STEPS` for ``accurate``, 0 for the others).
     refine_levels : tuple of float
         Resolutions of the refinement levels relative to the image, coarse to fine.
     refine_lr : float
@@ -88,6 +96,12 @@ class HDARMethod(MethodBase):
         level but the finest (:class:`~hdar_pipeline.hdar.instance.RefineLevel`); 0 turns it off. Default 1:
         +0.0024 mean Dice on three held-out LPBA40 pairs (0.7291 -> 0.7315, each pair better) for about 1 % of
         the time.
+    refine_full_resolution : int, optional
+        Steps of a last refinement level on the full-resolution grid, after ``refine_levels`` (0: none; default:
+        the preset's, :data:`ACCURATE_FULL_RESOLUTION_STEPS` for ``accurate``, 0 for the others). The
+        correction lives on the fixed brain's box at 1 voxel and is composed as ``exp(v)`` like the others
+        (:func:`~hdar_pipeline.hdar.instance.default_refine_levels`); about 1.5 s per step on 2 CPU cores for a
+        160 x 192 x 160 pair. Needs ``refine > 0`` and ``refine_similarity="full"``.
     weights : str or Path
         A shipped name (``"default"``) or the path of an exported ``.pt`` (model card beside it).
     device : str
@@ -115,6 +129,7 @@ class HDARMethod(MethodBase):
     refine_diffeomorphic: bool = True
     refine_smooth_weight: float | None = None
     refine_gradient_sigma: float = 1.0
+    refine_full_resolution: int | None = None
     weights: str | Path = "default"
     device: str = "auto"
     seed: int | None = None
@@ -125,10 +140,17 @@ class HDARMethod(MethodBase):
         if self.preset not in HDAR_PRESETS:
             raise ValueError(f"unknown HDAR preset {self.preset!r}; choose from {sorted(HDAR_PRESETS)}")
         if self.refine is None:
-            self.refine = REFINED_STEPS if self.preset == "refined" else 0
+            self.refine = {"refined": REFINED_STEPS, "accurate": ACCURATE_STEPS}.get(self.preset, 0)
         self.refine = int(self.refine)
         if self.refine < 0:
             raise ValueError("refine must be >= 0")
+        if self.refine_full_resolution is None:
+            self.refine_full_resolution = ACCURATE_FULL_RESOLUTION_STEPS if self.preset == "accurate" else 0
+        self.refine_full_resolution = int(self.refine_full_resolution)
+        if self.refine_full_resolution < 0:
+            raise ValueError("refine_full_resolution must be >= 0")
+        if self.refine_full_resolution and not (self.refine and self.refine_similarity == "full"):
+            raise ValueError("refine_full_resolution needs refine > 0 and refine_similarity='full'")
         self.refine_levels = tuple(float(x) for x in self.refine_levels)
         if not self.refine_levels or not all(0 < x <= 1 for x in self.refine_levels):
             raise ValueError(f"refine_levels must be scales in (0, 1], got {self.refine_levels}")
@@ -137,7 +159,8 @@ class HDARMethod(MethodBase):
         if self.refine and self.refine_similarity == "full":
             from ..hdar.instance import default_refine_levels
 
-            default_refine_levels(self.refine, self.refine_levels)  # checks: a finest scale of 1/b, b whole
+            # checks: a finest scale of 1/b, b whole; below 1 when a full-resolution level follows
+            default_refine_levels(self.refine, self.refine_levels, full_resolution_steps=self.refine_full_resolution)
         from ..hdar.weights import resolve_weights
 
         resolve_weights(self.weights)  # fail early, with the clear message, when there are none
@@ -172,7 +195,7 @@ class HDARMethod(MethodBase):
             prealign=self.prealign, refine=self.refine, refine_levels=self.refine_levels, refine_lr=self.refine_lr,
             refine_similarity=self.refine_similarity, refine_diffeomorphic=self.refine_diffeomorphic,
             refine_smooth_weight=self.refine_smooth_weight, refine_gradient_sigma=self.refine_gradient_sigma,
-            device=dev)
+            refine_full_resolution=self.refine_full_resolution, device=dev)
         return transform
 
 
@@ -198,7 +221,7 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
                         refine: int = 0, refine_levels: tuple[float, ...] = (0.25, 0.5), refine_lr: float = 0.2,
                         refine_similarity: str = "full", refine_diffeomorphic: bool = True,
                         refine_smooth_weight: float | None = None, refine_gradient_sigma: float = 1.0,
-                        device: Any = None) -> tuple[Transform, str]:
+                        refine_full_resolution: int = 0, device: Any = None) -> tuple[Transform, str]:
     """Register an aligned pair with an already loaded HDAR model (the core of :class:`HDARMethod`).
 
     An affine pre-alignment (``prealign``, :func:`~hdar_pipeline.hdar.instance.affine_prealign`) comes
@@ -241,6 +264,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
         The refinement's smoothness weight (default: the model card's training weight, else 1.5).
     refine_gradient_sigma : float
         Gradient smoothing on the refinement levels coarser than the finest (see :class:`HDARMethod`).
+    refine_full_resolution : int
+        Steps of a last refinement level on the full-resolution grid (0: none; see :class:`HDARMethod`).
     device : torch.device, optional
         Where the model is (default: the device of its parameters).
 
@@ -303,7 +328,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     if refine:
         training = loaded.card.get("config", {}).get("training", {})
         pyramid = default_refine_levels(refine, refine_levels, lr=refine_lr, similarity=refine_similarity,
-                                        coarse_gradient_sigma=refine_gradient_sigma)
+                                        coarse_gradient_sigma=refine_gradient_sigma,
+                                        full_resolution_steps=refine_full_resolution)
         weight = refine_smooth_weight if refine_smooth_weight is not None else training.get("smooth_weight", 1.5)
         flow = refine_flow(fp, mp, flow, pyramid, smooth_weight=float(weight),
                            diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic), out_shape=shape)
@@ -312,6 +338,7 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     device_used = str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}"
     return Transform(grid, field=field, metadata=dict(
         weights_sha256=loaded.sha256, weights=loaded.name, device=device_used, refine_steps=int(refine),
+        refine_full_resolution_steps=int(refine_full_resolution),
         prealign=bool(prealign), frame={"shape": list(frame.grid.shape), "exact": frame.exact,
                                         "voxel_size_mm": [float(v) for v in frame.grid.spacing]})), device_used
 
