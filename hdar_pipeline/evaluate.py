@@ -115,8 +115,9 @@ def evaluate(
     Notes
     -----
     Rows are the union of the non-zero labels of the reference, of ``labels`` and of the label table
-    (unless it is a FreeSurfer LUT), sorted. A label absent from either image gets NaN metrics and a ``flag``
-    (``missing_in_labels``, ``missing_in_reference`` or ``missing_in_both``).
+    (unless it is a FreeSurfer LUT), sorted. A label absent from either image gets a ``flag``
+    (``missing_in_labels``, ``missing_in_reference`` or ``missing_in_both``); a reference label that ``labels``
+    lost scores 0 (Dice, overlaps) and counts in the means, a label the reference lacks is NaN and does not.
     """
     start = time.perf_counter()
     ref_img, ref_src = _load_labels(reference_labels, "reference_labels")
@@ -137,11 +138,7 @@ def evaluate(
     table = label_metrics(ref, lab, spacing=grid.spacing, label_values=values, names=names, distances=distances)
     notes = []
     if values and not np.any(lab):
-        # Every label was lost (e.g. a registration that failed): there is no overlap anywhere, which is a
-        # score of 0 (Dice, Jaccard, target overlap) and a false-negative rate of 1, not a missing value.
-        table.loc[:, ["dice", "jaccard", "target_overlap", "mean_overlap"]] = 0.0
-        table.loc[:, "false_negative"] = np.where(table["reference_voxels"] > 0, 1.0, np.nan)
-        table.loc[table["reference_voxels"] == 0, ["dice", "jaccard", "target_overlap", "mean_overlap"]] = np.nan
+        # every label lost (e.g. a registration that failed): each scores 0, as any lost label does
         notes.append(f"{lab_src or 'labels'}: the label map is all background (every label lost); scored 0")
     n_flagged = int((table["flag"] != "").sum())
     if n_flagged:

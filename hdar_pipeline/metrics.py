@@ -48,8 +48,12 @@ Each label is cropped to the bounding box of ``A ∪ B`` (plus one voxel) before
 transforms, which is exact (every surface voxel of either object lies in the box) and makes 56 labels
 of a 160x192x160 volume take about a second.
 
-A label absent from one of the two images has no defined overlap: every measure is NaN and the
-``flag`` column says which image lacks it (never a silent 0, never a dropped row).
+Labels are scored against the reference. A reference label that the other map lost entirely
+(``missing_in_labels``) overlaps nothing: Dice, Jaccard, target and mean overlap 0, false negative 1, volume
+similarity -2, counted in every mean (skipping it would reward a method for losing a structure); its false
+positive rate and surface distances are undefined (NaN). A label absent from the reference
+(``missing_in_reference``, ``missing_in_both``) is not scored: NaN everywhere. The ``flag`` column says which
+image lacks a label (never a dropped row).
 """
 
 from __future__ import annotations
@@ -146,12 +150,14 @@ def overlap_from_counts(t: np.ndarray, s: np.ndarray, i: np.ndarray) -> dict[str
     Returns
     -------
     dict of str to ndarray of float
-        One array per column of :data:`OVERLAP_COLUMNS`; NaN where ``|T| == 0`` or ``|S| == 0``.
+        One array per column of :data:`OVERLAP_COLUMNS`; NaN where ``|T| == 0`` (a label the reference
+        lacks is not scored); where ``|S| == 0 < |T|`` (a lost label) the measures are the zero-overlap
+        values (Dice 0, false negative 1, volume similarity -2) and the false positive rate is NaN.
     """
     t = np.asarray(t, dtype=np.float64)
     s = np.asarray(s, dtype=np.float64)
     i = np.asarray(i, dtype=np.float64)
-    valid = (t > 0) & (s > 0)
+    scored = t > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         out = {
             "dice": 2 * i / (s + t),
@@ -162,7 +168,9 @@ def overlap_from_counts(t: np.ndarray, s: np.ndarray, i: np.ndarray) -> dict[str
             "false_positive": (s - i) / s,
             "volume_similarity": 2 * (s - t) / (s + t),
         }
-    return {k: np.where(valid, v, np.nan) for k, v in out.items()}
+    out = {k: np.where(scored, v, np.nan) for k, v in out.items()}
+    out["false_positive"] = np.where(scored & (s > 0), out["false_positive"], np.nan)
+    return out
 
 
 # --------------------------------------------------------------------------- surface distances
@@ -267,7 +275,8 @@ def label_metrics(
         Voxel size in mm along the array axes (for the distances).
     label_values : iterable of int, optional
         Labels to report; by default every non-zero label of ``reference``. Background (0) is never
-        evaluated. Labels absent from one image still get a row (NaN metrics and a ``flag``).
+        evaluated. Labels absent from one image still get a row and a ``flag`` (a lost reference label
+        scores 0, a label the reference lacks NaN: see the module docstring).
     names : mapping of int to str, optional
         Label names (``""`` where missing).
     distances : bool
@@ -331,8 +340,10 @@ def mean_over_labels(table: pd.DataFrame) -> dict[str, float]:
     Returns
     -------
     dict
-        ``mean_<metric>`` for each metric of :data:`LABEL_METRICS` present (NaN labels skipped),
-        ``n_labels`` (rows), ``n_labels_evaluated`` (rows without a flag) and ``n_labels_missing``.
+        ``mean_<metric>`` for each metric of :data:`LABEL_METRICS` present (NaN values skipped: labels the
+        reference lacks; a lost reference label counts with its 0),
+        ``n_labels`` (rows), ``n_labels_evaluated`` (rows with a Dice: the reference's labels, lost ones
+        included; rows without a flag when the table has no Dice) and ``n_labels_missing`` (rows with a flag).
     """
     out: dict[str, float] = {}
     for col in LABEL_METRICS:
@@ -341,7 +352,10 @@ def mean_over_labels(table: pd.DataFrame) -> dict[str, float]:
             out[f"mean_{col}"] = float(values.mean()) if values.notna().any() else float("nan")
     flagged = _flagged(table["flag"]) if "flag" in table else np.zeros(len(table), bool)
     out["n_labels"] = int(len(table))
-    out["n_labels_evaluated"] = int((~flagged).sum())
+    if "dice" in table:  # the labels the means run over: the reference's, lost ones included
+        out["n_labels_evaluated"] = int(pd.to_numeric(table["dice"], errors="coerce").notna().sum())
+    else:
+        out["n_labels_evaluated"] = int((~flagged).sum())
     out["n_labels_missing"] = int(flagged.sum())
     return out
 

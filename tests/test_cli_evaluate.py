@@ -66,12 +66,12 @@ def test_evaluate_writes_label_table_with_hand_computed_values(files, capsys):
     # The boxes differ by 2 voxels along the flipped first axis, whose voxels are 1.2 mm.
     assert row["hd_mm"] == pytest.approx(2.4)
     assert by.loc[2, "dice"] == 1.0 and by.loc[2, "hd95_mm"] == 0.0 and by.loc[2, "msd_mm"] == 0.0
-    assert by.loc[3, "flag"] == "missing_in_labels" and np.isnan(by.loc[3, "dice"])
+    assert by.loc[3, "flag"] == "missing_in_labels" and by.loc[3, "dice"] == 0  # lost: scored 0
     assert by.loc[3, "reference_voxels"] == 8 and by.loc[3, "labels_voxels"] == 0
     assert by.loc[4, "flag"] == "missing_in_both" and np.isnan(by.loc[4, "hd95_mm"])
     summary = pd.read_csv(out.with_name("eval_summary.csv")).iloc[0]
-    assert summary["mean_dice"] == pytest.approx((96 / 144 + 1) / 2)
-    assert (summary["n_labels"], summary["n_labels_evaluated"], summary["n_labels_missing"]) == (4, 2, 2)
+    assert summary["mean_dice"] == pytest.approx((96 / 144 + 1 + 0) / 3)  # label 4 is in neither: not scored
+    assert (summary["n_labels"], summary["n_labels_evaluated"], summary["n_labels_missing"]) == (4, 3, 2)
     assert not out.with_name("eval_jacobian.csv").exists()  # no transform, no Jacobian table
     # Inputs are untouched and nothing is written beside them.
     assert sorted(p.name for p in files["dir"].iterdir()) == ["atlas_dseg.tsv", "out", "ref_dseg.nii.gz",
@@ -88,7 +88,7 @@ def test_freesurfer_lut_names_only_present_labels(files):
     table = pd.read_csv(out, keep_default_na=False, na_values=[""])
     assert table["label"].tolist() == [1, 2, 3]
     assert table["name"].tolist()[:2] == ["Left-Box", "Cube"] and np.isnan(table["name"].iloc[2])
-    assert table["hd95_mm"].isna().all() and table["dice"].notna().sum() == 2
+    assert table["hd95_mm"].isna().all() and table["dice"].tolist()[2] == 0  # label 3 lost
 
 
 def test_evaluate_with_transform_mask_ids_and_record(files, capsys):
@@ -176,7 +176,10 @@ def test_tidy_evaluations_feed_group_statistics(files):
     assert summary.loc[("hdar", "dice"), "mean"] > summary.loc[("syn", "dice"), "mean"]
     paired = g.paired.set_index(["method", "metric", "label"])
     assert paired.loc[("syn", "dice", 2), "n_subjects"] == 3 and paired.loc[("syn", "dice", 2), "mean_difference"] < 0
-    assert 3 not in set(g.paired["label"])  # label 3 is NaN for every subject: no test, no crash
+    # label 3 is lost by both methods in every subject: Dice 0 for both, a difference of 0 (no crash); its
+    # distances are undefined, so no test of them
+    assert paired.loc[("syn", "dice", 3), "mean_difference"] == 0
+    assert ("syn", "hd95_mm", 3) not in paired.index
     assert set(g.labels.loc[g.labels["label"] == 3, "flag"]) == {"missing_in_labels"}
 
 

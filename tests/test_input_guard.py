@@ -320,7 +320,7 @@ def test_evaluate_all_background_labels_scores_zero_with_a_flag(pair, capsys):
     assert len(table) == n >= 3 and (table["dice"] == 0).all() and (table["target_overlap"] == 0).all()
     assert set(table["flag"]) == {"missing_in_labels"}
     summary = pd.read_csv(pair["dir"] / "eval_summary.csv").iloc[0]
-    assert summary["mean_dice"] == 0 and summary["n_labels_evaluated"] == 0 and summary["n_labels_missing"] == n
+    assert summary["mean_dice"] == 0 and summary["n_labels_evaluated"] == n and summary["n_labels_missing"] == n
     # an empty *reference* still has nothing to evaluate against: refused, naming it
     code, err = run_cli(main, ["evaluate", empty, pair["fixed_labels"], "-o", out], capsys)
     assert_one_line_refusal(code, err, "lost_dseg.nii.gz", "empty")

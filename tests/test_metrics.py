@@ -184,7 +184,7 @@ def test_cropping_is_exact():
         assert r.msd_mm == pytest.approx(np.concatenate([d_ab, d_ba]).mean())
 
 
-def test_missing_labels_give_nan_and_a_flag():
+def test_a_lost_label_scores_zero_and_a_label_the_reference_lacks_is_not_scored():
     t, s = two_boxes()
     t[8:10, 8:10, 8:10] = 3  # only in the reference
     s[0, 8:10, 0] = 4  # only in the labels
@@ -196,13 +196,18 @@ def test_missing_labels_give_nan_and_a_flag():
     assert by.loc[3, "flag"] == "missing_in_labels"
     assert by.loc[4, "flag"] == "missing_in_reference" and by.loc[4, "name"] == ""
     assert by.loc[7, "flag"] == "missing_in_both"
-    for lab in (3, 4, 7):
+    # label 3 was lost: no overlap, which scores 0 (skipping it would reward losing a structure)
+    lost = by.loc[3]
+    assert (lost["dice"], lost["jaccard"], lost["target_overlap"], lost["mean_overlap"]) == (0, 0, 0, 0)
+    assert (lost["false_negative"], lost["volume_similarity"]) == (1, -2)
+    assert lost[["false_positive", "hd95_mm", "msd_mm", "hd_mm"]].isna().all()
+    for lab in (4, 7):  # not in the reference: not scored
         assert by.loc[lab, ["dice", "jaccard", "target_overlap", "false_negative", "false_positive",
                             "volume_similarity", "hd95_mm", "msd_mm", "hd_mm"]].isna().all()
     assert (by.loc[3, "reference_voxels"], by.loc[3, "labels_voxels"]) == (8, 0)
     means = mean_over_labels(table)
-    assert means["mean_dice"] == pytest.approx(2 / 3)  # NaN labels skipped
-    assert (means["n_labels"], means["n_labels_evaluated"], means["n_labels_missing"]) == (4, 1, 3)
+    assert means["mean_dice"] == pytest.approx((2 / 3 + 0) / 2)  # the lost label counts, 4 and 7 do not
+    assert (means["n_labels"], means["n_labels_evaluated"], means["n_labels_missing"]) == (4, 2, 3)
     # Background is never evaluated; default labels are the reference's.
     assert label_metrics(t, s)["label"].tolist() == [1, 3]
 
