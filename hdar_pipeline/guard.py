@@ -95,15 +95,9 @@ class InputGuard:
                  hash_files: bool = True):
         self.files: dict[str, list[Path]] = {}
         self.folders: dict[str, Path] = {}
-        for argument, value in (files or {}).items():
-            paths = _as_list(value)
-            for p in paths:
-                if p.is_dir():
-                    raise InputError(argument, p, "is a folder, not a file")
-                if not p.is_file():
-                    raise InputError(argument, p, "file not found")
-            if paths:
-                self.files[argument] = paths
+        self._hash_files = bool(hash_files)
+        self._hashes: dict[Path, str] = {}
+        self.add_files(files or {})
         for argument, value in (folders or {}).items():
             if value is None:
                 continue
@@ -111,8 +105,29 @@ class InputGuard:
             if not p.is_dir():
                 raise InputError(argument, p, "is a file, not a folder" if p.exists() else "folder not found")
             self.folders[argument] = p
-        self._hashes = {p.resolve(): sha256(p) for ps in self.files.values() for p in ps} if hash_files else {}
         self._listings = {arg: _folder_listing(p) for arg, p in self.folders.items()}
+
+    def add_files(self, files: Inputs) -> None:
+        """More input files, checked and hashed as the constructor's (call it before anything is written).
+
+        Raises
+        ------
+        InputError
+            A file is missing or is a folder.
+        """
+        added: list[Path] = []
+        for argument, value in files.items():
+            paths = _as_list(value)
+            for p in paths:
+                if p.is_dir():
+                    raise InputError(argument, p, "is a folder, not a file")
+                if not p.is_file():
+                    raise InputError(argument, p, "file not found")
+            if paths:
+                self.files.setdefault(argument, []).extend(paths)
+                added.extend(paths)
+        if self._hash_files:
+            self._hashes.update({p.resolve(): sha256(p) for p in added})
 
     # ------------------------------------------------------------------ what the inputs are
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,8 +82,9 @@ def register_files(
     from .methods import get_method, register_pair
     from .metrics import jacobian_statistics
 
+    importing = _import_hdar_in_background(method)
     guard = InputGuard({"FIXED": fixed, "MOVING": moving, "--moving-labels": moving_labels,
-                        "--fixed-mask": fixed_mask, "--weights": _weights_files(method, method_options)})
+                        "--fixed-mask": fixed_mask})
     fixed_img = load_image(fixed)
     moving_img = load_image(moving)
     labels_img = None
@@ -94,6 +96,10 @@ def register_files(
         check_labels_match(fixed_img, mask_img, image_source=fixed, labels_source=fixed_mask)
     f_in = normalize_intensity(fixed_img) if normalize else fixed_img
     m_in = normalize_intensity(moving_img) if normalize else moving_img
+    if importing is not None:
+        importing.join()
+    # HDAR's weights: verified against their card (and protected from the outputs) before anything is written
+    guard.add_files({"--weights": _weights_files(method, method_options)})
     method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device, options=method_options)
     out = guard.output_folder(out_dir, "-o/--output", writes=REGISTER_OUTPUTS)  # last check: creates the folder
     transform, info = register_pair(f_in, m_in, method_obj, affine=affine, fixed_mask=mask_img,
@@ -156,6 +162,25 @@ def register_files(
     guard.verify()
     (out / "registration.json").write_text(json.dumps(record, indent=2, default=json_default))
     return record
+
+
+def _import_hdar_in_background(method: str) -> threading.Thread | None:
+    """For ``hdar``, import torch and HDAR's modules in a thread, so that the 2-3 s this takes in a fresh
+    process overlap with hashing, reading and normalising the images (whose zlib and numpy work release the
+    GIL); ``None`` for the other methods. An import error is left for the first real import to raise."""
+    if method != "hdar":
+        return None
+
+    def work() -> None:
+        try:
+            from .hdar import instance, weights  # noqa: F401  (imports torch)
+            from .methods import hdar  # noqa: F401
+        except Exception:  # noqa: BLE001 - reported, with its message, where the module is used
+            pass
+
+    thread = threading.Thread(target=work, name="hdar-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def _weights_files(method: str, options: dict | None) -> list[Path]:
