@@ -32,6 +32,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from hdar_pipeline.cli import non_negative_int, positive_int
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods to compare (affine demons syn-fast syn-quality hdar-fast hdar-full "
                              "hdar-refined; default affine demons syn-fast)")
     parser.add_argument("--pairs-from", default="consecutive", choices=["consecutive", "onto-first", "all"])
-    parser.add_argument("--n-pairs", type=int, default=None, help="keep the first N pairs")
+    parser.add_argument("--n-pairs", type=positive_int, default=None, help="keep the first N pairs")
     parser.add_argument("--hdar-weights", default=None, help="exported HDAR weights (.pt) for the hdar variants")
-    parser.add_argument("--threads", type=int, default=None, help="threads per registration")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=None, help="threads per registration")
+    parser.add_argument("--seed", type=non_negative_int, default=1)
     args = parser.parse_args(argv)
 
     from hdar_pipeline.benchmark import BenchmarkConfig, bids_subjects, make_pairs, run_benchmark

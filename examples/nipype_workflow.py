@@ -30,6 +30,8 @@ import os
 import sys
 from pathlib import Path
 
+from hdar_pipeline.cli import non_negative_int, positive_int
+
 os.environ.setdefault("NO_ET", "1")  # no telemetry look-ups (Nipype and Pydra)
 
 
@@ -112,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="+", required=True, help="subject label maps, in the order of --t1w")
     parser.add_argument("--method", default="syn", choices=["affine", "syn", "demons", "hdar"])
     parser.add_argument("--preset", default=None, help="method preset (syn: fast or quality)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (non-zero: ANTs reads 0 as the clock)")
-    parser.add_argument("--threads", type=int, default=None, help="threads per registration")
+    parser.add_argument("--seed", type=non_negative_int, default=None, help="random seed (non-zero: ANTs reads 0 as the clock)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="threads per registration")
     parser.add_argument("--use-gpu", action="store_true", help="run HDAR on CUDA")
-    parser.add_argument("--n-procs", type=int, default=1, help="parallel Nipype nodes (MultiProc when > 1)")
+    parser.add_argument("--n-procs", type=positive_int, default=1, help="parallel Nipype nodes (MultiProc when > 1)")
     parser.add_argument("--out", default="nipype-out", help="output folder")
     args = parser.parse_args(argv)
 

@@ -28,6 +28,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from hdar_pipeline.cli import non_negative_int, positive_int
+
 os.environ.setdefault("NO_ET", "1")  # no telemetry look-ups (Pydra)
 
 
@@ -54,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["syn", "demons"], choices=["affine", "syn", "demons", "hdar"])
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (Pydra cache in OUT/cache)")
     parser.add_argument("--worker", default="cf", choices=["cf", "slurm"], help="Pydra worker (default cf)")
-    parser.add_argument("--n-procs", type=int, default=1, help="cf: parallel tasks (default 1)")
+    parser.add_argument("--n-procs", type=positive_int, default=1, help="cf: parallel tasks (default 1)")
     parser.add_argument("--sbatch-args", default="", help="slurm: extra sbatch options")
-    parser.add_argument("--threads", type=int, default=None, help="threads per task")
-    parser.add_argument("--seed", type=int, default=1, help="random seed of every step (non-zero)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="threads per task")
+    parser.add_argument("--seed", type=non_negative_int, default=1, help="random seed of every step (non-zero)")
     parser.add_argument("--group-stats", action="store_true", help="also run the group statistics")
     args = parser.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.t1w):

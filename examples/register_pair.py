@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hdar_pipeline.cli import non_negative_int, positive_int
+
 
 def ants_reapply(fixed: Path, moving: Path, out: Path, record: dict, *, labels: bool):
     """Warp ``moving`` onto ``fixed`` with ``ants.apply_transforms`` and the transforms ``register_files`` wrote."""
@@ -64,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-affine", dest="affine", action="store_false",
                         help="skip the affine stage (images already aligned on one grid)")
     parser.add_argument("--weights", default=None, help="hdar: an exported .pt (model card beside it)")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (non-zero: ANTs reads 0 as the clock)")
-    parser.add_argument("--threads", type=int, default=None, help="ITK/torch threads")
+    parser.add_argument("--seed", type=non_negative_int, default=1, help="random seed (non-zero: ANTs reads 0 as the clock)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="ITK/torch threads")
     parser.add_argument("--device", default="auto", help="hdar: auto, cpu or cuda")
     args = parser.parse_args(argv)
 

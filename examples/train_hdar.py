@@ -38,6 +38,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from hdar_pipeline.cli import non_negative_int, positive_int
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,17 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="mycohort", help="name of the exported weights (OUT/NAME.pt)")
     parser.add_argument("--width", default="small", choices=["small", "paper"], help="network width")
     parser.add_argument("--levels", type=int, default=3, choices=[1, 2, 3], help="sub-networks S1..S3 to train")
-    parser.add_argument("--steps", type=int, nargs="+", default=[2000],
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[2000],
                         help="optimiser steps of stage 1 [2 [3]] (one value: every stage)")
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
-    parser.add_argument("--n-val", type=int, default=2, help="subjects held out for validation (with >= 4 subjects)")
-    parser.add_argument("--s2-patch", type=int, default=None, help="S2 patch size in voxels (default 112)")
-    parser.add_argument("--s3-patch", type=int, default=None, help="S3 patch size in voxels (default 56)")
-    parser.add_argument("--top-k", type=int, default=None, help="patches refined per level (default 8)")
+    parser.add_argument("--n-val", type=non_negative_int, default=2, help="subjects held out for validation (with >= 4 subjects)")
+    parser.add_argument("--s2-patch", type=positive_int, default=None, help="S2 patch size in voxels (default 112)")
+    parser.add_argument("--s3-patch", type=positive_int, default=None, help="S3 patch size in voxels (default 56)")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="patches refined per level (default 8)")
     parser.add_argument("--resume", action="store_true", help="resume OUT/checkpoints/last.pt")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     args = parser.parse_args(argv)
 
     import numpy as np

@@ -396,6 +396,14 @@ def _run_train(args: argparse.Namespace) -> int:
                             "--val-labels": val_labels_files},
                            {"--folder": args.folder, "--bids": args.bids, "--labels": labels_folder,
                             "--val-labels": val_labels_folder}, hash_files=False)
+        if isinstance(args.resume, str):  # a named checkpoint: an input, unless it is this run's own state
+            resume = Path(args.resume)
+            if resume.is_dir():
+                raise InputError("--resume", resume, "is a folder, not a checkpoint file")
+            if not resume.is_file():
+                raise InputError("--resume", resume, "checkpoint not found")
+            if not resume.resolve().is_relative_to(Path(args.output).resolve() / "checkpoints"):
+                guard.add_files({"--resume": resume})
         guard.output_folder(args.output, "-o/--output")  # the training folder belongs to the run
         if args.export:
             guard.output_folder(args.export_dir or args.output, "--export-dir" if args.export_dir else "-o/--output",

@@ -46,8 +46,10 @@ def labels_of(path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj).astype(np.int64)
 
 
-@pytest.mark.parametrize("name", ["register_pair", "pydra_cohort", "nipype_workflow", "train_hdar",
-                                  "convert_and_benchmark"])
+NAMES = ["register_pair", "pydra_cohort", "nipype_workflow", "train_hdar", "convert_and_benchmark"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_every_example_has_a_command_line_docstring_and_main(name):
     module = load_example(name)
     assert f"python examples/{name}.py" in module.__doc__
@@ -56,6 +58,16 @@ def test_every_example_has_a_command_line_docstring_and_main(name):
         module.main(["--help"])
     assert exc.value.code == 0
     assert name in (EXAMPLES / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_example_refuses_a_negative_thread_count(name, capsys):
+    """Counts are checked when parsed: a negative --threads is one argparse line, not a libgomp message later."""
+    module = load_example(name)
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--threads", "-2"])
+    assert exc.value.code == 2
+    assert "--threads" in capsys.readouterr().err
 
 
 def test_register_pair(tmp_path, cohort, capsys):

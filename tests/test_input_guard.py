@@ -367,6 +367,30 @@ def test_train_outputs_never_touch_its_inputs(images, tmp_path, capsys, case, mo
     assert digest(folder) == before
 
 
+@pytest.mark.parametrize("case", ["missing", "a folder", "inside -o"])
+def test_train_resume_checkpoint_is_checked_and_protected_before_training(images, tmp_path, capsys, case,
+                                                                          monkeypatch):
+    """``--resume CHECKPOINT`` names an input: a missing one (or a folder) is refused before the work, and one from
+    another run cannot lie inside this run's output folder, where training would overwrite it."""
+    import hdar_pipeline.hdar.train as training
+
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training started before the refusal"))
+    folder, paths = images
+    other = tmp_path / "runs" / "old" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "last.pt").write_bytes(b"a checkpoint")
+    if case == "missing":
+        argv, needles = ["--resume", tmp_path / "nope.pt", "-o", tmp_path / "run"], ["--resume", "not found"]
+    elif case == "a folder":
+        argv, needles = ["--resume", other, "-o", tmp_path / "run"], ["--resume", "is a folder"]
+    else:
+        argv, needles = ["--resume", other / "last.pt", "-o", tmp_path / "runs"], ["-o/--output", "--resume"]
+    code, err = run_cli(main, ["train", "--images", *paths, *argv], capsys)
+    assert_one_line_refusal(code, err, *needles)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs" / "checkpoints").exists()
+    assert (other / "last.pt").read_bytes() == b"a checkpoint"
+
+
 def test_convert_never_writes_its_label_table(images, tmp_path, capsys):
     folder, _ = images
     dest = tmp_path / "bids"
