@@ -54,11 +54,15 @@ def test_every_frame_within_a_hundredth_of_the_native_dice(stored, preset):
     print(f"\n{preset}: " + ", ".join(f"{k} {v:.4f} (native transform here {in_frame[k]:.4f}, {folded[k]:.4f} % "
                                      f"folded)" for k, v in scores.items()))
     for name, value in scores.items():
-        # HDAR registering in the frame against the native answer measured in the frame: within 0.01 everywhere
-        # (measured with `refined` on this pair: 0.0000 at 1 mm, -0.0011 at 0.9 mm, -0.0013 at 1.3 mm)
-        assert abs(value - in_frame[name]) <= 0.01, (name, value, in_frame[name])
-        # Against the native frame's own Dice the 1 mm frames are the same test; at 0.9 and 1.3 mm the storage
-        # itself costs up to 0.01 (the native transform re-applied at 1.3 mm: 0.7318 vs 0.7417), so 0.015.
+        # HDAR registering in the frame against the native answer measured in the frame: within 0.005 everywhere
+        # (measured on this pair: at most 0.0002 at 1 mm, 0.0020 at 0.9 and 1.3 mm, for every preset)
+        assert abs(value - in_frame[name]) <= 0.005, (name, value, in_frame[name])
+        # Against the native frame's own Dice: within 0.01 in the 1 mm frames. At 0.9 and 1.3 mm the frame's
+        # grid itself costs the native answer up to 0.014 (re-applied at 1.3 mm: `refined` 0.7345 vs 0.7443,
+        # `accurate` 0.7382 vs 0.7518: the more accurate the registration, the more a coarser label grid takes
+        # from it), so HDAR may lose that and at most 0.005 more.
         same_voxels = FRAMES[name].voxel_size is None
-        assert abs(value - scores["native"]) <= (0.01 if same_voxels else 0.015), (name, value, scores["native"])
+        storage = abs(in_frame[name] - scores["native"])
+        assert abs(value - scores["native"]) <= (0.01 if same_voxels else storage + 0.005), (
+            name, value, scores["native"], in_frame[name])
         assert folded[name] == 0.0 or preset != "refined", (name, folded[name])

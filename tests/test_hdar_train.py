@@ -299,19 +299,20 @@ def test_tiny_run_writes_log_and_checkpoints_and_resumes_exactly(tmp_path):
 
 
 def test_training_improves_the_loss_on_a_phantom(tmp_path):
-    """40 steps of a one-level small model on a textured phantom pair (both directions, with Dice, loss at
+    """80 steps of a one-level small model on a textured phantom pair (both directions, with Dice, loss at
     full resolution: at 32^3 the level-resolution loss of S1 would sit on a 16^3 grid): the validation
     (NCC and nearest-neighbour label Dice) improves over the untrained model."""
     data = pair_dataset((32, 32, 32))
     # lr 3e-3 sat at the edge of stability here: a change of 1e-7 in the resized inputs (a new but equivalent
-    # Gaussian smoothing) turned a loss gain into a loss; at 2e-3 both give the same gain.
-    cfg = TrainConfig(levels=1, steps_per_stage=40, lr=2e-3, augment=False, val_every=40, checkpoint_every=40,
+    # Gaussian smoothing) turned a loss gain into a loss; at 2e-3 both give the same gain. After 40 steps the
+    # Dice gain depended on the order in which the box sums add (+0.019 or +0.006); after 80 it is +0.046 / +0.028.
+    cfg = TrainConfig(levels=1, steps_per_stage=80, lr=2e-3, augment=False, val_every=80, checkpoint_every=80,
                       val_pairs=2, cascade=dict(s1_scale=0.5), seed=0, loss_resolution="full")
     before = validate(build_cascade("small", 1, seed=0, s1_scale=0.5), data, [(0, 1), (1, 0)])
     result = train(data, tmp_path, cfg, val_data=data, progress=False, device="cpu")
     after = result.final_validation
     losses = [float(r["loss"]) for r in read_log(result.log_path)]
-    print(f"\n40 steps: {result.train_seconds:.1f} s; loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}; "
+    print(f"\n80 steps: {result.train_seconds:.1f} s; loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}; "
           f"val NCC {before['val_ncc']:.3f} -> {after['val_ncc']:.3f}; Dice {before['val_dice']:.3f} -> "
           f"{after['val_dice']:.3f}")
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.01
