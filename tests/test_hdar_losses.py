@@ -28,6 +28,19 @@ def test_box_sum_equals_a_dense_box_filter():
     assert torch.allclose(box_sum(x, 5), dense)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_box_sum_of_every_width_is_the_sum_of_its_shifted_views(transpose):
+    """Windows over 4 are summed by doubling; every width, odd and even (centred on the high side, or the low side
+    for the adjoint), equals the plain sum of the window's shifted views of the zero-padded volume."""
+    x = torch.rand(1, 2, 17, 15, 14, dtype=torch.float64)
+    for w in range(2, 14):
+        low, high = ((w - 1) // 2, w // 2) if not transpose else (w // 2, (w - 1) // 2)
+        padded = torch.nn.functional.pad(x, [low, high] * 3)
+        plain = sum(padded[..., i:i + 17, j:j + 15, k:k + 14]
+                    for i in range(w) for j in range(w) for k in range(w))
+        assert torch.allclose(box_sum(x, w, transpose=transpose), plain), w
+
+
 def test_ncc_of_an_image_with_itself_is_minus_one():
     img = texture((32, 30, 28), 0)
     assert local_ncc_loss(img, img).item() == pytest.approx(-1.0, abs=2e-3)
