@@ -355,8 +355,8 @@ def _compact_h5(src: Path, dst: Path, min_size: int = 4096,
                 values = np.ascontiguousarray(np.transpose(field[0], (2, 1, 0, 3)), dtype=np.float32).reshape(-1)
                 _write_gzip_shuffled(fout, name, values, chunk=min(values.size, 1 << 20))
             elif name.endswith("/TransformParameters") and obj.size >= min_size:
-                fout.create_dataset(name, data=obj[()].astype(np.float32), compression="gzip", compression_opts=1,
-                                    shuffle=True, chunks=(min(obj.size, 1 << 20),))
+                values = np.ascontiguousarray(obj[()], dtype=np.float32).reshape(-1)
+                _write_gzip_shuffled(fout, name, values, chunk=min(values.size, 1 << 20))
             else:
                 fin.copy(obj, fout, name=name)
 

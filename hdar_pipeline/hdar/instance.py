@@ -21,7 +21,7 @@ import torch
 
 from .adam import Adam
 from .layers import (SpatialTransformer, compose_flows, identity_grid, resize_flow, resize_volume,
-                     sample_region, sampling_locations, smooth)
+                     sample_region, smooth)
 from .losses import LocalNCC, anti_folding_loss
 
 __all__ = ["ImagePyramid", "RefineLevel", "affine_displacement", "affine_prealign", "default_refine_levels",
@@ -470,13 +470,13 @@ def _refine_full_resolution(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
         return base
     base_box = base[box]
     ncc = LinearisedBlockNCC(fixed[box], 1, level.window, mean_over=math.prod(shape))
-    inner = torch.zeros((1, 1, *size), dtype=torch.float32, device=base.device)
-    inner[(..., *(slice(shell, n - shell) for n in size))] = 1.0
+    interior = torch.zeros((1, 1, *size), dtype=torch.float32, device=base.device)
+    interior[(..., *(slice(shell, n - shell) for n in size))] = 1.0
     corr = torch.zeros((1, 3, *size), device=base.device, dtype=torch.float32, requires_grad=True)
     if level.gradient_sigma > 0:
-        corr.register_hook(lambda grad: smooth(grad, level.gradient_sigma, truncate=2.0) * inner)
+        corr.register_hook(lambda grad: smooth(grad, level.gradient_sigma, truncate=2.0) * interior)
     else:
-        corr.register_hook(lambda grad: grad * inner)
+        corr.register_hook(lambda grad: grad * interior)
     # the smoothness term as a mean over the whole grid's forward differences, of which the box holds these
     share = math.prod(n - 1 for n in size) / math.prod(max(1, n - 1) for n in shape)
     opt = Adam([corr], lr=level.lr)
@@ -486,7 +486,7 @@ def _refine_full_resolution(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
         """The field on the box with correction ``c`` applied (to first order in ``exp``)."""
         if not diffeomorphic:
             return base_box + c
-        return _compose_into(base, c, lo)
+        return c + sample_region(base, c, lo, padding_mode="border")  # compose_flows(base, c) on the box
 
     with torch.enable_grad():
         for step in range(int(level.steps)):
@@ -502,17 +502,12 @@ def _refine_full_resolution(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
     with torch.no_grad():
         c = corr.detach()
         out = base.clone()
-        out[box] = base_box + c if not diffeomorphic else _compose_into(base, exponential(c), lo)
+        if diffeomorphic:
+            c = exponential(c)
+            out[box] = c + sample_region(base, c, lo, padding_mode="border")
+        else:
+            out[box] = base_box + c
     return out
-
-
-def _compose_into(outer: torch.Tensor, inner: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
-    """``compose_flows(outer, inner)`` on the box of ``inner`` ``(1, 3, x, y, z)`` placed at ``start`` in
-    ``outer``'s grid ``(1, 3, X, Y, Z)`` (both in voxels of that grid): ``inner + outer(p + inner(p))``, the
-    outer field sampled from the whole grid (trilinear, edge-extended)."""
-    locs = sampling_locations(inner, outer.shape[2:], start)
-    return inner + torch.nn.functional.grid_sample(outer, locs, mode="bilinear", padding_mode="border",
-                                                   align_corners=True)
 
 
 def _upsample_box(field: torch.Tensor, block: int, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:

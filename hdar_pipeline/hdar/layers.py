@@ -102,14 +102,18 @@ def sampling_locations(flow: torch.Tensor, shape: Sequence[int], start: Sequence
     return torch.stack(channels, dim=-1)
 
 
-def sample_region(volume: torch.Tensor, flow: torch.Tensor, start: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
-    """``volume`` ``(B, C, X, Y, Z)`` sampled (trilinear, zeros outside) at ``p + flow(p)`` for the voxels
-    ``p`` of the box ``[start, start + flow.shape[2:])``; ``flow`` ``(B, 3, x, y, z)`` in voxels of ``volume``.
+def sample_region(volume: torch.Tensor, flow: torch.Tensor, start: Sequence[int] = (0, 0, 0), *,
+                  padding_mode: Literal["zeros", "border"] = "zeros") -> torch.Tensor:
+    """``volume`` ``(B, C, X, Y, Z)`` sampled (trilinear; outside: zeros, or the edge with ``"border"``) at
+    ``p + flow(p)`` for the voxels ``p`` of the box ``[start, start + flow.shape[2:])``; ``flow``
+    ``(B, 3, x, y, z)`` in voxels of ``volume``.
 
     With ``start = 0`` and a full-size ``flow`` this is :class:`~hdar_pipeline.hdar.layers.SpatialTransformer`;
-    on a box it warps only the box (the region losses of S3)."""
+    on a box it warps only the box (the region losses of S3). A field sampled with ``"border"`` at
+    ``p + u(p)`` and added to ``u`` is :func:`compose_flows` on the box."""
     locs = sampling_locations(flow, volume.shape[2:], start)
-    return torch.nn.functional.grid_sample(volume, locs, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return torch.nn.functional.grid_sample(volume, locs, mode="bilinear", padding_mode=padding_mode,
+                                           align_corners=True)
 
 
 def compose_flows(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
