@@ -914,7 +914,8 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
                              "around the current warp and re-warped every few steps")
             full_res = get("refine_full_resolution")
             if full_res:
-                extra.append(f"then {int(full_res)} steps on a correction at the full resolution of the image, "
+                extra.append(f"then {int(full_res)} step{'s' if int(full_res) != 1 else ''} on a correction at the "
+                             "full resolution of the image, "
                              "restricted to the brain's bounding box")
             if get("refine_diffeomorphic"):
                 extra.append("each correction integrated from a stationary velocity field by scaling and squaring "

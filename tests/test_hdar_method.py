@@ -79,19 +79,25 @@ def test_full_preset_and_register_pair_provenance(trained):
     assert HDARMethod(preset="refined", refine=5, weights=trained["pt"]).refine == 5
     assert HDARMethod(weights=trained["pt"]).refine == 20  # refined is the default preset
     assert HDARMethod(weights=trained["pt"], preset="fast").refine == 0
-    # 'accurate': more steps per level and a last level at full resolution
+    # both end with a level at full resolution; 'accurate' has more steps on every level
+    assert refined.refine_full_resolution == 1 and refined.parameters["refine_full_resolution"] == 1
     accurate = HDARMethod(preset="accurate", weights=trained["pt"])
-    assert (accurate.refine, accurate.refine_full_resolution) == (30, 3)
-    assert accurate.parameters["refine_full_resolution"] == 3 and refined.parameters["refine_full_resolution"] == 0
+    assert (accurate.refine, accurate.refine_full_resolution) == (30, 2)
+    assert accurate.parameters["refine_full_resolution"] == 2
+    assert HDARMethod(preset="refined", refine_full_resolution=0, weights=trained["pt"]).refine_full_resolution == 0
     with pytest.raises(ValueError, match="refine_full_resolution"):
         HDARMethod(preset="fast", refine_full_resolution=2, weights=trained["pt"])
+    # a refinement whose finest level is already at full resolution, or on the downsampled images, leaves
+    # out the preset's full-resolution level; asking for it explicitly there is an error
+    assert HDARMethod(preset="accurate", refine_levels=(0.5, 1.0), weights=trained["pt"]).refine_full_resolution == 0
+    assert HDARMethod(refine_similarity="level", weights=trained["pt"]).refine_full_resolution == 0
     with pytest.raises(ValueError, match="coarser than 1"):
-        HDARMethod(preset="accurate", refine_levels=(0.5, 1.0), weights=trained["pt"])
+        HDARMethod(preset="accurate", refine_levels=(0.5, 1.0), refine_full_resolution=2, weights=trained["pt"])
 
 
 def test_refine_improves_ncc_further(trained):
     plain = HDARMethod(weights=trained["pt"], device="cpu", preset="fast").register(trained["fixed"], trained["moving"])
-    refined_method = HDARMethod(weights=trained["pt"], device="cpu", refine=15)
+    refined_method = HDARMethod(weights=trained["pt"], device="cpu", refine=15, refine_full_resolution=0)
     refined = refined_method.register(trained["fixed"], trained["moving"])
     ncc0, ncc1 = ncc_after(plain, trained["fixed"], trained["moving"]), ncc_after(refined, trained["fixed"], trained["moving"])
     print(f"\nrefine 15 steps: local NCC {ncc0:.4f} -> {ncc1:.4f} ({refined_method.last_run.runtime_s:.2f} s)")
@@ -103,7 +109,7 @@ def test_refine_improves_ncc_further(trained):
                                                                                            trained["moving"])
     ncc_accurate = ncc_after(accurate, trained["fixed"], trained["moving"])
     print(f"accurate: local NCC {ncc_accurate:.4f}")
-    assert ncc_accurate > ncc1 and accurate.metadata["refine_full_resolution_steps"] == 3
+    assert ncc_accurate > ncc1 and accurate.metadata["refine_full_resolution_steps"] == 2
     assert accurate.jacobian_determinant().min() > 0
     # one level at full resolution, no pre-alignment, composed exp(v) corrections: still better
     other = HDARMethod(weights=trained["pt"], device="cpu", refine=15, refine_levels=(1.0,), prealign=False,

@@ -122,12 +122,8 @@ class LinearisedBlockNCC:
             s[:, 9:12] = block_sums(self.i * g, self.block)
             for k, (a, b) in enumerate(_PAIRS):
                 s[:, 12 + k:13 + k] = block_sums(g[:, a:a + 1] * g[:, b:b + 1], self.block)
-            gg = s[:, 12:18]
-            # the symmetric 3 x 3 matrix of sum G_a G_b per block, (1, 3, 3, ...)
-            matrix = torch.stack([torch.stack([gg[:, _PAIRS.index((min(a, b), max(a, b)))] for b in range(3)], 1)
-                                  for a in range(3)], 1)
             self.sums = {"j": s[:, 0:1], "jj": s[:, 1:2], "ij": s[:, 2:3], "g": s[:, 3:6], "jg": s[:, 6:9],
-                         "ig": s[:, 9:12], "gg": matrix}
+                         "ig": s[:, 9:12], "gg": s[:, 12:18]}
 
     def loss(self, d: torch.Tensor) -> torch.Tensor:
         """``-mean`` over voxels of the local squared NCC with the moving image ``W + G . d``.
@@ -148,12 +144,25 @@ class LinearisedBlockNCC:
         out = torch.empty((1, 3, *d.shape[2:]), dtype=d.dtype, device=d.device)
         torch.sum(d * s["g"], 1, keepdim=True, out=out[:, 0:1])
         out[:, 0:1] += s["j"]
-        gd = torch.einsum("bacxyz,bcxyz->baxyz", s["gg"], d)  # (sum G G^T) d per block
+        gd = _symmetric_times(s["gg"], d)  # (sum G G^T) d per block
         torch.sum((2.0 * s["jg"] + gd) * d, 1, keepdim=True, out=out[:, 1:2])
         out[:, 1:2] += s["jj"]
         torch.sum(d * s["ig"], 1, keepdim=True, out=out[:, 2:3])
         out[:, 2:3] += s["ij"]
         return out, gd
+
+
+def _symmetric_times(gg: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``A d`` per block for the symmetric 3 x 3 matrices ``A`` whose six entries ``gg`` ``(1, 6, ...)`` holds
+    in the order of ``_PAIRS``; ``d`` ``(1, 3, ...)``. (Explicit products: about half the time of an
+    ``einsum`` over the full 3 x 3 stack, which it also spares materialising.)"""
+    out = torch.empty_like(d)
+    for a in range(3):
+        entries = [gg[:, _PAIRS.index((min(a, b), max(a, b)))] for b in range(3)]
+        row = out[:, a]
+        torch.mul(entries[0], d[:, 0], out=row)
+        row.addcmul_(entries[1], d[:, 1]).addcmul_(entries[2], d[:, 2])
+    return out
 
 
 class _BlockNCCLoss(torch.autograd.Function):

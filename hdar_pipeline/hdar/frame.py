@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..images import RAS_TO_LPS, Grid, robust_unit_range
+from .layers import grid_sample_3d
 
 __all__ = ["CanonicalFrame", "brain_box", "canonical_frame"]
 
@@ -130,8 +131,7 @@ class CanonicalFrame:
             return self._cut(vol, background)[None, None].contiguous()
         coords = self._sample_coords(self.grid, self.fixed, vol.device)
         mode = "nearest" if interpolation == "nearest" else "bilinear"
-        out = torch.nn.functional.grid_sample(vol[None, None] - background, coords, mode=mode, padding_mode="zeros",
-                                              align_corners=True)
+        out = grid_sample_3d(vol[None, None] - background, coords, mode=mode, padding_mode="zeros")
         return (out + background).contiguous()
 
     def _cut(self, vol: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -178,8 +178,7 @@ class CanonicalFrame:
             out = self._uncut(mm[0])
         else:
             coords = self._sample_coords(self.fixed, self.grid, mm.device)
-            out = torch.nn.functional.grid_sample(mm, coords, mode="bilinear", padding_mode="border",
-                                                  align_corners=True)[0]
+            out = grid_sample_3d(mm, coords, mode="bilinear", padding_mode="border")[0]
         return np.ascontiguousarray(out.permute(1, 2, 3, 0).cpu().numpy(), dtype=np.float32)
 
     def _uncut(self, field: torch.Tensor) -> torch.Tensor:

@@ -163,13 +163,14 @@ def affine_prealign(fixed: Volume, moving: Volume, *, steps: int = 30, scale: fl
 # ---------------------------------------------------------------------------------- refinement
 
 
-def exponential(velocity: torch.Tensor, max_step: float = 0.25, max_squarings: int = 7) -> torch.Tensor:
+def exponential(velocity: torch.Tensor, max_step: float = 0.5, max_squarings: int = 7) -> torch.Tensor:
     """``exp(v)`` of a stationary velocity ``(1, 3, X, Y, Z)`` (voxels) by scaling and squaring, with as few
     squarings as keep the first step under ``max_step`` voxels (at most ``max_squarings``, VoxelMorph's 7).
 
     A refinement correction moves a voxel or two, so 2-3 squarings integrate it as accurately as 7 (the
-    first step ``v / 2^n`` is what must be small), for a fraction of the cost of back-propagating through
-    seven full-volume interpolations at every Adam step.
+    first step ``v / 2^n`` is what must be small), for a fraction of the cost of seven full-volume
+    interpolations. A first step of half a voxel scored as a quarter voxel does on three held-out LPBA40
+    pairs (0.7388 and 0.7386 mean Dice, ``accurate`` preset), for one squaring fewer.
     """
     with torch.no_grad():
         peak = float(velocity.detach().abs().max())
