@@ -258,3 +258,26 @@ def test_minimal_adam_matches_torch_adam():
             loss.backward()
             opt.step()
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_exponential_takes_squarings_for_a_rough_velocity_however_small():
+    """A velocity that moves no voxel by more than 0.4 but changes by up to 0.8 voxel per voxel between
+    neighbours (what one sign-like Adam step on a full-resolution correction gives) would be integrated in no
+    squarings by its displacement alone, i.e. used as it is, folding; the Jacobian bound asks for squarings
+    (here ceil(log2(2.4 / 0.8)) = 2), which take most of the folding out even of this voxel-scale noise (the
+    refinement's real corrections, coherent over several voxels, come out without any: README, benchmark)."""
+    from hdar_pipeline.hdar.instance import _max_jacobian_norm, exponential
+    from hdar_pipeline.hdar.losses import jacobian_determinant
+
+    gen = torch.Generator().manual_seed(0)
+    v = 0.4 * torch.sign(torch.randn((1, 3, 24, 22, 20), generator=gen))
+    assert float(v.abs().max()) < 0.41 and _max_jacobian_norm(v) == pytest.approx(2.4, abs=1e-5)
+    as_displacement = exponential(v, max_jacobian=float("inf"))
+    assert torch.equal(as_displacement, v) and float(jacobian_determinant(v).min()) < -2
+    quarter = v / 4
+    twice = quarter + SpatialTransformer("bilinear", "border")(quarter, quarter)
+    expected = twice + SpatialTransformer("bilinear", "border")(twice, twice)
+    torch.testing.assert_close(exponential(v), expected)
+    assert float(jacobian_determinant(exponential(v)).min()) > -0.6
+    assert float((jacobian_determinant(exponential(v)) <= 0).float().mean()) < 0.5 * float(
+        (jacobian_determinant(v) <= 0).float().mean())
