@@ -71,9 +71,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["affine", "syn", "demons", "hdar"], default="syn")
     p.add_argument("--preset", default=None,
                    help="method preset: syn fast|quality (default fast), hdar refined|accurate|fast|full (default "
-                        "refined: the network then 20 diffeomorphic refinement steps per level and 1 at full resolution; "
-                        "accurate: 30 per level and 2 at full resolution, about 1.5 times as long; fast: the network "
-                        "alone)")
+                        "refined: the network then 20 diffeomorphic refinement steps per level; accurate: 30 per level "
+                        "and 2 at full resolution, about 1.7 times as long; fast: the network alone)")
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
     p.add_argument("--affine", dest="affine", action="store_true", default=True,
@@ -609,10 +608,10 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     # the default is hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal; not imported here so
     # that `--help` does not load the library)
     g.add_argument("--hdar-preset", choices=["fast", "full", "refined", "accurate"], default="refined",
-                   help="HDAR: refined (default: fast plus 20 diffeomorphic instance-optimisation steps per level and 1 "
-                        "at full resolution, the most accurate within a fifth of SyN fast's time), accurate (30 steps "
-                        "per level and 2 at full resolution: more accurate, about 1.5 times as long), fast (the "
-                        "network on the hardest patches) or full (on a sliding window)")
+                   help="HDAR: refined (default: fast plus 20 diffeomorphic instance-optimisation steps per level, "
+                        "the most accurate within a fifth of SyN fast's time), accurate (30 steps per level and 2 at "
+                        "full resolution: more accurate, about 1.7 times as long), fast (the network on the hardest "
+                        "patches) or full (on a sliding window)")
     g.add_argument("--no-preprocess", dest="preprocess", action="store_false",
                    help="skip N4, brain extraction and the affine to the atlas (the affine stage of each "
                         "method still runs)")

@@ -79,12 +79,12 @@ def test_full_preset_and_register_pair_provenance(trained):
     assert HDARMethod(preset="refined", refine=5, weights=trained["pt"]).refine == 5
     assert HDARMethod(weights=trained["pt"]).refine == 20  # refined is the default preset
     assert HDARMethod(weights=trained["pt"], preset="fast").refine == 0
-    # both end with a level at full resolution; 'accurate' has more steps on every level
-    assert refined.refine_full_resolution == 1 and refined.parameters["refine_full_resolution"] == 1
+    # 'accurate': more steps per level and a last level at full resolution
+    assert refined.refine_full_resolution == 0 and refined.parameters["refine_full_resolution"] == 0
     accurate = HDARMethod(preset="accurate", weights=trained["pt"])
     assert (accurate.refine, accurate.refine_full_resolution) == (30, 2)
     assert accurate.parameters["refine_full_resolution"] == 2
-    assert HDARMethod(preset="refined", refine_full_resolution=0, weights=trained["pt"]).refine_full_resolution == 0
+    assert HDARMethod(preset="refined", refine_full_resolution=1, weights=trained["pt"]).refine_full_resolution == 1
     with pytest.raises(ValueError, match="refine_full_resolution"):
         HDARMethod(preset="fast", refine_full_resolution=2, weights=trained["pt"])
     # a refinement whose finest level is already at full resolution, or on the downsampled images, leaves
