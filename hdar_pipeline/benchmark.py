@@ -74,7 +74,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = "benchmark-results"
-DEFAULT_REFINE_STEPS = 20
+DEFAULT_REFINE_STEPS = 25  # the refined preset's (hdar_pipeline.methods.hdar.REFINED_STEPS)
 #: Variants limited to fewer pairs unless ``--max-pairs-per-variant`` says otherwise.
 DEFAULT_MAX_PAIRS: dict[str, int] = {"syn-quality": 1}
 #: LPBA40's held-out (validation) subjects.

@@ -71,7 +71,7 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["affine", "syn", "demons", "hdar"], default="syn")
     p.add_argument("--preset", default=None,
                    help="method preset: syn fast|quality (default fast), hdar refined|accurate|fast|full (default "
-                        "refined: the network then 20 diffeomorphic refinement steps per level; accurate: 30 per level "
+                        "refined: the network then 25 diffeomorphic refinement steps per level; accurate: 30 per level "
                         "and 2 at full resolution, about 1.7 times as long; fast: the network alone)")
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
@@ -88,7 +88,7 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help="HDAR weights: a shipped name (default) or an exported .pt with its model card beside it")
     p.add_argument("--refine", type=non_negative_int, default=None, metavar="N",
                    help="HDAR: N instance-optimisation steps on each refinement level after the network (default: "
-                        "the preset's, 20 for refined, 30 for accurate, 0 for fast and full)")
+                        "the preset's, 25 for refined, 30 for accurate, 0 for fast and full)")
     p.add_argument("--refine-levels", type=positive_float, nargs="+", default=None, metavar="S",
                    help="HDAR: resolutions of the refinement levels relative to the image, coarse to fine "
                         "(default 0.25 0.5); --refine steps run on each")
@@ -608,7 +608,7 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     # the default is hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal; not imported here so
     # that `--help` does not load the library)
     g.add_argument("--hdar-preset", choices=["fast", "full", "refined", "accurate"], default="refined",
-                   help="HDAR: refined (default: fast plus 20 diffeomorphic instance-optimisation steps per level, "
+                   help="HDAR: refined (default: fast plus 25 diffeomorphic instance-optimisation steps per level, "
                         "the most accurate within a fifth of SyN fast's time), accurate (30 steps per level and 2 at "
                         "full resolution: more accurate, about 1.7 times as long), fast (the network on the hardest "
                         "patches) or full (on a sliding window)")

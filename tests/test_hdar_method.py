@@ -75,9 +75,9 @@ def test_full_preset_and_register_pair_provenance(trained):
         HDARMethod(preset="ultra", weights=trained["pt"])
     # 'refined': fast mode plus the default refinement, unless refine is given
     refined = HDARMethod(preset="refined", weights=trained["pt"])
-    assert refined.refine == 20 and refined.parameters["mode"] == "fast" and refined.parameters["refine"] == 20
+    assert refined.refine == 25 and refined.parameters["mode"] == "fast" and refined.parameters["refine"] == 25
     assert HDARMethod(preset="refined", refine=5, weights=trained["pt"]).refine == 5
-    assert HDARMethod(weights=trained["pt"]).refine == 20  # refined is the default preset
+    assert HDARMethod(weights=trained["pt"]).refine == 25  # refined is the default preset
     assert HDARMethod(weights=trained["pt"], preset="fast").refine == 0
     # 'accurate': more steps per level and a last level at full resolution
     assert refined.refine_full_resolution == 0 and refined.parameters["refine_full_resolution"] == 0
@@ -214,7 +214,7 @@ def test_register_function_several_pairs_and_cli_weights(trained, tmp_path):
                  "--weights", str(trained["pt"]), "--preset", "refined", "--refine-similarity", "level",
                  "--device", "cpu", "--threads", "1"]) == 0
     record = json.loads((tmp_path / "level" / "registration.json").read_text())
-    assert record["parameters"]["refine"] == 20 and record["parameters"]["refine_similarity"] == "level"
+    assert record["parameters"]["refine"] == 25 and record["parameters"]["refine_similarity"] == "level"
     assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "bad"), "--method", "hdar",
                  "--weights", str(tmp_path / "missing.pt")]) == 2
 
@@ -326,6 +326,6 @@ def test_the_default_preset_is_the_same_everywhere():
 
     assert AppOptions(bids_dir="in", output_dir="out", analysis_level="participant").hdar_preset == DEFAULT_PRESET
     method = get_method("hdar")
-    assert method.preset == DEFAULT_PRESET and method.refine == 20 and method.refine_diffeomorphic
+    assert method.preset == DEFAULT_PRESET and method.refine == 25 and method.refine_diffeomorphic
     row = default_variants()["hdar"]
     assert row.preset is None and build_method(row, seed=0, threads=1).preset == DEFAULT_PRESET

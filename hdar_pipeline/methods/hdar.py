@@ -7,7 +7,7 @@ Presets
 ``full``
     S1 everywhere, S2/S3 on a sliding window over the brain, blended without seams.
 ``refined``
-    ``fast`` followed by ``refine=20`` (:data:`REFINED_STEPS`) instance-optimisation steps per level: the most
+    ``fast`` followed by ``refine=25`` (:data:`REFINED_STEPS`) instance-optimisation steps per level: the most
     accurate HDAR within a fifth of SyN fast's time (the default), a few seconds more than ``fast`` on a CPU.
 ``accurate``
     ``fast`` followed by 30 steps per level (:data:`ACCURATE_STEPS`) and 2 steps of a last level on the
@@ -46,9 +46,10 @@ from ..runtime import configure_threads, seed_everything
 from ..transforms import Transform
 from .base import MethodBase
 
-#: Instance-optimisation steps per refinement level of the ``refined`` preset (no full-resolution level: one step
-#: of it took three tuning pairs from 0.7316 to 0.7351 mean Dice, but the preset past a fifth of SyN fast's time).
-REFINED_STEPS = 20
+#: Instance-optimisation steps per refinement level of the ``refined`` preset: the most that keep it within a fifth
+#: of SyN fast's time with a margin (three tuning pairs: 20 steps 0.7316 mean Dice, 25 steps 0.7330). A level at
+#: full resolution would give more (one step after 20: 0.7350) but took it to 0.20-0.23 of SyN fast's time.
+REFINED_STEPS = 25
 
 #: Steps per refinement level, and steps of the last, full-resolution level, of the ``accurate`` preset.
 ACCURATE_STEPS = 30
