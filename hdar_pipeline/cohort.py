@@ -279,8 +279,22 @@ def _run_step(step: str, base: dict[str, Any], fn: Callable[[], dict[str, Any]])
     except Exception as exc:  # noqa: BLE001 - one subject's failure must not stop the cohort
         if os.environ.get(STOP_ON_FIRST_CRASH_ENV, "") not in ("", "0"):
             raise
+        from .isolation import WorkerDied
+
         return {**base, "status": STATUS_ERROR, "error": error_message(exc), "failed_step": step,
-                "traceback": traceback.format_exc()}
+                "traceback": getattr(exc, "child_traceback", None) or traceback.format_exc(),
+                # a process killed from outside (out of memory, kill -9): may not happen again on a rerun
+                "transient": isinstance(exc, WorkerDied)}
+
+
+def _call(isolate: bool, fn: Callable[..., dict[str, Any]], *args: Any, job_dir: Path, label: str,
+          **kwargs: Any) -> dict[str, Any]:
+    """``fn(*args, **kwargs)``, in a child process when ``isolate``."""
+    if not isolate:
+        return fn(*args, **kwargs)
+    from .isolation import run_isolated
+
+    return run_isolated(fn, *args, job_dir=job_dir, label=label, **kwargs)
 
 
 def _passed_on(upstream: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -305,8 +319,12 @@ def preprocess_subject(
     n4: bool = True,
     seed: int | None = None,
     threads: int | None = None,
+    isolate: bool = True,
 ) -> dict[str, Any]:
     """:func:`preprocess_files` for one subject, as a record that reports failure instead of raising.
+
+    With ``isolate`` (default) the work runs in a child process (:func:`~hdar_pipeline.isolation.run_isolated`):
+    a kill by a signal or by the out-of-memory killer fails this subject only, with the signal in ``error``.
 
     Returns
     -------
@@ -322,8 +340,9 @@ def preprocess_subject(
     def step() -> dict[str, Any]:
         if t1w is None:
             raise ValueError(f"subject {subject}: no T1w image given")
-        rec = preprocess_files(t1w, atlas, out, labels=labels, atlas_mask=atlas_mask, skull_stripped=skull_stripped,
-                               n4=n4, seed=seed, threads=threads)
+        rec = _call(isolate, preprocess_files, t1w, atlas, out, labels=labels, atlas_mask=atlas_mask,
+                    skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads, job_dir=out,
+                    label=f"sub-{subject} preprocess")
         return {"preproc": rec["preproc"], "preproc_labels": rec["preproc_labels"], "mask": rec["mask"],
                 "to_atlas": rec["to_atlas"], "preprocess_json": str((out / "preprocess.json").resolve()),
                 "preprocess_runtime_s": float(sum(rec["runtime_s"].values()))}
@@ -346,8 +365,13 @@ def register_subject(
     seed: int | None = None,
     threads: int | None = None,
     device: str = "auto",
+    isolate: bool = True,
 ) -> dict[str, Any]:
     """Register one subject to the atlas with one method, as a record that reports failure.
+
+    With ``isolate`` (default) the registration runs in a child process
+    (:func:`~hdar_pipeline.isolation.run_isolated`): a kill by a signal or by the out-of-memory killer fails
+    this subject x method only, with the signal in ``error`` and ``transient`` set (a rerun of the BIDS App runs such a job again).
 
     Without ``preprocessed`` this is :func:`hdar_pipeline.registration.register_files` (atlas fixed,
     the subject's T1w moving, its labels warped with nearest neighbour).
@@ -386,15 +410,17 @@ def register_subject(
         if upstream is None:
             if t1w is None:
                 raise ValueError(f"subject {subject}: no T1w image given")
-            rec = register_files(atlas, t1w, out, method=method, preset=preset, moving_labels=labels, affine=affine,
-                                 seed=seed, threads=threads, device=device)
+            rec = _call(isolate, register_files, atlas, t1w, out, method=method, preset=preset,
+                        moving_labels=labels, affine=affine, seed=seed, threads=threads, device=device, job_dir=out,
+                        label=f"sub-{subject} {method}")
             transforms = [str((out / p).resolve()) for p in rec["transforms"]]
             composite = str((out / rec["composite_transform"]).resolve())
             warped_labels = rec["outputs"].get("warped_labels")
             warped_labels = str((out / warped_labels).resolve()) if warped_labels else None
         else:
-            rec = register_files(atlas, upstream["preproc"], out, method=method, preset=preset, affine=False,
-                                 seed=seed, threads=threads, device=device)
+            rec = _call(isolate, register_files, atlas, upstream["preproc"], out, method=method, preset=preset,
+                        affine=False, seed=seed, threads=threads, device=device, job_dir=out,
+                        label=f"sub-{subject} {method}")
             composite, transforms, warped_labels = _compose_with_preprocessing(out, atlas, upstream, rec,
                                                                                native_labels=labels)
         return {"registration_json": str((out / "registration.json").resolve()),

@@ -41,6 +41,11 @@ class ImageError(ValueError):
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
 
+    def __reduce__(self):
+        # rebuilt from its two arguments (the default would pass the one formatted message): it travels
+        # between processes (hdar_pipeline.isolation) as itself
+        return (type(self), (None if self.source == "<in-memory image>" else self.source, self.problem))
+
 
 @dataclass(frozen=True)
 class Grid:

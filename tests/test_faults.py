@@ -1,9 +1,10 @@
-"""Issue 14, under faults: a BIDS App run where one subject's registration worker is killed (SIGKILL, as the
+"""Issue 14, under faults: a BIDS App run where one subject's registration is killed (SIGKILL, as the
 out-of-memory killer does) still writes the others, records that subject as failed with the reason, and a
 rerun with the same work dir finishes it.
 
-The kill happens inside the cf worker's process (the worker pool is forked from this process, so the
-patched ``register_pair`` runs there): the process dies mid-registration, as it would under the OOM killer.
+Each registration runs in a child process of its own (:mod:`hdar_pipeline.isolation`), which writes its pid
+and label into its job folder; a watcher thread here kills the child registering the victim from outside,
+as the kernel would.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("NO_ET", "1")
@@ -21,26 +23,53 @@ pytest.importorskip("pydra")
 pytest.importorskip("bids")
 
 from hdar_pipeline.cli import bids_app_main  # noqa: E402
-from hdar_pipeline.images import load_image, normalize_intensity  # noqa: E402
+from hdar_pipeline.isolation import PID_FILE  # noqa: E402
 
 from test_bids_app import make_bids_dataset  # noqa: E402
 from test_input_guard import run_cli  # noqa: E402
 
 
-def install_killer(monkeypatch, victim: Path, flag: Path, *, once: bool) -> None:
-    """SIGKILL the process that registers ``victim`` (every time, or only the first time)."""
-    import hdar_pipeline.methods as methods
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
-    original = methods.register_pair
-    target = float(np.asarray(normalize_intensity(load_image(victim)).dataobj).sum())
 
-    def register_pair(fixed, moving, method, **kwargs):
-        if abs(float(np.asarray(moving.dataobj).sum()) - target) < 1e-3 and not (once and flag.exists()):
-            flag.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(fixed, moving, method, **kwargs)
+class Killer:
+    """SIGKILL every job process whose label names ``victim`` (every time, or only the first time), from a
+    thread that watches ``root`` for the jobs' pid files; ``pool_worker=True`` kills instead the process of
+    the worker pool that runs it (the job's fork server's parent), as if the evaluation beside it had run out
+    of memory."""
 
-    monkeypatch.setattr(methods, "register_pair", register_pair)
+    def __init__(self, root: Path, victim: str, *, once: bool, pool_worker: bool = False) -> None:
+        self.root, self.victim, self.once, self.pool_worker = root, victim, once, pool_worker
+        self.killed: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "Killer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for path in self.root.rglob(PID_FILE):
+                try:
+                    job = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if self.victim in job.get("label", "") and job["pid"] not in self.killed:
+                    if self.once and self.killed:
+                        continue
+                    try:
+                        target = parent_pid(parent_pid(int(job["pid"]))) if self.pool_worker else int(job["pid"])
+                        os.kill(target, signal.SIGKILL)
+                    except (ProcessLookupError, FileNotFoundError):
+                        continue
+                    self.killed.append(int(job["pid"]))
+            time.sleep(0.02)
 
 
 def statuses(out: Path) -> dict[str, dict]:
@@ -54,40 +83,40 @@ def argv(root: Path, bids_dir: Path, labels_dir: Path, nprocs: int) -> list:
             "--no-preprocess", "--no-progress", "--skip-bids-validation"]
 
 
-def test_a_killed_worker_is_run_again_and_the_cohort_completes(tmp_path, monkeypatch, capsys):
-    """A one-off kill (a worker lost once): the run resubmits the unfinished jobs and every subject finishes."""
+def test_a_killed_registration_fails_that_subject_only_and_a_rerun_finishes_it(tmp_path, capsys):
     bids_dir, labels_dir = make_bids_dataset(tmp_path)
-    flag = tmp_path / "killed"
-    install_killer(monkeypatch, bids_dir / "sub-03" / "anat" / "sub-03_T1w.nii.gz", flag, once=True)
+    with Killer(tmp_path / "work", "sub-03", once=False) as killer:
+        code, err = run_cli(bids_app_main, argv(tmp_path, bids_dir, labels_dir, 2), capsys)
+    assert killer.killed, "no registration was killed: the test did not test anything"
+    assert code == 3 and "Traceback" not in err  # 3: failed subjects (sub-04's T1w is corrupt, on purpose)
+    rec = statuses(tmp_path / "out")
+    assert set(rec) == {"sub-02", "sub-03", "sub-04"}  # every subject has its row, none is lost
+    assert rec["sub-02"]["status"] == "ok" and rec["sub-02"]["metrics"]["mean_dice"] > 0.5
+    assert rec["sub-03"]["status"] == "error" and rec["sub-03"]["failed_step"] == "register"
+    assert "killed by SIGKILL" in rec["sub-03"]["error"]
+    assert rec["sub-04"]["status"] == "error" and "cannot be read" in rec["sub-04"]["error"]
+    # the fault goes away (memory freed): the rerun with the same work dir finishes sub-03 and keeps sub-02
     code, err = run_cli(bids_app_main, argv(tmp_path, bids_dir, labels_dir, 2), capsys)
-    assert flag.exists(), "the worker was not killed: the test did not test anything"
+    assert code == 3 and "Traceback" not in err
+    again = statuses(tmp_path / "out")
+    assert again["sub-02"]["status"] == "ok"
+    assert again["sub-02"]["metrics"]["mean_dice"] == rec["sub-02"]["metrics"]["mean_dice"]  # from the cache
+    assert again["sub-03"]["status"] == "ok" and again["sub-03"]["metrics"]["mean_dice"] > 0.5
+    assert again["sub-04"]["status"] == "error"
+
+
+def test_a_killed_pool_worker_has_its_jobs_run_again_and_the_cohort_completes(tmp_path, capsys):
+    """A worker of the pool itself lost once (not a registration's own process): the run resubmits the
+    unfinished jobs and every subject finishes."""
+    bids_dir, labels_dir = make_bids_dataset(tmp_path)
+    with Killer(tmp_path / "work", "sub-03", once=True, pool_worker=True) as killer:
+        code, err = run_cli(bids_app_main, argv(tmp_path, bids_dir, labels_dir, 2), capsys)
+    assert killer.killed, "no worker was killed: the test did not test anything"
     assert code == 3 and "Traceback" not in err  # 3: sub-04's T1w is corrupt, on purpose
     rec = statuses(tmp_path / "out")
     assert rec["sub-02"]["status"] == rec["sub-03"]["status"] == "ok"
     assert rec["sub-03"]["metrics"]["mean_dice"] > 0.5
     assert rec["sub-04"]["status"] == "error" and "cannot be read" in rec["sub-04"]["error"]
-
-
-def test_a_subject_that_kills_its_worker_every_time_is_recorded_and_a_rerun_finishes_it(tmp_path, monkeypatch,
-                                                                                        capsys):
-    bids_dir, labels_dir = make_bids_dataset(tmp_path)
-    flag = tmp_path / "killed"
-    install_killer(monkeypatch, bids_dir / "sub-03" / "anat" / "sub-03_T1w.nii.gz", flag, once=False)
-    code, err = run_cli(bids_app_main, argv(tmp_path, bids_dir, labels_dir, 1), capsys)
-    assert flag.exists()
-    assert code == 3 and "Traceback" not in err
-    rec = statuses(tmp_path / "out")
-    assert set(rec) == {"sub-02", "sub-03", "sub-04"}  # every subject has its row, none is lost
-    assert rec["sub-03"]["status"] == "error" and "worker process died" in rec["sub-03"]["error"]
-    for r in rec.values():  # the others: finished, or failed with a reason (never silently missing)
-        assert r["status"] == "ok" or r["error"]
-    # the fault goes away (memory freed): the rerun with the same work dir finishes sub-03
-    monkeypatch.undo()
-    code, err = run_cli(bids_app_main, argv(tmp_path, bids_dir, labels_dir, 2), capsys)
-    assert code == 3 and "Traceback" not in err
-    rec = statuses(tmp_path / "out")
-    assert rec["sub-02"]["status"] == rec["sub-03"]["status"] == "ok"
-    assert rec["sub-04"]["status"] == "error"
 
 
 def test_two_runs_never_share_a_work_dir(tmp_path, capsys):

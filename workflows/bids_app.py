@@ -340,15 +340,19 @@ def run_participant(opts: AppOptions) -> int:
     log.info("workflow finished in %.1f s", time.perf_counter() - t0)
     if result.errored:
         msg = _workflow_errors(result)
-        log.error("the workflow stopped: %s", "a worker process died (killed by a signal or out of memory)"
-                  if _worker_died(result) else msg[:500])
+        if _worker_died(result):
+            log.error("the workflow stopped: a worker process died (killed by a signal or out of memory)")
+        else:
+            log.error("the workflow stopped: %s", msg[:500])
         log.debug("the workflow's error: %s", msg)
         if opts.stop_on_first_crash:
             return EXIT_ERROR
         # A job died outside Python's reach (a worker killed by a signal or by the kernel's out-of-memory
         # killer takes the process pool with it): keep what finished, record the rest as failed with the
         # reason; a rerun with the same --work-dir finishes them (finished jobs come from the cache).
-        records = salvage_records(cache_root, expected, since=started, reason=msg)
+        jobs = {(e.subject, e.session, m): {"t1w": e.t1w, "atlas": atlas.image, "preset": presets.get(m),
+                                            "seed": opts.seed} for e in cohort for m in opts.methods}
+        records = salvage_records(cache_root, expected, since=started, reason=msg, jobs=jobs)
     else:
         records = [json.loads(Path(r.fspath if hasattr(r, "fspath") else r).read_text())
                    for r in result.outputs.records]
@@ -401,11 +405,34 @@ def claim_work_dir(cache_root: Path):
 
 
 def clear_stale_pydra_state(cache_root: Path) -> None:
-    """Remove the lock files of Pydra jobs that never ended and the error files of stopped jobs (only while
-    this run holds the work dir: see :func:`claim_work_dir`)."""
+    """Remove the lock files of Pydra jobs that never ended and the error files of stopped jobs, and forget the
+    jobs whose process was killed (only while this run holds the work dir: see :func:`claim_work_dir`).
+
+    A job killed from outside (a signal, the out-of-memory killer; ``transient`` in its record, see
+    :mod:`hdar_pipeline.isolation`) ended with a failed record that Pydra cached like any result: its folder
+    goes, and with it every workflow's cached result (cheap: they are re-assembled from the cached jobs), so
+    that this run registers it again and passes the new record on."""
     for path in sorted(cache_root.glob("*.lock")) + sorted(cache_root.glob("*/_error.pklz")):
         log.info("removing %s, left by a job that did not finish", path.relative_to(cache_root))
         path.unlink(missing_ok=True)
+    killed = []
+    for name in ("preprocess_record.json", "register_record.json"):
+        for path in sorted(cache_root.glob(f"*/{name}")):
+            try:
+                rec = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if rec.get("transient"):
+                killed.append((path.parent, rec))
+    if killed:
+        import shutil
+
+        for folder, rec in killed:
+            log.info("running sub-%s %s again: its process was killed in an earlier run (%s)", rec.get("subject", ""),
+                     rec.get("method") or rec.get("failed_step", ""), rec.get("error", ""))
+            shutil.rmtree(folder, ignore_errors=True)
+        for result in sorted(cache_root.glob("workflow-*/_result.pklz")):
+            result.unlink(missing_ok=True)
 
 
 def _worker_died(result) -> bool:
@@ -418,22 +445,28 @@ UNFINISHED = ("did not finish: the workflow stopped when a worker process died (
 
 
 def salvage_records(cache_root: Path, expected: set[tuple[str, str, str]], *, since: float,
-                    reason: str = "") -> list[dict[str, Any]]:
-    """The records of a run whose workflow stopped: each subject x method's evaluation record written during
-    this run where it has one, else a failed record that says why (:data:`UNFINISHED`, and the workflow's error
-    in ``traceback``)."""
+                    reason: str = "", jobs: dict[tuple[str, str, str], dict[str, Any]] | None = None
+                    ) -> list[dict[str, Any]]:
+    """The records of a run whose workflow stopped: each subject x method's evaluation record where it has one,
+    else a failed record that says why (:data:`UNFINISHED`, and the workflow's error in ``traceback``).
+
+    A record counts when it was written during this run, or, for a job this run found in the cache (written
+    earlier), when it is this run's job: ``jobs`` gives, per subject x session x method, the T1w, atlas, preset
+    and seed this run registers with, and a cached record must match them all (the seed as its
+    ``registration.json`` records it). Without ``jobs`` only this run's records count."""
     found: dict[tuple[str, str, str], dict[str, Any]] = {}
     registered: set[tuple[str, str, str]] = set()
     for name in ("register_record.json", "evaluate_record.json"):  # an evaluation record wins
         for path in cache_root.glob(f"*/{name}"):
             try:
-                if path.stat().st_mtime < since - 1:
-                    continue
+                recent = path.stat().st_mtime >= since - 1
                 rec = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
             key = (str(rec.get("subject", "")), str(rec.get("session") or ""), str(rec.get("method", "")))
             if key not in expected:
+                continue
+            if not recent and not (rec.get("status") == "ok" and _same_job(rec, (jobs or {}).get(key))):
                 continue
             if name == "evaluate_record.json" or rec.get("status") != "ok":
                 found[key] = rec
@@ -448,6 +481,25 @@ def salvage_records(cache_root: Path, expected: set[tuple[str, str, str]], *, si
                    "traceback": reason[:4000]}
         records.append(rec)
     return records
+
+
+def _same_job(rec: dict[str, Any], job: dict[str, Any] | None) -> bool:
+    """Whether a cached record is the job described by ``job`` (see :func:`salvage_records`)."""
+    if not job:
+        return False
+
+    def same_path(a: Any, b: Any) -> bool:
+        return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+    if not (same_path(rec.get("t1w"), job.get("t1w")) and same_path(rec.get("atlas"), job.get("atlas"))):
+        return False
+    if job.get("preset") and rec.get("preset") != job["preset"]:
+        return False
+    try:
+        registration = json.loads(Path(rec["registration_json"]).read_text())
+    except (KeyError, TypeError, OSError, json.JSONDecodeError):
+        return False
+    return registration.get("seed") == job.get("seed")
 
 
 def _workflow_errors(result) -> str:
