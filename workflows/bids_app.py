@@ -340,10 +340,8 @@ def run_participant(opts: AppOptions) -> int:
     log.info("workflow finished in %.1f s", time.perf_counter() - t0)
     if result.errored:
         msg = _workflow_errors(result)
-        if _worker_died(result):
-            log.error("the workflow stopped: a worker process died (killed by a signal or out of memory)")
-        else:
-            log.error("the workflow stopped: %s", msg[:500])
+        log.error("the workflow stopped: %s", "a worker process died (killed by a signal or out of memory)"
+                  if _worker_died(result) else msg[:500])
         log.debug("the workflow's error: %s", msg)
         if opts.stop_on_first_crash:
             return EXIT_ERROR
