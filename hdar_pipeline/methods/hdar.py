@@ -100,9 +100,10 @@ class HDARMethod(MethodBase):
         the time.
     refine_full_resolution : int, optional
         Steps of a last refinement level on the full-resolution grid, after ``refine_levels`` (0: none; default:
-        the preset's, :data:`ACCURATE_FULL_RESOLUTION_STEPS` for ``accurate``, 0 for the others). The correction lives on the fixed brain's box at 1 voxel and is
-        composed as ``exp(v)`` like the others (:func:`~hdar_pipeline.hdar.instance.default_refine_levels`);
-        about 1 s per step plus 0.7 s once on 2 CPU cores for a 160 x 192 x 160 pair. Needs ``refine > 0`` and
+        the preset's, :data:`ACCURATE_FULL_RESOLUTION_STEPS` for ``accurate``, 0 for the others). The
+        correction lives on the fixed brain's box at 1 voxel and is composed as ``exp(v)`` like the others
+        (:func:`~hdar_pipeline.hdar.instance.default_refine_levels`); about 1 s per step plus 1 s once (warping,
+        linearising, integrating) on 2 CPU cores for a 160 x 192 x 160 pair. Needs ``refine > 0`` and
         ``refine_similarity="full"``.
     weights : str or Path
         A shipped name (``"default"``) or the path of an exported ``.pt`` (model card beside it).
