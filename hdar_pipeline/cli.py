@@ -627,7 +627,9 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=None, help="parallel jobs (cf worker); default: all cores")
     g.add_argument("--omp-nthreads", type=positive_int, default=None, help="threads per job; default cores / nprocs")
     g.add_argument("-w", "--work-dir", default="work", help="Pydra cache: a rerun resumes and skips finished work")
-    g.add_argument("--worker", choices=["cf", "slurm"], default="cf")
+    g.add_argument("--worker", choices=["cf", "slurm"], default="cf",
+                   help="cf: processes on this machine; slurm: one sbatch job per step (a job SLURM cancels, "
+                        "times out or preempts is requeued once, then recorded as failed)")
     g.add_argument("--slurm-args", default="", help='extra sbatch arguments, e.g. "--partition=cpu --mem=8G"')
     g.add_argument("--stop-on-first-crash", action="store_true",
                    help="stop at the first failed subject instead of reporting it and going on")

@@ -64,12 +64,15 @@ class Killer:
                     if self.once and self.killed:
                         continue
                     try:
-                        target = parent_pid(parent_pid(int(job["pid"]))) if self.pool_worker else int(job["pid"])
-                        os.kill(target, signal.SIGKILL)
+                        self.kill(int(job["pid"]))
                     except (ProcessLookupError, FileNotFoundError):
                         continue
                     self.killed.append(int(job["pid"]))
             time.sleep(0.02)
+
+    def kill(self, pid: int) -> None:
+        """Kill the job process ``pid`` (or its pool worker)."""
+        os.kill(parent_pid(parent_pid(pid)) if self.pool_worker else pid, signal.SIGKILL)
 
 
 def statuses(out: Path) -> dict[str, dict]:

@@ -161,3 +161,113 @@ def test_bids_app_participant_level_through_slurm(slurm_cluster, tmp_path):
     scripts = list((work / "pydra").rglob("*.sh"))
     assert len(scripts) >= 4, scripts  # register x2, evaluate x2 (+ collect) went through sbatch
     assert bids_app_main(app_args(ds, out, work, "group")) == 0
+
+
+# ------------------------------------------------------------------------------------------ under faults
+
+
+def _fault_argv(root, bids_dir, labels_dir) -> list:
+    from test_faults import argv
+
+    return [*argv(root, bids_dir, labels_dir, 2), "--worker", "slurm", "--slurm-args=--time=00:10:00"]
+
+
+def _slurm_job_of(pid: int) -> str:
+    """The SLURM job id a process runs in (its ``SLURM_JOB_ID``)."""
+    env = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+    return env["SLURM_JOB_ID"]
+
+
+class Canceller:
+    """Cancels (``scancel --signal=KILL --full``, as SLURM does past ``--time`` or ``--mem``) the SLURM job of
+    every job process whose pid file names ``victim``; built on test_faults' Killer."""
+
+    def __new__(cls, *args, **kwargs):
+        from test_faults import Killer
+
+        class _Canceller(Killer):
+            def kill(self, pid: int) -> None:
+                done = _run("scancel", "--signal=KILL", "--full", _slurm_job_of(pid))
+                assert done.returncode == 0, done.stderr
+
+        return _Canceller(*args, **kwargs)
+
+
+def test_a_registration_killed_inside_its_slurm_job_fails_that_subject_only_and_a_rerun_finishes_it(
+        slurm_cluster, tmp_path, capsys):
+    """Issue 14 under SLURM: sub-03's registration process is killed (SIGKILL, as the out-of-memory killer
+    does) inside its sbatch job. The other subjects finish, sub-03's row says it was killed, and a rerun on the
+    same work dir finishes it."""
+    from test_bids_app import make_bids_dataset
+    from test_faults import Killer, statuses
+    from test_input_guard import run_cli
+
+    from hdar_pipeline.cli import bids_app_main
+
+    bids_dir, labels_dir = make_bids_dataset(tmp_path)
+    with Killer(tmp_path / "work", "sub-03", once=True) as killer:
+        code, err = run_cli(bids_app_main, _fault_argv(tmp_path, bids_dir, labels_dir), capsys)
+    assert killer.killed, "nothing was killed: the test did not test anything"
+    assert code == 3 and "Traceback" not in err, err  # 3: failed subjects (sub-04's T1w is corrupt, on purpose)
+    rec = statuses(tmp_path / "out")
+    assert set(rec) == {"sub-02", "sub-03", "sub-04"}, rec  # every subject has its row
+    assert rec["sub-02"]["status"] == "ok" and rec["sub-02"]["metrics"]["mean_dice"] > 0.5
+    assert rec["sub-03"]["status"] == "error" and rec["sub-03"]["failed_step"] == "register", rec["sub-03"]
+    assert "killed by SIGKILL" in rec["sub-03"]["error"], rec["sub-03"]["error"]
+    assert rec["sub-04"]["status"] == "error" and "cannot be read" in rec["sub-04"]["error"]
+
+    code, err = run_cli(bids_app_main, _fault_argv(tmp_path, bids_dir, labels_dir), capsys)
+    assert code == 3 and "Traceback" not in err, err
+    again = statuses(tmp_path / "out")
+    assert again["sub-02"]["metrics"]["mean_dice"] == rec["sub-02"]["metrics"]["mean_dice"]  # from the cache
+    assert again["sub-03"]["status"] == "ok" and again["sub-03"]["metrics"]["mean_dice"] > 0.5, again["sub-03"]
+    assert again["sub-04"]["status"] == "error"
+
+
+def test_a_slurm_job_cancelled_once_is_requeued_and_the_cohort_completes(slurm_cluster, tmp_path, capsys):
+    """sub-03's registration job cancelled once by SLURM (a preemption, a node lost): requeued, and every
+    subject finishes in the same run."""
+    from test_bids_app import make_bids_dataset
+    from test_faults import statuses
+    from test_input_guard import run_cli
+
+    from hdar_pipeline.cli import bids_app_main
+
+    bids_dir, labels_dir = make_bids_dataset(tmp_path)
+    with Canceller(tmp_path / "work", "sub-03", once=True) as canceller:
+        code, err = run_cli(bids_app_main, _fault_argv(tmp_path, bids_dir, labels_dir), capsys)
+    assert canceller.killed, "nothing was cancelled: the test did not test anything"
+    assert code == 3 and "Traceback" not in err, err  # sub-04's T1w is corrupt, on purpose
+    rec = statuses(tmp_path / "out")
+    assert rec["sub-02"]["status"] == rec["sub-03"]["status"] == "ok", rec
+    assert rec["sub-03"]["metrics"]["mean_dice"] > 0.5
+
+
+def test_a_slurm_job_cancelled_every_time_fails_that_subject_after_one_requeue(slurm_cluster, tmp_path, capsys):
+    """sub-03's registration job cancelled at every try (a job that always runs past ``--time`` or ``--mem``):
+    requeued once, then recorded as failed, naming the state; the run ends instead of requeueing forever, the
+    others finish, and a rerun without the fault finishes sub-03."""
+    from test_bids_app import make_bids_dataset
+    from test_faults import statuses
+    from test_input_guard import run_cli
+
+    from hdar_pipeline.cli import bids_app_main
+
+    bids_dir, labels_dir = make_bids_dataset(tmp_path)
+    start = time.monotonic()
+    with Canceller(tmp_path / "work", "sub-03", once=False) as canceller:
+        code, err = run_cli(bids_app_main, _fault_argv(tmp_path, bids_dir, labels_dir), capsys)
+    assert len(canceller.killed) == 2, canceller.killed  # the first try and one requeue
+    assert code == 3 and "Traceback" not in err, err
+    rec = statuses(tmp_path / "out")
+    assert set(rec) == {"sub-02", "sub-03", "sub-04"}, rec
+    assert rec["sub-02"]["status"] == "ok" and rec["sub-02"]["metrics"]["mean_dice"] > 0.5
+    assert rec["sub-03"]["status"] == "error" and "did not finish" in rec["sub-03"]["error"], rec["sub-03"]
+    assert "ended CANCELLED 2 time(s)" in rec["sub-03"]["error"], rec["sub-03"]["error"]
+    assert "ended CANCELLED" in err.strip().splitlines()[-1] or "ended CANCELLED" in err, err
+    print(f"a job cancelled at every try: the run ended after {time.monotonic() - start:.0f} s")
+
+    code, err = run_cli(bids_app_main, _fault_argv(tmp_path, bids_dir, labels_dir), capsys)
+    assert code == 3 and "Traceback" not in err, err
+    again = statuses(tmp_path / "out")
+    assert again["sub-03"]["status"] == "ok" and again["sub-03"]["metrics"]["mean_dice"] > 0.5, again["sub-03"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -305,29 +306,49 @@ def run_participant(opts: AppOptions) -> int:
     Wf = init_cohort_wf(methods=opts.methods, presets={m: p for m, p in presets.items() if m in opts.methods},
                         preprocess=opts.preprocess, skull_stripped=opts.skull_stripped, n4=opts.n4,
                         affine=opts.affine, seed=opts.seed, threads=threads, device=opts.device, name="hdar_participant_wf")
-    wf = Wf(atlas=atlas.image, atlas_labels=atlas.labels, label_table=atlas.label_table,
-            subjects=[e.subject for e in cohort], sessions=[e.session for e in cohort],
-            t1w=[e.t1w for e in cohort], labels=[e.labels for e in cohort])
+
+    def workflow(entries: list) -> Any:
+        return Wf(atlas=atlas.image, atlas_labels=atlas.labels, label_table=atlas.label_table,
+                  subjects=[e.subject for e in entries], sessions=[e.session for e in entries],
+                  t1w=[e.t1w for e in entries], labels=[e.labels for e in entries])
+
     cache_root = Path(opts.work_dir).resolve() / "pydra"
     cache_root.mkdir(parents=True, exist_ok=True)
     worker_kwargs: dict[str, Any] = {}
+    worker: Any = opts.worker
     if opts.worker == "cf":
         worker_kwargs["n_procs"] = nprocs
     elif opts.worker == "slurm":
-        worker_kwargs["sbatch_args"] = opts.slurm_args or ""
+        from .slurm_worker import BoundedRequeueSlurmWorker
+
+        # a job SLURM cancels, times out or preempts is requeued once, not forever
+        worker, worker_kwargs["sbatch_args"] = BoundedRequeueSlurmWorker, opts.slurm_args or ""
     else:
         raise bids.BIDSError(f"unknown worker {opts.worker!r}; choose cf or slurm")
     expected = {(e.subject, e.session, m) for e in cohort for m in opts.methods}
     work_lock = claim_work_dir(cache_root)  # held until the run ends; released by the OS if it is killed
     t0, started = time.perf_counter(), time.time()
+    active, lost = list(cohort), {}  # lost: (subject, session) -> why its SLURM job was given up
     try:
         for attempt in (1, 2, 3):
             with ProgressWatcher(cache_root, expected, show=opts.progress):
-                with Submitter(worker=opts.worker, cache_root=cache_root, **worker_kwargs) as sub:
-                    result = sub(wf, raise_errors=False)
+                with Submitter(worker=worker, cache_root=cache_root, **worker_kwargs) as sub:
+                    result = sub(workflow(active), raise_errors=False)
+                    lost_now = lost_subjects(getattr(sub.worker, "lost", []))
             if not result.errored or opts.stop_on_first_crash or attempt == 3:
                 break
-            if _worker_died(result) and attempt == 1:
+            if lost_now and set(lost_now) <= {(e.subject, e.session) for e in active}:
+                # SLURM lost a job for good (cancelled or timed out past its requeue): Pydra then holds back
+                # every later step, of every subject; run the others' steps once more without that subject
+                # (what finished comes from the cache)
+                lost.update(lost_now)
+                for (subject, session), why in lost_now.items():
+                    log.error("sub-%s%s: %s", subject, f" ses-{session}" if session else "", why)
+                active = [e for e in active if (e.subject, e.session) not in lost]
+                if not active:
+                    break
+                log.warning("running the other subjects' remaining steps once more")
+            elif _worker_died(result) and attempt == 1:
                 # a worker died (a signal, the out-of-memory killer) and took the jobs beside it along: run the
                 # unfinished jobs once more; the finished ones come from the cache
                 log.warning("a worker process died; running the unfinished jobs once more")
@@ -354,6 +375,13 @@ def run_participant(opts: AppOptions) -> int:
     else:
         records = [json.loads(Path(r.fspath if hasattr(r, "fspath") else r).read_text())
                    for r in result.outputs.records]
+        if lost:  # what the lost subjects finished (their other methods), the rest failed with SLURM's reason
+            records += salvage_records(cache_root, {k for k in expected if k[:2] in lost}, since=started)
+    for rec in records:
+        why = lost.get((str(rec.get("subject", "")), str(rec.get("session") or "")))
+        if why and rec.get("error") == UNFINISHED:
+            rec["error"] = f"did not finish: {why}; rerun with the same --work-dir to try it again"
+            rec["traceback"] = why
     if opts.stop_on_first_crash and any(r.get("status") != "ok" for r in records):
         # a failure cached by an earlier run without the flag: stop here, as a fresh run would have
         first = next(r for r in records if r.get("status") != "ok")
@@ -434,12 +462,13 @@ def clear_stale_pydra_state(cache_root: Path) -> None:
 
 
 def _worker_died(result) -> bool:
-    return "BrokenProcessPool" in _workflow_errors(result)
+    return "BrokenProcessPool" in _workflow_error_text(result)
 
 
 #: The reason given for a subject x method whose job never reported back.
-UNFINISHED = ("did not finish: the workflow stopped when a worker process died (killed by a signal, or by the "
-              "out-of-memory killer); rerun with the same --work-dir to finish it")
+UNFINISHED = ("did not finish: the workflow stopped when a job died (its process killed by a signal or the "
+              "out-of-memory killer, or its SLURM job cancelled or timed out); rerun with the same --work-dir to "
+              "finish it")
 
 
 def salvage_records(cache_root: Path, expected: set[tuple[str, str, str]], *, since: float,
@@ -501,13 +530,47 @@ def _same_job(rec: dict[str, Any], job: dict[str, Any] | None) -> bool:
 
 
 def _workflow_errors(result) -> str:
+    """The workflow's error in one line: what each failed job said (Pydra's ``errored:`` parts), or the
+    last line of its traceback; never the traceback itself."""
+    text = _workflow_error_text(result)
+    # Pydra: "Job 'name', <task>, errored:<message>" per failed job, separated by blank lines
+    parts = re.findall(r"errored:(.*?)(?=\n\s*Job '|\n\s*See output directory|\Z)", text, flags=re.S)
+    said = [lines[-1] for lines in ([ln.strip() for ln in p.splitlines() if ln.strip()] for p in parts) if lines]
+    if not said:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        said = lines[-1:] or ["unknown error (see the Pydra cache)"]
+    return " ".join(" | ".join(dict.fromkeys(said))[:2000].split())
+
+
+def _workflow_error_text(result) -> str:
+    """Everything Pydra recorded of the workflow's error (its traceback included)."""
     try:
         errors = result.errors
         if isinstance(errors, dict):
-            return " ".join(str(errors.get("error message", errors))[:2000].split())
-        return " ".join(str(errors)[:2000].split())
+            errors = errors.get("error message", errors)
+        return "".join(errors) if isinstance(errors, (list, tuple)) else str(errors)
     except Exception:  # noqa: BLE001
         return "unknown error (see the Pydra cache)"
+
+
+def lost_subjects(lost: Sequence[tuple[Any, str]]) -> dict[tuple[str, str], str]:
+    """``(subject, session) -> message`` for the jobs a SLURM worker gave up
+    (:attr:`~.slurm_worker.BoundedRequeueSlurmWorker.lost`); a job whose subject cannot be told (no
+    ``subject`` input, no readable record input) is left out."""
+    out: dict[tuple[str, str], str] = {}
+    for task, message in lost:
+        subject, session = str(getattr(task, "subject", "") or ""), str(getattr(task, "session", "") or "")
+        for name in ("preprocessed", "record"):  # a step that takes an earlier step's record instead
+            if subject:
+                break
+            try:
+                rec = json.loads(Path(str(getattr(task, name))).read_text())
+                subject, session = str(rec.get("subject", "")), str(rec.get("session") or "")
+            except (AttributeError, TypeError, OSError, ValueError):
+                continue
+        if subject:
+            out[(subject, session)] = message
+    return out
 
 
 # ----------------------------------------------------------------------------- reports and methods
