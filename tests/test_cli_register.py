@@ -58,6 +58,10 @@ def test_register_writes_everything_and_ants_reapplies_it(tmp_path, pair, method
     theirs = ants.apply_transforms(fixed, moving_labels, transformlist=[str(out / t) for t in record["transforms"]],
                                    interpolator="nearestNeighbor").numpy()
     assert dice(ours, np.rint(theirs).astype(int)).min() >= 0.99
+    # the single-file composite as well (what the BIDS App ships as xfm.h5)
+    composite = ants.apply_transforms(fixed, moving_labels, transformlist=[str(out / "transform.h5")],
+                                      interpolator="nearestNeighbor").numpy()
+    assert dice(ours, np.rint(composite).astype(int)).min() >= 0.99
     # Nothing was written next to the inputs, and they are unchanged.
     assert all(p.read_bytes() == before[p] for p in pair.values())
     assert sorted(p.name for p in pair["fixed"].parent.iterdir()) == sorted(p.name for p in pair.values())
