@@ -29,16 +29,25 @@ def test_box_sum_equals_a_dense_box_filter():
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-def test_box_sum_of_every_width_is_the_sum_of_its_shifted_views(transpose):
-    """Windows over 4 are summed by doubling; every width, odd and even (centred on the high side, or the low side
-    for the adjoint), equals the plain sum of the window's shifted views of the zero-padded volume."""
-    x = torch.rand(1, 2, 17, 15, 14, dtype=torch.float64)
-    for w in range(2, 14):
+@pytest.mark.parametrize("autograd", [False, True])
+def test_box_sum_of_every_width_is_the_sum_of_its_shifted_views(transpose, autograd):
+    """Every width, odd and even (centred on the high side, or the low side for the adjoint), equals the plain
+    sum of the window's shifted views of the zero-padded volume, on both paths: accumulated in place (no
+    gradient needed) and by shifted views of a padded copy (windows over 4 by doubling) when autograd needs
+    the graph, whose gradient is then the adjoint box sum. Widths up to beyond the smallest axis."""
+    x = torch.rand(1, 2, 17, 15, 14, dtype=torch.float64, requires_grad=autograd)
+    for w in range(2, 18):
         low, high = ((w - 1) // 2, w // 2) if not transpose else (w // 2, (w - 1) // 2)
-        padded = torch.nn.functional.pad(x, [low, high] * 3)
+        padded = torch.nn.functional.pad(x.detach(), [low, high] * 3)
         plain = sum(padded[..., i:i + 17, j:j + 15, k:k + 14]
                     for i in range(w) for j in range(w) for k in range(w))
-        assert torch.allclose(box_sum(x, w, transpose=transpose), plain), w
+        out = box_sum(x, w, transpose=transpose)
+        assert out.requires_grad == autograd
+        assert torch.allclose(out, plain), w
+        if autograd:
+            y = torch.rand_like(plain)
+            (grad,) = torch.autograd.grad((out * y).sum(), x)
+            assert torch.allclose(grad, box_sum(y, w, transpose=not transpose)), w
 
 
 def test_ncc_of_an_image_with_itself_is_minus_one():
