@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -37,11 +38,15 @@ class Killer:
     """SIGKILL every job process whose label names ``victim`` (every time, or only the first time), from a
     thread that watches ``root`` for the jobs' pid files; ``pool_worker=True`` kills instead the process of
     the worker pool that runs it (the job's fork server's parent), as if the evaluation beside it had run out
-    of memory."""
+    of memory; ``kill`` replaces the SIGKILL (it gets the job process's pid). An error in the watcher is
+    raised when the ``with`` block ends."""
 
-    def __init__(self, root: Path, victim: str, *, once: bool, pool_worker: bool = False) -> None:
+    def __init__(self, root: Path, victim: str, *, once: bool, pool_worker: bool = False,
+                 kill: Callable[[int], None] | None = None) -> None:
         self.root, self.victim, self.once, self.pool_worker = root, victim, once, pool_worker
+        self._kill = kill or self._sigkill
         self.killed: list[int] = []
+        self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -52,26 +57,37 @@ class Killer:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self._error is not None:
+            raise self._error
 
     def _watch(self) -> None:
-        while not self._stop.is_set():
-            for path in self.root.rglob(PID_FILE):
-                try:
-                    job = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-                if self.victim in job.get("label", "") and job["pid"] not in self.killed:
-                    if self.once and self.killed:
-                        continue
-                    try:
-                        self.kill(int(job["pid"]))
-                    except (ProcessLookupError, FileNotFoundError):
-                        continue
-                    self.killed.append(int(job["pid"]))
-            time.sleep(0.02)
+        try:
+            while not self._stop.is_set():
+                self._look()
+                time.sleep(0.02)
+        except BaseException as exc:  # noqa: BLE001 - reported by __exit__
+            self._error = exc
 
-    def kill(self, pid: int) -> None:
-        """Kill the job process ``pid`` (or its pool worker)."""
+    def _look(self) -> None:
+        try:
+            paths = list(self.root.rglob(PID_FILE))
+        except OSError:  # a job folder went away during the walk: look again next time
+            return
+        for path in paths:
+            try:
+                job = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if self.victim in job.get("label", "") and job["pid"] not in self.killed:
+                if self.once and self.killed:
+                    continue
+                try:
+                    self._kill(int(job["pid"]))
+                except (ProcessLookupError, FileNotFoundError):
+                    continue
+                self.killed.append(int(job["pid"]))
+
+    def _sigkill(self, pid: int) -> None:
         os.kill(parent_pid(parent_pid(pid)) if self.pool_worker else pid, signal.SIGKILL)
 
 
@@ -133,3 +149,22 @@ def test_two_runs_never_share_a_work_dir(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert "in use by another hdar-pipeline run" in err.strip().splitlines()[-1]
     assert not list((tmp_path / "out").glob("sub-*"))
+
+
+def test_a_run_keeps_its_work_dir_lock_so_a_second_run_is_refused(tmp_path):
+    """The clean-up of stale Pydra locks at the start of a run must not delete the run's own lock file: a second
+    run would then lock a new file and share the work dir."""
+    from hdar_pipeline import bids
+    from hdar_pipeline.workflows.bids_app import WORK_DIR_LOCK, claim_work_dir
+
+    cache = tmp_path / "work" / "pydra"
+    cache.mkdir(parents=True)
+    (cache / "abc123.lock").write_text("")  # a Pydra job lock left by a killed run
+    first = claim_work_dir(cache)
+    try:
+        assert (cache / WORK_DIR_LOCK).exists() and not (cache / "abc123.lock").exists()
+        with pytest.raises(bids.BIDSError, match="in use by another hdar-pipeline run"):
+            claim_work_dir(cache)
+    finally:
+        first.close()
+    claim_work_dir(cache).close()  # free again once the first run ends

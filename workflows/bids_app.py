@@ -403,6 +403,10 @@ def run_participant(opts: AppOptions) -> int:
     return EXIT_FAILED_SUBJECTS if failed else EXIT_OK
 
 
+#: The lock a run holds on its work dir (``flock``): the file must stay, or a second run would lock another one.
+WORK_DIR_LOCK = ".hdar-pipeline.lock"
+
+
 def claim_work_dir(cache_root: Path):
     """Take the work dir for this run (an ``flock`` on ``<cache_root>/.hdar-pipeline.lock``) and clear what a
     killed earlier run left there: Pydra's lock files of jobs that never ended and the error files of jobs
@@ -416,7 +420,7 @@ def claim_work_dir(cache_root: Path):
     """
     import fcntl
 
-    fh = open(cache_root / ".hdar-pipeline.lock", "w")
+    fh = open(cache_root / WORK_DIR_LOCK, "w")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -438,7 +442,8 @@ def clear_stale_pydra_state(cache_root: Path) -> None:
     :mod:`hdar_pipeline.isolation`) ended with a failed record that Pydra cached like any result: its folder
     goes, and with it every workflow's cached result (cheap: they are re-assembled from the cached jobs), so
     that this run registers it again and passes the new record on."""
-    for path in sorted(cache_root.glob("*.lock")) + sorted(cache_root.glob("*/_error.pklz")):
+    stale = [p for p in sorted(cache_root.glob("*.lock")) if p.name != WORK_DIR_LOCK]  # never this run's own
+    for path in stale + sorted(cache_root.glob("*/_error.pklz")):
         log.info("removing %s, left by a job that did not finish", path.relative_to(cache_root))
         path.unlink(missing_ok=True)
     killed = []
