@@ -12,12 +12,50 @@ from ._ants import ants_workdir, as_ants_float, as_ants_mask, transform_from_ant
 from .base import MethodBase
 
 
+#: The fewest voxels along any axis a resolution level may keep. Below it the level has too few samples for the
+#: 32-bin Mattes histogram: a 32^3 phantom at 3 mm shrunk 6x (5^3 voxels, 25 samples) failed for one seed in four
+#: (mean Dice 0.52-0.67 instead of 0.86-0.93) and, with its schedule capped at 2x, for none of 12 seeds.
+MIN_LEVEL_VOXELS = 12
+
+
+def level_schedule(shrink_factors: tuple[int, ...], smoothing_sigmas_vox: tuple[float, ...],
+                   shapes: list[tuple[int, ...]], min_voxels: int = MIN_LEVEL_VOXELS
+                   ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The multi-resolution schedule for images of these shapes.
+
+    Each shrink factor is capped at ``min(shape) // min_voxels`` (at least 1) over every shape, and its
+    smoothing sigma scaled by the same ratio, so a level keeps its smoothing relative to its voxels.
+
+    Parameters
+    ----------
+    shrink_factors, smoothing_sigmas_vox : tuple
+        The schedule for a large image, coarse to fine (sigmas in voxels of the full-resolution image).
+    shapes : list of tuple of int
+        The voxel shapes of the images registered (fixed and moving).
+    min_voxels : int
+        The fewest voxels along any axis at any level.
+
+    Returns
+    -------
+    tuple
+        ``(shrink_factors, smoothing_sigmas_vox)``, as many levels as given; unchanged on a large grid.
+    """
+    if len(shrink_factors) != len(smoothing_sigmas_vox):
+        raise ValueError("shrink_factors and smoothing_sigmas_vox need one value per level")
+    cap = max(1, min(min(int(n) for n in shape[:3]) for shape in shapes) // int(min_voxels))
+    shrinks = tuple(min(int(f), cap) for f in shrink_factors)
+    sigmas = tuple(float(s) * new / int(f) for s, f, new in zip(smoothing_sigmas_vox, shrink_factors, shrinks))
+    return shrinks, sigmas
+
+
 @dataclass
 class AffineMethod(MethodBase):
     """Rigid then affine registration (antsRegistration through antspyx).
 
     Both stages use Mattes mutual information (32 bins, 20 % regular sampling), shrink factors
-    6x4x2x1 and smoothing 3x2x1x0 voxels, starting from an alignment of the centres of mass.
+    6x4x2x1 and smoothing 3x2x1x0 voxels, starting from an alignment of the centres of mass. On a small
+    grid the shrink factors are capped so that every level keeps at least :data:`MIN_LEVEL_VOXELS` voxels
+    along each axis (:func:`level_schedule`); the schedule used is in ``transform.metadata["schedule"]``.
 
     Parameters
     ----------
@@ -39,15 +77,18 @@ class AffineMethod(MethodBase):
     threads: int | None = None
 
     def _register(self, fixed, moving, fixed_mask) -> Transform:
+        shrinks, sigmas = level_schedule(self.shrink_factors, self.smoothing_sigmas_vox,
+                                         [fixed.shape, moving.shape])
         with ants_workdir(self.threads, self.seed) as prefix:
             f, m, mask = as_ants_float(fixed), as_ants_float(moving), as_ants_mask(fixed_mask)
             common = dict(aff_metric="mattes", aff_sampling=32, aff_random_sampling_rate=self.sampling_rate,
-                          aff_shrink_factors=self.shrink_factors, aff_smoothing_sigmas=self.smoothing_sigmas_vox,
-                          mask=mask)
+                          aff_shrink_factors=shrinks, aff_smoothing_sigmas=sigmas, mask=mask)
             rigid = ants.registration(f, m, type_of_transform="Rigid", outprefix=prefix + "rigid_",
                                       aff_iterations=self.rigid_iterations, **common)
             # antsRegistration collapses the initial (rigid) transform into the affine output (-z 1).
             affine = ants.registration(f, m, type_of_transform="Affine", outprefix=prefix + "affine_",
                                        initial_transform=rigid["fwdtransforms"][0],
                                        aff_iterations=self.affine_iterations, **common)
-            return transform_from_ants(affine["fwdtransforms"], fixed)
+            transform = transform_from_ants(affine["fwdtransforms"], fixed)
+        transform.metadata["schedule"] = {"shrink_factors": list(shrinks), "smoothing_sigmas_vox": list(sigmas)}
+        return transform
