@@ -168,3 +168,20 @@ def test_a_run_keeps_its_work_dir_lock_so_a_second_run_is_refused(tmp_path):
     finally:
         first.close()
     claim_work_dir(cache).close()  # free again once the first run ends
+
+
+def test_a_second_run_in_one_process_reads_its_own_dataset_not_a_copy_with_the_same_bytes(tmp_path, capsys):
+    """Pydra caches constructed workflows process-wide by the content of their file inputs: a second App run in
+    the same process on a byte-identical copy of a dataset got the first run's workflow, and registered the
+    first dataset's files (its records named them as Sources). Each run must read its own dataset."""
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        bids_dir, labels_dir = make_bids_dataset(root)
+        code, err = run_cli(bids_app_main, [*argv(root, bids_dir, labels_dir, 1), "--participant-label", "02",
+                                            "--seed", "1"], capsys)
+        assert code == 0, err
+    for root in roots:
+        rec = statuses(root / "out")["sub-02"]
+        assert rec["status"] == "ok", rec
+        assert rec["Sources"] == [str(root / "rawdata" / "sub-02" / "anat" / "sub-02_T1w.nii.gz")], rec["Sources"]
+        assert rec["Atlas"] == str(root / "rawdata" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"), rec["Atlas"]

@@ -262,6 +262,7 @@ class ProgressWatcher:
 def run_participant(opts: AppOptions) -> int:
     """Register the cohort to the atlas with every method and write derivatives and reports."""
     from pydra.engine.submitter import Submitter
+    from pydra.engine.workflow import Workflow
 
     from hdar_pipeline.runtime import configure_threads
 
@@ -331,6 +332,10 @@ def run_participant(opts: AppOptions) -> int:
     active, lost = list(cohort), {}  # lost: (subject, session) -> why its SLURM job was given up
     try:
         for attempt in (1, 2, 3):
+            # Pydra keeps constructed workflows in a process-wide cache keyed by the *content* of the file
+            # inputs, not their paths: a second run in this process on a copy of a dataset (or a file replaced
+            # by one with the same bytes) would get the first run's nodes, with the first run's paths.
+            Workflow.clear_cache()
             with ProgressWatcher(cache_root, expected, show=opts.progress):
                 with Submitter(worker=worker, cache_root=cache_root, **worker_kwargs) as sub:
                     result = sub(workflow(active), raise_errors=False)
