@@ -67,10 +67,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover (pandas is imported where tables are built: `hdar register`
+    import pandas as pd  # never needs it, and it costs 0.15 s of start-up)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = "benchmark-results"
@@ -695,6 +697,8 @@ def measured_row(measure: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
 
 def rows_frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
     """The rows as a table with at least ``columns`` (missing ones NaN)."""
+    import pandas as pd
+
     table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(columns))
     for col in columns:
         if col not in table:
@@ -851,6 +855,8 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
 
 def wall_time_note(rows: pd.DataFrame, elapsed_s: float) -> str:
     """How long this run took, how many rows came from the cache and what the rows' registrations add up to."""
+    import pandas as pd
+
     cached = rows["cached"].fillna(False).astype(bool) if "cached" in rows else pd.Series(False, index=rows.index)
     total = float(pd.to_numeric(rows.get("runtime_s"), errors="coerce").sum()) if len(rows) else 0.0
     return (f"this run took {elapsed_s / 60:.1f} min of wall time for {len(rows)} rows ({int(cached.sum())} from the "
@@ -915,6 +921,8 @@ def variant_status(variant: str, n_ok: int, n_failed: int, unavailable: Mapping[
 def summarise(rows: pd.DataFrame, variants: Sequence[Variant], planned: Mapping[str, int],
               unavailable: Mapping[str, str]) -> tuple[pd.DataFrame, list[str]]:
     """One row per variant (columns :data:`SUMMARY_COLUMNS`) and the notes it adds."""
+    import pandas as pd
+
     notes: list[str] = []
     ok = rows[rows["status"] == "ok"]
     ref = ok[ok["variant"] == REFERENCE_VARIANT]["runtime_s"].astype(float)

@@ -61,10 +61,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 from scipy import ndimage
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover (pandas is imported where tables are built: `hdar register`
+    import pandas as pd  # never needs it, and it costs 0.15 s of start-up)
+
     from .transforms import Transform
 
 #: Per-label columns written by :func:`label_metrics`, in order.
@@ -123,6 +124,8 @@ def overlap_counts(reference: np.ndarray, labels: np.ndarray, label_values: Sequ
     pandas.DataFrame
         Index ``label``; int64 columns ``reference_voxels``, ``labels_voxels``, ``intersection_voxels``.
     """
+    import pandas as pd
+
     ref = _as_label_array(reference)
     lab = _as_label_array(labels)
     if ref.shape != lab.shape:
@@ -287,6 +290,8 @@ def label_metrics(
     pandas.DataFrame
         One row per label, columns :data:`LABEL_COLUMNS`.
     """
+    import pandas as pd
+
     ref = _as_label_array(reference)
     lab = _as_label_array(labels)
     if ref.shape != lab.shape:
@@ -345,6 +350,8 @@ def mean_over_labels(table: pd.DataFrame) -> dict[str, float]:
         ``n_labels`` (rows), ``n_labels_evaluated`` (rows with a Dice: the reference's labels, lost ones
         included; rows without a flag when the table has no Dice) and ``n_labels_missing`` (rows with a flag).
     """
+    import pandas as pd
+
     out: dict[str, float] = {}
     for col in LABEL_METRICS:
         if col in table:
@@ -393,19 +400,20 @@ def jacobian_statistics(jacobian: "np.ndarray | Transform", mask: np.ndarray | N
     """
     if not isinstance(jacobian, np.ndarray):
         jacobian = jacobian.jacobian_determinant()
-    jac = np.asarray(jacobian, dtype=np.float64)
+    # float32 values (no float64 copy of the map), float64 sums
+    jac = np.asarray(jacobian, dtype=np.float32)
 
     def folded(values: np.ndarray) -> float:
         return float(100.0 * np.count_nonzero(values <= 0) / values.size) if values.size else float("nan")
 
     def log_std(values: np.ndarray) -> float:
         pos = values[values > 0]
-        return float(np.log(pos).std()) if pos.size else float("nan")
+        return float(np.log(pos).std(dtype=np.float64)) if pos.size else float("nan")
 
     out = {"folded_percent": folded(jac.ravel()), "folded_percent_mask": float("nan"),
            "log_jacobian_std": log_std(jac.ravel()), "log_jacobian_std_mask": float("nan"),
            "jacobian_min": float(jac.min()), "jacobian_max": float(jac.max()),
-           "jacobian_mean": float(jac.mean()), "n_voxels": int(jac.size), "mask_voxels": 0}
+           "jacobian_mean": float(jac.mean(dtype=np.float64)), "n_voxels": int(jac.size), "mask_voxels": 0}
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != jac.shape:
