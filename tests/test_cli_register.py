@@ -94,3 +94,35 @@ def test_register_labels_on_another_grid(tmp_path, pair, capsys):
     rc = main(["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(tmp_path / "o"),
                "--moving-labels", str(other), "--method", "demons"])
     assert rc == 2 and "does not match" in capsys.readouterr().err
+
+
+def _console(*argv: str, preload_torch: bool = False):
+    """The ``hdar`` console entry point (:func:`hdar_pipeline.cli.console_main`) in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n" + ("import torch\n" if preload_torch else "")
+            + "from hdar_pipeline.cli import console_main\nsys.argv = ['hdar', *sys.argv[1:]]\nconsole_main()\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
+
+
+def test_the_hdar_command_ends_without_teardown_and_loses_nothing(tmp_path, pair):
+    """With torch loaded the command skips the interpreter's teardown (os._exit): its exit code, its last output
+    lines and every file must still be there, complete."""
+    from hdar_pipeline.transforms import Transform
+
+    out = tmp_path / "out"
+    done = _console("register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--method", "hdar",
+                    "--device", "cpu", "--no-affine", "--moving-labels", str(pair["labels"]), "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "registration.json").read_text())
+    assert "registration.json" in done.stdout + done.stderr  # the closing line was flushed
+    assert record["versions"]["torch"] != "not installed"
+    assert Transform.read([out / t for t in record["transforms"]]).field is not None
+    assert Transform.read(out / "transform.h5").field is not None
+    for name in ("warped.nii.gz", "warped_labels.nii.gz"):
+        assert np.asarray(nib.load(str(out / name)).dataobj).any(), name
+    # a refusal after torch was loaded keeps its exit code and its message
+    bad = _console("register", str(tmp_path / "missing.nii.gz"), str(pair["moving"]), "-o", str(tmp_path / "x"),
+                   preload_torch=True)
+    assert bad.returncode == 2 and "missing.nii.gz" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
