@@ -34,8 +34,11 @@ def dice(a, b):
     return np.array([2 * ((a == l) & (b == l)).sum() / ((a == l).sum() + (b == l).sum()) for l in labs])
 
 
-@pytest.mark.parametrize("method, extra", [("demons", ["--no-affine"]), ("affine", []), ("syn", ["--preset", "fast"]),
-                                           ("hdar", ["--device", "cpu"])])
+# The deformable recovery is checked without the affine stage: the ball is symmetric about its slab's axis, so an
+# affine fit to its non-affine deformation is ill-posed and lands by the seed (mean Dice 0.75-0.86 against 0.85
+# before any registration). The affine stage runs for "affine" and for "hdar" (two transform files).
+@pytest.mark.parametrize("method, extra", [("demons", ["--no-affine"]), ("affine", []),
+                                           ("syn", ["--preset", "fast", "--no-affine"]), ("hdar", ["--device", "cpu"])])
 def test_register_writes_everything_and_ants_reapplies_it(tmp_path, pair, method, extra):
     import ants
 
