@@ -79,6 +79,9 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help="run the affine stage first (default)")
     p.add_argument("--no-affine", dest="affine", action="store_false",
                    help="skip the affine stage (inputs already affinely aligned on the same grid)")
+    p.add_argument("--affine-method", choices=["fast", "ants"], default="fast",
+                   help="the affine stage: fast (PyTorch, local NCC, rigid then affine, coarse to fine) or ants "
+                        "(antsRegistration rigid then affine, Mattes MI; about ten times slower at 1 mm)")
     p.add_argument("--no-normalize", dest="normalize", action="store_false",
                    help="do not rescale intensities to [0, 1] before registering")
     p.add_argument("--seed", type=non_negative_int, default=None, help="seeds numpy, torch and ANTs (ANTS_RANDOM_SEED)")
@@ -125,7 +128,8 @@ def _run_register(args: argparse.Namespace) -> int:
     try:
         record = register_files(args.fixed, args.moving, args.output, method=args.method, preset=args.preset,
                                 moving_labels=args.moving_labels, fixed_mask=args.fixed_mask,
-                                affine=args.affine, seed=args.seed, threads=args.threads, device=args.device,
+                                affine=args.affine, affine_method=args.affine_method, seed=args.seed,
+                                threads=args.threads, device=args.device,
                                 normalize=args.normalize, method_options=_method_options(args))
     except (ImageError, ValueError, NotImplementedError, OSError) as exc:
         print(f"hdar register: error: {one_line(exc)}", file=sys.stderr)
@@ -640,6 +644,9 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     g.add_argument("--skull-stripped", choices=["auto", "yes", "no"], default="auto",
                    help="whether the T1w images are already skull-stripped")
     g.add_argument("--no-n4", dest="n4", action="store_false", help="skip N4 bias-field correction")
+    g.add_argument("--affine-method", choices=["fast", "ants"], default="fast",
+                   help="the affine to the atlas (and each method's affine stage with --no-preprocess): fast "
+                        "(PyTorch, local NCC) or ants (antsRegistration, Mattes MI)")
     g.add_argument("--seed", type=non_negative_int, default=None, help="seeds numpy, torch and ANTs")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR)")
     g = p.add_argument_group("resources and execution")

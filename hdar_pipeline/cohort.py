@@ -108,8 +108,10 @@ def preprocess_files(
     n4: bool = True,
     seed: int | None = None,
     threads: int | None = None,
+    affine_method: str = "fast",
 ) -> dict[str, Any]:
-    """Run :func:`hdar_pipeline.preprocess.preprocess_t1w` on files and write its results.
+    """Run :func:`hdar_pipeline.preprocess.preprocess_t1w` on files and write its results (``affine_method``:
+    the affine to the atlas, ``"fast"`` or ``"ants"``).
 
     Writes into ``out_dir``: ``preproc_T1w.nii.gz`` (skull-stripped, bias-corrected, [0, 1], on the
     atlas grid), ``brain_mask.nii.gz`` (atlas grid), ``native_brain.nii.gz`` and
@@ -137,7 +139,7 @@ def preprocess_files(
         check_labels_match(img, labels_img, image_source=t1w, labels_source=labels)
     mask_img = load_image(atlas_mask, labels=True) if atlas_mask is not None else None
     result = preprocess_t1w(img, atlas_img, skull_stripped=skull_stripped_flag(skull_stripped), n4=n4, seed=seed,
-                            threads=threads, atlas_mask=mask_img)
+                            threads=threads, atlas_mask=mask_img, affine_method=affine_method)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "preproc": save_image(result.image, out / "preproc_T1w.nii.gz"),
@@ -158,6 +160,7 @@ def preprocess_files(
         "skull_stripped_input": bool(result.skull_stripped_input),
         "runtime_s": {k: float(v) for k, v in result.runtime_s.items()},
         "seed": seed,
+        "affine_method": affine_method,
         "inputs": {"t1w": str(Path(t1w).resolve()), "atlas": str(Path(atlas).resolve()),
                    "labels": str(Path(labels).resolve()) if labels is not None else None,
                    "t1w_sha256": sha256(t1w), "atlas_sha256": sha256(atlas)},
@@ -320,6 +323,7 @@ def preprocess_subject(
     seed: int | None = None,
     threads: int | None = None,
     isolate: bool = True,
+    affine_method: str = "fast",
 ) -> dict[str, Any]:
     """:func:`preprocess_files` for one subject, as a record that reports failure instead of raising.
 
@@ -341,8 +345,8 @@ def preprocess_subject(
         if t1w is None:
             raise ValueError(f"subject {subject}: no T1w image given")
         rec = _call(isolate, preprocess_files, t1w, atlas, out, labels=labels, atlas_mask=atlas_mask,
-                    skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads, job_dir=out,
-                    label=f"sub-{subject} preprocess")
+                    skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads, affine_method=affine_method,
+                    job_dir=out, label=f"sub-{subject} preprocess")
         return {"preproc": rec["preproc"], "preproc_labels": rec["preproc_labels"], "mask": rec["mask"],
                 "to_atlas": rec["to_atlas"], "preprocess_json": str((out / "preprocess.json").resolve()),
                 "preprocess_runtime_s": float(sum(rec["runtime_s"].values()))}
@@ -366,6 +370,7 @@ def register_subject(
     threads: int | None = None,
     device: str = "auto",
     isolate: bool = True,
+    affine_method: str = "fast",
 ) -> dict[str, Any]:
     """Register one subject to the atlas with one method, as a record that reports failure.
 
@@ -411,8 +416,8 @@ def register_subject(
             if t1w is None:
                 raise ValueError(f"subject {subject}: no T1w image given")
             rec = _call(isolate, register_files, atlas, t1w, out, method=method, preset=preset,
-                        moving_labels=labels, affine=affine, seed=seed, threads=threads, device=device, job_dir=out,
-                        label=f"sub-{subject} {method}")
+                        moving_labels=labels, affine=affine, affine_method=affine_method, seed=seed, threads=threads,
+                        device=device, job_dir=out, label=f"sub-{subject} {method}")
             transforms = [str((out / p).resolve()) for p in rec["transforms"]]
             composite = str((out / rec["composite_transform"]).resolve())
             warped_labels = rec["outputs"].get("warped_labels")

@@ -10,8 +10,10 @@ aligned onto the atlas grid. :func:`preprocess_t1w` produces exactly that from e
    (:func:`is_skull_stripped` decides when ``skull_stripped="auto"``).
 3. **Intensity normalisation** to [0, 1] with robust percentiles inside the brain mask
    (:func:`hdar_pipeline.images.normalize_intensity`).
-4. **Affine registration to the atlas** (:class:`hdar_pipeline.methods.affine.AffineMethod`: rigid then affine,
-   Mattes MI), giving the shared :class:`~hdar_pipeline.transforms.Transform` (atlas points -> subject points).
+4. **Affine registration to the atlas** (default :class:`hdar_pipeline.methods.fast_affine.FastAffineMethod`:
+   rigid then affine on local NCC in PyTorch; ``affine_method="ants"``: :class:`hdar_pipeline.methods.affine.AffineMethod`,
+   antsRegistration rigid then affine on Mattes MI), giving the shared :class:`~hdar_pipeline.transforms.Transform`
+   (atlas points -> subject points).
 5. **Resampling onto the atlas grid** (linear for the image, nearest neighbour for the mask).
 
 Brain extraction: approach and why
@@ -845,6 +847,7 @@ def preprocess_t1w(
     template: nib.spatialimages.SpatialImage | None = None,
     template_mask: nib.spatialimages.SpatialImage | None = None,
     working_spacing_mm: float = 2.0,
+    affine_method: str = "fast",
 ) -> PreprocessResult:
     """Prepare a T1w image for registration to ``atlas``.
 
@@ -873,6 +876,9 @@ def preprocess_t1w(
         Brain-extraction template (default: the packaged MNI ICBM152 2009a, see :func:`brain_extract`).
     working_spacing_mm : float
         Registration grid spacing of the brain extraction (mm).
+    affine_method : {"fast", "ants"}
+        The affine registration to the atlas (:func:`hdar_pipeline.methods.affine_stage`): ``"fast"`` (PyTorch,
+        local NCC) or ``"ants"`` (antsRegistration rigid then affine, Mattes MI).
 
     Returns
     -------
@@ -883,10 +889,11 @@ def preprocess_t1w(
     ImageError
         Unreadable or invalid input or atlas (the message names the file), or an empty brain mask.
     """
-    from .methods.affine import AffineMethod
+    from .methods import affine_stage
 
     img = _as_image(img)
     atlas_img = _as_image(atlas, "atlas")
+    method = affine_stage(affine_method, seed=seed, threads=threads)  # an unknown name fails before the work
     prepared = prepare_brain(img, skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
                              template=template, template_mask=template_mask,
                              working_spacing_mm=working_spacing_mm)
@@ -895,12 +902,12 @@ def preprocess_t1w(
     steps, runtime = list(prepared.steps), dict(prepared.runtime_s)
 
     t0 = time.perf_counter()
-    method = AffineMethod(seed=seed, threads=threads)
     # The registration only needs the brain: crop the moving image to it (world coordinates are kept,
     # so the transform applies to the uncropped image unchanged).
     to_atlas = method.register(atlas_img, _crop(native_brain, mask, 10.0), fixed_mask=atlas_mask)
     runtime["affine_to_atlas"] = time.perf_counter() - t0
-    steps.append("affine registration to the atlas (rigid then affine, Mattes MI)")
+    steps.append("affine registration to the atlas (" + ("rigid then affine, Mattes MI, antsRegistration)"
+                 if affine_method == "ants" else "rigid then affine, local NCC, coarse to fine)"))
 
     t0 = time.perf_counter()
     image = to_atlas.apply(native_brain, interpolation="linear")

@@ -39,6 +39,7 @@ def register_files(
     device: str = "auto",
     normalize: bool = True,
     method_options: dict | None = None,
+    affine_method: str = "fast",
 ) -> dict:
     """Register ``moving`` onto ``fixed`` and write the results into ``out_dir``.
 
@@ -58,6 +59,8 @@ def register_files(
         Method preset (``syn``: ``fast`` or ``quality``; ``hdar``: ``fast``, ``full``, ``refined`` or ``accurate``).
     affine : bool
         Run the affine stage before a deformable method.
+    affine_method : {"fast", "ants"}
+        The affine stage (:func:`hdar_pipeline.methods.affine_stage`).
     seed, threads, device
         Reproducibility and resources (``device`` matters for ``hdar``).
     method_options : dict, optional
@@ -79,8 +82,11 @@ def register_files(
     ImageError
         An input image is unusable (the message names the file).
     """
-    from .methods import get_method, register_pair
+    from .methods import AFFINE_METHODS, get_method, register_pair
     from .metrics import jacobian_statistics
+
+    if affine_method not in AFFINE_METHODS:
+        raise ValueError(f"unknown affine method {affine_method!r}; choose from {', '.join(AFFINE_METHODS)}")
 
     importing = _import_hdar_in_background(method)
     guard = InputGuard({"FIXED": fixed, "MOVING": moving, "--moving-labels": moving_labels,
@@ -105,7 +111,7 @@ def register_files(
     method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device, options=method_options)
     out = guard.output_folder(out_dir, "-o/--output", writes=REGISTER_OUTPUTS)  # last check: creates the folder
     transform, info = register_pair(f_in, m_in, method_obj, affine=affine, fixed_mask=mask_img,
-                                    seed=seed, threads=threads)
+                                    seed=seed, threads=threads, affine_method=affine_method)
 
     outputs = {"warped": "warped.nii.gz"}
     if labels_img is not None:
@@ -130,6 +136,7 @@ def register_files(
         "method": method,
         "preset": info.get("preset", preset),
         "affine_stage": method == "affine" or bool(affine),
+        "affine_method": ("ants" if method == "affine" else affine_method) if method == "affine" or affine else None,
         "runtime_s": info["runtime_s"],
         "peak_memory_mb": info["peak_memory_mb"],
         "stages": info.get("stages", []),

@@ -1066,6 +1066,8 @@ def methods_paragraph(
         else:
             pre.append(f"The brain was extracted with {be}.")
     affine_first = bool(prep.get("affine")) and "affine" not in lower
+    affine_method = str(prep.get("affine_method") or "ants")
+    used_prep.add("affine_method")
     if "affine" in prep and prep["affine"] is not None:
         used_prep.add("affine")
         if not prep["affine"]:
@@ -1080,7 +1082,13 @@ def methods_paragraph(
     # ------------------------------------------------------------------ registration
     reg: list[str] = []
     ants_v = _version_suffix(versions, "antspyx")
-    if affine_first:
+    if affine_first and affine_method == "fast":
+        reg.append("Before the deformable methods, each image was aligned to the atlas with a rigid and then an "
+                   "affine registration driven by the local normalised cross-correlation of 5-voxel windows, coarse "
+                   "to fine on 6 mm and 3 mm isotropic grids over the atlas brain, starting from the alignment of "
+                   "the intensity-weighted centres of mass, with Adam in PyTorch"
+                   + _version_suffix(versions, "torch") + " (hdar-pipeline's fast affine).")
+    elif affine_first:
         aff = dict(parameters.get("affine", {}) or {})
         reg.append(_describe_affine(aff, str(presets.get("affine", "") or aff.get("preset") or ""), ants_v, cite)
                    .replace("Each image was aligned", "Before the deformable methods, each image was aligned", 1))
@@ -1114,9 +1122,9 @@ def methods_paragraph(
 
     # ------------------------------------------------------------------ reproducibility
     repro = []
-    uses_ants = bool(set(lower) & {"affine", "syn"}) or affine_first or bool(prep.get("n4")) or bool(
-        prep.get("brain_extraction"))
-    uses_torch = "hdar" in lower
+    uses_ants = bool(set(lower) & {"affine", "syn"}) or (affine_first and affine_method != "fast") or bool(
+        prep.get("n4")) or bool(prep.get("brain_extraction"))
+    uses_torch = "hdar" in lower or (affine_first and affine_method == "fast")
     if seed is not None:
         rngs = ["Python", "NumPy"] + (["PyTorch"] if uses_torch else []) + (
             ["ANTs, through `ANTS_RANDOM_SEED`"] if uses_ants else [])

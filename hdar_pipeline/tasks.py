@@ -169,6 +169,7 @@ def Preprocess(
     n4: bool = True,
     seed: int | None = None,
     threads: int | None = None,
+    affine_method: str = "fast",
 ) -> tuple[File, File, File, File | None, File]:
     """N4, brain extraction and affine to the atlas (hdar_pipeline.preprocess.preprocess_t1w).
 
@@ -180,6 +181,7 @@ def Preprocess(
         n4: Run N4 bias-field correction.
         seed: Random seed.
         threads: ITK threads.
+        affine_method: The affine to the atlas: fast (PyTorch) or ants.
 
     Returns:
         preproc: Preprocessed image on the atlas grid ([0, 1]).
@@ -189,7 +191,7 @@ def Preprocess(
         record: preprocess.json.
     """
     rec = cohort.preprocess_files(t1w, atlas, Path.cwd(), labels=labels, skull_stripped=skull_stripped, n4=n4,
-                                  seed=seed, threads=threads)
+                                  seed=seed, threads=threads, affine_method=affine_method)
     return (File(rec["preproc"]), File(rec["mask"]), File(rec["to_atlas"]), _file(rec["preproc_labels"]),
             File(Path.cwd() / "preprocess.json"))
 
@@ -256,6 +258,7 @@ def PreprocessSubject(
     n4: bool = True,
     seed: int | None = None,
     threads: int | None = None,
+    affine_method: str = "fast",
 ) -> tuple[File, File | None, File | None]:
     """Preprocess one subject; failure becomes a status record (hdar_pipeline.cohort.preprocess_subject).
 
@@ -269,6 +272,7 @@ def PreprocessSubject(
         n4: Run N4 bias-field correction.
         seed: Random seed.
         threads: ITK threads.
+        affine_method: The affine to the atlas: fast (PyTorch) or ants.
 
     Returns:
         record: preprocess_record.json (status, error, output paths).
@@ -276,7 +280,8 @@ def PreprocessSubject(
         preproc_labels: Labels on the atlas grid, or None.
     """
     rec = cohort.preprocess_subject(subject, t1w, atlas, Path.cwd(), session=session, labels=labels,
-                                    skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads)
+                                    skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
+                                    affine_method=affine_method)
     return File(rec["record_file"]), _file(rec.get("preproc")), _file(rec.get("preproc_labels"))
 
 
@@ -295,6 +300,7 @@ def RegisterSubject(
     threads: int | None = None,
     device: str = "auto",
     model: str = "",
+    affine_method: str = "fast",
 ) -> tuple[File, File | None, File | None, File | None]:
     """Register one subject with one method; failure becomes a status record
     (hdar_pipeline.cohort.register_subject).
@@ -315,6 +321,7 @@ def RegisterSubject(
         model: Identity of the method's trained model (HDAR: weights name and SHA-256, see
             hdar_pipeline.hdar.weights.weights_identity). Not read here: it is part of the cache key,
             so results cached with other weights are recomputed.
+        affine_method: The affine stage: fast (PyTorch) or ants (ignored with preprocessed input).
 
     Returns:
         record: register_record.json (status, error, paths, runtime).
@@ -324,7 +331,7 @@ def RegisterSubject(
     """
     rec = cohort.register_subject(subject, t1w, atlas, Path.cwd(), method=method, session=session, labels=labels,
                                   preprocessed=preprocessed, preset=preset, affine=affine, seed=seed,
-                                  threads=threads, device=device)
+                                  threads=threads, device=device, affine_method=affine_method)
     return (File(rec["record_file"]), _file(rec.get("warped")), _file(rec.get("warped_labels")),
             _file(rec.get("transform")))
 

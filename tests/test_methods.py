@@ -200,7 +200,7 @@ def test_register_pair_composes_the_affine_stage_and_the_deformable_stage_exactl
         + transform.affine[:3, 3]
     assert np.allclose(transform.map_points(p), expected, atol=1e-4)
     # Accounting: one entry per stage, totals over stages.
-    assert [s["method"] for s in info["stages"]] == ["affine", "known-field"]
+    assert [s["method"] for s in info["stages"]] == ["affine-fast", "known-field"]  # the default affine stage
     assert info["method"] == "known-field"
     assert info["runtime_s"] == pytest.approx(sum(s["runtime_s"] for s in info["stages"]))
     assert info["peak_memory_mb"] == max(s["peak_memory_mb"] for s in info["stages"]) > 0

@@ -68,6 +68,7 @@ class AppOptions:
     reports_only: bool = False
     preprocess: bool = True
     affine: bool = True
+    affine_method: str = "fast"
     skull_stripped: str = "auto"
     n4: bool = True
     verbose: int = 0
@@ -306,7 +307,8 @@ def run_participant(opts: AppOptions) -> int:
     presets = {"syn": opts.syn_preset, "hdar": opts.hdar_preset}
     Wf = init_cohort_wf(methods=opts.methods, presets={m: p for m, p in presets.items() if m in opts.methods},
                         preprocess=opts.preprocess, skull_stripped=opts.skull_stripped, n4=opts.n4,
-                        affine=opts.affine, seed=opts.seed, threads=threads, device=opts.device, name="hdar_participant_wf")
+                        affine=opts.affine, affine_method=opts.affine_method, seed=opts.seed, threads=threads,
+                        device=opts.device, name="hdar_participant_wf")
 
     def workflow(entries: list) -> Any:
         return Wf(atlas=atlas.image, atlas_labels=atlas.labels, label_table=atlas.label_table,
@@ -677,6 +679,7 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
     subjects = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
     preprocessing = {"n4": opts.n4, "brain_extraction": "atlas-based", "skull_stripped": opts.skull_stripped,
                      "affine": True} if opts.preprocess else {"affine": opts.affine}
+    preprocessing["affine_method"] = opts.affine_method
     kwargs = dict(methods=[m for m in opts.methods if m in {r["method"] for r in records}] or opts.methods,
                   parameters=parameters, presets=presets, preprocessing=preprocessing,
                   atlas_description=atlas.description, n_subjects=len(subjects), seed=opts.seed,

@@ -30,6 +30,7 @@ def init_cohort_wf(
     skull_stripped: str = "auto",
     n4: bool = True,
     affine: bool = True,
+    affine_method: str = "fast",
     group_stats: bool = False,
     reference: str | None = None,
     figures: bool = True,
@@ -77,6 +78,9 @@ def init_cohort_wf(
         N4 bias-field correction (preprocessing only).
     affine : bool
         Run the affine stage before a deformable method (without ``preprocess``).
+    affine_method : {"fast", "ants"}
+        The affine to the atlas in the preprocessing, or each method's affine stage without it
+        (:func:`hdar_pipeline.methods.affine_stage`).
     group_stats : bool
         Add the group statistics step (:func:`hdar_pipeline.stats.write_group_statistics`).
     reference : str, optional
@@ -125,7 +129,7 @@ def init_cohort_wf(
         The atlas labels; without them nothing is evaluated (registration still runs).
     label_table : File, optional
         BIDS ``dseg.tsv`` or FreeSurfer LUT with the label names.
-    methods, presets, preprocess, skull_stripped, n4, affine, reference, figures, distances, seed,
+    methods, presets, preprocess, skull_stripped, n4, affine, affine_method, reference, figures, distances, seed,
     threads, device
         As above (defaults from the factory).
     models : dict of str
@@ -173,6 +177,7 @@ def init_cohort_wf(
         skull_stripped: str = skull_stripped,
         n4: bool = n4,
         affine: bool = affine,
+        affine_method: str = affine_method,
         group_stats: bool = group_stats,
         reference: str = default_reference,
         figures: bool = figures,
@@ -195,7 +200,8 @@ def init_cohort_wf(
 
         if preprocess:
             prep = workflow.add(
-                PreprocessSubject(atlas=atlas, skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads)
+                PreprocessSubject(atlas=atlas, skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
+                                  affine_method=affine_method)
                 .split(("subject", "session", "t1w", "labels"), subject=subjects, session=sessions, t1w=t1w,
                        labels=labels),
                 name="preprocess")
@@ -207,7 +213,8 @@ def init_cohort_wf(
             subject_state = "preprocess.subject"
         else:
             register = workflow.add(
-                RegisterSubject(atlas=atlas, affine=affine, seed=seed, threads=threads, device=device)
+                RegisterSubject(atlas=atlas, affine=affine, affine_method=affine_method, seed=seed, threads=threads,
+                                device=device)
                 .split([("subject", "session", "t1w", "labels"), ("method", "preset", "model")], subject=subjects,
                        session=sessions, t1w=t1w, labels=labels, method=method_list, preset=preset_list,
                        model=model_list),

@@ -92,6 +92,26 @@ def _with_options(method, name, preset, seed, threads, device, opts: dict[str, A
     return cls(**{**base, **opts})
 
 
+#: The affine stages :func:`register_pair` and the preprocessing can run.
+AFFINE_METHODS = ("fast", "ants")
+
+
+def affine_stage(name: str = "fast", *, seed: int | None = None, threads: int | None = None,
+                 device: str = "cpu") -> MethodBase:
+    """The affine registration called ``name``: ``"fast"`` (:class:`~.fast_affine.FastAffineMethod`: as accurate
+    as the ANTs affine or more on LPBA40 pairs in scanner poses and on the IXI heads, in a tenth of its time at
+    1 mm) or ``"ants"`` (:class:`~.affine.AffineMethod`: rigid then affine, Mattes MI)."""
+    if name == "fast":
+        from .fast_affine import FastAffineMethod
+
+        return FastAffineMethod(seed=seed, threads=threads, device=device)
+    if name == "ants":
+        from .affine import AffineMethod  # imports antspyx (seconds): only when it runs
+
+        return AffineMethod(seed=seed, threads=threads)
+    raise ValueError(f"unknown affine method {name!r}; choose from {', '.join(AFFINE_METHODS)}")
+
+
 def register_pair(
     fixed: nib.spatialimages.SpatialImage,
     moving: nib.spatialimages.SpatialImage,
@@ -101,8 +121,12 @@ def register_pair(
     fixed_mask: nib.spatialimages.SpatialImage | None = None,
     seed: int | None = None,
     threads: int | None = None,
+    affine_method: str = "fast",
 ) -> tuple[Transform, dict[str, Any]]:
     """Register ``moving`` to ``fixed``: optional affine stage, then ``method`` on the aligned pair.
+
+    The affine stage is ``affine_method``: ``"fast"`` (default, :class:`~.fast_affine.FastAffineMethod`, PyTorch,
+    on the deformable method's device) or ``"ants"`` (:class:`~.affine.AffineMethod`, antsRegistration).
 
     The deformable method sees the moving image resampled onto the fixed grid by the affine stage;
     the returned transform is ``affine_stage ∘ deformable`` (exact: an affine after a field on the
@@ -124,9 +148,8 @@ def register_pair(
         transform = method.register(fixed, moving, fixed_mask=fixed_mask)
         stages.append(_stage(method))
     else:
-        from .affine import AffineMethod  # imports antspyx (seconds): only when the affine stage runs
-
-        aff_method = AffineMethod(seed=seed, threads=threads)
+        aff_method = affine_stage(affine_method, seed=seed, threads=threads,
+                                  device=getattr(method, "device", None) or "cpu")
         aff = aff_method.register(fixed, moving, fixed_mask=fixed_mask)
         stages.append(_stage(aff_method))
         aligned = aff.apply(moving, interpolation="linear")
@@ -172,4 +195,5 @@ def _same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialIm
     return Grid.of(a).same_as(Grid.of(b), atol=1e-3)
 
 
-__all__ = ["METHODS", "MethodBase", "RegistrationMethod", "get_method", "model_identity", "register_pair"]
+__all__ = ["AFFINE_METHODS", "METHODS", "MethodBase", "RegistrationMethod", "affine_stage", "get_method",
+           "model_identity", "register_pair"]
