@@ -81,7 +81,7 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help="skip the affine stage (inputs already affinely aligned on the same grid)")
     p.add_argument("--affine-method", choices=["fast", "ants"], default="fast",
                    help="the affine stage: fast (PyTorch, local NCC, rigid then affine, coarse to fine) or ants "
-                        "(antsRegistration rigid then affine, Mattes MI; about ten times slower at 1 mm)")
+                        "(antsRegistration rigid then affine, Mattes MI; about six times slower at 1 mm)")
     p.add_argument("--no-normalize", dest="normalize", action="store_false",
                    help="do not rescale intensities to [0, 1] before registering")
     p.add_argument("--seed", type=non_negative_int, default=None, help="seeds numpy, torch and ANTs (ANTS_RANDOM_SEED)")

@@ -91,8 +91,8 @@ def register_files(
     importing = _import_hdar_in_background(method)
     guard = InputGuard({"FIXED": fixed, "MOVING": moving, "--moving-labels": moving_labels,
                         "--fixed-mask": fixed_mask})
-    # Reading is mostly zlib inflating, which runs without the GIL: the inputs are read side by side (about
-    # 0.9 s less on two cores for an LPBA40 pair and its labels); an unusable file is reported in argument order.
+    # Reading is mostly zlib inflating, one call per file without the GIL (images.load_image), so the inputs are
+    # read side by side, beside the background import; an unusable file is reported in argument order.
     with ThreadPoolExecutor(max_workers=4) as pool:
         reads = [pool.submit(load_image, fixed), pool.submit(load_image, moving),
                  pool.submit(load_image, moving_labels, labels=True) if moving_labels is not None else None,

@@ -99,8 +99,8 @@ AFFINE_METHODS = ("fast", "ants")
 def affine_stage(name: str = "fast", *, seed: int | None = None, threads: int | None = None,
                  device: str = "cpu") -> MethodBase:
     """The affine registration called ``name``: ``"fast"`` (:class:`~.fast_affine.FastAffineMethod`: as accurate
-    as the ANTs affine or more on LPBA40 pairs in scanner poses and on the IXI heads, in a tenth of its time at
-    1 mm) or ``"ants"`` (:class:`~.affine.AffineMethod`: rigid then affine, Mattes MI)."""
+    as the ANTs affine or more on LPBA40 pairs in scanner poses and on the IXI heads, in a sixth of its time at
+    1 mm: benchmarks/affine_accuracy.py) or ``"ants"`` (:class:`~.affine.AffineMethod`: rigid then affine, Mattes MI)."""
     if name == "fast":
         from .fast_affine import FastAffineMethod
 
