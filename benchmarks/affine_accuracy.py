@@ -82,8 +82,8 @@ def lpba40_cases(root: Path, deg: float, mm: float):
 
 
 def ixi_cases(root: Path, cache: Path, seed: int, threads: int):
-    from hdar_pipeline.images import load_image, save_image
-    from hdar_pipeline.preprocess import _crop, prepare_brain
+    from hdar_pipeline.images import crop_to_mask, load_image, save_image
+    from hdar_pipeline.preprocess import prepare_brain
 
     heads = sorted((root / "nifti").glob("*.nii.gz"))
     brains = {}
@@ -100,7 +100,7 @@ def ixi_cases(root: Path, cache: Path, seed: int, threads: int):
     atlas, atlas_mask, atlas_labels = brains[names[0]]
     for name in names[1:]:
         brain, mask, labels = brains[name]
-        moving = _crop(brain, np.asarray(mask.dataobj) > 0, 10.0)
+        moving = crop_to_mask(brain, np.asarray(mask.dataobj) > 0, 10.0)
         yield "IXI heads, App's affine step", f"{name}->{names[0]}", atlas, moving, labels, atlas_labels, atlas_mask
 
 

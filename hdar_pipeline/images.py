@@ -334,6 +334,27 @@ def save_image(img: nib.spatialimages.SpatialImage, path: PathLike) -> Path:
     return path
 
 
+def mask_box(mask: np.ndarray, margin_mm: float, spacing: np.ndarray) -> tuple[slice, slice, slice]:
+    """Index slices of ``mask``'s bounding box grown by ``margin_mm`` (clipped to the volume)."""
+    idx = np.argwhere(mask)
+    pad = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
+    lo = np.maximum(idx.min(axis=0) - pad, 0)
+    hi = np.minimum(idx.max(axis=0) + pad + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def crop_to_mask(img: nib.spatialimages.SpatialImage, mask: np.ndarray, margin_mm: float) -> nib.Nifti1Image:
+    """``img`` cut to the bounding box of ``mask`` plus ``margin_mm`` (a slice of its voxels, same world
+    coordinates)."""
+    grid = Grid.of(img)
+    box = mask_box(mask, margin_mm, grid.spacing)
+    start = np.array([b.start for b in box], dtype=np.float64)
+    affine = grid.affine.copy()
+    affine[:3, 3] = grid.affine[:3, :3] @ start + grid.affine[:3, 3]
+    data = np.ascontiguousarray(np.asarray(img.dataobj)[box])
+    return new_image(data, Grid(tuple(int(n) for n in data.shape), affine))
+
+
 def normalize_intensity(
     img: nib.spatialimages.SpatialImage,
     *,

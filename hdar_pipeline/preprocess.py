@@ -75,8 +75,10 @@ from scipy import ndimage
 from .images import (
     Grid,
     ImageError,
+    crop_to_mask,
     from_ants,
     load_image,
+    mask_box,
     new_image,
     normalize_intensity,
     resample_to,
@@ -539,7 +541,7 @@ def brain_extract(
                          "the image (is this a T1w head image with the whole brain in the field of view?)")
     # Work inside the bounding box of the warped brain plus a margin (morphology on a whole head is slow).
     t0 = time.perf_counter()
-    box = _bounding_box(prob >= 0.5, refine_band_mm + 8.0, grid.spacing)
+    box = mask_box(prob >= 0.5, refine_band_mm + 8.0, grid.spacing)
     crop, pcrop = data[box], prob[box]
     mask0 = _fill_holes(_largest_component(pcrop >= 0.5))
     vox_l = float(np.prod(grid.spacing)) / 1e6
@@ -613,26 +615,6 @@ def _pseudo_head(template: nib.Nifti1Image, mask: nib.Nifti1Image,
     shell = ndimage.gaussian_filter(shell, 1.0 / spacing)
     data = np.where(brain, data, shell).astype(np.float32)
     return new_image(data, padded), new_image(brain.astype(np.uint8), padded)
-
-
-def _bounding_box(mask: np.ndarray, margin_mm: float, spacing: np.ndarray) -> tuple[slice, slice, slice]:
-    """Index slices of ``mask``'s bounding box grown by ``margin_mm`` (clipped to the volume)."""
-    idx = np.argwhere(mask)
-    pad = np.ceil(margin_mm / spacing).astype(int)
-    lo = np.maximum(idx.min(axis=0) - pad, 0)
-    hi = np.minimum(idx.max(axis=0) + pad + 1, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
-def _crop(img: nib.spatialimages.SpatialImage, mask: np.ndarray, margin_mm: float) -> nib.Nifti1Image:
-    """``img`` cut to the bounding box of ``mask`` plus ``margin_mm``, same world coordinates."""
-    grid = Grid.of(img)
-    box = _bounding_box(mask, margin_mm, grid.spacing)
-    start = np.array([b.start for b in box], dtype=np.float64)
-    affine = grid.affine.copy()
-    affine[:3, 3] = grid.affine[:3, :3] @ start + grid.affine[:3, 3]
-    data = np.ascontiguousarray(np.asarray(img.dataobj)[box])
-    return new_image(data, Grid(tuple(int(n) for n in data.shape), affine))
 
 
 def _smooth_for(img: nib.spatialimages.SpatialImage, spacing_mm: float) -> nib.Nifti1Image:
@@ -904,7 +886,7 @@ def preprocess_t1w(
     t0 = time.perf_counter()
     # The registration only needs the brain: crop the moving image to it (world coordinates are kept,
     # so the transform applies to the uncropped image unchanged).
-    to_atlas = method.register(atlas_img, _crop(native_brain, mask, 10.0), fixed_mask=atlas_mask)
+    to_atlas = method.register(atlas_img, crop_to_mask(native_brain, mask, 10.0), fixed_mask=atlas_mask)
     runtime["affine_to_atlas"] = time.perf_counter() - t0
     steps.append("affine registration to the atlas (" + ("rigid then affine, Mattes MI, antsRegistration)"
                  if affine_method == "ants" else "rigid then affine, local NCC, coarse to fine)"))

@@ -1083,10 +1083,14 @@ def methods_paragraph(
     reg: list[str] = []
     ants_v = _version_suffix(versions, "antspyx")
     if affine_first and affine_method == "fast":
+        from .methods.fast_affine import FastAffineMethod
+
+        fast = FastAffineMethod()  # the settings the pipeline runs it with: its defaults
+        levels = " and ".join(f"{mm:g} mm" for mm in fast.levels_mm)
         reg.append("Before the deformable methods, each image was aligned to the atlas with a rigid and then an "
-                   "affine registration driven by the local normalised cross-correlation of 5-voxel windows, coarse "
-                   "to fine on 6 mm and 3 mm isotropic grids over the atlas brain, starting from the alignment of "
-                   "the intensity-weighted centres of mass, with Adam in PyTorch"
+                   f"affine registration driven by the local normalised cross-correlation of {fast.window}-voxel "
+                   f"windows, coarse to fine on {levels} isotropic grids over the atlas brain, starting from the "
+                   "alignment of the intensity-weighted centres of mass, with Adam in PyTorch"
                    + _version_suffix(versions, "torch") + " (hdar-pipeline's fast affine).")
     elif affine_first:
         aff = dict(parameters.get("affine", {}) or {})

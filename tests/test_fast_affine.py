@@ -63,4 +63,5 @@ def test_fast_affine_rejects_bad_settings():
         FastAffineMethod(levels_mm=(6.0, 3.0), affine_steps=(10,))
     with pytest.raises(ValueError, match="positive"):
         FastAffineMethod(levels_mm=(0.0,), affine_steps=(10,))
-    assert np.isfinite(FastAffineMethod().parameters["window"])
+    params = FastAffineMethod().parameters
+    assert np.isfinite(params["window"]) and params["levels_mm"] == (6.0, 3.0) and "device_used" not in params

@@ -1,13 +1,13 @@
 """A fast affine registration in PyTorch: centres of mass, then rigid and affine fits on local NCC, coarse to fine.
 
-The fit works in world space (LPS, mm) on isotropic working grids, one per image, aligned with each image's own
-axes: any orientation, voxel size or field of view. The fixed image is cropped to its brain (or its mask) first,
-so a brain off-centre in a large field of view costs nothing and does not steer the fit.
+The fit works in world space (LPS, mm): the fixed image on isotropic working grids aligned with its own axes, the
+moving image sampled on its own voxels, so any orientation, voxel size or field of view. Both images are cut to
+their brain's box (the fixed mask, or the voxels above the background) first, so a brain off-centre in a large
+field of view costs nothing and does not steer the fit.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,8 +15,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..images import Grid, new_image, resample_to, robust_unit_range
+from ..images import Grid, crop_to_mask, new_image, resample_to, robust_unit_range
 from ..runtime import configure_threads, seed_everything
+from ..templates import isotropic_grid
 from ..transforms import Transform
 from .base import MethodBase
 
@@ -25,8 +26,8 @@ from .base import MethodBase
 class FastAffineMethod(MethodBase):
     """Rigid then affine registration by Adam on local NCC, in PyTorch (CPU or CUDA).
 
-    Both images are rescaled with :func:`~hdar_pipeline.images.robust_unit_range`, smoothed and resampled onto
-    isotropic working grids of ``levels_mm`` (coarse to fine). The map starts from the alignment of the
+    Both images are rescaled with :func:`~hdar_pipeline.images.robust_unit_range` and smoothed for each of
+    ``levels_mm`` (coarse to fine); the fixed image is resampled onto an isotropic grid of that voxel size. The map starts from the alignment of the
     intensity-weighted centres of mass (as antsRegistration's default initialisation); the coarsest level fits
     a rigid map (rotation vector and translation), then every level fits the 12 affine parameters, each level
     starting where the previous stopped. The similarity is the local NCC of ``window``-voxel windows over the
@@ -95,10 +96,10 @@ class FastAffineMethod(MethodBase):
         brain = (np.asarray(fixed_mask.dataobj) > 0) if fixed_mask is not None else f_data > 0
         if not brain.any():
             brain = np.ones(f_data.shape, bool)
-        f_img, m_img = new_image(f_data, fixed), new_image(m_data, moving)
-        f_box = _box_grid(Grid.of(fixed), brain, self.margin_mm)
-        m_box = _box_grid(Grid.of(moving), m_data > 0 if (m_data > 0).any() else np.ones(m_data.shape, bool),
-                          self.margin_mm)
+        m_brain = m_data > 0 if (m_data > 0).any() else np.ones(m_data.shape, bool)
+        f_crop = crop_to_mask(new_image(f_data, fixed), brain, self.margin_mm)
+        f_mask = crop_to_mask(new_image(brain.astype(np.float32), fixed), brain, self.margin_mm)
+        m_crop = crop_to_mask(new_image(m_data, moving), m_brain, self.margin_mm)
 
         # T(p) = A (p - c) + c + t, fixed LPS -> moving LPS; c: the fixed brain's centre of mass
         c = _centre_of_mass(f_data * brain, Grid.of(fixed))
@@ -117,14 +118,13 @@ class FastAffineMethod(MethodBase):
             a = torch.linalg.matrix_exp(k) @ (eye + linear)
             return a, as_t(c + t0) + 10.0 * shift - a @ as_t(c)
 
-        m_crop = resample_to(m_img, m_box)  # the moving image's own voxels, cut to its foreground's box
         for level, mm in enumerate(self.levels_mm):
             # Both images are smoothed for the level on their own voxels and interpolated once each, the fixed
             # image onto the working grid and the moving image at the mapped points, so neither is blurrier.
-            f_grid, m_grid = _isotropic(f_box, mm), m_box
-            f_work = _smoothed_on(f_img, f_grid, mm)
+            f_grid, m_grid = isotropic_grid(Grid.of(f_crop), mm), Grid.of(m_crop)
+            f_work = resample_to(new_image(_smoothed(f_crop, mm), f_crop), f_grid).get_fdata(dtype=np.float32)
             m_work = _smoothed(m_crop, mm)
-            mask_work = resample_to(new_image(brain.astype(np.float32), fixed), f_grid).get_fdata(dtype=np.float32)
+            mask_work = resample_to(f_mask, f_grid).get_fdata(dtype=np.float32)
             f_t = as_t(f_work)[None, None]
             m_t = as_t(m_work)[None, None]
             points = as_t(f_grid.lps_points(np.float64).reshape(-1, 3))
@@ -177,30 +177,6 @@ def _centre_of_mass(data: np.ndarray, grid: Grid) -> np.ndarray:
     return (grid.lps_affine @ np.append(vox, 1.0))[:3]
 
 
-def _box_grid(grid: Grid, mask: np.ndarray, margin_mm: float) -> Grid:
-    """The sub-grid of ``grid`` over the bounding box of ``mask`` widened by ``margin_mm``."""
-    idx = np.argwhere(mask)
-    pad = np.ceil(margin_mm / grid.spacing).astype(int)
-    lo = np.maximum(idx.min(0) - pad, 0)
-    hi = np.minimum(idx.max(0) + pad + 1, grid.shape)
-    affine = grid.affine.copy()
-    affine[:3, 3] = (grid.affine @ np.append(lo, 1.0))[:3]
-    return Grid(tuple(int(n) for n in hi - lo), affine)
-
-
-def _isotropic(grid: Grid, mm: float) -> Grid:
-    """A grid over the same box (same axes, same first voxel corner) with ``mm`` voxels."""
-    spacing = grid.spacing
-    extent = np.asarray(grid.shape) * spacing
-    shape = tuple(int(max(4, math.ceil(e / mm))) for e in extent)
-    directions = grid.affine[:3, :3] / spacing
-    affine = np.eye(4)
-    affine[:3, :3] = directions * mm
-    corner = (grid.affine @ np.array([-0.5, -0.5, -0.5, 1.0]))[:3]  # outer corner of the first voxel
-    affine[:3, 3] = corner + directions @ np.full(3, mm / 2)
-    return Grid(shape, affine)
-
-
 def _smoothed(img: nib.Nifti1Image, mm: float) -> np.ndarray:
     """``img``'s values smoothed for ``mm`` voxels: Gaussian antialiasing, sigma 0.4 of the voxel-size ratio,
     along the axes that get coarser."""
@@ -208,11 +184,6 @@ def _smoothed(img: nib.Nifti1Image, mm: float) -> np.ndarray:
     sigma = np.where(mm > spacing, 0.4 * mm / spacing, 0.0)
     data = np.asarray(img.dataobj, dtype=np.float32)
     return ndimage.gaussian_filter(data, sigma, mode="constant") if np.any(sigma > 0) else data
-
-
-def _smoothed_on(img: nib.Nifti1Image, grid: Grid, mm: float) -> np.ndarray:
-    """:func:`_smoothed`, resampled onto ``grid``."""
-    return resample_to(new_image(_smoothed(img, mm), img), grid).get_fdata(dtype=np.float32)
 
 
 class _GlobalNCC:
