@@ -38,7 +38,7 @@ def _reference_loss(fixed, warped, d, block, window):
     return -(cov * cov / (var_i * var_j + 1e-8)).mean()
 
 
-@pytest.mark.parametrize("block, window", [(2, 3), (3, 2), (2, 5)])
+@pytest.mark.parametrize("block, window", [(2, 3), (3, 2), (2, 5), (1, 3), (1, 5)])
 def test_loss_and_gradient_equal_the_full_resolution_definition(block, window):
     torch.manual_seed(0)
     shape = (4 * block, 3 * block, 5 * block)

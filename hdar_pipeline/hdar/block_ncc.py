@@ -13,7 +13,8 @@ see, for the price of a half-resolution optimisation. Two things make that cheap
   displacement ``d`` (full-resolution voxels, constant over a block) is ``W + G . d`` to first order,
   ``G`` the spatial gradient of ``W``. The block sums of ``j``, ``j^2`` and ``i j`` are then polynomials
   in ``d`` whose coefficients (block sums of ``W``, ``W^2``, ``i W``, ``G_a``, ``W G_a``, ``i G_a``,
-  ``G_a G_b``: 18 channels) are computed once per linearisation at full resolution; every step after that
+  ``G_a G_b``: 18 channels; for blocks of one voxel, ``W`` and ``G`` themselves) are computed once per
+  linearisation at full resolution; every step after that
   costs a half-resolution NCC. The caller re-linearises (re-warps) every few steps, so ``d`` stays below
   a voxel or so.
 
@@ -113,6 +114,10 @@ class LinearisedBlockNCC:
         with torch.no_grad():
             w = warped.detach() - warped.detach().mean()
             g = image_gradient(w)
+            if self.block == 1:
+                # a block of one voxel: ``W + G . d`` per voxel is cheaper than the 18 sums' polynomials
+                self.sums = {"w": w, "g": g}
+                return
             s = torch.empty((1, 18, *self.mi.shape[2:]), dtype=w.dtype, device=w.device)
             # one product at a time, straight into its block sums (no 18-channel full-resolution tensor)
             for k, product in enumerate([w, w * w, self.i * w]):
@@ -133,14 +138,20 @@ class LinearisedBlockNCC:
         """
         if self.sums is None:
             raise RuntimeError("call linearise() before loss()")
+        if self.block == 1:
+            return _VoxelNCCLoss.apply(d, self)
         return _BlockNCCLoss.apply(d, self)
 
     def moving_sums(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-block ``sum j``, ``sum j^2``, ``sum i j`` ``(1, 3, ...)`` of the linearised moving image, and
-        ``(sum G G^T) d`` per block ``(1, 3, ...)``, which the gradient reuses. Values only (written in
+        ``(sum G G^T) d`` per block ``(1, 3, ...)``, which the gradient reuses (blocks of one voxel: the
+        linearised moving image ``j`` itself, ``(1, 1, ...)``). Values only (written in
         place, no autograd graph): :meth:`loss` is the differentiable path."""
         s = self.sums
         assert s is not None
+        if self.block == 1:
+            j = s["w"] + (d * s["g"]).sum(1, keepdim=True)
+            return torch.cat([j, j * j, self.i * j], dim=1), j
         out = torch.empty((1, 3, *d.shape[2:]), dtype=d.dtype, device=d.device)
         torch.sum(d * s["g"], 1, keepdim=True, out=out[:, 0:1])
         out[:, 0:1] += s["j"]
@@ -185,3 +196,25 @@ class _BlockNCCLoss(torch.autograd.Function):
         # d(sum j^2)/d d_a = 2 (sum W G_a + sum_b sum G_a G_b d_b)
         grad = g_j * s["g"] + 2.0 * g_jj * (s["jg"] + gd) + g_ij * s["ig"]
         return grad, None
+
+
+class _VoxelNCCLoss(torch.autograd.Function):
+    """Blocks of one voxel: ``j = W + G . d`` per voxel, and the gradient ``dL/dj * G``."""
+
+    @staticmethod
+    def forward(ctx, d: torch.Tensor, ncc: LinearisedBlockNCC) -> torch.Tensor:  # type: ignore[override]
+        sums, j = ncc.moving_sums(d)
+        cc, terms = ncc_from_sums(sums, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i, ncc.eps)
+        ctx.ncc = ncc
+        ctx.save_for_backward(j, *terms)
+        return -(cc * ncc.weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        ncc: LinearisedBlockNCC = ctx.ncc
+        j, *terms = ctx.saved_tensors
+        s = ncc.sums
+        assert s is not None
+        gs = ncc_sum_gradients(terms, -grad_out * ncc.weight, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i)
+        g_j = gs[:, :1] + 2.0 * gs[:, 1:2] * j + gs[:, 2:] * ncc.i
+        return g_j * s["g"], None
