@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hdar_pipeline.hdar.block_ncc import LinearisedBlockNCC, block_sums, image_gradient
+from hdar_pipeline.hdar.block_ncc import LinearisedBlockNCC, block_product_sums, block_sums, image_gradient
 from hdar_pipeline.hdar.layers import SpatialTransformer
 from hdar_pipeline.hdar.losses import box_sum
 from test_hdar_layers import blob_image
@@ -20,6 +20,9 @@ def test_block_sums_and_image_gradient():
     assert torch.allclose(block_sums(x[..., :8, :8, :6], 2), F.avg_pool3d(x[..., :8, :8, :6], 2) * 8)
     y = x[:, :1]
     assert torch.equal(image_gradient(y), torch.cat(torch.gradient(y, dim=(2, 3, 4)), dim=1))
+    for block in (1, 2, 3):
+        a, b = x[:, :1, :6, :6, :6], x[..., :6, :6, :6]
+        assert torch.allclose(block_product_sums(a, b, block), block_sums(a * b, block))
 
 
 def _reference_loss(fixed, warped, d, block, window):
