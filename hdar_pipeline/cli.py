@@ -70,9 +70,10 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("--method", choices=["affine", "syn", "demons", "hdar"], default="syn")
     p.add_argument("--preset", default=None,
-                   help="method preset: syn fast|quality (default fast), hdar refined|accurate|fast|full (default "
-                        "refined: the network then 25 diffeomorphic refinement steps per level; accurate: 30 per level "
-                        "and 2 at full resolution, about 1.7 times as long; fast: the network alone)")
+                   help="method preset: syn fast|quality (default fast), hdar accurate|refined|fast|full (default "
+                        "accurate: the network then 30 diffeomorphic refinement steps per level and 2 at full "
+                        "resolution, the most accurate within a fifth of SyN fast's time; refined: 25 per level, "
+                        "none at full resolution, 0.6 times as long; fast: the network alone)")
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
     p.add_argument("--affine", dest="affine", action="store_true", default=True,
@@ -630,11 +631,11 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     g.add_argument("--syn-preset", choices=["fast", "quality"], default="fast")
     # the default is hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal; not imported here so
     # that `--help` does not load the library)
-    g.add_argument("--hdar-preset", choices=["fast", "full", "refined", "accurate"], default="refined",
-                   help="HDAR: refined (default: fast plus 25 diffeomorphic instance-optimisation steps per level, "
-                        "the most accurate within a fifth of SyN fast's time), accurate (30 steps per level and 2 at "
-                        "full resolution: more accurate, about 1.7 times as long), fast (the network on the hardest "
-                        "patches) or full (on a sliding window)")
+    g.add_argument("--hdar-preset", choices=["fast", "full", "refined", "accurate"], default="accurate",
+                   help="HDAR: accurate (default: fast plus 30 diffeomorphic instance-optimisation steps per level "
+                        "and 2 at full resolution, the most accurate within a fifth of SyN fast's time), refined (25 "
+                        "steps per level, none at full resolution: 0.6 times as long, slightly less accurate), fast "
+                        "(the network on the hardest patches) or full (on a sliding window)")
     g.add_argument("--no-preprocess", dest="preprocess", action="store_false",
                    help="skip N4, brain extraction and the affine to the atlas (the affine stage of each "
                         "method still runs)")

@@ -65,4 +65,4 @@ def test_every_frame_within_a_hundredth_of_the_native_dice(stored, preset):
         storage = abs(in_frame[name] - scores["native"])
         assert abs(value - scores["native"]) <= (0.01 if same_voxels else storage + 0.005), (
             name, value, scores["native"], in_frame[name])
-        assert folded[name] == 0.0 or preset != "refined", (name, folded[name])
+        assert folded[name] == 0.0 or preset not in ("refined", "accurate"), (name, folded[name])

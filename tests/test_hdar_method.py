@@ -77,7 +77,7 @@ def test_full_preset_and_register_pair_provenance(trained):
     refined = HDARMethod(preset="refined", weights=trained["pt"])
     assert refined.refine == 25 and refined.parameters["mode"] == "fast" and refined.parameters["refine"] == 25
     assert HDARMethod(preset="refined", refine=5, weights=trained["pt"]).refine == 5
-    assert HDARMethod(weights=trained["pt"]).refine == 25  # refined is the default preset
+    assert HDARMethod(weights=trained["pt"]).refine == 30  # accurate is the default preset
     assert HDARMethod(weights=trained["pt"], preset="fast").refine == 0
     # 'accurate': more steps per level and a last level at full resolution
     assert refined.refine_full_resolution == 0 and refined.parameters["refine_full_resolution"] == 0
@@ -319,13 +319,14 @@ def test_the_default_preset_is_the_same_everywhere():
     from hdar_pipeline.cli import build_bids_app_parser
     from hdar_pipeline.methods.hdar import DEFAULT_PRESET
 
-    assert DEFAULT_PRESET == "refined"
+    assert DEFAULT_PRESET == "accurate"
     args = build_bids_app_parser().parse_args(["in", "out", "participant"])
     assert args.hdar_preset == DEFAULT_PRESET
     from hdar_pipeline.workflows.bids_app import AppOptions
 
     assert AppOptions(bids_dir="in", output_dir="out", analysis_level="participant").hdar_preset == DEFAULT_PRESET
     method = get_method("hdar")
-    assert method.preset == DEFAULT_PRESET and method.refine == 25 and method.refine_diffeomorphic
+    assert method.preset == DEFAULT_PRESET and method.refine == 30 and method.refine_diffeomorphic
+    assert method.refine_full_resolution == 2
     row = default_variants()["hdar"]
     assert row.preset is None and build_method(row, seed=0, threads=1).preset == DEFAULT_PRESET

@@ -85,7 +85,7 @@ def test_registry_builds_hdar_or_says_no_weights_ship():
             get_method("hdar", seed=2, threads=1, device="cpu")
     else:
         method = get_method("hdar", seed=2, threads=1, device="cpu")
-        assert isinstance(method, RegistrationMethod) and method.name == "hdar" and method.preset == "refined"
+        assert isinstance(method, RegistrationMethod) and method.name == "hdar" and method.preset == "accurate"
 
 
 # ---------------------------------------------------------------------- affine

@@ -55,7 +55,7 @@ class AppOptions:
     labels_dir: Path | None = None
     methods: list[str] = field(default_factory=lambda: ["hdar", "syn", "demons"])
     syn_preset: str = "fast"
-    hdar_preset: str = "refined"  # hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal)
+    hdar_preset: str = "accurate"  # hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal)
     device: str = "auto"
     nprocs: int | None = None
     omp_nthreads: int | None = None

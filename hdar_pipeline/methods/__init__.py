@@ -21,7 +21,7 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     ----------
     name : {"affine", "syn", "demons", "hdar"}
     preset : str, optional
-        ``syn``: ``"fast"`` (default) or ``"quality"``; ``hdar``: ``"refined"`` (default), ``"accurate"``, ``"fast"`` or ``"full"``.
+        ``syn``: ``"fast"`` (default) or ``"quality"``; ``hdar``: ``"accurate"`` (default), ``"refined"``, ``"fast"`` or ``"full"``.
         ``affine`` and ``demons`` have none (``None`` or ``"default"``).
     seed : int, optional
         Seeds the method (``ANTS_RANDOM_SEED`` for the ANTs methods; Demons is deterministic).

@@ -56,8 +56,10 @@ ACCURATE_STEPS = 30
 ACCURATE_FULL_RESOLUTION_STEPS = 2
 
 #: The preset used when none is named: the most accurate whose runtime stays within a fifth of SyN fast's
-#: (README "Results": measured on the 20 LPBA40 validation pairs, the re-stored frames and the IXI heads).
-DEFAULT_PRESET = "refined"
+#: (README "Results", ``benchmarks/results/lpba40-v5``: on the 20 LPBA40 validation pairs ``accurate`` scores
+#: 0.7301 in 0.199 of SyN fast's time, ``refined`` 0.7246 in 0.124; also the re-stored frames and the IXI heads).
+#: ``accurate`` is at the edge of that fifth on a 2-core CPU; ``refined`` is the choice where time matters.
+DEFAULT_PRESET = "accurate"
 
 HDAR_PRESETS: dict[str, dict[str, Any]] = {"fast": {"mode": "fast"}, "full": {"mode": "full"},
                                            "refined": {"mode": "fast"}, "accurate": {"mode": "fast"}}
