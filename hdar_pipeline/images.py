@@ -389,6 +389,24 @@ def normalize_intensity(
     return new_image(out, img)
 
 
+#: Fraction of an image's voxels that must hold its minimum for that value to be its background.
+BACKGROUND_FRACTION = 0.05
+
+
+def background_value(data: np.ndarray) -> float | None:
+    """The value an image stores outside the object, or ``None`` when it has no such background.
+
+    The minimum, when at least :data:`BACKGROUND_FRACTION` of the voxels hold exactly it: the zeros around a
+    skull-stripped brain, or the 40 of an int16 file whose scanner stored every value with an offset. Raw heads
+    (noise in the air) and images without a uniform background have none.
+    """
+    data = np.asarray(data)
+    if data.size == 0:
+        return None
+    low = data.min()
+    return float(low) if np.count_nonzero(data == low) >= BACKGROUND_FRACTION * data.size else None
+
+
 def robust_unit_range(data: np.ndarray, mask: np.ndarray | None = None, *, lower_percentile: float = 0.5,
                       upper_percentile: float = 99.5) -> np.ndarray:
     """The array core of :func:`normalize_intensity`: ``clip((data - lo) / (hi - lo), 0, 1)``.
@@ -408,8 +426,9 @@ def robust_unit_range(data: np.ndarray, mask: np.ndarray | None = None, *, lower
     data = np.asarray(data, dtype=np.float32)
     if data.size == 0:
         raise ValueError("no voxels inside the mask to normalise")
-    background = float(data.min())
-    has_background = float(np.count_nonzero(data == background)) >= 0.05 * data.size
+    found = background_value(data)
+    has_background = found is not None
+    background = found if found is not None else float(data.min())
     if mask is None:
         mask = data > background if has_background else np.ones(data.shape, bool)
     values = data[mask]

@@ -75,6 +75,7 @@ from scipy import ndimage
 from .images import (
     Grid,
     ImageError,
+    background_value,
     crop_to_mask,
     from_ants,
     load_image,
@@ -100,6 +101,12 @@ BRAIN_FLOOR = 1e-4
 #: layout itself (a +-30 % "field" on the already corrected LPBA40 S01, correlation 0.963 with the input);
 #: three levels keep the field smooth (+-12 %, correlation 0.995).
 N4_BRAIN_ITERATIONS = (50, 50, 50)
+
+#: Voxel size (mm) at which N4 estimates the field, by default: the shrink factor is this over the image's voxel
+#: size (8 at 1 mm, 4 at 2 mm). The field's B-spline control points are 200 mm apart, so 8 mm samples resolve it
+#: many times over; at 1 mm a shrink of 8 instead of 4 changed the field by at most 1.3 % (its range +-5 %) on
+#: LPBA40 brains re-stored with an intensity offset, and took the estimation from 108 s to 18 s on one thread.
+N4_WORKING_MM = 8.0
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -234,7 +241,7 @@ def n4_bias_correct(
     img: ImageLike,
     mask: nib.spatialimages.SpatialImage | np.ndarray | None = None,
     *,
-    shrink_factor: int = 4,
+    shrink_factor: int | None = None,
     iterations: tuple[int, ...] = (50, 50, 50, 50),
     spline_distance_mm: float = 200.0,
     convergence_tol: float = 1e-7,
@@ -251,8 +258,9 @@ def n4_bias_correct(
         Voxels used to estimate the field, on the image grid. Default: the head/brain foreground
         (intensity above 10 % of the robust maximum, largest component, holes filled). Voxels with
         intensity <= 0 are always left out (N4 works on log intensities).
-    shrink_factor : int
-        Downsampling factor for the estimation (ANTs ``-s``); reduced automatically so the shrunk image
+    shrink_factor : int, optional
+        Downsampling factor for the estimation (ANTs ``-s``); default: :data:`N4_WORKING_MM` over the voxel
+        size (geometric mean over the axes), 8 at 1 mm, 4 at 2 mm. Reduced automatically so the shrunk image
         keeps at least 16 voxels along every axis.
     iterations : tuple of int
         Iterations per fitting level (ANTs ``-c``); the number of levels is its length.
@@ -292,6 +300,8 @@ def n4_bias_correct(
     if m.sum() < 64:
         raise ImageError(_source(img), "N4 bias correction needs at least 64 voxels with positive intensity "
                          "inside the mask")
+    if shrink_factor is None:
+        shrink_factor = int(round(N4_WORKING_MM / float(np.prod(grid.spacing)) ** (1.0 / 3.0)))
     shrink = int(max(1, min(int(shrink_factor), min(grid.shape) // 16)))
     configure_threads(threads)
     a_img = to_ants(new_image(data, grid))
@@ -770,6 +780,14 @@ def prepare_brain(
         steps.append(f"skull-strip check: skipped, input declared {'skull-stripped' if stripped else 'with skull'}")
 
     if stripped:
+        # the brain is what differs from the background; a file stored with an intensity offset (int16 at
+        # value * scale + 40) has its background at the offset, not at 0: taken off, so N4 and the
+        # normalisation see the signal and the brain mask is the brain, not the whole field of view
+        offset = background_value(data)
+        if offset:
+            data = (data - offset).astype(np.float32)
+            img = new_image(data, grid)
+            steps.append(f"background stored at {offset:g}, not 0: subtracted")
         mask = data != 0
         if not mask.any():
             raise ImageError(_source(img), "skull-stripped input has no non-zero (brain) voxel")

@@ -179,6 +179,30 @@ def test_n4_removes_a_known_bias_field(mni3):
     assert cov(smooth) < 1.5 * cov(data)
 
 
+@pytest.mark.parametrize("voxel_mm, shape, expected", [(1.0, (160, 192, 160), 8), (2.0, (96, 128, 96), 4),
+                                                      (1.0, (160, 192, 64), 4), (0.5, (320, 320, 320), 16)])
+def test_n4_estimates_at_about_8_mm_by_default(monkeypatch, voxel_mm, shape, expected):
+    """The default shrink factor is N4_WORKING_MM over the voxel size, capped so that the shrunk image keeps
+    16 voxels per axis (a thin slab keeps a finer estimate); an explicit shrink_factor is used as given."""
+    import ants
+
+    import hdar_pipeline.preprocess as prep
+
+    seen = []
+
+    def fake_n4(image, **kwargs):
+        seen.append(kwargs["shrink_factor"])
+        return image.new_image_like(np.ones(image.shape, dtype=np.float32))
+
+    monkeypatch.setattr(ants, "n4_bias_field_correction", fake_n4)
+    data = np.zeros(shape, np.float32)
+    data[tuple(slice(n // 4, 3 * n // 4) for n in shape)] = 100.0
+    img = nib.Nifti1Image(data, np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0]))
+    prep.n4_bias_correct(img, data > 0)
+    prep.n4_bias_correct(img, data > 0, shrink_factor=2)
+    assert seen == [expected, 2]
+
+
 def test_n4_errors(mni3):
     t1, mask = mni3
     with pytest.raises(ImageError, match="mask"):
@@ -255,6 +279,25 @@ def test_skull_stripped_input_passes_through(mni3):
     forced = preprocess_t1w(subject, t1, skull_stripped=True, n4=False, seed=0, threads=2)
     assert forced.evidence is None and not any("N4" in s for s in forced.steps)
     assert np.array_equal(np.asarray(forced.native_mask.dataobj) > 0, nz)
+
+
+def test_a_skull_stripped_brain_stored_with_an_intensity_offset_keeps_its_mask(mni3):
+    """int16 at value * 1200 + 40 (a scanner's rescale intercept): the background is 40, not 0. The brain mask is
+    the brain, not the whole field of view, and the prepared brain is the one stored without the offset (before
+    the fix: every voxel was 'brain', the atlas prepared from such a file had a background at 0.45, and the
+    subjects' affines to it filled the field of view: mean Dice 0.02)."""
+    t1, _ = mni3
+    data = np.asarray(t1.dataobj, dtype=np.float32)
+    scaled = np.round(data / data.max() * 1200.0)
+    plain = nib.Nifti1Image(scaled.astype(np.int16), t1.affine)
+    offset = nib.Nifti1Image((scaled + 40.0).astype(np.int16), t1.affine)
+    a = preprocess_t1w(plain, t1, seed=0, threads=2, n4=False)
+    b = preprocess_t1w(offset, t1, seed=0, threads=2, n4=False)
+    assert b.skull_stripped_input and any("background stored at 40" in s for s in b.steps)
+    assert np.array_equal(np.asarray(b.native_mask.dataobj) > 0, scaled != 0)
+    assert np.allclose(np.asarray(b.native_brain.dataobj), np.asarray(a.native_brain.dataobj), atol=1e-6)
+    with_n4 = preprocess_t1w(offset, t1, seed=0, threads=2)
+    assert np.array_equal(np.asarray(with_n4.native_brain.dataobj) != 0, scaled != 0)
 
 
 # ----------------------------------------------------------------------------- errors
