@@ -162,8 +162,6 @@ class LinearisedBlockNCC:
         """
         if self.sums is None:
             raise RuntimeError("call linearise() before loss()")
-        if self.block == 1:
-            return _VoxelNCCLoss.apply(d, self)
         return _BlockNCCLoss.apply(d, self)
 
     def moving_sums(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,44 +199,26 @@ def _symmetric_times(gg: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 class _BlockNCCLoss(torch.autograd.Function):
+    """The loss of :meth:`LinearisedBlockNCC.loss` with its gradient in closed form."""
+
     @staticmethod
     def forward(ctx, d: torch.Tensor, ncc: LinearisedBlockNCC) -> torch.Tensor:  # type: ignore[override]
-        sums, gd = ncc.moving_sums(d)
+        sums, extra = ncc.moving_sums(d)  # extra: (sum G G^T) d per block; for blocks of one voxel, j itself
         cc, terms = ncc_from_sums(sums, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i, ncc.eps)
         ctx.ncc = ncc
-        ctx.save_for_backward(gd, *terms)
+        ctx.save_for_backward(extra, *terms)
         return -(cc * ncc.weight).sum()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         ncc: LinearisedBlockNCC = ctx.ncc
-        gd, *terms = ctx.saved_tensors
+        extra, *terms = ctx.saved_tensors
         s = ncc.sums
         assert s is not None
         gs = ncc_sum_gradients(terms, -grad_out * ncc.weight, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i)
         g_j, g_jj, g_ij = gs[:, :1], gs[:, 1:2], gs[:, 2:]
+        if ncc.block == 1:
+            # j = W + G . d per voxel: dL/dd = dL/dj G
+            return (g_j + 2.0 * g_jj * extra + g_ij * ncc.i) * s["g"], None
         # d(sum j^2)/d d_a = 2 (sum W G_a + sum_b sum G_a G_b d_b)
-        grad = g_j * s["g"] + 2.0 * g_jj * (s["jg"] + gd) + g_ij * s["ig"]
-        return grad, None
-
-
-class _VoxelNCCLoss(torch.autograd.Function):
-    """Blocks of one voxel: ``j = W + G . d`` per voxel, and the gradient ``dL/dj * G``."""
-
-    @staticmethod
-    def forward(ctx, d: torch.Tensor, ncc: LinearisedBlockNCC) -> torch.Tensor:  # type: ignore[override]
-        sums, j = ncc.moving_sums(d)
-        cc, terms = ncc_from_sums(sums, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i, ncc.eps)
-        ctx.ncc = ncc
-        ctx.save_for_backward(j, *terms)
-        return -(cc * ncc.weight).sum()
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        ncc: LinearisedBlockNCC = ctx.ncc
-        j, *terms = ctx.saved_tensors
-        s = ncc.sums
-        assert s is not None
-        gs = ncc_sum_gradients(terms, -grad_out * ncc.weight, ncc.window, ncc.inv_n, ncc.mi, ncc.var_i)
-        g_j = gs[:, :1] + 2.0 * gs[:, 1:2] * j + gs[:, 2:] * ncc.i
-        return g_j * s["g"], None
+        return g_j * s["g"] + 2.0 * g_jj * (s["jg"] + extra) + g_ij * s["ig"], None
