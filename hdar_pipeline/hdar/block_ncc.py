@@ -34,11 +34,12 @@ __all__ = ["LinearisedBlockNCC", "block_product_sums", "block_sums", "image_grad
 _PAIRS = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
 
 
-def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Sum of every ``block^3`` block of ``(B, C, X, Y, Z)`` (sizes multiples of ``block``)."""
+def block_sums(x: torch.Tensor, block: int, dims: tuple[int, ...] = (2, 3, 4)) -> torch.Tensor:
+    """Sum of every ``block^3`` block of ``(B, C, X, Y, Z)`` (sizes multiples of ``block``); with ``dims``, of
+    blocks along those dimensions only."""
     if block == 1:
         return x
-    for dim in (2, 3, 4):
+    for dim in dims:
         # strided views, one axis at a time (several times faster than avg_pool3d on the CPU)
         index = [slice(None)] * 5
         parts = []
@@ -61,14 +62,7 @@ def block_product_sums(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Te
     for offset in range(1, block):
         index[2] = slice(offset, None, block)
         out.addcmul_(a[tuple(index)], b[tuple(index)])
-    for dim in (3, 4):
-        parts = []
-        for offset in range(block):
-            index = [slice(None)] * 5
-            index[dim] = slice(offset, None, block)
-            parts.append(out[tuple(index)])
-        out = parts[0] + parts[1] if block == 2 else torch.stack(parts).sum(0)
-    return out
+    return block_sums(out, block, dims=(3, 4))
 
 
 def image_gradient(x: torch.Tensor) -> torch.Tensor:
