@@ -26,7 +26,7 @@ pytest.importorskip("bids")
 from hdar_pipeline.cli import bids_app_main  # noqa: E402
 from hdar_pipeline.isolation import PID_FILE  # noqa: E402
 
-from test_bids_app import make_bids_dataset  # noqa: E402
+from test_bids_app import MARGIN, before_dice, make_bids_dataset  # noqa: E402
 from test_input_guard import run_cli  # noqa: E402
 
 
@@ -110,7 +110,8 @@ def test_a_killed_registration_fails_that_subject_only_and_a_rerun_finishes_it(t
     assert code == 3 and "Traceback" not in err  # 3: failed subjects (sub-04's T1w is corrupt, on purpose)
     rec = statuses(tmp_path / "out")
     assert set(rec) == {"sub-02", "sub-03", "sub-04"}  # every subject has its row, none is lost
-    assert rec["sub-02"]["status"] == "ok" and rec["sub-02"]["metrics"]["mean_dice"] > 0.5
+    assert rec["sub-02"]["status"] == "ok"
+    assert rec["sub-02"]["metrics"]["mean_dice"] > before_dice(labels_dir, "02") + MARGIN
     assert rec["sub-03"]["status"] == "error" and rec["sub-03"]["failed_step"] == "register"
     assert "killed by SIGKILL" in rec["sub-03"]["error"]
     assert rec["sub-04"]["status"] == "error" and "cannot be read" in rec["sub-04"]["error"]
@@ -120,7 +121,8 @@ def test_a_killed_registration_fails_that_subject_only_and_a_rerun_finishes_it(t
     again = statuses(tmp_path / "out")
     assert again["sub-02"]["status"] == "ok"
     assert again["sub-02"]["metrics"]["mean_dice"] == rec["sub-02"]["metrics"]["mean_dice"]  # from the cache
-    assert again["sub-03"]["status"] == "ok" and again["sub-03"]["metrics"]["mean_dice"] > 0.5
+    assert again["sub-03"]["status"] == "ok"
+    assert again["sub-03"]["metrics"]["mean_dice"] > before_dice(labels_dir, "03") + MARGIN
     assert again["sub-04"]["status"] == "error"
 
 
@@ -134,7 +136,7 @@ def test_a_killed_pool_worker_has_its_jobs_run_again_and_the_cohort_completes(tm
     assert code == 3 and "Traceback" not in err  # 3: sub-04's T1w is corrupt, on purpose
     rec = statuses(tmp_path / "out")
     assert rec["sub-02"]["status"] == rec["sub-03"]["status"] == "ok"
-    assert rec["sub-03"]["metrics"]["mean_dice"] > 0.5
+    assert rec["sub-03"]["metrics"]["mean_dice"] > before_dice(labels_dir, "03") + MARGIN
     assert rec["sub-04"]["status"] == "error" and "cannot be read" in rec["sub-04"]["error"]
 
 
