@@ -65,6 +65,19 @@ def test_hdar_method_with_trained_weights_improves_dice(trained):
     json.dumps(params)
 
 
+def test_the_network_itself_registers_without_prealign_or_refinement(trained):
+    """The cascade's own output, nothing before or after it, must improve the pair: the prealignment and the
+    refinement can hide a network that no longer contributes (its output zeroed passes the test above)."""
+    method = HDARMethod(weights=trained["pt"], device="cpu", seed=0, threads=1, preset="fast", prealign=False)
+    transform = method.register(trained["fixed"], trained["moving"])
+    before = mean_dice(trained["fixed_labels"], np.asarray(trained["moving_labels"].dataobj))
+    after = mean_dice(trained["fixed_labels"],
+                      np.asarray(transform.apply(trained["moving_labels"], interpolation="nearest").dataobj))
+    print(f"\nHDAR network alone (tiny weights): Dice {before:.3f} -> {after:.3f}")
+    assert transform.metadata["prealign"] is False and transform.metadata["refine_steps"] == 0
+    assert after > before + 0.01
+
+
 def test_full_preset_and_register_pair_provenance(trained):
     method = HDARMethod(preset="full", weights=str(trained["pt"]), device="auto")
     transform, info = register_pair(trained["fixed"], trained["moving"], method, affine=False)
