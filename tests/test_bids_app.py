@@ -33,8 +33,10 @@ SPACE = "sub01"
 MARGIN = 0.02
 
 
-def make_bids_dataset(root: Path) -> tuple[Path, Path]:
-    """A 4-subject phantom BIDS dataset and its labels derivatives; returns (bids_dir, labels_dir)."""
+def make_bids_dataset(root: Path, *, magnitude_mm: float = 14.0) -> tuple[Path, Path]:
+    """A 4-subject phantom BIDS dataset and its labels derivatives; returns (bids_dir, labels_dir).
+
+    ``magnitude_mm``: how far the subjects' deformations move them from the atlas participant."""
     bids_dir, labels_dir = root / "rawdata", root / "labels"
     write_json(bids_dir / "dataset_description.json", {"Name": "phantoms", "BIDSVersion": "1.9.0"})
     (bids_dir / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\nsub-03\nsub-04\n")
@@ -50,7 +52,7 @@ def make_bids_dataset(root: Path) -> tuple[Path, Path]:
         else:
             # 14 mm: far enough from the atlas that a registration has a clear margin to gain over none
             # (at 8 mm sub-02 was within 0.002 Dice of the atlas labels unregistered)
-            s = make_subject(atlas.image, atlas.labels, seed=20 + i, magnitude_mm=14.0, smoothness_mm=15.0)
+            s = make_subject(atlas.image, atlas.labels, seed=20 + i, magnitude_mm=magnitude_mm, smoothness_mm=15.0)
             image, labels = s.image, s.labels
         save_image(image, bids_dir / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz")
         save_image(labels, labels_dir / f"sub-{sub}" / "anat" / f"sub-{sub}_dseg.nii.gz")

@@ -127,7 +127,7 @@ def test_affine_on_a_small_grid_does_not_depend_on_the_seed(tmp_path):
     import nibabel as nib
     from test_bids_app import make_bids_dataset
 
-    bids_dir, labels_dir = make_bids_dataset(tmp_path)
+    bids_dir, labels_dir = make_bids_dataset(tmp_path, magnitude_mm=8.0)  # the dataset of the failing runs
     fixed = nib.load(bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
     ref = np.asarray(nib.load(labels_dir / "sub-01" / "anat" / "sub-01_dseg.nii.gz").dataobj).astype(int)
     moving = nib.load(bids_dir / "sub-02" / "anat" / "sub-02_T1w.nii.gz")
