@@ -494,6 +494,10 @@ def write_subject_derivatives(
         "runtime_s": record.get("runtime_s"), "peak_memory_mb": record.get("peak_memory_mb"),
         "device": record.get("device", ""), "evaluated": bool(record.get("evaluated", False)),
         "folded_percent": record.get("folded_percent"), "metrics": record.get("metrics") or {},
+        # wall seconds of each step this subject x method went through (preprocess, register, evaluate) and of
+        # the parts of the preprocessing and the registration
+        "timing_s": {k: record[key] for k, key in (("steps", "stage_wall_s"), ("preprocess", "preprocess_steps_s"),
+                                                   ("register", "register_steps_s")) if record.get(key)},
         "files": {k: v.name for k, v in written.items()},
         **{k: v for k, v in common.items() if k in ("Parameters", "Seed", "Versions", "Atlas", "SpatialReference",
                                                    "Sources", "WeightsSHA256")},

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -131,6 +132,7 @@ def preprocess_files(
     from .provenance import library_versions, sha256
 
     out = Path(out_dir)
+    t0 = time.perf_counter()
     img = load_image(t1w)
     atlas_img = load_image(atlas)
     labels_img = None
@@ -138,8 +140,10 @@ def preprocess_files(
         labels_img = load_image(labels, labels=True)
         check_labels_match(img, labels_img, image_source=t1w, labels_source=labels)
     mask_img = load_image(atlas_mask, labels=True) if atlas_mask is not None else None
+    read_s = time.perf_counter() - t0
     result = preprocess_t1w(img, atlas_img, skull_stripped=skull_stripped_flag(skull_stripped), n4=n4, seed=seed,
                             threads=threads, atlas_mask=mask_img, affine_method=affine_method)
+    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "preproc": save_image(result.image, out / "preproc_T1w.nii.gz"),
@@ -152,13 +156,14 @@ def preprocess_files(
     if labels_img is not None:
         paths["preproc_labels"] = save_image(result.to_atlas.apply(labels_img, interpolation="nearest"),
                                              out / "preproc_dseg.nii.gz")
+    runtime_s = {"read": read_s, **result.runtime_s, "write": time.perf_counter() - t0}
     record = {
         **{k: str(Path(v).resolve()) for k, v in paths.items()},
         "preproc_labels": str(paths["preproc_labels"].resolve()) if "preproc_labels" in paths else None,
         "to_atlas_files": [str(p.resolve()) for p in xfm_files],
         "steps": list(result.steps),
         "skull_stripped_input": bool(result.skull_stripped_input),
-        "runtime_s": {k: float(v) for k, v in result.runtime_s.items()},
+        "runtime_s": {k: float(v) for k, v in runtime_s.items()},
         "seed": seed,
         "affine_method": affine_method,
         "inputs": {"t1w": str(Path(t1w).resolve()), "atlas": str(Path(atlas).resolve()),
@@ -170,55 +175,96 @@ def preprocess_files(
     return record
 
 
+#: Margin (mm) kept around the brain when a participant is prepared as the atlas: its grid, on which every subject's
+#: outputs lie, is cut to the brain's box plus this margin (a scanner's field of view is mostly air: LPBA40's S01
+#: re-stored in a 256 x 256 x 180 field of view has 9 % brain voxels, and every per-voxel step of every subject
+#: scaled with the rest).
+ATLAS_MARGIN_MM = 10.0
+
+
+class PreparedAtlas(NamedTuple):
+    """The files :func:`prepare_atlas_files` writes: the prepared image and, when labels were given, the labels
+    on its grid."""
+
+    image: Path
+    labels: Path | None
+
+
 def prepare_atlas_files(
     t1w: PathLike,
     out_dir: PathLike,
     *,
     name: str = "atlas",
+    labels: PathLike | None = None,
     skull_stripped: str | bool = "auto",
     n4: bool = True,
     seed: int | None = None,
     threads: int | None = None,
-) -> Path:
-    """Prepare a dataset's own T1w as the atlas, as its subjects are prepared, and return the prepared image.
+    margin_mm: float | None = ATLAS_MARGIN_MM,
+) -> PreparedAtlas:
+    """Prepare a dataset's own T1w as the atlas, as its subjects are prepared, and return the prepared files.
 
     A participant of the cohort chosen as atlas is stored as the others are: a raw head, as often as not.
     Registering skull-stripped subjects to a head aligns brains to skulls, so the atlas goes through
     :func:`hdar_pipeline.preprocess.prepare_brain` (skull-strip check, N4, brain extraction where needed,
-    normalisation to [0, 1]) once, on its own grid (its labels still apply).
+    normalisation to [0, 1]) once. Its grid is then cut to the brain's box plus ``margin_mm`` (same voxels, same
+    world coordinates; ``None`` keeps the whole field of view), and ``labels`` (on the T1w's grid) are cut with it.
 
-    Writes ``<name>_desc-brain_T1w.nii.gz`` and ``<name>_desc-brain_T1w.json`` (the steps, the source's path
-    and SHA-256, the options) into ``out_dir``; a later call with the same source bytes and options returns the
-    existing file without recomputing it.
+    Writes ``<name>_desc-brain_T1w.nii.gz``, ``<name>_desc-brain_T1w.json`` (the steps, the sources' paths and
+    SHA-256, the options) and with ``labels`` ``<name>_desc-brain_dseg.nii.gz`` into ``out_dir``; a later call with
+    the same source bytes and options returns the existing files without recomputing them.
 
     Returns
     -------
-    Path
-        The prepared atlas image (float32, 0 outside the brain).
+    PreparedAtlas
+        ``image``: the prepared atlas (float32, 0 outside the brain); ``labels``: its labels, or ``None``.
+
+    Raises
+    ------
+    ImageError
+        ``labels`` do not lie on the T1w's grid, or an input cannot be read (the message names the file).
     """
-    from .images import load_image, save_image
+    from .images import check_labels_match, crop_to_mask, load_image, save_image
     from .preprocess import prepare_brain
     from .provenance import sha256
 
     out = Path(out_dir)
     image_path = out / f"{name}_desc-brain_T1w.nii.gz"
+    labels_path = out / f"{name}_desc-brain_dseg.nii.gz" if labels is not None else None
     sidecar = image_path.with_name(f"{name}_desc-brain_T1w.json")
     key = {"source": str(Path(t1w).resolve()), "source_sha256": sha256(t1w),
-           "skull_stripped": str(skull_stripped), "n4": bool(n4), "seed": seed}
-    if image_path.is_file() and sidecar.is_file():
+           "labels": str(Path(labels).resolve()) if labels is not None else None,
+           "labels_sha256": sha256(labels) if labels is not None else None,
+           "skull_stripped": str(skull_stripped), "n4": bool(n4), "seed": seed, "margin_mm": margin_mm}
+    if image_path.is_file() and sidecar.is_file() and (labels_path is None or labels_path.is_file()):
         try:
             if json.loads(sidecar.read_text()).get("key") == key:
-                return image_path
+                return PreparedAtlas(image_path, labels_path)
         except (OSError, ValueError):
             pass
-    result = prepare_brain(load_image(t1w), skull_stripped=skull_stripped_flag(skull_stripped), n4=n4, seed=seed,
+    img = load_image(t1w)
+    label_img = None
+    if labels is not None:
+        label_img = load_image(labels, labels=True)
+        check_labels_match(img, label_img, image_source=t1w, labels_source=labels)
+    result = prepare_brain(img, skull_stripped=skull_stripped_flag(skull_stripped), n4=n4, seed=seed,
                            threads=threads)
+    brain = result.native_brain
+    if margin_mm is not None:
+        mask = np.asarray(result.native_mask.dataobj) > 0
+        brain = crop_to_mask(brain, mask, margin_mm)
+        if label_img is not None:
+            label_img = crop_to_mask(label_img, mask, margin_mm)
     out.mkdir(parents=True, exist_ok=True)
-    save_image(result.native_brain, image_path)
-    sidecar.write_text(json.dumps({"key": key, "steps": list(result.steps),
+    save_image(brain, image_path)
+    if label_img is not None:
+        save_image(label_img, labels_path)
+    sidecar.write_text(json.dumps({"key": key, "steps": list(result.steps)
+                                   + ([f"cut to the brain's box plus {margin_mm:g} mm: {' x '.join(map(str, brain.shape))} "
+                                       f"of {' x '.join(map(str, img.shape))} voxels"] if margin_mm is not None else []),
                                    "skull_stripped_input": bool(result.skull_stripped_input),
                                    "runtime_s": {k: float(v) for k, v in result.runtime_s.items()}}, indent=2))
-    return image_path
+    return PreparedAtlas(image_path, labels_path)
 
 
 def skull_stripped_flag(value: str | bool) -> Literal["auto"] | bool:
@@ -277,8 +323,12 @@ def _ids(subject: str, session: str | None, method: str | None, preset: str | No
 def _run_step(step: str, base: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``fn``; on an exception return ``base`` marked as failed at ``step`` (never raises
     ``Exception``; ``KeyboardInterrupt`` and ``SystemExit`` still propagate)."""
+    t0 = time.perf_counter()
     try:
-        return {**base, **fn(), "status": STATUS_OK, "error": "", "failed_step": ""}
+        out = {**base, **fn(), "status": STATUS_OK, "error": "", "failed_step": ""}
+        out["stage_wall_s"] = {**dict(base.get("stage_wall_s") or {}), **dict(out.get("stage_wall_s") or {}),
+                               step: time.perf_counter() - t0}
+        return out
     except Exception as exc:  # noqa: BLE001 - one subject's failure must not stop the cohort
         if os.environ.get(STOP_ON_FIRST_CRASH_ENV, "") not in ("", "0"):
             raise
@@ -349,7 +399,8 @@ def preprocess_subject(
                     job_dir=out, label=f"sub-{subject} preprocess")
         return {"preproc": rec["preproc"], "preproc_labels": rec["preproc_labels"], "mask": rec["mask"],
                 "to_atlas": rec["to_atlas"], "preprocess_json": str((out / "preprocess.json").resolve()),
-                "preprocess_runtime_s": float(sum(rec["runtime_s"].values()))}
+                "preprocess_runtime_s": float(sum(rec["runtime_s"].values())),
+                "preprocess_steps_s": {k: float(v) for k, v in rec["runtime_s"].items()}}
 
     return write_record(_run_step("preprocess", base, step), out / RECORD_NAMES["preprocess"])
 
@@ -384,9 +435,10 @@ def register_subject(
     With ``preprocessed`` (a :func:`preprocess_subject` record, or its JSON file; ``subject``,
     ``session``, ``t1w`` and ``labels`` default to the record's), the deformable
     method registers the preprocessed image (already affinely on the atlas grid, so no affine stage
-    runs), and the result is composed with the preprocessing affine: ``transform.h5`` then maps atlas
-    points to the *native* subject, and the native labels are warped once (no double
-    interpolation). A failed preprocessing record is passed on as this subject x method's failure.
+    runs), and the preprocessing affine follows it in the written transform (``register_files``' ``then``,
+    composed exactly): ``transform.h5`` maps atlas points to the *native* subject, and the native labels are
+    warped once (no double interpolation). The displacement field is written once, in that composite. A
+    failed preprocessing record is passed on as this subject x method's failure.
 
     Returns
     -------
@@ -394,7 +446,7 @@ def register_subject(
         The record (also ``out_dir/register_record.json``): ids, ``status``, ``error``,
         ``failed_step``, and when ok ``registration_json``, ``warped`` (image on the atlas grid),
         ``warped_labels`` (or ``None``), ``transform`` (ITK composite ``.h5``, atlas -> native
-        subject), ``transforms`` (the same as separate files, ``ants.apply_transforms`` order),
+        subject), ``transforms`` (``[transform]``, the ``ants.apply_transforms`` list),
         ``runtime_s``, ``peak_memory_mb``, ``device``, ``folded_percent``.
     """
     out = Path(out_dir)
@@ -406,6 +458,8 @@ def register_subject(
         labels = labels if labels is not None else upstream.get("labels")
     base = {**_ids(subject, session, method, preset), "t1w": _abs(t1w), "labels": _abs(labels),
             "atlas": _abs(atlas)}
+    if upstream is not None:  # the preprocessing's times travel on with the record
+        base.update({k: upstream[k] for k in ("stage_wall_s", "preprocess_steps_s") if k in upstream})
     if upstream is not None and not is_ok(upstream):
         return write_record(_passed_on(upstream, base), out / RECORD_NAMES["register"])
 
@@ -415,49 +469,26 @@ def register_subject(
         if upstream is None:
             if t1w is None:
                 raise ValueError(f"subject {subject}: no T1w image given")
-            rec = _call(isolate, register_files, atlas, t1w, out, method=method, preset=preset,
-                        moving_labels=labels, affine=affine, affine_method=affine_method, seed=seed, threads=threads,
-                        device=device, job_dir=out, label=f"sub-{subject} {method}")
-            transforms = [str((out / p).resolve()) for p in rec["transforms"]]
-            composite = str((out / rec["composite_transform"]).resolve())
-            warped_labels = rec["outputs"].get("warped_labels")
-            warped_labels = str((out / warped_labels).resolve()) if warped_labels else None
-        else:
-            rec = _call(isolate, register_files, atlas, upstream["preproc"], out, method=method, preset=preset,
-                        affine=False, seed=seed, threads=threads, device=device, job_dir=out,
-                        label=f"sub-{subject} {method}")
-            composite, transforms, warped_labels = _compose_with_preprocessing(out, atlas, upstream, rec,
-                                                                               native_labels=labels)
+            moving, then, use_affine = t1w, None, affine
+        else:  # the preprocessed image is on the atlas grid already; the preprocessing's affine follows
+            moving, then, use_affine = upstream["preproc"], upstream["to_atlas"], False
+        rec = _call(isolate, register_files, atlas, moving, out, method=method, preset=preset, moving_labels=labels,
+                    affine=use_affine, affine_method=affine_method, seed=seed, threads=threads, device=device,
+                    then=then, separate_files=False, job_dir=out, label=f"sub-{subject} {method}")
+        composite = str((out / rec["composite_transform"]).resolve())
+        transforms = [composite]  # the field is written once, in the composite
+        warped_labels = rec["outputs"].get("warped_labels")
+        warped_labels = str((out / warped_labels).resolve()) if warped_labels else None
         return {"registration_json": str((out / "registration.json").resolve()),
                 "warped": str((out / rec["outputs"]["warped"]).resolve()), "warped_labels": warped_labels,
                 "transform": composite, "transforms": transforms, "preset": rec.get("preset") or preset or "",
                 "runtime_s": float(rec["runtime_s"]), "peak_memory_mb": float(rec["peak_memory_mb"]),
                 "device": rec.get("device", "cpu"), "folded_percent": float(rec["jacobian"]["folded_percent_grid"]),
                 "folded_percent_mask": float(rec["jacobian"]["folded_percent_mask"]),
-                "preprocessed": upstream is not None}
+                "preprocessed": upstream is not None,
+                "register_steps_s": {k: float(v) for k, v in rec.get("wall_s", {}).items()}}
 
     return write_record(_run_step("register", base, step), out / RECORD_NAMES["register"])
-
-
-def _compose_with_preprocessing(out: Path, atlas: PathLike, upstream: Mapping[str, Any], rec: Mapping[str, Any],
-                                native_labels: PathLike | None) -> tuple[str, list[str], str | None]:
-    """Compose the preprocessing affine with a registration done in preprocessed space and write
-    the atlas -> native transform (``transform_native.h5`` and separate files); warp the native labels."""
-    from .images import load_image, save_image
-    from .transforms import Transform
-
-    atlas_img = load_image(atlas)
-    deformable = Transform.read(out / rec["composite_transform"], grid=atlas_img)
-    to_atlas = Transform.read(upstream["to_atlas"], grid=atlas_img)
-    native = to_atlas.compose(deformable)
-    files = native.write(out, prefix="transform_native_")
-    composite = native.write_composite(out / "transform_native.h5")
-    warped_labels = None
-    if native_labels is not None:
-        lab = load_image(native_labels, labels=True)
-        warped_labels = str(save_image(native.apply(lab, interpolation="nearest"),
-                                       out / "warped_labels.nii.gz").resolve())
-    return str(composite.resolve()), [str(p.resolve()) for p in files], warped_labels
 
 
 def evaluate_subject(
@@ -693,6 +724,8 @@ __all__ = [
     "read_record",
     "register_subject",
     "report_subject",
+    "ATLAS_MARGIN_MM",
+    "PreparedAtlas",
     "prepare_atlas_files",
     "skull_stripped_flag",
     "write_record",

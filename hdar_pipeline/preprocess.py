@@ -772,7 +772,9 @@ def prepare_brain(
 
     evidence = None
     if skull_stripped == "auto":
+        t0 = time.perf_counter()
         evidence = skull_strip_evidence(img)
+        runtime["skull_strip_check"] = time.perf_counter() - t0
         stripped = evidence.skull_stripped
         steps.append(f"skull-strip check: {'skull-stripped' if stripped else 'not skull-stripped'} ({evidence.reason})")
     else:

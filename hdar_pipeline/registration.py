@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def register_files(
     normalize: bool = True,
     method_options: dict | None = None,
     affine_method: str = "fast",
+    then: PathLike | None = None,
+    separate_files: bool = True,
 ) -> dict:
     """Register ``moving`` onto ``fixed`` and write the results into ``out_dir``.
 
@@ -66,6 +69,15 @@ def register_files(
     method_options : dict, optional
         Method-specific settings (``hdar``: ``weights``, ``refine``), see
         :func:`hdar_pipeline.methods.get_method`.
+    then : path-like, optional
+        An affine ITK transform file that maps ``moving``'s points on to another image's, e.g. the preprocessing's
+        atlas -> native T1w affine when ``moving`` is the preprocessed image. The written transform is then the
+        registration followed by it (fixed points -> that image's points; composed exactly, no resampling), and
+        ``moving_labels`` lie on that image's grid and are warped once, by the whole mapping. ``warped.nii.gz`` and
+        the Jacobian statistics stay those of the registration of ``moving``.
+    separate_files : bool
+        Also write the transform as separate files (``transform_warp.nii.gz``, ``transform_affine.mat``) beside
+        the composite ``transform.h5``; without it the displacement field is written once, in the composite.
 
     Returns
     -------
@@ -88,9 +100,10 @@ def register_files(
     if affine_method not in AFFINE_METHODS:
         raise ValueError(f"unknown affine method {affine_method!r}; choose from {', '.join(AFFINE_METHODS)}")
 
+    t_start = time.perf_counter()
     importing = _import_hdar_in_background(method)
     guard = InputGuard({"FIXED": fixed, "MOVING": moving, "--moving-labels": moving_labels,
-                        "--fixed-mask": fixed_mask})
+                        "--fixed-mask": fixed_mask, "then": then})
     # Reading is mostly zlib inflating, one call per file without the GIL (images.load_image), so the inputs are
     # read side by side, beside the background import; an unusable file is reported in argument order.
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -98,7 +111,7 @@ def register_files(
                  pool.submit(load_image, moving_labels, labels=True) if moving_labels is not None else None,
                  pool.submit(load_image, fixed_mask, labels=True) if fixed_mask is not None else None]
         fixed_img, moving_img, labels_img, mask_img = (r.result() if r is not None else None for r in reads)
-    if labels_img is not None:
+    if labels_img is not None and then is None:  # with ``then`` they lie on the grid of the image it leads to
         check_labels_match(moving_img, labels_img, image_source=moving, labels_source=moving_labels)
     if mask_img is not None:
         check_labels_match(fixed_img, mask_img, image_source=fixed, labels_source=fixed_mask)
@@ -110,9 +123,12 @@ def register_files(
     guard.add_files({"--weights": _weights_files(method, method_options)})
     method_obj = get_method(method, preset=preset, seed=seed, threads=threads, device=device, options=method_options)
     out = guard.output_folder(out_dir, "-o/--output", writes=REGISTER_OUTPUTS)  # last check: creates the folder
+    t_register = time.perf_counter()
     transform, info = register_pair(f_in, m_in, method_obj, affine=affine, fixed_mask=mask_img,
                                     seed=seed, threads=threads, affine_method=affine_method)
 
+    t_write = time.perf_counter()
+    written = transform if then is None else _then(transform, then, fixed_img)
     outputs = {"warped": "warped.nii.gz"}
     if labels_img is not None:
         outputs["warped_labels"] = "warped_labels.nii.gz"
@@ -123,21 +139,27 @@ def register_files(
         jobs = {
             "warped": pool.submit(lambda: save_image(transform.apply(moving_img, interpolation="linear"),
                                                      out / "warped.nii.gz")),
-            "files": pool.submit(transform.write, out, prefix="transform_"),
-            "composite": pool.submit(transform.write_composite, out / "transform.h5"),
+            "composite": pool.submit(written.write_composite, out / "transform.h5"),
             "jacobian": pool.submit(jacobian_statistics, transform, brain),
         }
+        if separate_files:
+            jobs["files"] = pool.submit(written.write, out, prefix="transform_")
         if labels_img is not None:
-            jobs["labels"] = pool.submit(lambda: save_image(transform.apply(labels_img, interpolation="nearest"),
+            jobs["labels"] = pool.submit(lambda: save_image(written.apply(labels_img, interpolation="nearest"),
                                                             out / "warped_labels.nii.gz"))
         done = {k: j.result() for k, j in jobs.items()}
-    files, composite, jac = done["files"], done["composite"], done["jacobian"]
+    composite, jac = done["composite"], done["jacobian"]
+    files = done.get("files", [composite])
     record = {
         "method": method,
         "preset": info.get("preset", preset),
         "affine_stage": method == "affine" or bool(affine),
         "affine_method": ("ants" if method == "affine" else affine_method) if method == "affine" or affine else None,
         "runtime_s": info["runtime_s"],
+        # wall time of this call's parts: reading, checking and normalising the inputs (and importing the method),
+        # the registration (affine stage included), writing the outputs and the Jacobian statistics
+        "wall_s": {"read": t_register - t_start, "register": t_write - t_register,
+                   "write": time.perf_counter() - t_write},
         "peak_memory_mb": info["peak_memory_mb"],
         "stages": info.get("stages", []),
         "device": info.get("device", "cpu"),
@@ -153,6 +175,7 @@ def register_files(
             "moving_sha256": guard.sha256(moving),
             "moving_labels_sha256": guard.sha256(moving_labels) if moving_labels else None,
             "fixed_mask_sha256": guard.sha256(fixed_mask) if fixed_mask else None,
+            **({"then": str(Path(then).resolve()), "then_sha256": guard.sha256(then)} if then is not None else {}),
         },
         "outputs": outputs,
         "transforms": [p.name for p in files],
@@ -171,6 +194,16 @@ def register_files(
     guard.verify()
     (out / "registration.json").write_text(json.dumps(record, indent=2, default=json_default))
     return record
+
+
+def _then(transform, then: PathLike, fixed_img):
+    """``then`` (an affine ITK file) after ``transform``: exact, the affine is kept beside the field."""
+    from .transforms import Transform
+
+    after = Transform.read(then, grid=fixed_img)
+    if after.field is not None:
+        raise ValueError(f"{then}: expected an affine transform file, found a displacement field")
+    return after.compose(transform)
 
 
 def _import_hdar_in_background(method: str) -> threading.Thread | None:

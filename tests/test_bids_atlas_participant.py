@@ -44,8 +44,13 @@ def test_atlas_participant_raw_head_is_brain_extracted_in_the_work_dir(tmp_path)
     assert prepared.image.parent == (tmp_path / "work" / "atlas").resolve() and prepared.exclude == ["01"]
     img = load_image(prepared.image)
     assert is_skull_stripped(img) and not is_skull_stripped(load_image(t1w))
-    assert Grid.of(img).same_as(Grid.of(load_image(t1w)))
-    assert "prepared as the subjects are" in prepared.description
+    # the head's voxels cut to the brain's box plus a margin, in the head's world coordinates
+    head = Grid.of(load_image(t1w))
+    start = np.linalg.solve(head.affine, Grid.of(img).affine)[:3, 3]
+    assert np.allclose(start, np.round(start)) and (start >= 0).all()
+    assert all(s + n <= m for s, n, m in zip(np.round(start).astype(int), img.shape, head.shape))
+    assert np.prod(img.shape) < 0.6 * np.prod(head.shape)
+    assert "prepared as the subjects are" in prepared.description and "brain's box" in prepared.description
     assert t1w.read_bytes() == before and not any(p.name.endswith("desc-brain_T1w.nii.gz") for p in bids_dir.rglob("*"))
     # without preprocessing the subjects are used as stored, and so is the atlas participant
     as_stored = resolve_atlas(AppOptions(**opts, preprocess=False))

@@ -372,25 +372,44 @@ def test_lpba40_synthetic_head_brain_mask(lpba40_dir):
 def test_an_atlas_taken_from_raw_heads_is_prepared_as_the_subjects(tmp_path, head3):
     """The BIDS App's --atlas-participant on a dataset of raw heads: the atlas is brain-extracted once (the
     subjects are; a head as atlas would align their brains to its skull), on its own grid, and reused."""
-    from hdar_pipeline.cohort import prepare_atlas_files
-    from hdar_pipeline.images import save_image
+    from hdar_pipeline.cohort import ATLAS_MARGIN_MM, prepare_atlas_files
+    from hdar_pipeline.images import new_image, save_image
 
     head, true_mask = head3
     source = save_image(head, tmp_path / "sub-01_T1w.nii.gz")
     before = source.read_bytes()
-    prepared = prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", seed=1, threads=2)
-    assert prepared.name == "sub-01_desc-brain_T1w.nii.gz" and source.read_bytes() == before
-    img = load_image(prepared)
-    assert Grid.of(img).same_as(Grid.of(head))  # its labels still apply
+    labels = save_image(new_image(np.asarray(true_mask.dataobj).astype(np.int16) * 7, head),
+                        tmp_path / "sub-01_dseg.nii.gz")
+    prepared = prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", labels=labels, seed=1, threads=2)
+    assert prepared.image.name == "sub-01_desc-brain_T1w.nii.gz" and source.read_bytes() == before
+    img, lab = load_image(prepared.image), load_image(prepared.labels, labels=True)
+    # cut to the brain's box plus the margin: a slice of the head's voxels, in the same world coordinates,
+    # with the labels cut alike (they still apply)
+    assert Grid.of(lab).same_as(Grid.of(img)) and all(a <= b for a, b in zip(img.shape, head.shape))
+    start = np.round(np.linalg.solve(head.affine, img.affine)[:3, 3]).astype(int)
+    assert np.allclose(head.affine[:3, :3], img.affine[:3, :3])
+    assert np.allclose(head.affine @ np.r_[start, 1], img.affine[:, 3])
+    cut = tuple(slice(a, a + n) for a, n in zip(start, img.shape))
+    assert np.array_equal(np.asarray(lab.dataobj), np.asarray(nib.load(labels).dataobj)[cut])
     data = np.asarray(img.dataobj)
+    full = np.zeros(head.shape, bool)
+    full[cut] = data > 0
     assert is_skull_stripped(img) and not is_skull_stripped(head)
-    assert dice(data > 0, true_mask.dataobj) > 0.9
+    assert dice(full, true_mask.dataobj) > 0.9
     assert 0.0 <= data.min() and data.max() <= 1.0
-    sidecar = prepared.with_name("sub-01_desc-brain_T1w.json").read_text()
-    assert "brain extraction" in sidecar and "not skull-stripped" in sidecar
-    # the same source and options: the file is reused as it is; other options: prepared again
-    stamp = prepared.stat().st_mtime_ns
-    assert prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", seed=1, threads=2) == prepared
-    assert prepared.stat().st_mtime_ns == stamp
-    prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", seed=1, threads=2, n4=False)
-    assert prepared.stat().st_mtime_ns != stamp
+    # the margin: the brain keeps at least 10 mm (less only where the field of view ends) on every side
+    brain = np.argwhere(data > 0)
+    spacing = np.asarray(head.header.get_zooms()[:3])
+    room_kept, room_there = brain.min(0) * spacing, (start + brain.min(0)) * spacing  # below the brain, mm
+    assert (room_kept >= np.minimum(ATLAS_MARGIN_MM, room_there) - 1e-6).all()
+    sidecar = prepared.image.with_name("sub-01_desc-brain_T1w.json").read_text()
+    assert "brain extraction" in sidecar and "not skull-stripped" in sidecar and "cut to the brain" in sidecar
+    # the same source and options: the files are reused as they are; other options: prepared again
+    stamp = prepared.image.stat().st_mtime_ns
+    again = prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", labels=labels, seed=1, threads=2)
+    assert again == prepared and prepared.image.stat().st_mtime_ns == stamp
+    prepare_atlas_files(source, tmp_path / "atlas", name="sub-01", labels=labels, seed=1, threads=2, n4=False)
+    assert prepared.image.stat().st_mtime_ns != stamp
+    # the whole field of view on request
+    whole = prepare_atlas_files(source, tmp_path / "whole", name="sub-01", seed=1, threads=2, margin_mm=None)
+    assert whole.labels is None and Grid.of(load_image(whole.image)).same_as(Grid.of(head))

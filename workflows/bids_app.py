@@ -139,13 +139,15 @@ def resolve_atlas(opts: AppOptions) -> Atlas:
         description = f"participant sub-{label} of the dataset (T1w {entry.t1w.name})"
         if opts.preprocess:
             # prepared as its fellow subjects are (a raw head gets its brain extracted), once per work dir
-            from hdar_pipeline.cohort import prepare_atlas_files
+            from hdar_pipeline.cohort import ATLAS_MARGIN_MM, prepare_atlas_files
 
             log.info("preparing the atlas participant sub-%s as the subjects are prepared", label)
-            image = prepare_atlas_files(image, Path(opts.work_dir).resolve() / "atlas", name=f"sub-{label}",
-                                        skull_stripped=opts.skull_stripped, n4=opts.n4, seed=opts.seed,
-                                        threads=opts.omp_nthreads)
-            description += ", prepared as the subjects are (N4, brain extraction where needed, normalisation)"
+            image, prepared_labels = prepare_atlas_files(
+                image, Path(opts.work_dir).resolve() / "atlas", name=f"sub-{label}", labels=labels,
+                skull_stripped=opts.skull_stripped, n4=opts.n4, seed=opts.seed, threads=opts.omp_nthreads)
+            labels = prepared_labels
+            description += (", prepared as the subjects are (N4, brain extraction where needed, normalisation) "
+                            f"and cut to its brain's box plus {ATLAS_MARGIN_MM:g} mm")
         return Atlas(image, labels.resolve() if labels else None, bids.check_label(space, "space"), description,
                      label_table=bids.label_table(opts.labels_dir), exclude=[label])
     # The embedded default: the MNI ICBM152 2009a template nilearn ships, with six tissue labels.
@@ -395,12 +397,22 @@ def run_participant(opts: AppOptions) -> int:
         log.error("stopping on the first crash: sub-%s %s failed at %s: %s", first["subject"], first["method"],
                   first.get("failed_step"), first.get("error"))
         return EXIT_ERROR
+    timings = {"workflow": time.perf_counter() - t0}
     extra = {"Seed": opts.seed, "Threads": threads, "Worker": opts.worker}
+    t1 = time.perf_counter()
     for rec in records:
         bids.write_subject_derivatives(rec, out, space=atlas.space, atlas=atlas.image, extra=extra)
     bids.write_dataset_description(out, source=opts.bids_dir)
+    timings["derivatives"], t1 = time.perf_counter() - t1, time.perf_counter()
     write_reports(out, atlas, opts)
+    timings["reports"], t1 = time.perf_counter() - t1, time.perf_counter()
     write_citation(out, atlas, opts, records)
+    timings["citation"] = time.perf_counter() - t1
+    log.info("after the workflow: derivatives %.1f s, reports %.1f s, methods text %.1f s",
+             timings["derivatives"], timings["reports"], timings["citation"])
+    bids.write_json(out / "logs" / "participant_timings.json",
+                    {"seconds": timings, "subjects": len(cohort), "methods": list(opts.methods),
+                     "worker": opts.worker, "nprocs": nprocs, "threads_per_job": threads})
     failed = [r for r in records if r.get("status") != "ok"]
     for r in failed:
         log.error("sub-%s%s %s failed at %s: %s", r["subject"], f" ses-{r['session']}" if r.get("session") else "",
