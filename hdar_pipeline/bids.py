@@ -475,6 +475,14 @@ def write_subject_derivatives(
                           "resamples the T1w into atlas space",
             "FoldedPercent": record.get("folded_percent")})
         written["xfm"] = p
+    if ok and record.get("jacobian_map"):
+        p = _copy(record["jacobian_map"], derivative_path(output_dir, sub, ses, space=space, desc=method,
+                                                          suffix="jacobian", extension=".nii.gz"))
+        write_json(sidecar_path(p), {**common, "Description": f"Jacobian determinant of the {method} transform at "
+                                                              f"every {space} voxel (the atlas -> T1w mapping, "
+                                                              "preprocessing affine included; <= 0: folded)",
+                                     "Units": "dimensionless (volume ratio)"})
+        written["jacobian"] = p
     if ok and record.get("warped_labels"):
         p = _copy(record["warped_labels"], derivative_path(output_dir, sub, ses, space=space, desc=method,
                                                            suffix="dseg", extension=".nii.gz"))

@@ -350,6 +350,10 @@ def _call(isolate: bool, fn: Callable[..., dict[str, Any]], *args: Any, job_dir:
     return run_isolated(fn, *args, job_dir=job_dir, label=label, **kwargs)
 
 
+def _same_file(a: PathLike | None, b: PathLike | None) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
 def _passed_on(upstream: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """A failed upstream record carried into the next step (its error and failed step kept)."""
     keep = {k: upstream.get(k, "") for k in ("status", "error", "failed_step", "traceback")}
@@ -474,13 +478,14 @@ def register_subject(
             moving, then, use_affine = upstream["preproc"], upstream["to_atlas"], False
         rec = _call(isolate, register_files, atlas, moving, out, method=method, preset=preset, moving_labels=labels,
                     affine=use_affine, affine_method=affine_method, seed=seed, threads=threads, device=device,
-                    then=then, separate_files=False, job_dir=out, label=f"sub-{subject} {method}")
+                    then=then, separate_files=False, jacobian_map=True, job_dir=out, label=f"sub-{subject} {method}")
         composite = str((out / rec["composite_transform"]).resolve())
         transforms = [composite]  # the field is written once, in the composite
         warped_labels = rec["outputs"].get("warped_labels")
         warped_labels = str((out / warped_labels).resolve()) if warped_labels else None
         return {"registration_json": str((out / "registration.json").resolve()),
                 "warped": str((out / rec["outputs"]["warped"]).resolve()), "warped_labels": warped_labels,
+                "jacobian_map": str((out / rec["outputs"]["jacobian"]).resolve()),
                 "transform": composite, "transforms": transforms, "preset": rec.get("preset") or preset or "",
                 "runtime_s": float(rec["runtime_s"]), "peak_memory_mb": float(rec["peak_memory_mb"]),
                 "device": rec.get("device", "cpu"), "folded_percent": float(rec["jacobian"]["folded_percent_grid"]),
@@ -535,7 +540,12 @@ def evaluate_subject(
             return {}
         ids = {"subject": reg["subject"], "session": reg.get("session", ""), "method": reg["method"]}
         extra = {k: reg[k] for k in ("runtime_s", "peak_memory_mb") if k in reg}
-        result, written = evaluate_files(atlas_labels, labels, out / "evaluation.csv", transform=xfm,
+        # the registration's own Jacobian map when it wrote one (computed once), else from the transform
+        jac = reg.get("jacobian_map")
+        if jac and not (Path(jac).is_file() and (transform is None or _same_file(transform, reg.get("transform")))):
+            jac = None
+        result, written = evaluate_files(atlas_labels, labels, out / "evaluation.csv",
+                                         transform=None if jac else xfm, jacobian=jac,
                                          label_table=label_table, ids=ids, extra=extra, distances=distances,
                                          figures=False)
         summary = result.summary.iloc[0].to_dict()

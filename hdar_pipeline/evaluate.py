@@ -76,6 +76,7 @@ def evaluate(
     labels: ImageLike,
     *,
     transform=None,
+    jacobian: ImageLike | None = None,
     mask: ImageLike | np.ndarray | None = None,
     label_table: PathLike | Mapping[int, str] | None = None,
     ids: Mapping[str, object] | None = None,
@@ -93,6 +94,10 @@ def evaluate(
     transform : Transform, path or list of paths, optional
         The fixed-to-moving transform; files are given in ``ants.apply_transforms`` order and read
         onto the reference grid.
+    jacobian : path or nibabel image, optional
+        The transform's Jacobian determinant map on the reference grid (e.g. the ``jacobian.nii.gz`` that
+        :func:`~hdar_pipeline.registration.register_files` wrote), used instead of computing it from
+        ``transform``; the same statistics follow.
     mask : path, image or bool array, optional
         Region for the ``*_mask`` Jacobian statistics; by default the reference labels > 0. A mask on
         another grid than the reference is an error.
@@ -149,15 +154,23 @@ def evaluate(
     jac_table = None
     jac_map = None
     mask_arr = None
-    if transform is not None:
-        from .transforms import Transform
-
-        if not isinstance(transform, Transform):
-            transform = Transform.read(transform, grid=grid)
-        if not transform.grid.same_as(grid):
-            raise ImageError(ref_src, "the transform's fixed grid differs from the reference labels' grid")
+    if jacobian is not None or transform is not None:
         mask_arr, mask_source = _mask_on(mask, grid, ref_src, ref)
-        jac_map = transform.jacobian_determinant()
+        if jacobian is not None:
+            jac_src = str(jacobian) if isinstance(jacobian, (str, os.PathLike)) else None
+            jac_img = load_image(jacobian) if jac_src else jacobian
+            if not Grid.of(jac_img).same_as(grid, atol=1e-3):
+                raise ImageError(jac_src, f"the Jacobian map's grid {Grid.of(jac_img).shape} differs from the "
+                                          f"reference labels' grid {grid.shape} ({ref_src or 'reference'})")
+            jac_map = np.asarray(jac_img.dataobj, dtype=np.float32)
+        else:
+            from .transforms import Transform
+
+            if not isinstance(transform, Transform):
+                transform = Transform.read(transform, grid=grid)
+            if not transform.grid.same_as(grid):
+                raise ImageError(ref_src, "the transform's fixed grid differs from the reference labels' grid")
+            jac_map = transform.jacobian_determinant()
         stats = jacobian_statistics(jac_map, mask_arr)
         stats["mask_source"] = mask_source
         jac_table = pd.DataFrame([stats])[[*JACOBIAN_COLUMNS, "mask_source"]]
@@ -217,6 +230,7 @@ def evaluate_files(
     out_csv: PathLike,
     *,
     transform: PathLike | Sequence[PathLike] | None = None,
+    jacobian: PathLike | None = None,
     mask: PathLike | None = None,
     label_table: PathLike | None = None,
     ids: Mapping[str, object] | None = None,
@@ -227,8 +241,8 @@ def evaluate_files(
 ) -> tuple[Evaluation, dict[str, list[Path] | Path]]:
     """Run :func:`evaluate` and write its tables (and a Jacobian figure).
 
-    Writes ``OUT.csv`` (one row per label), ``OUT_summary.csv`` (one row), and with a transform
-    ``OUT_jacobian.csv`` (one row) and, if ``figures``, ``OUT_jacobian.png`` / ``.svg``.
+    Writes ``OUT.csv`` (one row per label), ``OUT_summary.csv`` (one row), and with a transform (or its
+    ``jacobian`` map) ``OUT_jacobian.csv`` (one row) and, if ``figures``, ``OUT_jacobian.png`` / ``.svg``.
 
     Parameters
     ----------
@@ -249,14 +263,14 @@ def evaluate_files(
     from .guard import InputGuard
 
     guard = InputGuard({"REFERENCE_LABELS": reference_labels, "LABELS": labels, "--transform": transform,
-                        "--mask": mask, "--label-table": label_table, **dict(other_inputs or {})})
+                        "--jacobian": jacobian, "--mask": mask, "--label-table": label_table, **dict(other_inputs or {})})
     paths = output_paths(out_csv)
     figure = paths["jacobian_figure"]
     guard.output_file(paths["labels"], "-o/--output",
                       also=[paths["summary"], paths["jacobian"], figure.with_name(figure.name + ".png"),
                             figure.with_name(figure.name + ".svg")])
-    result = evaluate(reference_labels, labels, transform=transform, mask=mask, label_table=label_table, ids=ids,
-                      extra=extra, distances=distances)
+    result = evaluate(reference_labels, labels, transform=transform, jacobian=jacobian, mask=mask,
+                      label_table=label_table, ids=ids, extra=extra, distances=distances)
     written: dict[str, list[Path] | Path] = {"labels": write_table(result.labels, paths["labels"]),
                                              "summary": write_table(result.summary, paths["summary"])}
     if result.jacobian is not None:

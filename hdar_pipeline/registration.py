@@ -20,7 +20,7 @@ from .provenance import json_default, library_versions
 
 #: What :func:`register_files` may write in its output folder (nothing else is ever touched there).
 REGISTER_OUTPUTS = ("warped.nii.gz", "warped_labels.nii.gz", "transform_warp.nii.gz", "transform_affine.mat",
-                    "transform.h5", "registration.json")
+                    "transform.h5", "registration.json", "jacobian.nii.gz")
 
 PathLike = str | os.PathLike
 
@@ -43,6 +43,7 @@ def register_files(
     affine_method: str = "fast",
     then: PathLike | None = None,
     separate_files: bool = True,
+    jacobian_map: bool = False,
 ) -> dict:
     """Register ``moving`` onto ``fixed`` and write the results into ``out_dir``.
 
@@ -74,10 +75,14 @@ def register_files(
         atlas -> native T1w affine when ``moving`` is the preprocessed image. The written transform is then the
         registration followed by it (fixed points -> that image's points; composed exactly, no resampling), and
         ``moving_labels`` lie on that image's grid and are warped once, by the whole mapping. ``warped.nii.gz`` and
-        the Jacobian statistics stay those of the registration of ``moving``.
+        the Jacobian statistics are those of the whole mapping (its affine scales the determinant, not the folding).
     separate_files : bool
         Also write the transform as separate files (``transform_warp.nii.gz``, ``transform_affine.mat``) beside
         the composite ``transform.h5``; without it the displacement field is written once, in the composite.
+    jacobian_map : bool
+        Also write ``jacobian.nii.gz``: the Jacobian determinant of the written transform at every fixed voxel
+        (float32), the map the statistics in ``registration.json`` come from, so that an evaluation or a report
+        does not compute it again.
 
     Returns
     -------
@@ -95,7 +100,6 @@ def register_files(
         An input image is unusable (the message names the file).
     """
     from .methods import AFFINE_METHODS, get_method, register_pair
-    from .metrics import jacobian_statistics
 
     if affine_method not in AFFINE_METHODS:
         raise ValueError(f"unknown affine method {affine_method!r}; choose from {', '.join(AFFINE_METHODS)}")
@@ -132,6 +136,8 @@ def register_files(
     outputs = {"warped": "warped.nii.gz"}
     if labels_img is not None:
         outputs["warped_labels"] = "warped_labels.nii.gz"
+    if jacobian_map:
+        outputs["jacobian"] = "jacobian.nii.gz"
     brain, brain_source = brain_mask_of(fixed_img, mask_img)
     # The outputs are independent and their heavy parts (interpolation, zlib, HDF5) run in C without the
     # GIL, so they are written side by side: about half the wall time on two cores.
@@ -140,7 +146,7 @@ def register_files(
             "warped": pool.submit(lambda: save_image(transform.apply(moving_img, interpolation="linear"),
                                                      out / "warped.nii.gz")),
             "composite": pool.submit(written.write_composite, out / "transform.h5"),
-            "jacobian": pool.submit(jacobian_statistics, transform, brain),
+            "jacobian": pool.submit(_jacobian, written, brain, out / "jacobian.nii.gz" if jacobian_map else None),
         }
         if separate_files:
             jobs["files"] = pool.submit(written.write, out, prefix="transform_")
@@ -194,6 +200,17 @@ def register_files(
     guard.verify()
     (out / "registration.json").write_text(json.dumps(record, indent=2, default=json_default))
     return record
+
+
+def _jacobian(transform, brain: np.ndarray, path: Path | None) -> dict:
+    """Jacobian statistics of ``transform`` over the fixed grid and ``brain``; the map saved to ``path`` too."""
+    from .images import new_image
+    from .metrics import jacobian_statistics
+
+    det = transform.jacobian_determinant()
+    if path is not None:
+        save_image(new_image(det, transform.grid), path)
+    return jacobian_statistics(det, brain)
 
 
 def _then(transform, then: PathLike, fixed_img):

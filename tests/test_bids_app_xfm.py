@@ -69,3 +69,13 @@ def test_xfm_h5_with_the_preprocessing_affine_is_what_ants_reapplies(tmp_path):
     # and the registration itself did its job: the warped labels overlap the atlas labels well
     rec = json.loads(next(anat.glob("sub-02_space-*_desc-demons_metrics.json")).read_text())
     assert rec["status"] == "ok" and rec["metrics"]["mean_dice"] > 0.8
+    # the Jacobian map beside it is that of the written transform, computed once by the registration
+    from hdar_pipeline.transforms import Transform
+
+    jac = next(anat.glob("sub-02_space-*_desc-demons_jacobian.nii.gz"))
+    det = Transform.read(xfm, grid=nib.load(fixed)).jacobian_determinant()
+    assert np.allclose(np.asarray(nib.load(jac).dataobj), det, atol=1e-5)
+    # and the field was written once: the registration's job folder holds the composite alone
+    jobs = [p.parent for p in (tmp_path / "work").rglob("registration.json")]
+    assert jobs and all(sorted(p.name for p in j.iterdir() if "transform" in p.name) == ["transform.h5"]
+                        for j in jobs)

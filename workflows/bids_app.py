@@ -613,12 +613,15 @@ def _report_entries(out: Path, subject: str, session: str, space: str):
                                       extension=".nii.gz")
         xfm = bids.derivative_path(out, subject, session, from_="T1w", to=space, mode="image", desc=method,
                                    suffix="xfm", extension=".h5")
+        jacobian = bids.derivative_path(out, subject, session, space=space, desc=method, suffix="jacobian",
+                                        extension=".nii.gz")
         metrics = dict(rec.get("metrics") or {})
         if rec.get("folded_percent") is not None:
             metrics.setdefault("folded_percent", rec["folded_percent"])
         entries.append(ReportEntry(method=method, status=rec.get("status", ""), error=rec.get("error", ""),
                                    preset=rec.get("preset", ""), warped=warped if warped.is_file() else None,
-                                   transform=xfm if xfm.is_file() else None, metrics=metrics,
+                                   transform=xfm if xfm.is_file() else None,
+                                   jacobian=jacobian if jacobian.is_file() else None, metrics=metrics,
                                    runtime_s=rec.get("runtime_s"), peak_memory_mb=rec.get("peak_memory_mb"),
                                    device=rec.get("device", "")))
     return entries
