@@ -651,7 +651,9 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=non_negative_int, default=None, help="seeds numpy, torch and ANTs")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR)")
     g = p.add_argument_group("resources and execution")
-    g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=None, help="parallel jobs (cf worker); default: all cores")
+    g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=None,
+                   help="parallel jobs (cf worker); default: the cores this process may use, at most one per "
+                        "subject x method")
     g.add_argument("--omp-nthreads", type=positive_int, default=None, help="threads per job; default cores / nprocs")
     g.add_argument("-w", "--work-dir", default="work", help="Pydra cache: a rerun resumes and skips finished work")
     g.add_argument("--worker", choices=["cf", "slurm"], default="cf",

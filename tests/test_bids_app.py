@@ -283,3 +283,21 @@ def test_progress_watcher_counts_registrations_then_evaluations(tmp_path):
     (job / "evaluate_record.json").write_text(json.dumps({"subject": "02", "session": "", "method": "syn",
                                                           "status": "error"}))
     assert watcher.poll() == 1 and watcher.done["evaluated"] == {("02", "", "syn")}
+
+
+def test_one_subject_gets_every_core_in_one_job(ds, tmp_path):
+    """Without --nprocs the App runs no more processes than it has jobs: one subject x one method is one job
+    with every usable core (before: as many one-thread processes as cores, all but one idle)."""
+    from hdar_pipeline.workflows.bids_app import usable_cpus
+
+    args = app_args(ds, tmp_path / "out", tmp_path / "work", "participant", "--participant-label", "02")
+    for option in ("--nprocs", "--omp-nthreads"):  # the option and its value
+        del args[args.index(option):args.index(option) + 2]
+    assert bids_app_main(args) == 0
+    run = json.loads((tmp_path / "out" / "logs" / "participant_timings.json").read_text())
+    assert run["nprocs"] == 1 and run["threads_per_job"] == usable_cpus() and run["subjects"] == 1
+    assert set(run["seconds"]) == {"workflow", "derivatives", "reports", "citation"}
+    metrics = json.loads(derivative_path(tmp_path / "out", "02", space=SPACE, desc="demons", suffix="metrics",
+                                         extension=".json").read_text())
+    assert set(metrics["timing_s"]["steps"]) == {"register", "evaluate"}  # --no-preprocess
+    assert {"read", "register", "write"} <= set(metrics["timing_s"]["register"])

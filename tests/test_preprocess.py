@@ -153,6 +153,31 @@ def test_skull_stripped_detection(mni3, head3):
     assert evidence.background_fraction > 0.2
 
 
+def test_the_evidence_on_the_foreground_box_is_that_of_the_whole_field_of_view(mni3, head3, monkeypatch):
+    """The check runs on the foreground's box plus a voxel: the same numbers as on the whole volume (the box
+    replaced by every voxel), for a brain off-centre in a large field of view, a head, a head whose air was zeroed
+    and a brain cut by the volume's edge."""
+    from hdar_pipeline import preprocess as P
+
+    t1, mask = mni3
+    data = np.asarray(t1.dataobj, dtype=np.float32)
+    big = np.zeros(tuple(n + pad for n, pad in zip(data.shape, (40, 30, 25))), np.float32)
+    big[30:30 + data.shape[0], 5:5 + data.shape[1], 20:20 + data.shape[2]] = data  # off-centre in a larger view
+    edge = np.zeros_like(data)
+    edge[:, : data.shape[1] - 10] = data[:, 10:]
+    zeroed, _ = synthetic_head(t1, mask, seed=2, zero_background=True)
+    images = (nib.Nifti1Image(big, t1.affine), head3[0], zeroed, nib.Nifti1Image(edge, t1.affine))
+    boxed = [skull_strip_evidence(img) for img in images]
+    assert P._foreground_box(np.zeros((4, 4, 4), bool)) == (slice(0, 4),) * 3  # nothing in front: every voxel
+    monkeypatch.setattr(P, "_foreground_box", lambda m: (slice(None),) * 3)
+    for img, ours in zip(images, boxed):
+        whole = skull_strip_evidence(img)
+        assert ours.skull_stripped == whole.skull_stripped and ours.reason.split("(")[0] == whole.reason.split("(")[0]
+        assert ours.background_fraction == whole.background_fraction
+        assert ours.foreground_volume_l == pytest.approx(whole.foreground_volume_l, rel=1e-12)
+        assert ours.shell_dip == pytest.approx(whole.shell_dip, rel=1e-9, nan_ok=True)
+
+
 # ----------------------------------------------------------------------------- N4
 
 
