@@ -74,8 +74,9 @@ def register_files(
         An affine ITK transform file that maps ``moving``'s points on to another image's, e.g. the preprocessing's
         atlas -> native T1w affine when ``moving`` is the preprocessed image. The written transform is then the
         registration followed by it (fixed points -> that image's points; composed exactly, no resampling), and
-        ``moving_labels`` lie on that image's grid and are warped once, by the whole mapping. ``warped.nii.gz`` and
-        the Jacobian statistics are those of the whole mapping (its affine scales the determinant, not the folding).
+        ``moving_labels`` lie on that image's grid and are warped once, by the whole mapping. ``warped.nii.gz`` is
+        ``moving`` warped by the registration alone; the Jacobian statistics are the whole mapping's (its affine
+        scales the determinant, not the folding).
     separate_files : bool
         Also write the transform as separate files (``transform_warp.nii.gz``, ``transform_affine.mat``) beside
         the composite ``transform.h5``; without it the displacement field is written once, in the composite.
