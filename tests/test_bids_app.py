@@ -301,3 +301,36 @@ def test_one_subject_gets_every_core_in_one_job(ds, tmp_path):
                                          extension=".json").read_text())
     assert set(metrics["timing_s"]["steps"]) == {"register", "evaluate"}  # --no-preprocess
     assert {"read", "register", "write"} <= set(metrics["timing_s"]["register"])
+
+
+def test_reports_are_drawn_one_at_a_time_when_the_process_pool_breaks(ds, participant_run, monkeypatch, caplog):
+    """A pool that cannot run (a spawned process that cannot import the caller's __main__, killed workers) must not
+    cost the reports: they are drawn in this process instead, every one of them."""
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hdar_pipeline.workflows import bids_app
+
+    class Broken:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, *a, **k):
+            raise BrokenProcessPool("a process in the pool was terminated abruptly")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Broken)
+    out = participant_run["out"]
+    for html in out.glob("sub-*.html"):
+        html.unlink()
+    opts = bids_app.AppOptions(bids_dir=ds["bids"], output_dir=out, analysis_level="participant",
+                               atlas_participant="01", labels_dir=ds["labels"], work_dir=participant_run["work"],
+                               preprocess=False, skip_bids_validation=True)
+    written = bids_app.write_reports(out, bids_app.resolve_atlas(opts), opts, jobs=2)
+    assert sorted(p.name for p in written) == ["sub-02.html", "sub-03.html", "sub-04.html"]
+    assert all(p.is_file() for p in written) and "one at a time" in caplog.text

@@ -669,15 +669,20 @@ def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1) -
         todo.append(dict(html=html, stamp=stamp, subject=subject, session=session, atlas=atlas.image,
                          atlas_labels=atlas.labels, entries=_report_entries(out, subject, session, atlas.space),
                          atlas_name=atlas.space, figures_dir=out / f"sub-{subject}" / "figures"))
+    results = None
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # spawned, not forked: the parent may hold threads (and torch's) that a fork would copy mid-state
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_draw_report, todo))
-    else:
+        try:
+            # spawned, not forked: the parent may hold threads (and torch's) that a fork would copy mid-state
+            with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_draw_report, todo))
+        except Exception as exc:  # noqa: BLE001 - e.g. a caller whose __main__ a spawned process cannot import
+            log.warning("drawing the reports in %d processes failed (%s: %s); drawing them one at a time",
+                        jobs, type(exc).__name__, exc)
+    if results is None:
         results = [_draw_report(job) for job in todo]
     for job, error in zip(todo, results):
         if error:  # a report must not cost the subject's results
