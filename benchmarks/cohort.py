@@ -210,7 +210,8 @@ def stage_table(summary: pd.DataFrame) -> list[str]:
                                                  for r in summary.itertuples()]]
     rows = [[STAGE_LABELS[c], *[f"{v:.1f}" for v in summary[c]]] for c in shown]
     rows.append(["**one subject's steps**", *[f"**{v:.1f}**" for v in summary["steps_total"]]])
-    rows.append(["run wall / subjects (whole run, every kind)", *[f"{v:.1f}" for v in summary["run_wall_per_subject_s"]]])
+    rows.append(["run wall / subjects (whole run, every kind)",
+                 *[f"{v:.1f}" for v in summary["run_wall_per_subject_s"]]])
     return markdown_table(header, rows)
 
 

@@ -1060,13 +1060,10 @@ def machine_summary() -> str:
 def machine_description(device: str | None = None) -> list[str]:
     """Lines describing the machine and the library versions."""
     from .provenance import library_versions
+    from .runtime import usable_cpus
 
     versions = library_versions()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count()
-    lines = [f"CPU: {_cpu_model()}, {os.cpu_count()} cores ({cores} usable by this process); "
+    lines = [f"CPU: {_cpu_model()}, {os.cpu_count()} cores ({usable_cpus()} usable by this process); "
              f"host {platform.node()}, {platform.system()} {platform.release()}"]
     gpu = _gpu_name()
     if gpu:

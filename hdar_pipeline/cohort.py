@@ -259,9 +259,11 @@ def prepare_atlas_files(
     save_image(brain, image_path)
     if label_img is not None:
         save_image(label_img, labels_path)
-    sidecar.write_text(json.dumps({"key": key, "steps": list(result.steps)
-                                   + ([f"cut to the brain's box plus {margin_mm:g} mm: {' x '.join(map(str, brain.shape))} "
-                                       f"of {' x '.join(map(str, img.shape))} voxels"] if margin_mm is not None else []),
+    steps = list(result.steps)
+    if margin_mm is not None:
+        steps.append(f"cut to the brain's box plus {margin_mm:g} mm: {' x '.join(map(str, brain.shape[:3]))} of "
+                     f"{' x '.join(map(str, img.shape[:3]))} voxels")
+    sidecar.write_text(json.dumps({"key": key, "steps": steps,
                                    "skull_stripped_input": bool(result.skull_stripped_input),
                                    "runtime_s": {k: float(v) for k, v in result.runtime_s.items()}}, indent=2))
     return PreparedAtlas(image_path, labels_path)
@@ -326,8 +328,8 @@ def _run_step(step: str, base: dict[str, Any], fn: Callable[[], dict[str, Any]])
     t0 = time.perf_counter()
     try:
         out = {**base, **fn(), "status": STATUS_OK, "error": "", "failed_step": ""}
-        out["stage_wall_s"] = {**dict(base.get("stage_wall_s") or {}), **dict(out.get("stage_wall_s") or {}),
-                               step: time.perf_counter() - t0}
+        # the wall time of each step the record went through: the earlier steps' come with ``base``
+        out["stage_wall_s"] = {**(out.get("stage_wall_s") or {}), step: time.perf_counter() - t0}
         return out
     except Exception as exc:  # noqa: BLE001 - one subject's failure must not stop the cohort
         if os.environ.get(STOP_ON_FIRST_CRASH_ENV, "") not in ("", "0"):

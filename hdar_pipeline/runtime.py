@@ -13,6 +13,14 @@ from typing import Iterator
 import numpy as np
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity: what SLURM or a container grants), else all."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def configure_threads(threads: int | None) -> None:
     """Set thread counts for ITK (ANTs, SimpleITK), OpenMP/BLAS and torch.
 

@@ -288,7 +288,7 @@ def test_progress_watcher_counts_registrations_then_evaluations(tmp_path):
 def test_one_subject_gets_every_core_in_one_job(ds, tmp_path):
     """Without --nprocs the App runs no more processes than it has jobs: one subject x one method is one job
     with every usable core (before: as many one-thread processes as cores, all but one idle)."""
-    from hdar_pipeline.workflows.bids_app import usable_cpus
+    from hdar_pipeline.runtime import usable_cpus
 
     args = app_args(ds, tmp_path / "out", tmp_path / "work", "participant", "--participant-label", "02")
     for option in ("--nprocs", "--omp-nthreads"):  # the option and its value

@@ -115,14 +115,6 @@ def setup_logging(output_dir: Path, level: str, verbose: int) -> Path:
     return path
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on (its CPU affinity: what SLURM or a container grants), else all."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def resolve_atlas(opts: AppOptions) -> Atlas:
     """The atlas of the run: ``--atlas`` files, ``--atlas-participant``, or the embedded MNI template."""
     if opts.atlas_participant and opts.atlas:
@@ -275,7 +267,7 @@ def run_participant(opts: AppOptions) -> int:
     from pydra.engine.submitter import Submitter
     from pydra.engine.workflow import Workflow
 
-    from hdar_pipeline.runtime import configure_threads
+    from hdar_pipeline.runtime import configure_threads, usable_cpus
 
     from .cohort import init_cohort_wf
 
