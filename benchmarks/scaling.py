@@ -253,7 +253,7 @@ def run_cohort(out: Path, n_subjects: int, workers: int, threads_per_job: int, m
         wall = time.perf_counter() - start
         if result.errored:
             raise RuntimeError(f"the cohort workflow failed: {result}")
-        group = pd.read_csv(result.outputs.group_csv.fspath, dtype={"subject": str})
+        group = pd.read_csv(result.outputs.group_csv.fspath, sep="\t")  # group.tsv
         n_failed = int(result.outputs.n_failed)
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)

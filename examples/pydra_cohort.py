@@ -9,11 +9,12 @@
 
 Builds :func:`hdar_pipeline.workflows.init_cohort_wf` (register every subject x method, evaluate
 against the atlas labels, collect the group tables), submits it with Pydra's
-``Submitter(worker=..., cache_root=OUT/cache)``, copies the group tables to ``OUT/group.csv`` (one row
-per subject x method) and ``OUT/group_labels.csv`` (per label) and prints each method's mean Dice.
+``Submitter(worker=..., cache_root=OUT/cache)``, copies the group tables to ``OUT/group.tsv`` (one row
+per subject x method) and ``OUT/group_labels.tsv`` (per label), tab-separated with ``n/a`` for missing
+values, and prints each method's mean Dice.
 Pydra caches every step in ``OUT/cache``: a rerun with the same inputs returns at once, and adding a
 method or a subject only runs what is new. A subject that fails (unreadable T1w ...) gets a row with
-``status=error`` in the group CSV; the others complete.
+``status=error`` in the group table; the others complete.
 
 ``--worker slurm`` submits each step as an ``sbatch`` job (``--sbatch-args "-p short -t 60"``);
 ``OUT`` must then be on a filesystem the compute nodes see. ``--group-stats`` adds the paired tests
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(subjects)) != len(subjects):
         parser.error(f"subject identifiers are not unique: {', '.join(subjects)}")
 
-    import pandas as pd
+    from hdar_pipeline.group_tables import read_group_table
     from pydra.engine.submitter import Submitter
 
     from hdar_pipeline.workflows import init_cohort_wf
@@ -91,15 +92,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # The results live in the Pydra cache; copy the group tables next to it.
     outputs = result.outputs
-    group_csv = Path(shutil.copy(_path(outputs.group_csv), args.output / "group.csv"))
-    labels_csv = Path(shutil.copy(_path(outputs.labels_csv), args.output / "group_labels.csv"))
-    print(f"group table (one row per subject x method): {group_csv}")
-    print(f"per-label table (one row per subject x method x label): {labels_csv}")
+    # BIDS tables (.tsv); the workflow's outputs are the tables alone (their .json data dictionaries stay in the
+    # collect task's folder of the cache): read_group_table then takes the ids as strings and infers the rest
+    group_tsv = Path(shutil.copy(_path(outputs.group_csv), args.output / "group.tsv"))
+    labels_tsv = Path(shutil.copy(_path(outputs.labels_csv), args.output / "group_labels.tsv"))
+    print(f"group table (one row per subject x method): {group_tsv}")
+    print(f"per-label table (one row per subject x method x label): {labels_tsv}")
     print(f"per-subject records (warped images, transforms): {len(outputs.records)} JSON files in {cache_root}")
     for f in outputs.stats_files or []:
         print(f"group statistics: {_path(f)}")
 
-    group = pd.read_csv(group_csv, dtype={"subject": str, "session": str})
+    group = read_group_table(group_tsv)  # participant_id as a string, flags as booleans
     ok = group[group["status"] == "ok"]
     for method in args.methods:
         rows = ok[ok["method"] == method]
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{method}: {len(rows)} subject(s) registered (nothing evaluated)")
     for r in group[group["status"] != "ok"].itertuples():
-        print(f"sub-{r.subject} {r.method} failed at {r.failed_step}: {r.error}")
+        print(f"{r.participant_id} {r.method} failed at {r.failed_step}: {r.error}")
     return 0 if outputs.n_failed == 0 else 1
 
 

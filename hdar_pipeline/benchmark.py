@@ -62,7 +62,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -1116,15 +1115,10 @@ def _gpu_name() -> str:
 
 
 def git_commit() -> str:
-    """The repository's short commit hash, ``"unknown"`` when git cannot tell."""
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        return out or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The repository's short commit hash (``+dirty`` when modified), ``"unknown"`` when git cannot tell."""
+    from .provenance import git_commit as commit
 
-
+    return commit(short=True)
 
 
 def _ignore_in_repo(output: Path) -> None:

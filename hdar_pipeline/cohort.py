@@ -29,6 +29,7 @@ Step outputs are absolute paths (see each wrapper).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import traceback
@@ -41,6 +42,8 @@ import pandas as pd
 from .provenance import json_default
 
 PathLike = str | os.PathLike
+
+_log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -110,9 +113,17 @@ def preprocess_files(
     seed: int | None = None,
     threads: int | None = None,
     affine_method: str = "fast",
+    brain_mask: PathLike | None = None,
+    anat_xfm: PathLike | None = None,
 ) -> dict[str, Any]:
     """Run :func:`hdar_pipeline.preprocess.preprocess_t1w` on files and write its results (``affine_method``:
     the affine to the atlas, ``"fast"`` or ``"ants"``).
+
+    Reused derivatives (the BIDS App's ``--derivatives``, see :mod:`hdar_pipeline.derivatives`): ``brain_mask``
+    (the T1w's native-space brain mask, on its grid) replaces brain extraction; ``anat_xfm`` (an ITK composite
+    transform from the atlas space to the T1w, sMRIPrep's ``from-T1w_to-<space>_mode-image_xfm.h5``) gives,
+    through its linear part only (:func:`hdar_pipeline.derivatives.linear_part`), the affine to the atlas
+    instead of a registration. The steps and ``reused_derivatives`` of the record name the files.
 
     Writes into ``out_dir``: ``preproc_T1w.nii.gz`` (skull-stripped, bias-corrected, [0, 1], on the
     atlas grid), ``brain_mask.nii.gz`` (atlas grid), ``native_brain.nii.gz`` and
@@ -125,7 +136,8 @@ def preprocess_files(
     dict
         The content of ``preprocess.json``: absolute output paths (``preproc``, ``mask``,
         ``native_brain``, ``native_mask``, ``to_atlas``, ``to_atlas_files``, ``preproc_labels``), the
-        steps that ran, ``skull_stripped_input`` and ``runtime_s`` per step.
+        steps that ran, ``skull_stripped_input``, ``reused_derivatives`` (``{"brain_mask": path,
+        "anat_xfm": path}``, the files given and used) and ``runtime_s`` per step.
     """
     from .images import check_labels_match, load_image, save_image
     from .preprocess import preprocess_t1w
@@ -140,9 +152,18 @@ def preprocess_files(
         labels_img = load_image(labels, labels=True)
         check_labels_match(img, labels_img, image_source=t1w, labels_source=labels)
     mask_img = load_image(atlas_mask, labels=True) if atlas_mask is not None else None
+    reused = {k: str(Path(v).resolve()) for k, v in (("brain_mask", brain_mask), ("anat_xfm", anat_xfm))
+              if v is not None}
+    to_atlas_affine = None
+    if anat_xfm is not None:
+        from .derivatives import linear_part
+
+        to_atlas_affine = linear_part(anat_xfm)
     read_s = time.perf_counter() - t0
     result = preprocess_t1w(img, atlas_img, skull_stripped=skull_stripped_flag(skull_stripped), n4=n4, seed=seed,
-                            threads=threads, atlas_mask=mask_img, affine_method=affine_method)
+                            threads=threads, atlas_mask=mask_img, affine_method=affine_method,
+                            brain_mask=reused.get("brain_mask"), to_atlas_affine=to_atlas_affine,
+                            to_atlas_source=f"the linear part of {reused['anat_xfm']}" if anat_xfm else None)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -163,12 +184,14 @@ def preprocess_files(
         "to_atlas_files": [str(p.resolve()) for p in xfm_files],
         "steps": list(result.steps),
         "skull_stripped_input": bool(result.skull_stripped_input),
+        "reused_derivatives": reused,
         "runtime_s": {k: float(v) for k, v in runtime_s.items()},
         "seed": seed,
-        "affine_method": affine_method,
+        "affine_method": affine_method if anat_xfm is None else None,
         "inputs": {"t1w": str(Path(t1w).resolve()), "atlas": str(Path(atlas).resolve()),
                    "labels": str(Path(labels).resolve()) if labels is not None else None,
-                   "t1w_sha256": sha256(t1w), "atlas_sha256": sha256(atlas)},
+                   "t1w_sha256": sha256(t1w), "atlas_sha256": sha256(atlas),
+                   **{f"{k}_sha256": sha256(v) for k, v in reused.items()}},
         "versions": library_versions(),
     }
     (out / "preprocess.json").write_text(json.dumps(record, indent=2, default=str))
@@ -380,8 +403,11 @@ def preprocess_subject(
     threads: int | None = None,
     isolate: bool = True,
     affine_method: str = "fast",
+    brain_mask: PathLike | None = None,
+    anat_xfm: PathLike | None = None,
 ) -> dict[str, Any]:
-    """:func:`preprocess_files` for one subject, as a record that reports failure instead of raising.
+    """:func:`preprocess_files` for one subject, as a record that reports failure instead of raising
+    (``brain_mask``, ``anat_xfm``: reused sMRIPrep/fMRIPrep derivatives, see :func:`preprocess_files`).
 
     With ``isolate`` (default) the work runs in a child process (:func:`~hdar_pipeline.isolation.run_isolated`):
     a kill by a signal or by the out-of-memory killer fails this subject only, with the signal in ``error``.
@@ -392,19 +418,27 @@ def preprocess_subject(
         The record (also written to ``out_dir/preprocess_record.json``): the ids, ``status``,
         ``error``, ``failed_step``, ``t1w``, ``labels`` (the native inputs) and, when ok,
         ``preproc`` (image on the atlas grid), ``preproc_labels``, ``mask``, ``to_atlas`` (ITK
-        ``.h5``), ``preprocess_json`` and ``preprocess_runtime_s`` (seconds, all steps).
+        ``.h5``), ``preprocess_json``, ``preprocess_runtime_s`` (seconds, all steps), ``preprocess_steps``
+        (what ran, one line each: a reused derivative file is named there) and ``reused_derivatives``
+        (``{"brain_mask": path, "anat_xfm": path}``, those given).
     """
     out = Path(out_dir)
     base = {**_ids(subject, session, None), "t1w": _abs(t1w), "labels": _abs(labels), "atlas": _abs(atlas)}
+    reused = {k: _abs(v) for k, v in (("brain_mask", brain_mask), ("anat_xfm", anat_xfm)) if v is not None}
+    if reused:
+        base["reused_derivatives"] = reused
 
     def step() -> dict[str, Any]:
         if t1w is None:
             raise ValueError(f"subject {subject}: no T1w image given")
         rec = _call(isolate, preprocess_files, t1w, atlas, out, labels=labels, atlas_mask=atlas_mask,
                     skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads, affine_method=affine_method,
-                    job_dir=out, label=f"sub-{subject} preprocess")
+                    brain_mask=brain_mask, anat_xfm=anat_xfm, job_dir=out, label=f"sub-{subject} preprocess")
         return {"preproc": rec["preproc"], "preproc_labels": rec["preproc_labels"], "mask": rec["mask"],
+                "native_brain": rec["native_brain"], "native_mask": rec["native_mask"],
+                "preprocess_steps": list(rec["steps"]), "skull_stripped_input": rec["skull_stripped_input"],
                 "to_atlas": rec["to_atlas"], "preprocess_json": str((out / "preprocess.json").resolve()),
+                "reused_derivatives": rec["reused_derivatives"],
                 "preprocess_runtime_s": float(sum(rec["runtime_s"].values())),
                 "preprocess_steps_s": {k: float(v) for k, v in rec["runtime_s"].items()}}
 
@@ -428,6 +462,8 @@ def register_subject(
     device: str = "auto",
     isolate: bool = True,
     affine_method: str = "fast",
+    atlas_labels: PathLike | None = None,
+    inverse: bool = True,
 ) -> dict[str, Any]:
     """Register one subject to the atlas with one method, as a record that reports failure.
 
@@ -446,6 +482,10 @@ def register_subject(
     warped once (no double interpolation). The displacement field is written once, in that composite. A
     failed preprocessing record is passed on as this subject x method's failure.
 
+    With ``inverse`` (default) the inverse transform (native T1w points -> atlas points, on the T1w's grid) is
+    written too, with its inverse consistency, and ``atlas_labels`` are brought onto the native T1w with it
+    (``register_files``' ``inverse_on``/``fixed_labels``).
+
     Returns
     -------
     dict
@@ -453,7 +493,9 @@ def register_subject(
         ``failed_step``, and when ok ``registration_json``, ``warped`` (image on the atlas grid),
         ``warped_labels`` (or ``None``), ``transform`` (ITK composite ``.h5``, atlas -> native
         subject), ``transforms`` (``[transform]``, the ``ants.apply_transforms`` list),
-        ``runtime_s``, ``peak_memory_mb``, ``device``, ``folded_percent``.
+        ``runtime_s``, ``peak_memory_mb``, ``device``, ``folded_percent``; with ``inverse``
+        ``inverse_transform`` (ITK composite ``.h5``, native -> atlas), ``inverse`` (how it was obtained, its
+        consistency in mm) and ``atlas_labels_native`` (when ``atlas_labels``).
     """
     out = Path(out_dir)
     upstream = read_record(preprocessed)
@@ -465,7 +507,9 @@ def register_subject(
     base = {**_ids(subject, session, method, preset), "t1w": _abs(t1w), "labels": _abs(labels),
             "atlas": _abs(atlas)}
     if upstream is not None:  # the preprocessing's times travel on with the record
-        base.update({k: upstream[k] for k in ("stage_wall_s", "preprocess_steps_s") if k in upstream})
+        base.update({k: upstream[k] for k in ("stage_wall_s", "preprocess_steps_s", "native_brain", "native_mask",
+                                              "preprocess_steps", "skull_stripped_input", "reused_derivatives")
+                     if k in upstream})
     if upstream is not None and not is_ok(upstream):
         return write_record(_passed_on(upstream, base), out / RECORD_NAMES["register"])
 
@@ -480,7 +524,8 @@ def register_subject(
             moving, then, use_affine = upstream["preproc"], upstream["to_atlas"], False
         rec = _call(isolate, register_files, atlas, moving, out, method=method, preset=preset, moving_labels=labels,
                     affine=use_affine, affine_method=affine_method, seed=seed, threads=threads, device=device,
-                    then=then, separate_files=False, jacobian_map=True, job_dir=out, label=f"sub-{subject} {method}")
+                    then=then, separate_files=False, jacobian_map=True, inverse_on=t1w if inverse else None,
+                    fixed_labels=atlas_labels if inverse else None, job_dir=out, label=f"sub-{subject} {method}")
         composite = str((out / rec["composite_transform"]).resolve())
         transforms = [composite]  # the field is written once, in the composite
         warped_labels = rec["outputs"].get("warped_labels")
@@ -493,9 +538,20 @@ def register_subject(
                 "device": rec.get("device", "cpu"), "folded_percent": float(rec["jacobian"]["folded_percent_grid"]),
                 "folded_percent_mask": float(rec["jacobian"]["folded_percent_mask"]),
                 "preprocessed": upstream is not None,
-                "register_steps_s": {k: float(v) for k, v in rec.get("wall_s", {}).items()}}
+                "register_steps_s": {k: float(v) for k, v in rec.get("wall_s", {}).items()},
+                **_inverse_outputs(rec, out, atlas_labels)}
 
     return write_record(_run_step("register", base, step), out / RECORD_NAMES["register"])
+
+
+def _inverse_outputs(rec: Mapping[str, Any], out: Path, atlas_labels: PathLike | None) -> dict[str, Any]:
+    """The inverse transform's part of a register record (absolute paths, how it was obtained, its consistency)."""
+    if "inverse" not in rec["outputs"]:
+        return {}
+    native = rec["outputs"].get("fixed_labels_native")
+    return {"atlas_labels": _abs(atlas_labels),"inverse_transform": str((out / rec["outputs"]["inverse"]).resolve()),
+            "atlas_labels_native": str((out / native).resolve()) if native else None,
+            "inverse": {k: rec["inverse"][k] for k in ("source", "iterations", "residual_mm", "consistency_mm")}}
 
 
 def evaluate_subject(
@@ -569,27 +625,55 @@ def collect_records(
     out_dir: PathLike,
     *,
     prefix: str = "group",
-) -> dict[str, Path]:
-    """Pool per-subject records into the tidy group tables.
+    participants: PathLike | None = None,
+    qc_folding_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Pool per-subject records into the tidy group tables, written as BIDS tables
+    (:mod:`hdar_pipeline.group_tables`: ``.tsv``, ``n/a`` for missing values, a ``.json`` data dictionary
+    beside each; read them back with :func:`hdar_pipeline.group_tables.read_group_table`).
 
     Writes into ``out_dir``:
 
-    ``<prefix>.csv``
-        One row per subject x session x method: :data:`GROUP_ID_COLUMNS`, :data:`GROUP_RUN_COLUMNS`,
-        then the evaluation summary (``mean_dice``, ``mean_hd95_mm`` ..., ``folded_percent``,
-        ``log_jacobian_std`` ...). Failed rows have ``status="error"`` and the message in ``error``.
-    ``<prefix>_labels.csv``
-        One row per subject x session x method x label (the evaluation's per-label table with the
-        status columns); a failed or unevaluated subject x method has one row without a label.
-        This is the input of :func:`hdar_pipeline.stats.write_group_statistics`.
+    ``<prefix>.tsv`` / ``<prefix>.json``
+        One row per subject x session x method: ``participant_id`` (``sub-<label>``), ``session_id``
+        (``ses-<label>``, ``n/a`` without sessions), the columns of ``participants.tsv`` when given, the rest
+        of :data:`GROUP_ID_COLUMNS` and :data:`GROUP_RUN_COLUMNS`, the evaluation summary (``mean_dice``,
+        ``mean_hd95_mm`` ..., ``folded_percent``, ``log_jacobian_std`` ...) and the QC flags ``qc_folding``,
+        ``qc_dice_outlier``, ``qc_failed`` (:func:`hdar_pipeline.group_tables.qc_flags`). Failed rows have
+        ``status="error"`` and the message in ``error``.
+    ``<prefix>_labels.tsv`` / ``<prefix>_labels.json``
+        One row per evaluated subject x session x method x label (the evaluation's per-label table with
+        ``participant_id``, ``session_id`` and the status columns; ``label`` is an integer). A failed or
+        unevaluated subject x method has no row here (its row in ``<prefix>.tsv`` says why). With the
+        failed rows of ``<prefix>.tsv`` this is the input of
+        :func:`hdar_pipeline.stats.write_group_statistics` (see :func:`group_statistics_files`).
 
-    Rows are sorted by subject, session and method.
+    Rows are sorted by participant, session and method (and label).
+
+    Parameters
+    ----------
+    records : iterable of path-like or mapping
+        Evaluate (or register) records, one per subject x method.
+    out_dir : path-like
+        Output folder (created).
+    prefix : str
+        Stem of the table names.
+    participants : path-like, optional
+        A BIDS dataset folder: the columns of its ``participants.tsv`` are merged into ``<prefix>.tsv`` by
+        ``participant_id`` (types kept; descriptions copied from ``participants.json`` when present).
+    qc_folding_threshold : float, optional
+        Percent of folded brain voxels above which ``qc_folding`` is set (default
+        :data:`hdar_pipeline.group_tables.DEFAULT_FOLDING_THRESHOLD`, 0.1).
 
     Returns
     -------
     dict
-        ``{"group": path, "labels": path}``.
+        ``{"group": tsv, "labels": tsv, "group_json": json, "labels_json": json}``; a ``"warnings"`` entry is
+        not a path: the list of warnings (e.g. label names missing), also logged and written in the
+        dictionaries.
     """
+    from . import group_tables as gt
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recs = [read_record(r) for r in records]
@@ -606,26 +690,44 @@ def collect_records(
         rows.append(row)
         status_cols = {c: row[c] for c in ("status", "error", "failed_step")}
         if r.get("labels_csv"):
-            frame = pd.read_csv(r["labels_csv"], dtype={"subject": str, "session": str, "method": str})
+            table = Path(r["labels_csv"])
+            frame = pd.read_csv(table, sep="\t" if table.suffix.lower() == ".tsv" else ",", na_values=[gt.NA, ""],
+                                keep_default_na=False, dtype={"subject": str, "session": str, "method": str,
+                                                              "name": str, "flag": str})
+            frame = frame[pd.to_numeric(frame["label"], errors="coerce").notna()] if "label" in frame else frame
             frame["session"] = frame["session"].fillna("") if "session" in frame else ""
             for pos, (c, v) in enumerate(status_cols.items(), start=3):
                 frame.insert(min(pos, len(frame.columns)), c, v)
             label_frames.append(frame)
-        else:
-            label_frames.append(pd.DataFrame([{**{c: row[c] for c in ("subject", "session", "method")},
-                                               **status_cols, "runtime_s": row["runtime_s"],
-                                               "peak_memory_mb": row["peak_memory_mb"]}]))
     group = pd.DataFrame(rows)
     if group.empty:
         group = pd.DataFrame(columns=[*GROUP_ID_COLUMNS, *GROUP_RUN_COLUMNS])
     group = group.sort_values(["subject", "session", "method"], kind="stable").reset_index(drop=True)
+    group = gt.qc_flags(group, folding_threshold=gt.DEFAULT_FOLDING_THRESHOLD if qc_folding_threshold is None
+                        else qc_folding_threshold)
     labels = pd.concat(label_frames, ignore_index=True, sort=False) if label_frames else \
-        pd.DataFrame(columns=["subject", "session", "method", "status", "error", "failed_step"])
+        pd.DataFrame(columns=["subject", "session", "method", "status", "error", "failed_step", "label"])
     sort_cols = [c for c in ("subject", "session", "method", "label") if c in labels]
-    labels = labels.sort_values(sort_cols, kind="stable", na_position="first").reset_index(drop=True)
-    paths = {"group": out / f"{prefix}.csv", "labels": out / f"{prefix}_labels.csv"}
-    group.to_csv(paths["group"], index=False)
-    labels.to_csv(paths["labels"], index=False)
+    labels = labels.sort_values(sort_cols, kind="stable").reset_index(drop=True)
+    if "label" in labels:
+        labels["label"] = pd.to_numeric(labels["label"]).astype("int64")
+    warnings_: list[str] = []
+    notes: dict[str, str] = {}
+    if gt.missing_label_names(labels):
+        warnings_.append(gt.MISSING_NAMES_WARNING)
+        notes["name"] = f"Warning: {gt.MISSING_NAMES_WARNING}"
+        _log.warning("group tables: %s", gt.MISSING_NAMES_WARNING)
+    group, labels = gt.bids_ids(group), gt.bids_ids(labels)
+    extra: dict[str, Any] = {}
+    if participants is not None:
+        table, extra = gt.read_participants(participants)
+        group = gt.merge_participants(group, table)
+    group_dict = gt.data_dictionary(group, extra=extra, notes=notes)
+    labels_dict = gt.data_dictionary(labels, notes=notes)
+    paths: dict[str, Any] = {}
+    paths["group"], paths["group_json"] = gt.write_group_table(group, out / f"{prefix}.tsv", group_dict)
+    paths["labels"], paths["labels_json"] = gt.write_group_table(labels, out / f"{prefix}_labels.tsv", labels_dict)
+    paths["warnings"] = warnings_
     return paths
 
 
@@ -635,25 +737,66 @@ def group_statistics_files(
     *,
     reference: str = "hdar",
     figures: bool = True,
+    group: PathLike | None = None,
+    extension: str = ".tsv",
 ) -> tuple[list[Path], list[str]]:
-    """:func:`hdar_pipeline.stats.write_group_statistics` on tidy CSVs, for a workflow's last step.
+    """:func:`hdar_pipeline.stats.write_group_statistics` on tidy tables, for a workflow's last step.
 
     Unusable tables (:class:`~hdar_pipeline.stats.StatsError`, e.g. every subject failed) do not
     raise: the reason is written to ``out_dir/notes.txt`` and returned, so the per-subject outputs
     of the cohort survive.
+
+    Parameters
+    ----------
+    tables : path-like or sequence of path-like
+        Per-label tables (e.g. :func:`collect_records`' ``group_labels.tsv``); a ``.tsv`` with a JSON data
+        dictionary beside it is read with :func:`hdar_pipeline.group_tables.read_group_table`.
+    out_dir : path-like
+        Output folder.
+    reference : str
+        The method the paired tests compare every other method with.
+    figures : bool
+        Write the figures.
+    group : path-like, optional
+        The subject x method table (``group.tsv``): its rows whose status is not ok (failed subjects, which
+        have no per-label rows) are added, so that they are listed in ``excluded`` and counted in
+        ``n_failed``.
+    extension : str
+        ``.tsv`` (tab-separated, ``n/a`` for missing values) or ``.csv`` for the statistics tables.
 
     Returns
     -------
     (list of Path, list of str)
         The files written (``notes.txt`` always among them) and the notes.
     """
+    from .group_tables import read_group_table
     from .stats import StatsError, write_group_statistics
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [tables] if isinstance(tables, (str, os.PathLike)) else list(tables)
+
+    def read(path: PathLike) -> pd.DataFrame:
+        path = Path(path)
+        if path.suffix.lower() == ".tsv" and path.with_suffix(".json").is_file():
+            frame = read_group_table(path)
+            frame["source_table"] = str(path)
+            return frame
+        from .stats import read_tables
+
+        return read_tables([path])
+
     try:
-        result, written = write_group_statistics(paths, out, reference=reference, figures=figures)
+        frames = [read(p) for p in paths]
+        if group is not None:
+            rows = read(group)
+            if "status" in rows:
+                keep = [c for c in ("participant_id", "session_id", "subject", "session", "method", "status", "error",
+                                    "failed_step", "source_table") if c in rows]
+                frames.append(rows.loc[rows["status"].astype(str) != "ok", keep])
+        table = pd.concat(frames, ignore_index=True, sort=False) if frames else paths
+        result, written = write_group_statistics(table, out, reference=reference, figures=figures,
+                                                 extension=extension)
         notes = list(result.notes)
     except StatsError as exc:
         written, notes = [], [f"no group statistics: {exc}"]

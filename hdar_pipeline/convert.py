@@ -760,7 +760,10 @@ def convert(preset: str, src: PathLike, dest: PathLike, *, images: str | Sequenc
 
 
 def _write_descriptions(p: Preset, layout: Layout, src: Path, dest: Path, use_heads: bool) -> None:
-    generated = [{"Name": GENERATOR, "Version": __version__, "CodeURL": _code_url(),
+    from .bids import code_url
+
+    url = code_url()  # the package's Project-URL; none (no machine path) until its metadata names one
+    generated = [{"Name": GENERATOR, "Version": __version__, **({"CodeURL": url} if url else {}),
                   "Description": f"hdar convert {p.name} ({layout.name}{', head images' if use_heads else ''})"}]
     raw = {"Name": f"{p.title} (converted to BIDS by hdar-pipeline)", "BIDSVersion": BIDS_VERSION,
            "DatasetType": "raw", "GeneratedBy": generated}
@@ -774,15 +777,6 @@ def _write_descriptions(p: Preset, layout: Layout, src: Path, dest: Path, use_he
     if p.references:
         deriv["ReferencesAndLinks"] = list(p.references)
     _write_json(dest / LABELS_SUBDIR / "dataset_description.json", deriv)
-
-
-def _code_url() -> str:
-    try:
-        from .bids import code_url  # the package's Project-URL, else its folder
-
-        return code_url()
-    except Exception:  # pragma: no cover - bids.py absent or broken
-        return Path(__file__).resolve().parent.as_uri()
 
 
 def format_summary(result: ConvertResult) -> str:

@@ -16,6 +16,10 @@ aligned onto the atlas grid. :func:`preprocess_t1w` produces exactly that from e
    (atlas points -> subject points).
 5. **Resampling onto the atlas grid** (linear for the image, nearest neighbour for the mask).
 
+A brain mask computed elsewhere (sMRIPrep's ``desc-brain_mask``, the BIDS App's ``--derivatives``) replaces
+the skull-strip check and step 2 (``brain_mask=``: N4 runs inside it), and a known affine replaces step 4
+(``to_atlas_affine=``); see :mod:`hdar_pipeline.derivatives`.
+
 Brain extraction: approach and why
 ----------------------------------
 Deep-learning skull strippers (HD-BET, SynthStrip, antspynet) need weights that are downloaded at run time,
@@ -128,6 +132,37 @@ def _as_image(img: ImageLike, what: str = "image") -> nib.spatialimages.SpatialI
 
 def _float(img: nib.spatialimages.SpatialImage) -> np.ndarray:
     return np.asarray(img.dataobj, dtype=np.float32)
+
+
+def _given_mask(mask: ImageLike, img: nib.spatialimages.SpatialImage) -> tuple[np.ndarray, str | None]:
+    """A given brain mask (a file, e.g. sMRIPrep's ``desc-brain_mask``, or an image) as a boolean array on
+    ``img``'s grid, and its file.
+
+    Raises
+    ------
+    ImageError
+        Naming the mask's file: unreadable, empty, or not on the grid of ``img`` (shape or voxel-to-world
+        affine): a mask is never resampled, it must be the T1w's own native-space mask.
+    """
+    path = isinstance(mask, (str, os.PathLike))
+    source = str(mask) if path else _source(mask)
+    mask_img = load_image(mask, labels=True) if path else mask
+    if not Grid.of(mask_img).same_as(Grid.of(img), atol=1e-3):
+        t1w = _source(img)
+        raise ImageError(source, f"brain mask is not on the grid of the T1w{' ' + t1w if t1w else ''} (shape "
+                         f"{tuple(mask_img.shape[:3])} vs {tuple(img.shape[:3])}, or another voxel-to-world "
+                         "affine): it must be the T1w's native-space mask, on the T1w's own grid")
+    out = np.asarray(mask_img.dataobj) > 0
+    if not out.any():
+        raise ImageError(source, "brain mask is empty")
+    return out, source
+
+
+def _normalised_brain(brain: np.ndarray, mask: np.ndarray, grid: Grid) -> nib.Nifti1Image:
+    """``brain`` normalised to [0, 1] inside ``mask`` (robust percentiles), floored at :data:`BRAIN_FLOOR` there
+    so that the result's non-zero voxels are exactly the mask, 0 outside."""
+    normalised = _float(normalize_intensity(new_image(brain, grid), mask=mask))
+    return new_image(np.where(mask, np.maximum(normalised, BRAIN_FLOOR), 0.0).astype(np.float32), grid)
 
 
 def _mask_array(mask: nib.spatialimages.SpatialImage | np.ndarray, like: nib.spatialimages.SpatialImage,
@@ -708,6 +743,8 @@ class BrainResult:
         The heuristic's measurements (when ``skull_stripped="auto"``).
     runtime_s : dict
         Seconds per step.
+    brain_mask_source : str or None
+        The file of the given brain mask (``prepare_brain(brain_mask=...)``) that replaced brain extraction.
     """
 
     native_brain: nib.Nifti1Image
@@ -716,6 +753,7 @@ class BrainResult:
     skull_stripped_input: bool = False
     evidence: SkullStripEvidence | None = None
     runtime_s: dict = field(default_factory=dict)
+    brain_mask_source: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -750,11 +788,14 @@ def prepare_brain(
     template: nib.spatialimages.SpatialImage | None = None,
     template_mask: nib.spatialimages.SpatialImage | None = None,
     working_spacing_mm: float = 2.0,
+    brain_mask: ImageLike | None = None,
 ) -> BrainResult:
     """The brain of a T1w image, bias-corrected and normalised, on the image's own grid.
 
     Steps: skull-strip check -> N4 bias correction -> brain extraction (unless the input is skull-stripped)
-    -> N4 again inside the brain -> intensity normalisation to [0, 1] inside the brain mask. This is what
+    -> N4 again inside the brain -> intensity normalisation to [0, 1] inside the brain mask. With a given
+    ``brain_mask`` (e.g. sMRIPrep's): N4 inside that mask -> the mask applied -> normalisation (no skull-strip
+    check, no brain extraction; ``skull_stripped`` is not used). This is what
     :func:`preprocess_t1w` does before its affine to the atlas, and what an atlas taken from a dataset of
     raw heads needs (the BIDS App's ``--atlas-participant``), so that subject and atlas are prepared alike.
     The input is never modified.
@@ -763,7 +804,7 @@ def prepare_brain(
     ----------
     img : nibabel image or path
         A T1w image (raw head, or already skull-stripped with a zero background).
-    skull_stripped, n4, seed, threads, template, template_mask, working_spacing_mm
+    skull_stripped, n4, seed, threads, template, template_mask, working_spacing_mm, brain_mask
         As in :func:`preprocess_t1w`.
 
     Returns
@@ -773,7 +814,8 @@ def prepare_brain(
     Raises
     ------
     ImageError
-        Unreadable or invalid input (the message names the file), or an empty brain mask.
+        Unreadable or invalid input (the message names the file), an empty brain mask, or a given brain mask
+        on another grid than the image (the message names the mask's file).
     """
     if skull_stripped not in ("auto", True, False):
         raise ValueError(f"skull_stripped must be 'auto', True or False, got {skull_stripped!r}")
@@ -786,6 +828,25 @@ def prepare_brain(
     data = _float(img)
 
     evidence = None
+    if brain_mask is not None:
+        given, source = _given_mask(brain_mask, img)
+        steps.append(f"skull-strip check: skipped, brain mask given ({Path(source).name if source else 'in memory'})")
+        if n4:
+            t0 = time.perf_counter()
+            corrected = n4_bias_correct(img, given, iterations=N4_BRAIN_ITERATIONS, threads=threads)
+            runtime["n4"] = time.perf_counter() - t0
+            steps.append("N4 bias correction inside the given brain mask (3 fitting levels)")
+        else:
+            corrected = img
+        brain = np.where(given, _float(corrected), 0.0).astype(np.float32)
+        steps.append("brain extraction: skipped, the given brain mask "
+                     + (f"{source} " if source else "") + "applied to the " + ("N4-corrected " if n4 else "") + "T1w")
+        t0 = time.perf_counter()
+        native_brain = _normalised_brain(brain, given, grid)
+        runtime["normalise"] = time.perf_counter() - t0
+        steps.append("intensity normalisation to [0, 1] (0.5-99.5 percentiles inside the brain mask)")
+        return BrainResult(native_brain=native_brain, native_mask=new_image(given.astype(np.uint8), grid),
+                           steps=steps, skull_stripped_input=False, runtime_s=runtime, brain_mask_source=source)
     if skull_stripped == "auto":
         t0 = time.perf_counter()
         evidence = skull_strip_evidence(img)
@@ -844,11 +905,10 @@ def prepare_brain(
             steps.append("N4 bias correction repeated inside the brain mask (3 fitting levels)")
 
     t0 = time.perf_counter()
-    normalised = _float(normalize_intensity(new_image(brain, grid), mask=mask))
-    normalised = np.where(mask, np.maximum(normalised, BRAIN_FLOOR), 0.0).astype(np.float32)
+    native_brain = _normalised_brain(brain, mask, grid)
     runtime["normalise"] = time.perf_counter() - t0
     steps.append("intensity normalisation to [0, 1] (0.5-99.5 percentiles inside the brain mask)")
-    return BrainResult(native_brain=new_image(normalised, grid), native_mask=new_image(mask.astype(np.uint8), grid),
+    return BrainResult(native_brain=native_brain, native_mask=new_image(mask.astype(np.uint8), grid),
                        steps=steps, skull_stripped_input=stripped, evidence=evidence, runtime_s=runtime)
 
 
@@ -865,6 +925,9 @@ def preprocess_t1w(
     template_mask: nib.spatialimages.SpatialImage | None = None,
     working_spacing_mm: float = 2.0,
     affine_method: str = "fast",
+    brain_mask: ImageLike | None = None,
+    to_atlas_affine: np.ndarray | None = None,
+    to_atlas_source: str | None = None,
 ) -> PreprocessResult:
     """Prepare a T1w image for registration to ``atlas``.
 
@@ -896,6 +959,15 @@ def preprocess_t1w(
     affine_method : {"fast", "ants"}
         The affine registration to the atlas (:func:`hdar_pipeline.methods.affine_stage`): ``"fast"`` (PyTorch,
         local NCC) or ``"ants"`` (antsRegistration rigid then affine, Mattes MI).
+    brain_mask : nibabel image or path, optional
+        The subject's brain mask on the input's own grid (e.g. sMRIPrep's ``desc-brain_mask``): replaces the
+        skull-strip check and brain extraction (see :func:`prepare_brain`).
+    to_atlas_affine : ndarray, shape (4, 4), optional
+        A known affine from atlas points to subject points (LPS mm; e.g. the linear part of sMRIPrep's
+        transform to the atlas space, :func:`hdar_pipeline.derivatives.linear_part`): replaces the affine
+        registration to the atlas (``affine_method`` is then not used).
+    to_atlas_source : str, optional
+        Where ``to_atlas_affine`` comes from, for the steps.
 
     Returns
     -------
@@ -904,7 +976,8 @@ def preprocess_t1w(
     Raises
     ------
     ImageError
-        Unreadable or invalid input or atlas (the message names the file), or an empty brain mask.
+        Unreadable or invalid input or atlas (the message names the file), an empty brain mask, or a given brain
+        mask on another grid than the input (the message names the mask's file).
     """
     from .methods import affine_stage
 
@@ -913,18 +986,23 @@ def preprocess_t1w(
     method = affine_stage(affine_method, seed=seed, threads=threads)  # an unknown name fails before the work
     prepared = prepare_brain(img, skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
                              template=template, template_mask=template_mask,
-                             working_spacing_mm=working_spacing_mm)
+                             working_spacing_mm=working_spacing_mm, brain_mask=brain_mask)
     native_brain, native_mask = prepared.native_brain, prepared.native_mask
     mask = np.asarray(native_mask.dataobj) > 0
     steps, runtime = list(prepared.steps), dict(prepared.runtime_s)
 
     t0 = time.perf_counter()
-    # The registration only needs the brain: crop the moving image to it (world coordinates are kept,
-    # so the transform applies to the uncropped image unchanged).
-    to_atlas = method.register(atlas_img, crop_to_mask(native_brain, mask, 10.0), fixed_mask=atlas_mask)
-    runtime["affine_to_atlas"] = time.perf_counter() - t0
-    steps.append("affine registration to the atlas (" + ("rigid then affine, Mattes MI, antsRegistration)"
-                 if affine_method == "ants" else "rigid then affine, local NCC, coarse to fine)"))
+    if to_atlas_affine is not None:
+        to_atlas = Transform.from_affine(to_atlas_affine, atlas_img)
+        steps.append("affine to the atlas: not registered, the given affine used"
+                     + (f" ({to_atlas_source})" if to_atlas_source else ""))
+    else:
+        # The registration only needs the brain: crop the moving image to it (world coordinates are kept,
+        # so the transform applies to the uncropped image unchanged).
+        to_atlas = method.register(atlas_img, crop_to_mask(native_brain, mask, 10.0), fixed_mask=atlas_mask)
+        runtime["affine_to_atlas"] = time.perf_counter() - t0
+        steps.append("affine registration to the atlas (" + ("rigid then affine, Mattes MI, antsRegistration)"
+                     if affine_method == "ants" else "rigid then affine, local NCC, coarse to fine)"))
 
     t0 = time.perf_counter()
     image = to_atlas.apply(native_brain, interpolation="linear")
@@ -934,7 +1012,8 @@ def preprocess_t1w(
     steps.append("resampled onto the atlas grid (linear image, nearest-neighbour mask)")
     return PreprocessResult(image=image, mask=atlas_mask_out, native_brain=native_brain, native_mask=native_mask,
                             to_atlas=to_atlas, steps=steps, skull_stripped_input=prepared.skull_stripped_input,
-                            evidence=prepared.evidence, runtime_s=runtime)
+                            evidence=prepared.evidence, runtime_s=runtime,
+                            brain_mask_source=prepared.brain_mask_source)
 
 
 __all__ = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -20,6 +21,22 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def git_commit(*, short: bool = False) -> str:
+    """The git commit of the hdar-pipeline source tree (``+dirty`` when tracked files are modified), or
+    ``"unknown"`` when the package is not run from a git checkout (an installed wheel) or git cannot tell."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return "unknown"
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", *(["--short"] if short else []), "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def sha256(path: str | Path, chunk: int = 1 << 20) -> str:

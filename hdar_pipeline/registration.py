@@ -20,7 +20,7 @@ from .provenance import json_default, library_versions
 
 #: What :func:`register_files` may write in its output folder (nothing else is ever touched there).
 REGISTER_OUTPUTS = ("warped.nii.gz", "warped_labels.nii.gz", "transform_warp.nii.gz", "transform_affine.mat",
-                    "transform.h5", "registration.json", "jacobian.nii.gz")
+                    "transform.h5", "registration.json", "jacobian.nii.gz", "inverse.h5", "fixed_labels_native.nii.gz")
 
 PathLike = str | os.PathLike
 
@@ -44,6 +44,8 @@ def register_files(
     then: PathLike | None = None,
     separate_files: bool = True,
     jacobian_map: bool = False,
+    inverse_on: PathLike | None = None,
+    fixed_labels: PathLike | None = None,
 ) -> dict:
     """Register ``moving`` onto ``fixed`` and write the results into ``out_dir``.
 
@@ -84,6 +86,14 @@ def register_files(
         Also write ``jacobian.nii.gz``: the Jacobian determinant of the written transform at every fixed voxel
         (float32), the map the statistics in ``registration.json`` come from, so that an evaluation or a report
         does not compute it again.
+    inverse_on : path-like, optional
+        Also write ``inverse.h5``: the inverse of the written transform (points of this image -> fixed points,
+        ITK composite on this image's grid; :func:`hdar_pipeline.inverse.invert`: the method's own inverse where
+        it has one, SyN's, else a fixed-point inverse), with its inverse consistency over the fixed brain in
+        ``registration.json`` (``inverse``). Typically the native T1w (``moving``, or the image ``then`` leads to).
+    fixed_labels : path-like, optional
+        With ``inverse_on``: labels on the fixed grid (the atlas labels) brought onto ``inverse_on``'s grid by the
+        inverse (nearest neighbour), written as ``fixed_labels_native.nii.gz``.
 
     Returns
     -------
@@ -108,18 +118,26 @@ def register_files(
     t_start = time.perf_counter()
     importing = _import_hdar_in_background(method)
     guard = InputGuard({"FIXED": fixed, "MOVING": moving, "--moving-labels": moving_labels,
-                        "--fixed-mask": fixed_mask, "then": then})
+                        "--fixed-mask": fixed_mask, "then": then, "inverse_on": inverse_on,
+                        "fixed_labels": fixed_labels})
+    if fixed_labels is not None and inverse_on is None:
+        raise ValueError("fixed_labels are brought onto inverse_on's grid: give inverse_on too")
     # Reading is mostly zlib inflating, one call per file without the GIL (images.load_image), so the inputs are
     # read side by side, beside the background import; an unusable file is reported in argument order.
     with ThreadPoolExecutor(max_workers=4) as pool:
         reads = [pool.submit(load_image, fixed), pool.submit(load_image, moving),
                  pool.submit(load_image, moving_labels, labels=True) if moving_labels is not None else None,
-                 pool.submit(load_image, fixed_mask, labels=True) if fixed_mask is not None else None]
-        fixed_img, moving_img, labels_img, mask_img = (r.result() if r is not None else None for r in reads)
+                 pool.submit(load_image, fixed_mask, labels=True) if fixed_mask is not None else None,
+                 pool.submit(load_image, inverse_on) if inverse_on is not None else None,
+                 pool.submit(load_image, fixed_labels, labels=True) if fixed_labels is not None else None]
+        fixed_img, moving_img, labels_img, mask_img, native_img, fixed_labels_img = (
+            r.result() if r is not None else None for r in reads)
     if labels_img is not None and then is None:  # with ``then`` they lie on the grid of the image it leads to
         check_labels_match(moving_img, labels_img, image_source=moving, labels_source=moving_labels)
     if mask_img is not None:
         check_labels_match(fixed_img, mask_img, image_source=fixed, labels_source=fixed_mask)
+    if fixed_labels_img is not None:
+        check_labels_match(fixed_img, fixed_labels_img, image_source=fixed, labels_source=fixed_labels)
     f_in = normalize_intensity(fixed_img) if normalize else fixed_img
     m_in = normalize_intensity(moving_img) if normalize else moving_img
     if importing is not None:
@@ -139,6 +157,10 @@ def register_files(
         outputs["warped_labels"] = "warped_labels.nii.gz"
     if jacobian_map:
         outputs["jacobian"] = "jacobian.nii.gz"
+    if native_img is not None:
+        outputs["inverse"] = "inverse.h5"
+    if fixed_labels_img is not None:
+        outputs["fixed_labels_native"] = "fixed_labels_native.nii.gz"
     brain, brain_source = brain_mask_of(fixed_img, mask_img)
     # The outputs are independent and their heavy parts (interpolation, zlib, HDF5) run in C without the
     # GIL, so they are written side by side: about half the wall time on two cores.
@@ -154,6 +176,9 @@ def register_files(
         if labels_img is not None:
             jobs["labels"] = pool.submit(lambda: save_image(written.apply(labels_img, interpolation="nearest"),
                                                             out / "warped_labels.nii.gz"))
+        if native_img is not None:
+            jobs["inverse"] = pool.submit(_write_inverse, written, transform.metadata.get("inverse_field"),
+                                          native_img, fixed_labels_img, brain, out)
         done = {k: j.result() for k, j in jobs.items()}
     composite, jac = done["composite"], done["jacobian"]
     files = done.get("files", [composite])
@@ -196,6 +221,15 @@ def register_files(
                      "min": jac["jacobian_min"], "max": jac["jacobian_max"]},
         "versions": library_versions(),
     }
+    if "inverse" in done:
+        record["inverse"] = {**done["inverse"], "grid_of": str(Path(inverse_on).resolve()),
+                             "inverse_on_sha256": guard.sha256(inverse_on),
+                             "convention": "native points -> fixed points (ITK/ANTs); ants.apply_transforms("
+                                           "fixed=<inverse_on image>, moving=<fixed-space image>, "
+                                           "transformlist=['inverse.h5'])"}
+        if fixed_labels is not None:
+            record["inputs"].update({"fixed_labels": str(Path(fixed_labels).resolve()),
+                                     "fixed_labels_sha256": guard.sha256(fixed_labels)})
     if "weights_sha256" in info:
         record["weights_sha256"] = info["weights_sha256"]
     guard.verify()
@@ -212,6 +246,24 @@ def _jacobian(transform, brain: np.ndarray, path: Path | None) -> dict:
     if path is not None:
         save_image(new_image(det, transform.grid), path)
     return jacobian_statistics(det, brain)
+
+
+def _write_inverse(written, inverse_field, native_img, fixed_labels_img, brain: np.ndarray, out: Path) -> dict:
+    """Invert ``written`` onto ``native_img``'s grid, write ``inverse.h5`` (and the fixed labels brought onto that
+    grid); return how the inverse was obtained and its inverse consistency over ``brain`` (mm)."""
+    from .images import Grid
+    from .inverse import inverse_consistency, invert
+
+    t0 = time.perf_counter()
+    result = invert(written, Grid.of(native_img), inverse_field=inverse_field)
+    t_invert = time.perf_counter() - t0
+    result.transform.write_composite(out / "inverse.h5")
+    if fixed_labels_img is not None:
+        save_image(result.transform.apply(fixed_labels_img, interpolation="nearest"),
+                   out / "fixed_labels_native.nii.gz")
+    consistency = inverse_consistency(written, result.transform, mask=brain)
+    return {"source": result.source, "iterations": result.iterations, "residual_mm": result.residual_mm,
+            "consistency_mm": consistency, "invert_s": t_invert, "wall_s": time.perf_counter() - t0}
 
 
 def _then(transform, then: PathLike, fixed_img):

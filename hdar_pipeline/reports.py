@@ -1065,7 +1065,27 @@ def methods_paragraph(
                        "coarse SyN stage; " + cite.inner("avants2011") + ") and refined with tissue intensities and morphology.")
         else:
             pre.append(f"The brain was extracted with {be}.")
+    reuse = dict(prep.get("reused_derivatives") or {})
+    if reuse:  # sMRIPrep/fMRIPrep derivatives (the BIDS App's --derivatives)
+        used_prep.add("reused_derivatives")
+        of, space = reuse.get("of"), reuse.get("space") or "the atlas space"
+
+        def which(n: int | None) -> str:
+            if n is None or of is None:
+                return "Where an sMRIPrep/fMRIPrep derivatives dataset held one for an image"
+            return "For every image" if n >= of else f"For {n} of the {of} images"
+
+        if reuse.get("brain_mask") is None or reuse["brain_mask"] > 0:
+            pre.append(f"{which(reuse.get('brain_mask'))}, no brain extraction was run: the brain mask computed by "
+                       "sMRIPrep/fMRIPrep (`desc-brain_mask`, in native T1w space) was applied to the "
+                       + ("N4-corrected " if prep.get("n4") else "") + "T1w image.")
+        if reuse.get("affine") is None or reuse["affine"] > 0:
+            pre.append(f"{which(reuse.get('affine'))}, the affine to the atlas was not registered but taken from "
+                       f"sMRIPrep's spatial normalisation to `{space}` (`from-T1w_to-{space}_mode-image_xfm.h5`): its "
+                       "affine part only, read with SimpleITK; its nonlinear part was not used.")
     affine_first = bool(prep.get("affine")) and "affine" not in lower
+    if reuse.get("affine") is not None and reuse.get("of") and reuse["affine"] >= reuse["of"]:
+        affine_first = False  # every image's affine came from sMRIPrep (said above)
     affine_method = str(prep.get("affine_method") or "ants")
     used_prep.add("affine_method")
     if "affine" in prep and prep["affine"] is not None:
@@ -1113,7 +1133,11 @@ def methods_paragraph(
         paragraphs.append("*Registration.* " + " ".join(reg) + " All transforms map atlas points to subject "
                           "points (the ITK/ANTs convention); the subjects' images were resampled onto the atlas "
                           "grid with linear interpolation and their label maps with nearest-neighbour "
-                          "interpolation.")
+                          "interpolation. Each transform was also inverted (subject points to atlas points, stored "
+                          "on the subject's grid: SyN's own inverse, and for the other methods the displacement "
+                          "field inverted by Newton's method), its inverse consistency measured over the atlas "
+                          "brain, and the atlas labels were brought onto each subject's native image with it "
+                          "(nearest neighbour), from which the regional volumes were counted.")
 
     # ------------------------------------------------------------------ evaluation
     paragraphs.append(

@@ -38,6 +38,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from .metrics import LABEL_METRICS, METRIC_DIRECTION, _flagged
+from .group_tables import read_group_table  # noqa: F401 - the group tables' reader, also here
 
 PathLike = str | os.PathLike
 
@@ -47,7 +48,8 @@ IDS = ["subject", "session", "method"]
 NON_METRIC = {"subject", "session", "method", "label", "name", "flag", "status", "error", "message",
               "reference_voxels", "labels_voxels", "intersection_voxels", "n_voxels", "mask_voxels",
               "n_labels", "n_labels_evaluated", "n_labels_missing", "mask_source", "source_table", "seed",
-              "threads", "run", "device", "preset"}
+              "threads", "run", "device", "preset", "participant_id", "session_id", "failed_step", "evaluated",
+              "qc_folding", "qc_dice_outlier", "qc_failed"}
 SUMMARY_STATS = ["n", "mean", "sd", "median", "q1", "q3", "iqr", "min", "max"]
 
 
@@ -98,7 +100,7 @@ def read_tables(paths: Iterable[PathLike]) -> pd.DataFrame:
         try:
             frame = pd.read_csv(p, sep="\t" if p.suffix.lower() == ".tsv" else ",",
                                 dtype={"subject": str, "session": str, "method": str, "status": str,
-                                       "flag": str, "name": str})
+                                       "flag": str, "name": str, "participant_id": str, "session_id": str})
         except (OSError, ValueError, pd.errors.ParserError) as exc:
             raise StatsError(f"{p}: cannot be read as a table ({exc})") from None
         frame["source_table"] = str(p)
@@ -111,6 +113,8 @@ def read_tables(paths: Iterable[PathLike]) -> pd.DataFrame:
 def _prepare(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str], list[str]]:
     """Clean ids, split off excluded rows, find metric columns. Returns (ok, excluded, label_metrics,
     subject_metrics, notes)."""
+    if "subject" not in table and "participant_id" in table:  # a BIDS group table (group_labels.tsv)
+        table = table.rename(columns={"participant_id": "subject", "session_id": "session"})
     missing = [c for c in ("subject", "method") if c not in table]
     if missing:
         raise StatsError(f"tables lack the identifier column(s) {', '.join(missing)} "
@@ -445,7 +449,8 @@ def group_statistics(table: pd.DataFrame, *, reference: str = "hdar",
     excluded = _excluded_table(excluded_rows, df)
     if len(excluded):
         notes.append(f"{len(excluded)} subject/method combination(s) with a status other than 'ok' were left out "
-                     f"of the statistics ({int(excluded['fully_excluded'].sum())} entirely): see excluded.csv")
+                     f"of the statistics ({int(excluded['fully_excluded'].sum())} entirely): see excluded.csv "
+                     "(excluded.tsv in the BIDS App's group folder)")
     seen = list(dict.fromkeys(df["method"].tolist()))
     if methods is None:
         methods = ([reference] if reference in seen else []) + [m for m in seen if m != reference]
@@ -466,7 +471,8 @@ def group_statistics(table: pd.DataFrame, *, reference: str = "hdar",
     unpaired = unpaired_table(_presence(subjects), reference, methods) if reference in seen else \
         pd.DataFrame(columns=["reference", "method", "subject", "session", "present_in"])
     if len(unpaired):
-        notes.append(f"{len(unpaired)} subject(s) present in only one of a compared pair of methods: see unpaired.csv")
+        notes.append(f"{len(unpaired)} subject(s) present in only one of a compared pair of methods: "
+                     "see unpaired.csv (unpaired.tsv in the BIDS App's group folder)")
     paired, paired_subjects = paired_tables(labelled, subjects, label_metrics, subject_metrics, reference, methods,
                                             unpaired)
     ranking, ranking_counts = ranking_tables(labelled, label_metrics, methods)
@@ -477,9 +483,10 @@ def group_statistics(table: pd.DataFrame, *, reference: str = "hdar",
 
 
 #: What :func:`write_group_statistics` writes in its folder (names and patterns); nothing else is touched.
-STATS_OUTPUTS = ("subjects.csv", "summary.csv", "summary_by_label.csv", "paired.csv", "paired_subjects.csv",
-                 "ranking.csv", "ranking_counts.csv", "excluded.csv", "unpaired.csv", "boxplot_labels_*",
-                 "boxplot_methods_*", "dice_vs_runtime.*")
+STATS_OUTPUTS = tuple(f"{stem}.{ext}" for ext in ("csv", "tsv")
+                      for stem in ("subjects", "summary", "summary_by_label", "paired", "paired_subjects", "ranking",
+                                   "ranking_counts", "excluded", "unpaired")) + \
+    ("boxplot_labels_*", "boxplot_methods_*", "dice_vs_runtime.*")
 
 
 def write_group_statistics(
@@ -489,8 +496,9 @@ def write_group_statistics(
     reference: str = "hdar",
     figures: bool = True,
     figure_metrics: Sequence[str] = ("dice",),
+    extension: str = ".csv",
 ) -> tuple[GroupStats, list[Path]]:
-    """Compute :func:`group_statistics` and write its CSVs and figures into ``out_dir``.
+    """Compute :func:`group_statistics` and write its tables and figures into ``out_dir``.
 
     Parameters
     ----------
@@ -501,6 +509,9 @@ def write_group_statistics(
         ``paired_subjects``, ``ranking``, ``ranking_counts``, ``excluded``, ``unpaired`` (``.csv``).
         Figures (``.png`` and ``.svg``): ``boxplot_labels_<metric>`` and ``boxplot_methods_<metric>`` for
         each of ``figure_metrics`` present, and ``dice_vs_runtime`` when a ``runtime_s`` column exists.
+    extension : str
+        ``.csv`` (comma-separated) or ``.tsv`` (tab-separated, missing values as ``n/a`` as BIDS writes them;
+        the BIDS App's group level).
 
     Returns
     -------
@@ -514,9 +525,14 @@ def write_group_statistics(
     table = tables if isinstance(tables, pd.DataFrame) else read_tables(tables)
     result = group_statistics(table, reference=reference)
     written = []
+    if extension not in (".csv", ".tsv"):
+        raise ValueError(f"extension must be .csv or .tsv, not {extension!r}")
     for stem, frame in result.tables().items():
-        path = out / f"{stem}.csv"
-        frame.to_csv(path, index=False)
+        path = out / f"{stem}{extension}"
+        if extension == ".tsv":
+            frame.to_csv(path, index=False, sep="\t", na_rep="n/a")
+        else:
+            frame.to_csv(path, index=False)
         written.append(path)
     if figures:
         from . import figures as fig

@@ -201,6 +201,7 @@ def GroupStatistics(
     tables: MultiInputObj[File],
     reference: str = "hdar",
     figures: bool = True,
+    group: File | None = None,
 ) -> tuple[Directory, list[File], list[str]]:
     """Group statistics and paired tests from tidy tables (hdar_pipeline.stats).
 
@@ -208,14 +209,15 @@ def GroupStatistics(
         tables: Tidy per-label CSV/TSV tables (e.g. CollectRecords' labels_csv); one file or a list.
         reference: Method every other method is compared with.
         figures: Write box plots and the Dice-versus-runtime figure.
+        group: CollectRecords' group_csv (group.tsv): its failed rows are listed in excluded.tsv.
 
     Returns:
-        stats_dir: Folder holding every CSV and figure.
+        stats_dir: Folder holding every table (.tsv) and figure.
         files: The files written.
         notes: What was left out and why.
     """
     out = Path.cwd() / "group_stats"
-    written, notes = cohort.group_statistics_files(tables, out, reference=reference, figures=figures)
+    written, notes = cohort.group_statistics_files(tables, out, reference=reference, figures=figures, group=group)
     return Directory(out), [File(p) for p in written], notes
 
 
@@ -259,6 +261,8 @@ def PreprocessSubject(
     seed: int | None = None,
     threads: int | None = None,
     affine_method: str = "fast",
+    brain_mask: File | None = None,
+    anat_xfm: File | None = None,
 ) -> tuple[File, File | None, File | None]:
     """Preprocess one subject; failure becomes a status record (hdar_pipeline.cohort.preprocess_subject).
 
@@ -273,6 +277,9 @@ def PreprocessSubject(
         seed: Random seed.
         threads: ITK threads.
         affine_method: The affine to the atlas: fast (PyTorch) or ants.
+        brain_mask: A native-space brain mask to reuse (sMRIPrep's desc-brain_mask): no brain extraction.
+        anat_xfm: sMRIPrep's T1w-to-atlas-space composite transform: its affine part replaces the affine
+            registration to the atlas.
 
     Returns:
         record: preprocess_record.json (status, error, output paths).
@@ -281,7 +288,7 @@ def PreprocessSubject(
     """
     rec = cohort.preprocess_subject(subject, t1w, atlas, Path.cwd(), session=session, labels=labels,
                                     skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
-                                    affine_method=affine_method)
+                                    affine_method=affine_method, brain_mask=brain_mask, anat_xfm=anat_xfm)
     return File(rec["record_file"]), _file(rec.get("preproc")), _file(rec.get("preproc_labels"))
 
 
@@ -301,6 +308,7 @@ def RegisterSubject(
     device: str = "auto",
     model: str = "",
     affine_method: str = "fast",
+    atlas_labels: File | None = None,
 ) -> tuple[File, File | None, File | None, File | None]:
     """Register one subject with one method; failure becomes a status record
     (hdar_pipeline.cohort.register_subject).
@@ -322,6 +330,7 @@ def RegisterSubject(
             hdar_pipeline.hdar.weights.weights_identity). Not read here: it is part of the cache key,
             so results cached with other weights are recomputed.
         affine_method: The affine stage: fast (PyTorch) or ants (ignored with preprocessed input).
+        atlas_labels: Atlas labels, brought onto the native T1w by the inverse transform.
 
     Returns:
         record: register_record.json (status, error, paths, runtime).
@@ -331,7 +340,8 @@ def RegisterSubject(
     """
     rec = cohort.register_subject(subject, t1w, atlas, Path.cwd(), method=method, session=session, labels=labels,
                                   preprocessed=preprocessed, preset=preset, affine=affine, seed=seed,
-                                  threads=threads, device=device, affine_method=affine_method)
+                                  threads=threads, device=device, affine_method=affine_method,
+                                  atlas_labels=atlas_labels)
     return (File(rec["record_file"]), _file(rec.get("warped")), _file(rec.get("warped_labels")),
             _file(rec.get("transform")))
 
@@ -372,8 +382,10 @@ def CollectRecords(records: list[File]) -> tuple[File, File, int]:
         records: EvaluateSubject (or RegisterSubject) records, one per subject x method.
 
     Returns:
-        group_csv: One row per subject x session x method (status, error, runtime, mean metrics).
-        labels_csv: One row per subject x session x method x label.
+        group_csv: group.tsv (with group.json, its data dictionary, beside it): one row per subject x session x
+            method (participant_id, session_id, status, error, runtime, mean metrics, QC flags).
+        labels_csv: group_labels.tsv (and group_labels.json): one row per evaluated subject x session x method x
+            label.
         n_failed: Number of subject x method rows whose status is not ok.
     """
     paths = cohort.collect_records(records, Path.cwd())

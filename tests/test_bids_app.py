@@ -124,7 +124,17 @@ def test_participant_level_writes_bids_derivatives(ds, participant_run):
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
     assert desc["GeneratedBy"][0]["Name"] == "hdar-pipeline" and desc["GeneratedBy"][0]["Version"]
-    assert desc["GeneratedBy"][0]["CodeURL"]
+    # no machine path as CodeURL (the package has no public URL in its metadata yet: the field is left out)
+    assert "file:" not in desc["GeneratedBy"][0].get("CodeURL", "")
+    assert desc["DatasetLinks"]["raw"] == ds["bids"].resolve().as_uri()
+    assert desc["DatasetLinks"]["labels"] == ds["labels"].resolve().as_uri()
+    assert (out / ".bidsignore").read_text().splitlines()[0] == "logs/"
+    # the atlas every subject was registered to, inside the derivatives, named by the sidecars
+    side = json.loads(derivative_path(out, "02", space=SPACE, desc="demons", suffix="T1w",
+                                      extension=".json").read_text())
+    assert side["SpatialReference"] == f"bids::tpl-{SPACE}/tpl-{SPACE}_T1w.nii.gz"
+    assert (out / f"tpl-{SPACE}" / f"tpl-{SPACE}_T1w.nii.gz").is_file()
+    assert side["Sources"] == ["bids:raw:sub-02/anat/sub-02_T1w.nii.gz"]
     # the failed subject: a metrics record with its error, no images
     bad = json.loads(derivative_path(out, "04", space=SPACE, desc="demons", suffix="metrics",
                                      extension=".json").read_text())
@@ -169,6 +179,11 @@ def test_reports_log_and_methods(participant_run):
     assert "Vercauteren" in citation and "Huang" not in citation  # only what ran is cited
     logs = list((out / "logs").glob("hdar-pipeline_participant_*.log"))
     assert logs and "sub-04" in logs[0].read_text()
+    # the command line heads the log, and with the resolved options is saved beside it
+    assert logs[0].read_text().startswith("# command: hdar-pipeline ")
+    command = json.loads(logs[0].with_name(logs[0].stem + "_command.json").read_text())
+    assert command["argv"][2] == "participant" and command["options"]["methods"] == ["demons"]
+    assert command["options"]["work_dir"] == str(participant_run["work"].resolve())
 
 
 def test_input_dataset_untouched(ds, participant_run, group_run):
@@ -177,16 +192,18 @@ def test_input_dataset_untouched(ds, participant_run, group_run):
 
 def test_group_level_pools_every_subject(ds, group_run):
     assert group_run["code"] == 0
-    group = pd.read_csv(group_run["group"] / "group.csv", dtype={"subject": str, "session": str})
-    assert sorted(group["subject"]) == ["02", "03", "04"]
-    status = dict(zip(group["subject"], group["status"]))
-    assert status == {"02": "ok", "03": "ok", "04": "error"}
-    assert "sub-04_T1w.nii.gz" in group.loc[group["subject"] == "04", "error"].iloc[0]
-    for sub, dice in group.loc[group["status"] == "ok", ["subject", "mean_dice"]].itertuples(index=False):
-        assert dice > before_dice(ds["labels"], sub) + MARGIN, sub
-    labels = pd.read_csv(group_run["group"] / "group_labels.csv", dtype={"subject": str})
-    assert set(labels.dropna(subset=["label"])["label"].astype(int)) == {1, 2, 3, 4}
-    assert (group_run["group"] / "summary.csv").is_file()
+    group = pd.read_csv(group_run["group"] / "group.tsv", sep="\t")  # BIDS TSV: ids read back as strings
+    assert sorted(group["participant_id"]) == ["sub-02", "sub-03", "sub-04"]
+    status = dict(zip(group["participant_id"], group["status"]))
+    assert status == {"sub-02": "ok", "sub-03": "ok", "sub-04": "error"}
+    assert "sub-04_T1w.nii.gz" in group.loc[group["participant_id"] == "sub-04", "error"].iloc[0]
+    assert group["qc_failed"].tolist() == [False, False, True]
+    for sub, dice in group.loc[group["status"] == "ok", ["participant_id", "mean_dice"]].itertuples(index=False):
+        assert dice > before_dice(ds["labels"], sub[4:]) + MARGIN, sub
+    labels = pd.read_csv(group_run["group"] / "group_labels.tsv", sep="\t")
+    assert labels["label"].dtype == np.int64 and set(labels["label"]) == {1, 2, 3, 4}
+    assert set(labels["participant_id"]) == {"sub-02", "sub-03"} and labels["name"].notna().all()
+    assert (group_run["group"] / "summary.tsv").is_file() and (group_run["group"] / "group.html").is_file()
 
 
 def test_rerun_with_the_same_work_dir_is_cached(ds, participant_run):
@@ -197,6 +214,10 @@ def test_rerun_with_the_same_work_dir_is_cached(ds, participant_run):
     seconds = time.perf_counter() - start
     assert code == 3
     assert tree_digest(out / "sub-02") == before
+    # the resumed run counts the cached results as done (sub-04's failure included), and says so in its log
+    log = max((out / "logs").glob("hdar-pipeline_participant_*.log"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "resumed from the work dir: register 3/3 cached; evaluate 3/3 cached" in log
+    assert "progress: register 3/3 (3 cached, 1 failed); evaluate 3/3 (3 cached, 1 failed)" in log
     assert seconds < participant_run["seconds"] / 2, (seconds, participant_run["seconds"])
 
 
@@ -261,28 +282,6 @@ def test_stop_on_first_crash(ds, participant_run, tmp_path, monkeypatch):
         os.environ.pop("HDAR_STOP_ON_FIRST_CRASH", None)
         assert code == 1
         assert not (tmp_path / "out" / "sub-04").exists()
-
-
-def test_progress_watcher_counts_registrations_then_evaluations(tmp_path):
-    from hdar_pipeline.workflows.bids_app import ProgressWatcher
-
-    expected = {("02", "", "syn"), ("03", "", "syn")}
-    watcher = ProgressWatcher(tmp_path, expected, show=False)
-    old = tmp_path / "job0" / "register_record.json"  # left by an earlier run: not counted
-    old.parent.mkdir()
-    old.write_text(json.dumps({"subject": "03", "session": "", "method": "syn", "status": "ok"}))
-    os.utime(old, (watcher.start - 3600, watcher.start - 3600))
-    job = tmp_path / "job1"
-    job.mkdir()
-    (job / "register_record.json").write_text(json.dumps({"subject": "02", "session": "", "method": "syn",
-                                                          "status": "ok"}))
-    (tmp_path / "job2").mkdir()
-    (tmp_path / "job2" / "register_record.json").write_text(json.dumps({"subject": "99", "method": "syn"}))
-    assert watcher.poll() == 0
-    assert watcher.done["registered"] == {("02", "", "syn")}
-    (job / "evaluate_record.json").write_text(json.dumps({"subject": "02", "session": "", "method": "syn",
-                                                          "status": "error"}))
-    assert watcher.poll() == 1 and watcher.done["evaluated"] == {("02", "", "syn")}
 
 
 def test_one_subject_gets_every_core_in_one_job(ds, tmp_path):

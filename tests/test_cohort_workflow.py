@@ -19,6 +19,7 @@ pytest.importorskip("pydra")
 from conftest import make_brain_phantom, mean_dice, unregistered_dice  # noqa: E402
 from pydra.engine.submitter import Submitter  # noqa: E402
 
+from hdar_pipeline.group_tables import read_group_table  # noqa: E402
 from hdar_pipeline.images import save_image  # noqa: E402
 from hdar_pipeline.synthetic import make_subject  # noqa: E402
 from hdar_pipeline.workflows import init_cohort_wf  # noqa: E402
@@ -72,11 +73,11 @@ def first_run(cohort_files):
 
 def test_group_csv_has_a_row_per_subject_and_method(first_run):
     outputs, _ = first_run
-    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str, "session": str})
+    group = read_group_table(outputs.group_csv.fspath)
     assert len(group) == 4 * len(METHODS)
-    assert set(zip(group["subject"], group["method"])) == {(s, m) for s in ("01", "02", "03", "04")
-                                                          for m in METHODS}
-    ok = group[group["subject"] != "04"]
+    assert set(zip(group["participant_id"], group["method"])) == {(f"sub-{s}", m) for s in ("01", "02", "03", "04")
+                                                                 for m in METHODS}
+    ok = group[group["participant_id"] != "sub-04"]
     assert (ok["status"] == "ok").all() and ok["evaluated"].all()
     assert (ok["runtime_s"] > 0).all() and ok["folded_percent"].notna().all()
     assert len(outputs.records) == 4 * len(METHODS)
@@ -85,12 +86,12 @@ def test_group_csv_has_a_row_per_subject_and_method(first_run):
 def test_each_row_holds_the_metrics_of_its_own_subject_and_method(first_run, cohort_files):
     """The wiring check: every row's Dice is that of the warped labels in its own record (recomputed here)."""
     outputs, _ = first_run
-    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str}).set_index(["subject", "method"])
+    group = read_group_table(outputs.group_csv.fspath).set_index(["participant_id", "method"])
     ref = np.asarray(nib.load(cohort_files["atlas_labels"]).dataobj)
     seen = set()
     for record_file in outputs.records:
         record = json.loads(record_file.fspath.read_text())
-        key = (record["subject"], record["method"])
+        key = (f"sub-{record['subject']}", record["method"])
         seen.add(key)
         if record["status"] != "ok":
             continue
@@ -106,27 +107,28 @@ def test_every_method_beats_the_unregistered_labels(first_run, cohort_files):
     """Each method improves every subject's overlap with the atlas labels by a margin (a broken method, HDAR
     included, scores at or below the unregistered Dice)."""
     outputs, _ = first_run
-    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str}).set_index(["subject", "method"])
+    group = read_group_table(outputs.group_csv.fspath).set_index(["participant_id", "method"])
     for i, sub in enumerate(cohort_files["subjects"][:3]):
         before = unregistered_dice(cohort_files["atlas_labels"], cohort_files["labels"][i])
         for method in METHODS:
-            after = group.loc[(sub, method), "mean_dice"]
+            after = group.loc[(f"sub-{sub}", method), "mean_dice"]
             print(f"cohort workflow sub-{sub} {method}: Dice {before:.3f} unregistered, {after:.3f} registered")
             assert after > before + 0.015, (sub, method, before, after)
 
 
 def test_corrupt_t1w_gives_error_rows_and_the_others_complete(first_run, cohort_files):
     outputs, _ = first_run
-    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str})
-    bad = group[group["subject"] == "04"]
+    group = read_group_table(outputs.group_csv.fspath)
+    bad = group[group["participant_id"] == "sub-04"]
     assert len(bad) == len(METHODS) and (bad["status"] == "error").all()
     assert (bad["failed_step"] == "register").all()
     for message in bad["error"]:
         assert "sub-04_T1w.nii.gz" in message and "cannot be read" in message
     assert outputs.n_failed == len(METHODS)
-    labels = pd.read_csv(outputs.labels_csv.fspath, dtype={"subject": str})
-    assert ((labels["subject"] != "04") & (labels["status"] == "ok")).sum() == 3 * len(METHODS) * 4  # 4 labels
-    assert (labels.loc[labels["subject"] == "04", "status"] == "error").all()
+    labels = read_group_table(outputs.labels_csv.fspath)
+    assert ((labels["participant_id"] != "sub-04") & (labels["status"] == "ok")).sum() == 3 * len(METHODS) * 4
+    assert "sub-04" not in set(labels["participant_id"])  # a failed subject has no label rows
+    assert group.loc[group["participant_id"] == "sub-04", "qc_failed"].all()
 
 
 def test_second_run_with_the_same_cache_is_much_faster(first_run, cohort_files):
@@ -134,7 +136,7 @@ def test_second_run_with_the_same_cache_is_much_faster(first_run, cohort_files):
     again, second = run_wf(make_wf(cohort_files), cohort_files["cache"])
     print(f"cohort workflow: first run {first:.1f} s, cached rerun {second:.2f} s")
     assert second < max(first / 5, 1.0)
-    pd.testing.assert_frame_equal(pd.read_csv(outputs.group_csv.fspath), pd.read_csv(again.group_csv.fspath))
+    pd.testing.assert_frame_equal(read_group_table(outputs.group_csv.fspath), read_group_table(again.group_csv.fspath))
 
 
 def test_a_changed_workflow_reuses_the_cached_registrations(first_run, cohort_files):
@@ -147,10 +149,9 @@ def test_a_changed_workflow_reuses_the_cached_registrations(first_run, cohort_fi
     # evaluation came from the cache (a timing comparison said the same thing less reliably on a busy machine)
     assert sorted(Path(f.fspath).read_text() for f in outputs.records) == before
     names = {f.fspath.name for f in outputs.stats_files}
-    assert {"summary.csv", "paired.csv", "excluded.csv"} <= names
-    excluded = pd.read_csv(next(f.fspath for f in outputs.stats_files if f.fspath.name == "excluded.csv"),
-                           dtype={"subject": str})
-    assert set(excluded["subject"]) == {"04"}
+    assert {"summary.tsv", "paired.tsv", "excluded.tsv"} <= names
+    excluded = pd.read_csv(next(f.fspath for f in outputs.stats_files if f.fspath.name == "excluded.tsv"), sep="\t")
+    assert set(excluded["subject"]) == {"sub-04"}
 
 
 def test_factory_arguments_are_part_of_the_cache_key(cohort_files):
@@ -185,8 +186,8 @@ def test_workflow_with_preprocessing(cohort_files, tmp_path):
         atlas=cohort_files["atlas"], atlas_labels=cohort_files["atlas_labels"], subjects=cohort_files["subjects"],
         t1w=cohort_files["t1w"], labels=cohort_files["labels"])
     outputs, _ = run_wf(wf, tmp_path / "cache")
-    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str})
-    assert list(group["subject"]) == ["01", "02", "03", "04"]
+    group = read_group_table(outputs.group_csv.fspath)
+    assert list(group["participant_id"]) == ["sub-01", "sub-02", "sub-03", "sub-04"]
     assert list(group["status"]) == ["ok", "ok", "ok", "error"]
     assert group.loc[3, "failed_step"] == "preprocess" and "sub-04_T1w.nii.gz" in group.loc[3, "error"]
     assert group.loc[:2, "evaluated"].all()

@@ -20,12 +20,12 @@ def test_demo_runs_the_bids_app_on_a_synthetic_cohort(tmp_path, capsys):
                  "--threads", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     deriv = out / "derivatives" / "hdar-pipeline"
-    assert f"group CSV: {deriv / 'group' / 'group.csv'}" in printed
+    assert f"group table: {deriv / 'group' / 'group.tsv'}" in printed
     assert f"report: {deriv / 'sub-01.html'}" in printed and "synthetic" in printed
     # the BIDS input and the labels derivatives it wrote
     assert (out / "rawdata" / "sub-01" / "anat" / "sub-01_T1w.nii.gz").is_file()
     assert json.loads((out / "labels" / "dataset_description.json").read_text())["DatasetType"] == "derivative"
-    group = pd.read_csv(deriv / "group" / "group.csv", dtype={"subject": str}).set_index("method")
+    group = pd.read_csv(deriv / "group" / "group.tsv", sep="\t").set_index("method")
     assert sorted(group.index) == ["affine", "demons", "hdar"] and set(group["status"]) == {"ok"}
     dice = group["mean_dice"]
     print(f"demo, one subject: HDAR {dice['hdar']:.3f}, Demons {dice['demons']:.3f}, affine alone {dice['affine']:.3f}")
@@ -42,7 +42,7 @@ def test_demo_runs_the_bids_app_on_a_synthetic_cohort(tmp_path, capsys):
                      f"sub-01_from-T1w_to-{space}_mode-image_desc-{method}_xfm.h5"):
             assert (anat / name).is_file(), name
     assert (deriv / "sub-01.html").is_file() and (deriv / "logs" / "CITATION.md").is_file()
-    labels = pd.read_csv(deriv / "group" / "group_labels.csv")
+    labels = pd.read_csv(deriv / "group" / "group_labels.tsv", sep="\t")
     assert labels.groupby("method").size().to_dict() == {"affine": 6, "demons": 6, "hdar": 6}  # six tissue labels
 
 
@@ -51,10 +51,10 @@ def test_demo_exits_3_when_a_row_failed(tmp_path, monkeypatch, capsys):
     for "finished, some subjects failed") and the count on stderr."""
     import hdar_pipeline.workflows.demo as demo
 
-    group = tmp_path / "group.csv"
-    pd.DataFrame({"subject": ["01", "01"], "method": ["hdar", "demons"], "status": ["ok", "failed"],
-                  "mean_dice": [0.9, float("nan")], "error": ["", "killed"]}).to_csv(group, index=False)
-    paths = {"group_csv": group, "reports": tmp_path / "sub-01.html"}
+    group = tmp_path / "group.tsv"
+    pd.DataFrame({"participant_id": ["sub-01", "sub-01"], "method": ["hdar", "demons"], "status": ["ok", "failed"],
+                  "mean_dice": [0.9, float("nan")], "error": ["n/a", "killed"]}).to_csv(group, sep="\t", index=False)
+    paths = {"group_tsv": group, "reports": tmp_path / "sub-01.html"}
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: paths)
     assert main(["demo", "-o", str(tmp_path / "demo"), "--no-progress"]) == 3
     assert "1 subject x method row(s) failed" in capsys.readouterr().err

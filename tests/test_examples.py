@@ -127,13 +127,13 @@ def test_pydra_cohort(tmp_path, cohort, capsys):
                        "--labels", str(cohort["labels"][0]), str(cohort["labels"][1]), str(cohort["labels"][2])])
     assert rc == 1
     printed = capsys.readouterr().out
-    group = pd.read_csv(out / "group.csv", dtype={"subject": str, "session": str})
+    group = pd.read_csv(out / "group.tsv", sep="\t").assign(subject=lambda g: g["participant_id"].str[4:])
     assert sorted(zip(group["subject"], group["method"])) == [
         ("01", "affine"), ("01", "demons"), ("02", "affine"), ("02", "demons"), ("03", "affine"), ("03", "demons")]
     failed = group[group["subject"] == "03"]
     assert (failed["status"] == "error").all()
     assert "sub-03 affine failed" in printed and "sub-03 demons failed" in printed
-    assert (out / "cache").is_dir() and (out / "group_labels.csv").is_file()
+    assert (out / "cache").is_dir() and (out / "group_labels.tsv").is_file()
 
     ok = group[group["status"] == "ok"].set_index(["subject", "method"])
     for sub in ("01", "02"):
@@ -148,7 +148,7 @@ def test_pydra_cohort(tmp_path, cohort, capsys):
     rc = example.main([*common, "--t1w", str(cohort["t1w"][0]), str(cohort["t1w"][1]),
                        "--labels", str(cohort["labels"][0]), str(cohort["labels"][1])])
     assert rc == 0
-    again = pd.read_csv(out / "group.csv", dtype={"subject": str, "session": str})
+    again = pd.read_csv(out / "group.tsv", sep="\t").assign(subject=lambda g: g["participant_id"].str[4:])
     assert len(again) == 4 and (again["status"] == "ok").all()
     pd.testing.assert_series_equal(again.set_index(["subject", "method"])["runtime_s"],
                                    ok["runtime_s"].sort_index(), check_names=False)  # cached: same run

@@ -185,5 +185,10 @@ def test_a_second_run_in_one_process_reads_its_own_dataset_not_a_copy_with_the_s
     for root in roots:
         rec = statuses(root / "out")["sub-02"]
         assert rec["status"] == "ok", rec
-        assert rec["Sources"] == [str(root / "rawdata" / "sub-02" / "anat" / "sub-02_T1w.nii.gz")], rec["Sources"]
-        assert rec["Atlas"] == str(root / "rawdata" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"), rec["Atlas"]
+        # a T1w of another dataset would not be written relative to this run's raw dataset (bids:raw:)
+        assert rec["Sources"] == ["bids:raw:sub-02/anat/sub-02_T1w.nii.gz"], rec["Sources"]
+        links = json.loads((root / "out" / "dataset_description.json").read_text())["DatasetLinks"]
+        assert links["raw"] == (root / "rawdata").resolve().as_uri()
+        registrations = [json.loads(p.read_text()) for p in (root / "work").rglob("registration.json")]
+        assert registrations and all(r["inputs"]["fixed"] == str(root / "rawdata" / "sub-01" / "anat" /
+                                                                  "sub-01_T1w.nii.gz") for r in registrations)

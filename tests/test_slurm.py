@@ -104,8 +104,8 @@ def slurm_run(slurm_cluster, tmp_path_factory):
 
 def test_cohort_rows_and_status_through_slurm(slurm_run):
     outputs, _, _ = slurm_run
-    group = pd.read_csv(outputs.group_csv.fspath, dtype={"subject": str, "session": str})
-    assert list(group["subject"]) == ["01", "02"] and (group["method"] == "demons").all()
+    group = pd.read_csv(outputs.group_csv.fspath, sep="\t")  # group.tsv
+    assert list(group["participant_id"]) == ["sub-01", "sub-02"] and (group["method"] == "demons").all()
     ok, bad = group.iloc[0], group.iloc[1]
     assert ok["status"] == "ok" and bool(ok["evaluated"]) and UNREGISTERED["sub-01"] + 0.015 < ok["mean_dice"] <= 1
     assert bad["status"] == "error" and bad["failed_step"] == "register"

@@ -142,8 +142,8 @@ def test_group_statistics_task(tmp_path, data):
     pd.DataFrame(rows).to_csv(table, index=False)
     out = run(GroupStatistics(tables=table, reference="syn", figures=False), data["cache"])
     names = {f.fspath.name for f in out.files}
-    assert {"summary.csv", "paired.csv", "subjects.csv", "notes.txt"} <= names
-    summary = pd.read_csv(out.stats_dir.fspath / "summary.csv")
+    assert {"summary.tsv", "paired.tsv", "subjects.tsv", "notes.txt"} <= names
+    summary = pd.read_csv(out.stats_dir.fspath / "summary.tsv", sep="\t")
     assert set(summary["method"]) == {"syn", "demons"}
 
 
@@ -164,14 +164,16 @@ def test_cohort_tasks_turn_a_bad_subject_into_an_error_row(data):
         records.append(ev.record)
     out = run(CollectRecords(records=records), data["cache"])
     assert out.n_failed == 1
-    group = pd.read_csv(out.group_csv.fspath, dtype={"subject": str})
-    assert list(group["subject"]) == ["01", "02"] and list(group["status"]) == ["ok", "error"]
+    group = pd.read_csv(out.group_csv.fspath, sep="\t")  # group.tsv: participant_id read back as a string
+    assert list(group["participant_id"]) == ["sub-01", "sub-02"] and list(group["status"]) == ["ok", "error"]
+    assert list(group["qc_failed"]) == [False, True]
     ref = np.asarray(nib.load(data["atlas_labels"]).dataobj)
     warped = np.asarray(nib.load(good.warped_labels.fspath).dataobj)
     assert group.loc[0, "mean_dice"] == pytest.approx(mean_dice(ref, warped)) and group.loc[0, "evaluated"]
     assert np.isnan(group.loc[1, "mean_dice"]) and "cannot be read" in group.loc[1, "error"]
-    labels = pd.read_csv(out.labels_csv.fspath, dtype={"subject": str})
-    assert (labels["subject"] == "01").sum() == 4 and (labels["subject"] == "02").sum() == 1
+    labels = pd.read_csv(out.labels_csv.fspath, sep="\t")
+    assert (labels["participant_id"] == "sub-01").sum() == 4 and (labels["participant_id"] == "sub-02").sum() == 0
+    assert labels["label"].dtype == np.int64
 
 
 def test_register_subject_reports_a_missing_t1w_without_raising(tmp_path, data):

@@ -8,9 +8,11 @@
     derivatives (:func:`hdar_pipeline.bids.write_subject_derivatives`), one HTML report per subject
     and the methods paragraph (``logs/CITATION.md``).
 ``group``
-    Pools every ``*_metrics.json``/``*_metrics.csv`` of the output dataset into ``group/group.csv``
-    and ``group/group_labels.csv`` (:func:`hdar_pipeline.cohort.collect_records`) and writes the group
-    statistics and figures (:func:`hdar_pipeline.stats.write_group_statistics`) beside them.
+    Pools every ``*_metrics.json``/``*_metrics.tsv`` of the output dataset into ``group/group.tsv``
+    and ``group/group_labels.tsv`` with their JSON data dictionaries, BIDS_DIR's ``participants.tsv``
+    columns and QC flags (:func:`hdar_pipeline.cohort.collect_records`), writes the group statistics and
+    figures (:func:`hdar_pipeline.stats.write_group_statistics`, ``--reference``) beside them and
+    ``group/group.html`` linking everything.
 
 The only Pydra here is the submission in :func:`run_participant`; the rest is library calls.
 """
@@ -25,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from hdar_pipeline import bids
 from hdar_pipeline._version import __version__
@@ -73,6 +75,11 @@ class AppOptions:
     n4: bool = True
     verbose: int = 0
     progress: bool = True
+    reference: str | None = None  # group level: the paired tests' reference method (default hdar, else the first)
+    qc_folding_threshold: float = 0.1  # group level: hdar_pipeline.group_tables.DEFAULT_FOLDING_THRESHOLD
+    mem_mb: int | None = None
+    boilerplate_only: bool = False
+    derivatives: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -85,13 +92,61 @@ class Atlas:
     description: str
     label_table: Path | None = None
     exclude: list[str] = field(default_factory=list)
+    #: the files the atlas was made from (a participant's T1w, a user's file), for its sidecar's ``Sources``
+    sources: list[Path] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- set-up
 
 
-def setup_logging(output_dir: Path, level: str, verbose: int) -> Path:
-    """Log to ``OUTPUT/logs/hdar-pipeline_<level>_<time>.log`` (DEBUG) and to the console."""
+#: Loggers whose records reach the log file at every level; any other logger's only from WARNING up.
+APP_LOGGERS = ("hdar_pipeline",)
+
+
+class _AppOrWarning(logging.Filter):
+    """Pass every record of :data:`APP_LOGGERS` (and their children) and the others' from WARNING up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return any(record.name == name or record.name.startswith(name + ".") for name in APP_LOGGERS)
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    """The command line as a shell would take it back: ``hdar-pipeline`` and the arguments, quoted."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["hdar-pipeline", *map(str, args)])
+
+
+def setup_logging(output_dir: Path, level: str, verbose: int, *, argv: Sequence[str] | None = None) -> Path:
+    """Log to ``OUTPUT/logs/hdar-pipeline_<level>_<time>.log`` and to the console.
+
+    The file gets everything hdar-pipeline logs (DEBUG up) and the warnings and errors of every other
+    library (pydra, matplotlib, PIL, bids, ...: never their debug chatter, whatever ``verbose`` says); its
+    first lines are the command line, the working directory, the host and the version. The console gets
+    WARNING up, INFO up with ``verbose`` 1, DEBUG (Pydra's included) with 2.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The app's OUTPUT_DIR (``logs/`` is created in it).
+    level : str
+        The analysis level (in the file name).
+    verbose : int
+        How many ``-v`` were given.
+    argv : sequence of str, optional
+        The app's arguments (without the program name); default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    Path
+        The log file.
+    """
+    import socket
+
     logs = output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"hdar-pipeline_{level}_{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -99,8 +154,14 @@ def setup_logging(output_dir: Path, level: str, verbose: int) -> Path:
     for h in list(root.handlers):
         if getattr(h, "_hdar_app", False):
             root.removeHandler(h)
-    fh = logging.FileHandler(path)
+            h.close()
+    with open(path, "a", encoding="utf-8") as head:  # the command line first, then the log
+        head.write(f"# command: {command_line(argv)}\n# cwd: {os.getcwd()}\n"
+                   f"# host: {socket.gethostname()}; hdar-pipeline {__version__}; "
+                   f"started {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
+    fh = logging.FileHandler(path, encoding="utf-8")
     fh.setLevel(logging.DEBUG)
+    fh.addFilter(_AppOrWarning())
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ch = logging.StreamHandler()
     ch.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING)
@@ -109,14 +170,68 @@ def setup_logging(output_dir: Path, level: str, verbose: int) -> Path:
         h._hdar_app = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(logging.DEBUG)
-    for noisy in ("matplotlib", "PIL", "fsspec", "asyncio", "filelock", "bids", "bidsschematools"):
+    for noisy in ("matplotlib", "PIL", "fsspec", "asyncio", "filelock", "bids", "bidsschematools", "nibabel",
+                  "urllib3", "h5py", "numexpr", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("pydra").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
     return path
 
 
-def resolve_atlas(opts: AppOptions) -> Atlas:
-    """The atlas of the run: ``--atlas`` files, ``--atlas-participant``, or the embedded MNI template."""
+def save_command(logfile: Path, opts: AppOptions, argv: Sequence[str] | None = None) -> Path:
+    """Write what was run beside the log: ``<log name>_command.json`` in ``logs/``.
+
+    It holds ``argv`` (the arguments as given), ``command`` (one shell line), the resolved options
+    (:class:`AppOptions`, paths as absolute strings), the version, the time, the host, the working
+    directory, the Python executable and, under SLURM, the job id.
+
+    Parameters
+    ----------
+    logfile : Path
+        The run's log file (:func:`setup_logging`); the JSON takes its name.
+    opts : AppOptions
+        The options after :func:`check_inputs` (OUTPUT_DIR and ``--work-dir`` resolved).
+    argv : sequence of str, optional
+        The app's arguments (without the program name); default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    Path
+        The JSON file.
+    """
+    import dataclasses
+    import platform
+    import socket
+    import sys
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value.resolve()) if not value.is_absolute() else str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    args = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    path = logfile.with_name(logfile.stem + "_command.json")
+    content = {
+        "argv": args, "command": command_line(args),
+        "options": {f.name: plain(getattr(opts, f.name)) for f in dataclasses.fields(opts)},
+        "version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+        "cwd": os.getcwd(), "python": sys.executable, "python_version": platform.python_version(),
+        "log": logfile.name,
+    }
+    if os.environ.get("SLURM_JOB_ID"):
+        content["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def resolve_atlas(opts: AppOptions, *, write: bool = True) -> Atlas:
+    """The atlas of the run: ``--atlas`` files, ``--atlas-participant``, or the embedded MNI template.
+
+    With ``write=False`` (``--boilerplate-only``) nothing is prepared or written: the atlas is described, with
+    the paths it would have."""
     if opts.atlas_participant and opts.atlas:
         raise bids.BIDSError("give either --atlas or --atlas-participant, not both")
     if opts.atlas is not None:
@@ -128,7 +243,7 @@ def resolve_atlas(opts: AppOptions) -> Atlas:
         space = opts.atlas_space or _space_from_name(atlas.name)
         return Atlas(atlas.resolve(), Path(opts.atlas_labels).resolve() if opts.atlas_labels else None,
                      bids.check_label(space, "space"), f"the user-supplied atlas {atlas.name}",
-                     label_table=bids.label_table(opts.labels_dir))
+                     label_table=bids.label_table(opts.labels_dir), sources=[atlas.resolve()])
     if opts.atlas_participant:
         label = bids.check_label(opts.atlas_participant)
         entry = bids.participant_files(opts.bids_dir, label, labels_dir=opts.labels_dir,
@@ -141,15 +256,17 @@ def resolve_atlas(opts: AppOptions) -> Atlas:
             # prepared as its fellow subjects are (a raw head gets its brain extracted), once per work dir
             from hdar_pipeline.cohort import ATLAS_MARGIN_MM, prepare_atlas_files
 
-            log.info("preparing the atlas participant sub-%s as the subjects are prepared", label)
-            image, prepared_labels = prepare_atlas_files(
-                image, Path(opts.work_dir).resolve() / "atlas", name=f"sub-{label}", labels=labels,
-                skull_stripped=opts.skull_stripped, n4=opts.n4, seed=opts.seed, threads=opts.omp_nthreads)
-            labels = prepared_labels
+            if write:
+                log.info("preparing the atlas participant sub-%s as the subjects are prepared", label)
+                image, prepared_labels = prepare_atlas_files(
+                    image, Path(opts.work_dir).resolve() / "atlas", name=f"sub-{label}", labels=labels,
+                    skull_stripped=opts.skull_stripped, n4=opts.n4, seed=opts.seed, threads=opts.omp_nthreads)
+                labels = prepared_labels
             description += (", prepared as the subjects are (N4, brain extraction where needed, normalisation) "
                             f"and cut to its brain's box plus {ATLAS_MARGIN_MM:g} mm")
         return Atlas(image, labels.resolve() if labels else None, bids.check_label(space, "space"), description,
-                     label_table=bids.label_table(opts.labels_dir), exclude=[label])
+                     label_table=bids.label_table(opts.labels_dir), exclude=[label],
+                     sources=[p.resolve() for p in (entry.t1w, labels) if p])
     # The embedded default: the MNI ICBM152 2009a template nilearn ships, with six tissue labels.
     from hdar_pipeline.demo import DEMO_LABELS, demo_atlas
     from hdar_pipeline.images import save_image
@@ -160,16 +277,25 @@ def resolve_atlas(opts: AppOptions) -> Atlas:
     img_path = folder / f"tpl-{MNI_TEMPLATE_NAME}_res-{res}mm_T1w.nii.gz"
     lab_path = folder / f"tpl-{MNI_TEMPLATE_NAME}_res-{res}mm_dseg.nii.gz"
     table = folder / f"tpl-{MNI_TEMPLATE_NAME}_dseg.tsv"
-    if not (img_path.is_file() and lab_path.is_file()):
+    if write and not (img_path.is_file() and lab_path.is_file()):
         img, lab = demo_atlas(spacing_mm=opts.atlas_resolution)
         save_image(img, img_path)
         save_image(lab, lab_path)
-    if not table.is_file():
+    if write and not table.is_file():
         table.write_text("index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in DEMO_LABELS.items()))
     return Atlas(img_path, lab_path, MNI_TEMPLATE_NAME,
                  f"the MNI ICBM152 2009a nonlinear symmetric template (shipped with nilearn), "
                  f"{opts.atlas_resolution:g} mm, with six tissue labels (left/right CSF, grey and white matter)",
                  label_table=table)
+
+
+def input_datasets(opts: AppOptions) -> dict[str, Path]:
+    """The datasets the run reads, by the names its ``bids:<name>:`` URIs use: ``raw`` (BIDS_DIR) and ``labels``
+    (``--labels-dir``)."""
+    out = {"raw": Path(opts.bids_dir).resolve()}
+    if opts.labels_dir is not None:
+        out["labels"] = Path(opts.labels_dir).resolve()
+    return out
 
 
 def _space_from_name(name: str) -> str:
@@ -184,82 +310,412 @@ def _space_from_name(name: str) -> str:
 # ----------------------------------------------------------------------------- progress
 
 
-class ProgressWatcher:
-    """Counts finished registrations and evaluations in the Pydra cache while the workflow runs.
+class _StageCount:
+    """What :class:`ProgressWatcher` knows of one stage: the keys it waits for and what finished."""
 
-    Every cohort job writes ``register_record.json`` (then ``evaluate_record.json``) into its job
-    folder when it ends, ok or failed, so counting those newer than the start of the run works for
-    the ``cf`` and the ``slurm`` worker alike. The bar counts registrations (the long part; Pydra
-    starts the evaluations once every registration of the split is done); each finished step is
-    logged with ``k/N`` and the time left.
+    def __init__(self, name: str, record: str, expected: set[tuple[str, str, str]]):
+        self.name, self.record, self.expected = name, record, expected
+        self.done: set[tuple[str, str, str]] = set()
+        self.cached: set[tuple[str, str, str]] = set()
+        self.failed: set[tuple[str, str, str]] = set()
+        self.times: list[float] = []  # when each of this run's completions was written (the record's mtime)
+
+    def time_left(self) -> float | None:
+        """Seconds left in the stage at its latest completion, from the rate of this run's completions since
+        its first one (cached results do not count: they took no time); ``None`` before two completions or when
+        they all came at once."""
+        remaining = len(self.expected) - len(self.done)
+        if remaining <= 0:
+            return 0.0
+        if len(self.times) < 2:
+            return None
+        span = max(self.times) - min(self.times)
+        if span < 1.0:  # a burst of parallel jobs ending together says nothing of the rate
+            return None
+        return span / (len(self.times) - 1) * remaining
+
+    def summary(self) -> str:
+        notes = [f"{n} {what}" for n, what in ((len(self.cached), "cached"), (len(self.failed), "failed")) if n]
+        return f"{self.name} {len(self.done)}/{len(self.expected)}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _format_left(seconds: float | None) -> str:
+    """``"about 4 min left in this stage"``, or ``""`` without an estimate."""
+    if seconds is None or seconds <= 0:
+        return ""
+    if seconds < 60:
+        text = "less than a minute"
+    elif seconds < 3600:
+        text = f"about {seconds / 60:.0f} min"
+    else:
+        text = f"about {int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{text} left in this stage"
+
+
+def _same_input(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _cached_record_is_this_job(rec: dict[str, Any], job: dict[str, Any] | None) -> bool:
+    """Whether a record found in the cache before the run is this run's job (its T1w, atlas, preset and, where
+    it wrote a ``registration.json``, its seed); with no job described, any record is."""
+    if job is None:
+        return True
+    if not (_same_input(rec.get("t1w"), job.get("t1w")) and _same_input(rec.get("atlas"), job.get("atlas"))):
+        return False
+    if job.get("preset") and rec.get("preset") and rec["preset"] != job["preset"]:
+        return False
+    if rec.get("registration_json") and "seed" in job:
+        try:
+            return json.loads(Path(rec["registration_json"]).read_text()).get("seed") == job["seed"]
+        except (OSError, json.JSONDecodeError):
+            return False
+    return True
+
+
+class ProgressWatcher:
+    """Counts the finished preprocessings, registrations and evaluations in the Pydra cache while the workflow
+    runs.
+
+    Every cohort job writes its record (:data:`hdar_pipeline.cohort.RECORD_NAMES`: ``preprocess_record.json``
+    per subject, ``register_record.json`` and ``evaluate_record.json`` per subject x method) into its job
+    folder when it ends, ok or failed, so polling the cache works for the ``cf`` and the ``slurm`` worker alike.
+
+    * Records already there when the watcher starts, in a folder Pydra finished (``_result.pklz``) and of this
+      run's job (``jobs``), are results a resumed run takes from the cache: counted as done (and cached) at once;
+      one whose upstream step is not cached (it runs again) waits for its new record, or for the end.
+    * The time left in a stage comes from the rate of that stage's completions in this run since its first one
+      (the records' modification times), from the second completion on.
+    * On a terminal (``live``) a bar per stage; otherwise (SLURM logs, redirected output) one plain, flushed
+      line per finished preprocessing and subject x method, e.g. ``[12/70 register] sub-03 hdar ok (8.1 s)``.
+      Without ``show`` the lines go to the log only.
+
+    Parameters
+    ----------
+    cache_root : Path
+        The Pydra cache (``<work dir>/pydra``).
+    expected : set of (subject, session, method)
+        The subject x method combinations of the run.
+    show : bool
+        Show progress on ``stream`` (else log it only).
+    interval_s : float
+        Seconds between polls of the cache.
+    preprocess : bool
+        The run preprocesses each subject first (a stage of its own).
+    jobs : dict, optional
+        Per (subject, session, method): ``t1w``, ``atlas``, ``preset`` and ``seed`` of this run's job, which
+        a record found in the cache at the start must match to count as done.
+    stream : file object, optional
+        Where progress goes (default ``sys.stdout``).
+    live : bool, optional
+        Draw bars (default: when ``stream`` is a terminal).
     """
 
-    STAGES = (("registered", "register_record.json"), ("evaluated", "evaluate_record.json"))
+    STAGES = ("preprocess", "register", "evaluate")
 
     def __init__(self, cache_root: Path, expected: set[tuple[str, str, str]], *, show: bool = True,
-                 interval_s: float = 3.0):
-        self.cache_root, self.expected, self.show, self.interval_s = cache_root, expected, show, interval_s
+                 interval_s: float = 3.0, preprocess: bool = False,
+                 jobs: dict[tuple[str, str, str], dict[str, Any]] | None = None, stream: Any = None,
+                 live: bool | None = None):
+        import sys
+
+        from hdar_pipeline.cohort import RECORD_NAMES
+
+        self.cache_root, self.expected, self.show, self.interval_s = Path(cache_root), set(expected), show, interval_s
         self.start = time.time()
-        self.done: dict[str, set[tuple[str, str, str]]] = {stage: set() for stage, _ in self.STAGES}
+        subjects = {(s, ses, "") for s, ses, _ in self.expected} if preprocess else set()
+        keys = {"preprocess": subjects, "register": self.expected, "evaluate": self.expected}
+        self.stages = {name: _StageCount(name, RECORD_NAMES[name], keys[name]) for name in self.STAGES if keys[name]}
+        #: per stage, the keys done (cached ones included)
+        self.done = {name: stage.done for name, stage in self.stages.items()}
+        self.stream = stream if stream is not None else sys.stdout
+        if live is None:
+            isatty = getattr(self.stream, "isatty", None)
+            live = bool(isatty and isatty())
+        self.live = live
+        self._seen: dict[Path, float] = {}  # record file -> its mtime when last read
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._progress = None
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+        self._deferred: list[tuple[_StageCount, tuple[str, str, str], dict[str, Any]]] = []
+        self._count_cached(jobs)
 
-    def __enter__(self):
-        if self.show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+    # -- the cache
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=False)
-            self._task = self._progress.add_task("subjects x methods registered", total=len(self.expected))
+    def _records(self, stage: _StageCount):
+        for path in sorted(self.cache_root.glob(f"*/{stage.record}")):
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            if self._seen.get(path) == mtime:
+                continue
+            try:
+                rec = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):  # being written: read again at the next poll
+                continue
+            self._seen[path] = mtime
+            key = (str(rec.get("subject", "")), str(rec.get("session") or ""),
+                   str(rec.get("method") or "") if stage.name != "preprocess" else "")
+            if key in stage.expected and key not in stage.done:
+                yield path, mtime, key, rec
+
+    def _count_cached(self, jobs: dict[tuple[str, str, str], dict[str, Any]] | None) -> None:
+        by_subject = {(s, ses, ""): {**job, "preset": None} for (s, ses, _), job in (jobs or {}).items()}
+        upstream = {"preprocess": None, "register": "preprocess", "evaluate": "register"}
+        for stage in self.stages.values():
+            before = self.stages.get(upstream[stage.name] or "")
+            for path, _, key, rec in list(self._records(stage)):
+                job = None if jobs is None else (by_subject if stage.name == "preprocess" else jobs).get(key, {})
+                # a record without Pydra's result beside it is of a job that did not finish: it runs again
+                if not ((path.parent / "_result.pklz").is_file() and _cached_record_is_this_job(rec, job)):
+                    continue
+                up_key = (key[0], key[1], "") if before is not None and before.name == "preprocess" else key
+                if before is not None and up_key not in before.cached:
+                    # its upstream step runs again (a killed job's folder was cleared): it most likely does too
+                    # (a new record), else Pydra took it from the cache after all (counted at the end)
+                    self._deferred.append((stage, key, rec))
+                    continue
+                self._count(stage, key, rec, cached=True)
+
+    def _count(self, stage: _StageCount, key: tuple[str, str, str], rec: dict[str, Any], *, cached: bool) -> None:
+        stage.done.add(key)
+        if cached:
+            stage.cached.add(key)
+        if rec.get("status", "ok") != "ok":
+            stage.failed.add(key)
+
+    def poll(self) -> int:
+        """Look for new records; returns the number of subject x method combinations evaluated."""
+        with self._lock:
+            found = [(mtime, name, key, rec) for name, stage in self.stages.items()
+                     for _, mtime, key, rec in self._records(stage)]
+            for mtime, name, key, rec in sorted(found, key=lambda item: (item[0], self.STAGES.index(item[1]))):
+                if key not in self.stages[name].done:  # a job run twice (two folders) counts once
+                    self._finished(self.stages[name], key, rec, mtime)
+            self._draw()
+        return len(self.stages["evaluate"].done)
+
+    # -- reporting
+
+    def _finished(self, stage: _StageCount, key: tuple[str, str, str], rec: dict[str, Any], mtime: float) -> None:
+        self._count(stage, key, rec, cached=False)
+        stage.times.append(mtime)
+        status = rec.get("status", "ok")
+        who = f"sub-{key[0]}" + (f" ses-{key[1]}" if key[1] else "") + (f" {key[2]}" if key[2] else "")
+        what = "ok" if status == "ok" else f"failed at {rec.get('failed_step') or stage.name}"
+        seconds = (rec.get("stage_wall_s") or {}).get(stage.name)
+        line = f"[{len(stage.done)}/{len(stage.expected)} {stage.name}] {who} {what}"
+        if isinstance(seconds, (int, float)):
+            line += f" ({seconds:.1f} s)"
+        left = _format_left(stage.time_left())
+        if left:
+            line += f"; {left}"
+        self._say(line)
+
+    def _say(self, line: str) -> None:
+        if self.show and not self.live:
+            print(line, file=self.stream, flush=True)
+            log.debug("%s", line)  # the log file has it; the console has the line already
+        else:
+            log.info("%s", line)
+
+    def summary(self) -> str:
+        """One line: done/total per stage, with how many were cached and how many failed."""
+        return "; ".join(stage.summary() for stage in self.stages.values())
+
+    def _draw(self) -> None:
+        if self._progress is None:
+            return
+        for name, stage in self.stages.items():
+            notes = [f"{len(stage.cached)} cached"] if stage.cached else []
+            left = stage.time_left()
+            if left and len(stage.done) < len(stage.expected):
+                notes.append(_format_left(left).replace(" in this stage", ""))
+            self._progress.update(self._tasks[name], completed=len(stage.done), note=", ".join(notes))
+
+    # -- context
+
+    def __enter__(self) -> ProgressWatcher:
+        if self.show and self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("{task.fields[note]}"),
+                                      console=Console(file=self.stream), transient=False)
+            for name, stage in self.stages.items():
+                self._tasks[name] = self._progress.add_task(name, total=len(stage.expected), note="")
             self._progress.start()
+        if any(stage.cached for stage in self.stages.values()):
+            self._say("resumed from the work dir: " + "; ".join(
+                f"{stage.name} {len(stage.cached)}/{len(stage.expected)} cached" for stage in self.stages.values()))
+        self._draw()
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self.poll()
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - progress must never break the run
+            log.debug("progress poll failed", exc_info=True)
+        for stage, key, rec in self._deferred:  # no new record came: Pydra used the cached one
+            if key not in stage.done:
+                self._count(stage, key, rec, cached=True)
+        self._draw()
         if self._progress is not None:
             self._progress.stop()
+        line = f"progress: {self.summary()} after {_format_duration(time.time() - self.start)}"
+        self._say(line)
 
-    def _loop(self):
+    def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.poll()
             except Exception:  # noqa: BLE001 - progress must never break the run
                 log.debug("progress poll failed", exc_info=True)
 
-    def poll(self) -> int:
-        """Look for new records; returns the number of subject x method combinations evaluated."""
-        n = len(self.expected)
-        for stage, name in self.STAGES:
-            done = self.done[stage]
-            for path in self.cache_root.rglob(name):
-                try:
-                    if path.stat().st_mtime < self.start - 1:
-                        continue
-                    rec = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    continue
-                key = (str(rec.get("subject", "")), str(rec.get("session") or ""), str(rec.get("method", "")))
-                if key in self.expected and key not in done:
-                    done.add(key)
-                    elapsed = time.time() - self.start
-                    left = elapsed / len(done) * (n - len(done))
-                    log.info("%s %d/%d (sub-%s %s: %s), about %.0f min left in this step", stage, len(done), n,
-                             key[0], key[2], rec.get("status"), left / 60)
-        if self._progress is not None:
-            registered, evaluated = len(self.done["registered"]), len(self.done["evaluated"])
-            if registered < n or not evaluated:
-                self._progress.update(self._task, completed=registered)
-            else:
-                self._progress.update(self._task, description="subjects x methods evaluated", completed=evaluated)
-        return len(self.done["evaluated"])
+
+def _format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 # ----------------------------------------------------------------------------- participant level
+
+
+#: One job's peak memory (MB) that ``--mem-mb`` divides by when the work folder holds no measurement yet. The
+#: peaks measured so far (each job's resident set, ``peak_memory_mb`` in its record): 1440 MiB at most in the
+#: App's runs (HDAR accurate on LPBA40 heads, ``benchmarks/results/lpba40-frames-app/v2/group.csv``; IXI heads:
+#: HDAR accurate 1380, SyN fast 592, Demons 556, ``benchmarks/results/ixi-bids-app/v8/group.csv``), and 1879 MiB
+#: in the scaling benchmark (Demons on a 192^3 grid, README "Scaling"). The preprocessing jobs (N4, brain
+#: extraction, the affine) record no peak; this constant is the largest measured peak plus a third for them and
+#: for larger grids: conservative, so that a cap from it does not end in the out-of-memory killer.
+JOB_MEMORY_MB = 2500
+
+#: Headroom on a peak measured in the work folder (see :func:`job_memory_estimate`).
+MEASURED_HEADROOM = 1.25
+
+
+@dataclass
+class JobPlan:
+    """How the participant level runs its jobs (:func:`plan_jobs`): ``nprocs`` processes of ``threads`` threads,
+    each job estimated at ``job_mb``; ``notes`` say why (logged)."""
+
+    nprocs: int
+    threads: int
+    job_mb: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def job_memory_estimate(cache_root: Path | None) -> tuple[float, str]:
+    """One job's peak memory (MB) and where the number comes from.
+
+    The largest ``peak_memory_mb`` of the registration records an earlier run left in the work folder's Pydra
+    cache (``*/register_record.json``: the same data, atlas and methods when it is a rerun), times
+    :data:`MEASURED_HEADROOM`; without one, :data:`JOB_MEMORY_MB`.
+    """
+    peaks = []
+    if cache_root is not None and cache_root.is_dir():
+        for path in cache_root.glob("*/register_record.json"):
+            try:
+                peak = json.loads(path.read_text()).get("peak_memory_mb")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(peak, (int, float)) and peak > 0:
+                peaks.append(float(peak))
+    if peaks:
+        return (max(peaks) * MEASURED_HEADROOM,
+                f"{max(peaks):.0f} MB, the largest peak of {len(peaks)} job(s) in the work folder, plus "
+                f"{MEASURED_HEADROOM - 1:.0%}")
+    return float(JOB_MEMORY_MB), f"{JOB_MEMORY_MB} MB, the built-in estimate (no job measured in the work folder yet)"
+
+
+def plan_jobs(*, cpus: int, jobs: int, nprocs: int | None = None, omp_nthreads: int | None = None,
+              mem_mb: int | None = None, job_mb: float = JOB_MEMORY_MB) -> JobPlan:
+    """Processes and threads per job for the ``cf`` worker.
+
+    Parameters
+    ----------
+    cpus : int
+        Cores this process may use.
+    jobs : int
+        Jobs that could run side by side (subjects x methods): no more processes than that, so that one
+        subject gets every core in one job instead of one core and idle ones.
+    nprocs, omp_nthreads : int, optional
+        ``--nprocs`` and ``--omp-nthreads``; by default ``min(cpus, jobs)`` processes of ``cpus // nprocs``
+        threads.
+    mem_mb : int, optional
+        ``--mem-mb``: at most ``mem_mb // job_mb`` processes (at least one), ``--nprocs`` included (memory is
+        the harder limit); the threads per job are then computed for the fewer processes.
+    job_mb : float
+        One job's estimated peak memory (:func:`job_memory_estimate`).
+
+    Returns
+    -------
+    JobPlan
+    """
+    procs = nprocs or max(1, min(cpus, jobs))
+    notes = []
+    if mem_mb is not None:
+        fit = max(1, int(mem_mb // job_mb))
+        if mem_mb < job_mb:
+            notes.append(f"--mem-mb {mem_mb} is below one job's estimated peak ({job_mb:.0f} MB): one process, "
+                         "which may still run out of memory")
+        if procs > fit:
+            notes.append(f"--mem-mb {mem_mb} holds {fit} job(s) of about {job_mb:.0f} MB: {fit} process(es) "
+                         f"instead of {procs}")
+            procs = fit
+        else:
+            notes.append(f"--mem-mb {mem_mb} holds {fit} job(s) of about {job_mb:.0f} MB: {procs} process(es) fit")
+    threads = omp_nthreads or max(1, cpus // procs)
+    return JobPlan(nprocs=procs, threads=threads, job_mb=job_mb if mem_mb is not None else None, notes=notes)
+
+
+def slurm_sbatch_args(slurm_args: str, mem_mb: int | None) -> str:
+    """``--slurm-args`` with ``--mem=<mem_mb>M`` added for each job, unless they set the memory already
+    (``--mem``, ``--mem-per-cpu`` or ``--mem-per-gpu``) or ``mem_mb`` is None."""
+    args = (slurm_args or "").strip()
+    if mem_mb is None or re.search(r"(^|\s)--mem(-per-cpu|-per-gpu)?(=|\s|$)", args):
+        return args
+    return f"{args} --mem={mem_mb}M".strip()
+
+
+def _attach_derivatives(opts: AppOptions, cohort: Sequence[bids.SubjectInputs], atlas: Atlas) -> None:
+    """Set each subject's ``brain_mask`` and ``anat_xfm`` from the ``--derivatives`` datasets
+    (:func:`hdar_pipeline.derivatives.find_anat_derivatives`; the transform only where its ``to-`` space is the
+    atlas's space name) and log what was found."""
+    if not opts.derivatives:
+        return
+    if not opts.preprocess:
+        log.warning("--derivatives is not used with --no-preprocess (what it reuses replaces preprocessing steps)")
+        return
+    from hdar_pipeline.derivatives import derivative_layouts, find_anat_derivatives
+
+    layouts = derivative_layouts(opts.derivatives)
+    for entry in cohort:
+        if entry.t1w is None:
+            continue
+        found = find_anat_derivatives(layouts, entry.subject, entry.session, t1w=entry.t1w, space=atlas.space)
+        entry.brain_mask, entry.anat_xfm = found.brain_mask, found.xfm
+        for note in found.notes:
+            log.warning("%s: --derivatives: %s", entry.key, note)
+        log.info("%s: --derivatives: brain mask %s; transform to space-%s %s", entry.key,
+                 found.brain_mask or "not found (brain extraction runs)", atlas.space,
+                 found.xfm or "not found (the affine to the atlas is registered)")
+    with_t1w = [e for e in cohort if e.t1w is not None]
+    log.info("--derivatives: brain masks reused for %d of %d subject(s), affines to space-%s for %d",
+             sum(e.brain_mask is not None for e in with_t1w), len(with_t1w), atlas.space,
+             sum(e.anat_xfm is not None for e in with_t1w))
 
 
 def run_participant(opts: AppOptions) -> int:
@@ -299,9 +755,20 @@ def run_participant(opts: AppOptions) -> int:
 
     n_cpu = usable_cpus()
     # no more processes than jobs can run side by side (preprocessing runs per subject, registration per
-    # subject x method): one subject gets every core in one job instead of one core and an idle one
-    nprocs = opts.nprocs or min(n_cpu, len(cohort) * len(opts.methods))
-    threads = opts.omp_nthreads or max(1, n_cpu // nprocs)
+    # subject x method): one subject gets every core in one job instead of one core and an idle one; with
+    # --mem-mb, no more than fit in that memory
+    job_mb, job_mb_source = (job_memory_estimate(Path(opts.work_dir).resolve() / "pydra") if opts.mem_mb is not None
+                             else (float(JOB_MEMORY_MB), ""))
+    plan = plan_jobs(cpus=n_cpu, jobs=len(cohort) * len(opts.methods), nprocs=opts.nprocs,
+                     omp_nthreads=opts.omp_nthreads, mem_mb=opts.mem_mb if opts.worker == "cf" else None,
+                     job_mb=job_mb)
+    nprocs, threads = plan.nprocs, plan.threads
+    if opts.mem_mb is not None and opts.worker == "cf":
+        log.info("one job's peak memory estimated at %s", job_mb_source)
+        for note in plan.notes:  # a warning where memory overrules --nprocs or one job may not fit
+            log.log(logging.WARNING if "below" in note or (opts.nprocs or 0) > nprocs else logging.INFO, note)
+    log.info("%d parallel job(s) of %d thread(s)", nprocs, threads)
+    _attach_derivatives(opts, cohort, atlas)
     configure_threads(threads)
     if opts.preprocess and not opts.affine:
         raise bids.BIDSError("--no-affine needs --no-preprocess (preprocessing includes the affine to the atlas)")
@@ -317,7 +784,9 @@ def run_participant(opts: AppOptions) -> int:
     def workflow(entries: list) -> Any:
         return Wf(atlas=atlas.image, atlas_labels=atlas.labels, label_table=atlas.label_table,
                   subjects=[e.subject for e in entries], sessions=[e.session for e in entries],
-                  t1w=[e.t1w for e in entries], labels=[e.labels for e in entries])
+                  t1w=[e.t1w for e in entries], labels=[e.labels for e in entries],
+                  **({"brain_masks": [e.brain_mask for e in entries], "anat_xfms": [e.anat_xfm for e in entries]}
+                     if any(e.brain_mask or e.anat_xfm for e in entries) else {}))
 
     cache_root = Path(opts.work_dir).resolve() / "pydra"
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -329,10 +798,16 @@ def run_participant(opts: AppOptions) -> int:
         from .slurm_worker import BoundedRequeueSlurmWorker
 
         # a job SLURM cancels, times out or preempts is requeued once, not forever
-        worker, worker_kwargs["sbatch_args"] = BoundedRequeueSlurmWorker, opts.slurm_args or ""
+        worker, worker_kwargs["sbatch_args"] = BoundedRequeueSlurmWorker, slurm_sbatch_args(opts.slurm_args,
+                                                                                               opts.mem_mb)
+        if opts.mem_mb is not None:
+            log.info("SLURM jobs submitted with sbatch %s", worker_kwargs["sbatch_args"])
     else:
         raise bids.BIDSError(f"unknown worker {opts.worker!r}; choose cf or slurm")
     expected = {(e.subject, e.session, m) for e in cohort for m in opts.methods}
+    # what each subject x method's job is (a record found in the cache must match it to count as this run's)
+    jobs = {(e.subject, e.session, m): {"t1w": e.t1w, "atlas": atlas.image, "preset": presets.get(m),
+                                        "seed": opts.seed} for e in cohort for m in opts.methods}
     work_lock = claim_work_dir(cache_root)  # held until the run ends; released by the OS if it is killed
     t0, started = time.perf_counter(), time.time()
     active, lost = list(cohort), {}  # lost: (subject, session) -> why its SLURM job was given up
@@ -342,7 +817,7 @@ def run_participant(opts: AppOptions) -> int:
             # inputs, not their paths: a second run in this process on a copy of a dataset (or a file replaced
             # by one with the same bytes) would get the first run's nodes, with the first run's paths.
             Workflow.clear_cache()
-            with ProgressWatcher(cache_root, expected, show=opts.progress):
+            with ProgressWatcher(cache_root, expected, show=opts.progress, preprocess=opts.preprocess, jobs=jobs):
                 with Submitter(worker=worker, cache_root=cache_root, **worker_kwargs) as sub:
                     result = sub(workflow(active), raise_errors=False)
                     lost_now = lost_subjects(getattr(sub.worker, "lost", []))
@@ -380,8 +855,6 @@ def run_participant(opts: AppOptions) -> int:
         # A job died outside Python's reach (a worker killed by a signal or by the kernel's out-of-memory
         # killer takes the process pool with it): keep what finished, record the rest as failed with the
         # reason; a rerun with the same --work-dir finishes them (finished jobs come from the cache).
-        jobs = {(e.subject, e.session, m): {"t1w": e.t1w, "atlas": atlas.image, "preset": presets.get(m),
-                                            "seed": opts.seed} for e in cohort for m in opts.methods}
         records = salvage_records(cache_root, expected, since=started, reason=msg, jobs=jobs)
     else:
         records = [json.loads(Path(r.fspath if hasattr(r, "fspath") else r).read_text())
@@ -402,13 +875,22 @@ def run_participant(opts: AppOptions) -> int:
     timings = {"workflow": time.perf_counter() - t0}
     extra = {"Seed": opts.seed, "Threads": threads, "Worker": opts.worker}
     t1 = time.perf_counter()
+    datasets = input_datasets(opts)
+    template = bids.write_atlas(out, atlas.space, atlas.image, labels=atlas.labels, label_table=atlas.label_table,
+                                description=atlas.description, datasets=datasets,
+                                sources=atlas.sources)
     for rec in records:
-        bids.write_subject_derivatives(rec, out, space=atlas.space, atlas=atlas.image, extra=extra)
-    bids.write_dataset_description(out, source=opts.bids_dir)
+        bids.write_subject_derivatives(rec, out, space=atlas.space, atlas=atlas.image, extra=extra, datasets=datasets,
+                                       spatial_reference=template["T1w"], label_table=atlas.label_table)
+    bids.write_dataset_description(out, source=opts.bids_dir, links=datasets)
+    bids.write_bidsignore(out)
     timings["derivatives"], t1 = time.perf_counter() - t1, time.perf_counter()
     write_reports(out, atlas, opts, jobs=nprocs if opts.worker == "cf" else usable_cpus())
     timings["reports"], t1 = time.perf_counter() - t1, time.perf_counter()
-    write_citation(out, atlas, opts, records)
+    ok = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
+    reused = {kind: sum(getattr(e, attr) is not None and (e.subject, e.session) in ok for e in cohort)
+              for kind, attr in (("brain_mask", "brain_mask"), ("affine", "anat_xfm"))}
+    write_citation(out, atlas, opts, records, reused=reused if opts.derivatives and opts.preprocess else None)
     timings["citation"] = time.perf_counter() - t1
     log.info("after the workflow: derivatives %.1f s, reports %.1f s, methods text %.1f s",
              timings["derivatives"], timings["reports"], timings["citation"])
@@ -641,7 +1123,7 @@ def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1) -
     keys = set()
     for path in out.glob("sub-*/**/sub-*_metrics.json"):
         rec = json.loads(path.read_text())
-        if rec.get("SpatialReference") not in (None, atlas.space):
+        if bids.record_space(rec) not in (None, atlas.space):
             continue
         if opts.participant_label and rec["subject"] not in {bids.check_label(p) for p in opts.participant_label}:
             continue
@@ -701,8 +1183,31 @@ def _draw_report(job: dict[str, Any]) -> str | None:
     return None
 
 
-def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[dict]) -> list[Path]:
-    """The methods paragraph of what ran (``OUTPUT/logs/CITATION.md`` and ``.html``)."""
+def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[dict], *,
+                   reused: Mapping[str, int] | None = None) -> list[Path]:
+    """The methods paragraph of what ran (``OUTPUT/logs/CITATION.md`` and ``.html``).
+
+    Parameters
+    ----------
+    out : Path
+        OUTPUT_DIR.
+    atlas : Atlas
+        The run's atlas (its description).
+    opts : AppOptions
+        The options.
+    records : sequence of dict
+        The subject x method records. Without any (``--boilerplate-only``) the text describes what the options
+        would run: each method's parameters from its preset (:func:`hdar_pipeline.methods.get_method`), no
+        number of images.
+    reused : mapping, optional
+        With ``--derivatives``: for how many of the subjects registered an sMRIPrep/fMRIPrep brain mask
+        (``brain_mask``) and affine (``affine``) were reused; without it the text says "where found".
+
+    Returns
+    -------
+    list of Path
+        ``[CITATION.md, CITATION.html]``, or ``[]`` when the text failed (logged).
+    """
     from hdar_pipeline.reports import write_methods
 
     parameters: dict[str, dict] = {}
@@ -721,13 +1226,21 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
         sha = reg.get("weights_sha256") or rec.get("WeightsSHA256")
         if sha:
             weights["sha256"] = sha
+    if not records:  # --boilerplate-only: what these options would run
+        parameters, presets = _planned_parameters(opts)
     subjects = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
     preprocessing = {"n4": opts.n4, "brain_extraction": "atlas-based", "skull_stripped": opts.skull_stripped,
                      "affine": True} if opts.preprocess else {"affine": opts.affine}
     preprocessing["affine_method"] = opts.affine_method
+    if opts.preprocess and opts.derivatives:
+        preprocessing["reused_derivatives"] = {"brain_mask": (reused or {}).get("brain_mask"),
+                                               "affine": (reused or {}).get("affine"), "space": atlas.space,
+                                               "of": len(subjects) if reused is not None else None}
+        if reused is not None and subjects and reused.get("brain_mask", 0) >= len(subjects):
+            del preprocessing["brain_extraction"], preprocessing["skull_stripped"]  # no subject's brain extracted
     kwargs = dict(methods=[m for m in opts.methods if m in {r["method"] for r in records}] or opts.methods,
                   parameters=parameters, presets=presets, preprocessing=preprocessing,
-                  atlas_description=atlas.description, n_subjects=len(subjects), seed=opts.seed,
+                  atlas_description=atlas.description, n_subjects=len(subjects) if records else None, seed=opts.seed,
                   weights=weights or None, engine="pydra")
     if versions:
         kwargs["versions"] = {**versions, "hdar-pipeline": __version__}
@@ -736,6 +1249,33 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
     except Exception as exc:  # noqa: BLE001
         log.error("methods paragraph failed: %s", exc, exc_info=True)
         return []
+
+
+def _planned_parameters(opts: AppOptions) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each method's parameters and preset as these options would run it (nothing is run)."""
+    from hdar_pipeline.methods import get_method
+
+    parameters, presets = {}, {}
+    for m in opts.methods:
+        preset = {"syn": opts.syn_preset, "hdar": opts.hdar_preset}.get(m)
+        try:
+            parameters[m] = get_method(m, preset=preset, seed=opts.seed, device=opts.device).parameters
+        except Exception as exc:  # noqa: BLE001 - the text then leaves the parameters out
+            log.warning("%s: parameters not described (%s)", m, exc)
+            continue
+        presets[m] = preset or ""
+    return parameters, presets
+
+
+def run_boilerplate(opts: AppOptions) -> int:
+    """``--boilerplate-only``: write the methods text (``OUTPUT/logs/CITATION.md`` and ``.html``) that these
+    options would give, and nothing else: no work folder, no log, no registration (the atlas is described, not
+    prepared)."""
+    atlas = resolve_atlas(opts, write=False)
+    written = write_citation(Path(opts.output_dir), atlas, opts, [])
+    for path in written:
+        print(f"hdar-pipeline: methods text in {path}")
+    return EXIT_OK if written else EXIT_ERROR
 
 
 def run_reports_only(opts: AppOptions) -> int:
@@ -749,32 +1289,73 @@ def run_reports_only(opts: AppOptions) -> int:
 
 
 def run_group(opts: AppOptions) -> int:
-    """Pool the participant-level metrics of the output dataset into group CSVs, statistics and figures."""
+    """Pool the participant-level metrics of the output dataset into the group tables, statistics, figures
+    and ``group/group.html``.
+
+    Writes in ``OUTPUT_DIR/group``: ``group.tsv`` and ``group_labels.tsv``, each with its JSON data dictionary
+    (:func:`hdar_pipeline.cohort.collect_records`: ``participant_id``, BIDS_DIR's ``participants.tsv`` columns,
+    QC flags with ``--qc-folding-threshold``), the statistics tables (``.tsv``) and figures with ``--reference``
+    as the paired tests' reference, and ``group.html`` linking the subject reports, the figures, the tables and
+    ``logs/CITATION.md``. CSVs an earlier version wrote there are removed.
+
+    Raises
+    ------
+    BIDSError
+        No participant-level results, or ``--reference`` names a method that has none.
+    """
     from hdar_pipeline.cohort import collect_records, group_statistics_files
+    from hdar_pipeline.group_tables import read_group_table, write_group_html
+    from hdar_pipeline.stats import STATS_OUTPUTS
 
     out = Path(opts.output_dir)
     records = bids.read_subject_metrics(out, participants=opts.participant_label or None)
     if not records:
         raise bids.BIDSError(f"{out}: no participant-level results (*_metrics.json); run the participant level first")
-    spaces = {r.get("SpatialReference") for r in records}
+    spaces = {bids.record_space(r) for r in records}
     if len(spaces) > 1:
         space = opts.atlas_space or sorted(s for s in spaces if s)[0]
         log.warning("results in several atlas spaces (%s); pooling space-%s (set --atlas-space)",
                     ", ".join(sorted(map(str, spaces))), space)
-        records = [r for r in records if r.get("SpatialReference") == space]
-    group_dir = out / "group"
-    paths = collect_records(records, group_dir)
+        records = [r for r in records if bids.record_space(r) == space]
     methods = sorted({r["method"] for r in records})
-    reference = "hdar" if "hdar" in methods else methods[0]
-    files, notes = group_statistics_files(paths["labels"], group_dir, reference=reference, figures=True)
+    reference = opts.reference or ("hdar" if "hdar" in methods else methods[0])
+    if reference not in methods:
+        raise bids.BIDSError(f"--reference {reference}: no results of that method in {out} "
+                             f"(methods with results: {', '.join(methods)})")
+    group_dir = out / "group"
+    group_dir.mkdir(parents=True, exist_ok=True)
+    for legacy in ["group.csv", "group_labels.csv", *(n for n in STATS_OUTPUTS if n.endswith(".csv"))]:
+        if (group_dir / legacy).is_file():  # one format: an earlier version's CSVs would contradict the TSVs
+            (group_dir / legacy).unlink()
+    paths = collect_records(records, group_dir, participants=opts.bids_dir,
+                            qc_folding_threshold=opts.qc_folding_threshold)
+    files, notes = group_statistics_files(paths["labels"], group_dir, reference=reference, figures=True,
+                                          group=paths["group"])
     for note in notes:
         log.warning("group statistics: %s", note)
+    group = read_group_table(paths["group"])
+    reports = {}
+    for pid, ses in group[["participant_id", "session_id"]].drop_duplicates().itertuples(index=False):
+        ses = ses if isinstance(ses, str) else ""
+        html = out / f"{bids.entity_prefix(pid[4:], ses[4:])}.html"
+        if html.is_file():
+            reports[(pid, ses)] = html
+        else:
+            log.warning("%s: no subject report (run the participant level, or --reports-only)", html.name)
+    tables = [paths[k] for k in ("group", "group_json", "labels", "labels_json")]
+    page = write_group_html(group_dir / "group.html", group, reports=reports, files=[*tables, *files],
+                            methods_text=out / "logs" / "CITATION.md", reference=reference,
+                            warnings=list(paths["warnings"]), notes=notes,
+                            folding_threshold=opts.qc_folding_threshold)
     bids.write_dataset_description(out, source=opts.bids_dir)
     n_failed = sum(r.get("status") != "ok" for r in records)
-    print(f"hdar-pipeline group: {len(records)} subject x method rows ({n_failed} failed)")
-    print(f"group CSV: {paths['group']}")
-    print(f"per-label CSV: {paths['labels']}")
+    flagged = int(group["qc_folding"].sum() + group["qc_dice_outlier"].sum())
+    print(f"hdar-pipeline group: {len(records)} subject x method rows ({n_failed} failed, {flagged} QC flag(s)); "
+          f"reference {reference}")
+    print(f"group table: {paths['group']}")
+    print(f"per-label table: {paths['labels']}")
     print(f"statistics and figures: {group_dir} ({len(files)} files)")
+    print(f"group report: {page}")
     return EXIT_OK
 
 
@@ -785,10 +1366,11 @@ APP_OUTPUTS = ("dataset_description.json", "sub-*", "group", "logs")
 def check_inputs(opts: AppOptions) -> InputGuard:
     """Every check that can run before the work, before anything is written (see :mod:`hdar_pipeline.guard`).
 
-    The inputs (BIDS_DIR, ``--labels-dir``, ``--atlas``, ``--atlas-labels``, ``--bids-filter-file``) are
-    protected: OUTPUT_DIR and ``--work-dir`` may not be or lie inside an input dataset, nor hold an input
-    where the app writes. A user atlas must load as a 3-D image (and its labels as a label map on its grid);
-    the filter file must parse; participant and session labels must be BIDS labels.
+    The inputs (BIDS_DIR, ``--labels-dir``, ``--derivatives``, ``--atlas``, ``--atlas-labels``,
+    ``--bids-filter-file``) are protected: OUTPUT_DIR and ``--work-dir`` may not be or lie inside an input
+    dataset, nor hold an input where the app writes. A user atlas must load as a 3-D image (and its labels as a
+    label map on its grid); the filter file must parse; participant and session labels must be BIDS labels.
+    With ``--boilerplate-only`` the work folder is checked but not created.
 
     Raises
     ------
@@ -799,7 +1381,9 @@ def check_inputs(opts: AppOptions) -> InputGuard:
 
     guard = InputGuard({"--atlas": opts.atlas, "--atlas-labels": opts.atlas_labels,
                         "--bids-filter-file": opts.bids_filter_file},
-                       {"BIDS_DIR": opts.bids_dir, "--labels-dir": opts.labels_dir})
+                       {"BIDS_DIR": opts.bids_dir, "--labels-dir": opts.labels_dir,
+                        **{"--derivatives" + (f" ({i + 1})" if len(opts.derivatives) > 1 else ""): d
+                           for i, d in enumerate(opts.derivatives)}})
     out = guard.output_folder(opts.output_dir, "OUTPUT_DIR", writes=APP_OUTPUTS, create=False)
     work = guard.output_folder(opts.work_dir, "-w/--work-dir", create=False)
     for label in opts.participant_label:
@@ -808,6 +1392,10 @@ def check_inputs(opts: AppOptions) -> InputGuard:
         bids.check_label(label, "session")
     if opts.analysis_level == "participant" and not opts.reports_only:
         bids.load_bids_filter(opts.bids_filter_file)
+        for folder in opts.derivatives:
+            if not (Path(folder) / "dataset_description.json").is_file():
+                raise InputError("--derivatives", folder, "is not a BIDS derivatives dataset (no "
+                                 "dataset_description.json)")
         if opts.atlas_labels is not None and opts.atlas is None and not opts.atlas_participant:
             raise InputError("--atlas-labels", opts.atlas_labels, "needs --atlas (the image the labels belong to)")
         if opts.atlas is not None:
@@ -817,19 +1405,27 @@ def check_inputs(opts: AppOptions) -> InputGuard:
                                    labels_source=opts.atlas_labels)
     # last, once everything else passed: create the folders and prove them writable
     opts.output_dir = guard.output_folder(out, "OUTPUT_DIR", writes=APP_OUTPUTS)
-    opts.work_dir = guard.output_folder(work, "-w/--work-dir")
+    opts.work_dir = work if opts.boilerplate_only else guard.output_folder(work, "-w/--work-dir")
     return guard
 
 
-def run(opts: AppOptions) -> int:
+def run(opts: AppOptions, argv: Sequence[str] | None = None) -> int:
     """Run the app at ``opts.analysis_level``; returns the exit code.
 
     Every input is checked (:func:`check_inputs`) before anything is written, and verified unchanged at
-    the end.
+    the end. The command line (``argv``, the arguments without the program name; default ``sys.argv[1:]``)
+    heads the log file, and with the resolved options goes to ``logs/<log name>_command.json``
+    (:func:`save_command`).
     """
     guard = check_inputs(opts)
-    logfile = setup_logging(opts.output_dir, opts.analysis_level, opts.verbose)
-    log.info("hdar-pipeline %s, %s level; log %s", __version__, opts.analysis_level, logfile)
+    if opts.boilerplate_only:  # the methods text only: no log, no work folder
+        code = run_boilerplate(opts)
+        guard.verify()
+        return code
+    logfile = setup_logging(opts.output_dir, opts.analysis_level, opts.verbose, argv=argv)
+    command_json = save_command(logfile, opts, argv)
+    log.info("hdar-pipeline %s, %s level; log %s; command and options in %s", __version__, opts.analysis_level,
+             logfile, command_json.name)
     if opts.reports_only:
         code = run_reports_only(opts)
     elif opts.analysis_level == "participant":

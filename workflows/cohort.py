@@ -129,6 +129,11 @@ def init_cohort_wf(
         The atlas labels; without them nothing is evaluated (registration still runs).
     label_table : File, optional
         BIDS ``dseg.tsv`` or FreeSurfer LUT with the label names.
+    brain_masks, anat_xfms : list of File or None, optional
+        Per subject, derivatives to reuse in the preprocessing (the BIDS App's ``--derivatives``): a native-space
+        brain mask that replaces brain extraction, and an ITK composite transform to the atlas space whose affine
+        part replaces the affine registration (:func:`hdar_pipeline.cohort.preprocess_files`); ``None`` where
+        absent.
     methods, presets, preprocess, skull_stripped, n4, affine, affine_method, reference, figures, distances, seed,
     threads, device
         As above (defaults from the factory).
@@ -140,11 +145,15 @@ def init_cohort_wf(
     Outputs
     -------
     group_csv : File
-        One row per subject x session x method: ``subject``, ``session``, ``method``, ``preset``,
-        ``status``, ``error``, ``failed_step``, ``runtime_s``, ``peak_memory_mb``, ``device``,
-        ``evaluated``, ``folded_percent`` and the evaluation summary (``mean_dice`` ...).
+        ``group.tsv`` (BIDS tabular, ``n/a`` for missing values; its ``group.json`` data dictionary stays in the
+        collect task's folder, so :func:`hdar_pipeline.group_tables.read_group_table` reads this copy with the
+        ids as strings and the other types inferred): one row per subject x session x method:
+        ``participant_id``, ``session_id``, ``method``, ``preset``, ``status``, ``error``, ``failed_step``,
+        ``runtime_s``, ``peak_memory_mb``, ``device``, ``evaluated``, ``folded_percent``, the evaluation
+        summary (``mean_dice`` ...) and the QC flags.
     labels_csv : File
-        One row per subject x session x method x label (the input of the group statistics).
+        ``group_labels.tsv``: one row per evaluated subject x session x method x label (the
+        input of the group statistics).
     records : list of File
         The per-subject x method JSON records (paths of the warped images, transforms, metrics).
     n_failed : int
@@ -171,6 +180,8 @@ def init_cohort_wf(
         sessions: list[str] | None = None,
         atlas_labels: File | None = None,
         label_table: File | None = None,
+        brain_masks: list[File | None] | None = None,
+        anat_xfms: list[File | None] | None = None,
         methods: list[str] = methods,
         presets: dict[str, str] = default_presets,
         preprocess: bool = preprocess,
@@ -194,6 +205,10 @@ def init_cohort_wf(
         sessions = list(sessions) if sessions is not None else [""] * n
         if len(labels) != n or len(sessions) != n:
             raise ValueError(f"{n} subjects but {len(labels)} label maps and {len(sessions)} sessions")
+        brain_masks = list(brain_masks) if brain_masks is not None else [None] * n
+        anat_xfms = list(anat_xfms) if anat_xfms is not None else [None] * n
+        if len(brain_masks) != n or len(anat_xfms) != n:
+            raise ValueError(f"{n} subjects but {len(brain_masks)} brain masks and {len(anat_xfms)} transforms")
         method_list = list(methods)
         preset_list = [presets.get(m) for m in method_list]
         model_list = [models[m] if m in models else model_identity(m) for m in method_list]
@@ -202,19 +217,19 @@ def init_cohort_wf(
             prep = workflow.add(
                 PreprocessSubject(atlas=atlas, skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
                                   affine_method=affine_method)
-                .split(("subject", "session", "t1w", "labels"), subject=subjects, session=sessions, t1w=t1w,
-                       labels=labels),
+                .split(("subject", "session", "t1w", "labels", "brain_mask", "anat_xfm"), subject=subjects,
+                       session=sessions, t1w=t1w, labels=labels, brain_mask=brain_masks, anat_xfm=anat_xfms),
                 name="preprocess")
             register = workflow.add(
-                RegisterSubject(atlas=atlas, preprocessed=prep.record,
+                RegisterSubject(atlas=atlas, atlas_labels=atlas_labels, preprocessed=prep.record,
                                 affine=False, seed=seed, threads=threads, device=device)
                 .split(("method", "preset", "model"), method=method_list, preset=preset_list, model=model_list),
                 name="register")
             subject_state = "preprocess.subject"
         else:
             register = workflow.add(
-                RegisterSubject(atlas=atlas, affine=affine, affine_method=affine_method, seed=seed, threads=threads,
-                                device=device)
+                RegisterSubject(atlas=atlas, atlas_labels=atlas_labels, affine=affine, affine_method=affine_method,
+                                seed=seed, threads=threads, device=device)
                 .split([("subject", "session", "t1w", "labels"), ("method", "preset", "model")], subject=subjects,
                        session=sessions, t1w=t1w, labels=labels, method=method_list, preset=preset_list,
                        model=model_list),
@@ -228,7 +243,8 @@ def init_cohort_wf(
             name="evaluate")
         collect = workflow.add(CollectRecords(records=evaluate.record), name="collect")
         if group_stats:
-            stats = workflow.add(GroupStatistics(tables=collect.labels_csv, reference=reference, figures=figures),
+            stats = workflow.add(GroupStatistics(tables=collect.labels_csv, reference=reference, figures=figures,
+                                                   group=collect.group_csv),
                                  name="group_stats")
             stats_files = stats.files
         else:

@@ -45,7 +45,8 @@ def run_demo(out_dir: str | os.PathLike = "hdar-demo", *, n_subjects: int = 3,
     Returns
     -------
     dict
-        ``group_csv`` (``group/group.csv``), ``reports`` (first subject's HTML), ``derivatives``,
+        ``group_tsv`` (``group/group.tsv``), ``labels_tsv`` (``group/group_labels.tsv``), ``group_html``
+        (``group/group.html``), ``reports`` (first subject's HTML), ``derivatives``,
         ``citation`` (``logs/CITATION.md``), ``rawdata``, ``labels``.
 
     Raises
@@ -72,7 +73,8 @@ def run_demo(out_dir: str | os.PathLike = "hdar-demo", *, n_subjects: int = 3,
         code = run(AppOptions(analysis_level=level, **common))
         if code not in (EXIT_OK, 3):
             raise RuntimeError(f"the {level} level ended with exit code {code}; see {deriv / 'logs'}")
-    return {"group_csv": deriv / "group" / "group.csv", "labels_csv": deriv / "group" / "group_labels.csv",
+    return {"group_tsv": deriv / "group" / "group.tsv", "labels_tsv": deriv / "group" / "group_labels.tsv",
+            "group_html": deriv / "group" / "group.html",
             "reports": deriv / "sub-01.html", "derivatives": deriv, "citation": deriv / "logs" / "CITATION.md",
             "rawdata": raw, "labels": labels}
 

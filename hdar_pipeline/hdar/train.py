@@ -51,7 +51,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 import warnings
@@ -300,15 +299,9 @@ def hardware_description(device: torch.device) -> dict[str, Any]:
 
 def git_commit() -> str:
     """The git commit of the hdar-pipeline source tree (``+dirty`` when modified), or ``"unknown"``."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    from ..provenance import git_commit as commit
+
+    return commit()
 
 
 # ------------------------------------------------------------------------------------------- one step

@@ -156,6 +156,8 @@ def register_pair(
         deformable = method.register(fixed, aligned, fixed_mask=fixed_mask)
         stages.append(_stage(method))
         transform = aff.compose(deformable)
+        if "inverse_field" in deformable.metadata:  # the field is unchanged by an affine after it
+            transform.metadata["inverse_field"] = deformable.metadata["inverse_field"]
     info = {
         "method": method.name,
         "preset": getattr(method, "preset", None),

@@ -64,9 +64,14 @@ class SyNMethod(MethodBase):
             out = ants.registration(as_ants_float(fixed), as_ants_float(moving), type_of_transform="SyNOnly",
                                     outprefix=prefix, mask=as_ants_mask(fixed_mask),
                                     **SYN_PRESETS[self.preset])
-            # fwdtransforms: [warp, identity affine] (SyNOnly starts from the identity); the inverse
-            # warp is not kept.
+            # fwdtransforms: [warp, identity affine] (SyNOnly starts from the identity); invtransforms end
+            # with SyN's own inverse warp on the same grid, kept for hdar_pipeline.inverse
             transform = transform_from_ants(out["fwdtransforms"], fixed)
+            inverse = [p for p in out["invtransforms"] if str(p).endswith("InverseWarp.nii.gz")]
+            if inverse and transform.field is not None:
+                field = Transform.read(inverse[0]).field
+                if field is not None and field.shape == transform.field.shape:
+                    transform.metadata["inverse_field"] = field
         if transform.affine is not None and np.allclose(transform.affine, np.eye(4), atol=1e-9):
             transform.affine = None  # field only, like every deformable stage
         return transform

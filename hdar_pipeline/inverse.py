@@ -1,0 +1,273 @@
+"""The inverse of a registration: subject (native) points to atlas points, and how well it inverts.
+
+A :class:`~hdar_pipeline.transforms.Transform` ``T(p) = A (p + u(p))`` maps atlas points ``p`` (its grid) to
+native subject points. Its inverse is ``T^-1(q) = r + w(r)`` with ``r = A^-1 q`` and ``w`` the displacement
+that inverts the field: ``(id + w) = (id + u)^-1`` on the atlas grid. Written back in the Transform's own
+form, on the *native* grid:
+
+    ``T^-1(q) = A^-1 (q + L w(A^-1 q))``, ``L = A[:3, :3]``
+
+an affine ``A^-1`` after a displacement field on the native grid: the same two-part file every tool here
+writes and ANTs applies (``ants.apply_transforms(fixed=T1w, moving=atlas_labels, transformlist=[inverse])``
+brings atlas labels onto the subject).
+
+``w`` comes from the method when it has its own (SyN's inverse warp) and otherwise from Newton's method on
+``w(y) + u(y + w(y)) = 0`` (:func:`invert_field`), which converges for a field without folds. Its accuracy is measured, never assumed: :func:`inverse_consistency`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .images import Grid
+from .transforms import Transform
+
+#: a grid with more voxels than this along every axis is inverted on every second voxel first
+COARSE_ABOVE = 48
+
+__all__ = ["InverseResult", "invert", "invert_field", "inverse_consistency"]
+
+
+@dataclass
+class InverseResult:
+    """An inverse transform and how it was obtained.
+
+    Attributes
+    ----------
+    transform : Transform
+        Native -> atlas point mapping on the native grid.
+    source : str
+        ``"method"`` (the registration's own inverse field), ``"newton"`` or ``"exact (affine)"``.
+    iterations : int
+        Newton steps run (0 for ``"method"`` or an affine-only transform).
+    residual_mm : float
+        Largest ``|w(x) + u(x + w(x))|`` over the atlas grid after the last iteration, mm (0 when exact).
+    """
+
+    transform: Transform
+    source: str
+    iterations: int = 0
+    residual_mm: float = 0.0
+
+
+def _torch_volume(field_vox: np.ndarray):
+    import torch
+
+    # (i, j, k, 3) -> (1, 3, i, j, k): grid_sample's D, H, W are the array axes i, j, k
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(field_vox, -1, 0)))[None]
+
+
+def _normalised(index, shape):
+    """Voxel indices ``(..., 3)`` (i, j, k) -> grid_sample's (x, y, z) in [-1, 1] (x along k)."""
+    import torch
+
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=index.dtype)
+    return (index * scale - 1.0).flip(-1)
+
+
+def _sample(volume, index, shape):
+    """Linear, edge-extended sample of ``volume`` (1, 3, *shape) at voxel indices ``(*out, 3)`` -> ``(*out, 3)``."""
+    import torch.nn.functional as F
+
+    grid = _normalised(index, shape)[None]
+    out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out[0].permute(1, 2, 3, 0)
+
+
+def invert_field(field: np.ndarray, grid: Grid, *, max_iterations: int = 12,
+                 tolerance_mm: float = 0.05, max_step_voxels: float = 1.0) -> tuple[np.ndarray, int, float]:
+    """Invert a displacement field on its own grid by Newton's method, coarse to fine.
+
+    Solves ``w(y) + u(y + w(y)) = 0`` at every voxel ``y``: each step moves ``w`` by
+    ``-(I + Du)^-1 r`` (``r`` the residual, ``Du`` the field's voxel-unit Jacobian at ``y + w``), limited to
+    ``max_step_voxels`` per step. Unlike the plain fixed point ``w <- -u(y + w)``, which stalls or
+    oscillates where the mapping stretches more than twofold (registrations of real brains do, near
+    ventricles), it converges wherever ``x + u(x)`` is invertible (no folds). ``u`` and ``Du`` are
+    sampled linearly and edge-extended. On a grid larger than 48 voxels along every axis the inverse is
+    first found on every second voxel (an eighth of the work) and refined from there; each step works on
+    the voxels that have not yet converged only.
+
+    Parameters
+    ----------
+    field : ndarray, shape (*grid.shape, 3)
+        ``u`` in mm (LPS components): ``x -> x + u(x)``.
+    grid : Grid
+        The field's grid.
+    max_iterations : int
+        Upper bound on the Newton steps (on each resolution).
+    tolerance_mm : float
+        A voxel has converged when ``|w(y) + u(y + w(y))|`` is below this (mm). The default, a twentieth of a
+        1 mm voxel, is well below what storing the inverse on a grid costs: on LPBA40 S21 -> S24 (HDAR) the
+        written inverse is consistent to 0.26 mm on average with 0.05 mm as with 0.01 mm, in half the time.
+    max_step_voxels : float
+        Largest change of ``w`` at a voxel in one step (voxels), so that a step across a fold or from a
+        poor start cannot throw a voxel far away.
+
+    Returns
+    -------
+    w : ndarray, shape (*grid.shape, 3), float32
+        The inverse displacement (mm, LPS): ``y -> y + w(y)`` undoes ``x -> x + u(x)``.
+    iterations : int
+        Newton steps on the full grid.
+    residual_mm : float
+        Largest ``|w(y) + u(y + w(y))|`` over the grid after the last step (mm).
+    """
+    import torch
+
+    lin = grid.lps_affine[:3, :3]
+    to_vox = np.linalg.inv(lin).astype(np.float32)
+    start = None
+    if min(grid.shape) > COARSE_ABOVE:
+        coarse = Grid(tuple((n + 1) // 2 for n in grid.shape), grid.affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
+        w_coarse, _, _ = invert_field(np.ascontiguousarray(field[::2, ::2, ::2]), coarse,
+                                      max_iterations=max_iterations, tolerance_mm=tolerance_mm,
+                                      max_step_voxels=max_step_voxels)
+        w_coarse_vox = _torch_volume(w_coarse @ np.linalg.inv(coarse.lps_affine[:3, :3]).astype(np.float32).T)
+        start = w_coarse_vox  # sampled at the fine voxels below (coarse voxel units: twice the fine ones)
+    u_vox = field.astype(np.float32) @ to_vox.T
+    shape = grid.shape
+    # u, and its 9 voxel-unit derivatives (row-major d u_c / d i_k) sampled only where a step is taken
+    u_vol = _torch_volume(u_vox)
+    du = np.empty((9, *shape), np.float32)
+    for c in range(3):
+        for k, g in enumerate(np.gradient(u_vox[..., c], axis=(0, 1, 2))):
+            du[3 * c + k] = g
+    du_vol = torch.from_numpy(du)[None]
+    lin_t = torch.from_numpy(lin.T.astype(np.float32))
+    index = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"),
+                        -1).reshape(-1, 3)
+    with torch.no_grad():
+        if start is not None:
+            w = 2.0 * _sample_points(start, index / 2.0, start.shape[2:])
+        else:
+            w = -torch.from_numpy(np.ascontiguousarray(u_vox.reshape(-1, 3)))
+        del u_vox
+        active = None  # every voxel
+        residual = torch.zeros(index.shape[0])
+        iterations = 0
+        for iterations in range(1, max_iterations + 2):
+            at_index = index + w if active is None else index[active] + w[active]
+            r = (w if active is None else w[active]) + _sample_points(u_vol, at_index, shape)
+            res = torch.linalg.vector_norm(r @ lin_t, dim=-1)
+            if active is None:
+                residual = res
+            else:
+                residual[active] = res
+            keep = res >= tolerance_mm
+            if not bool(keep.any()) or iterations > max_iterations:
+                break
+            active = keep.nonzero()[:, 0] if active is None else active[keep]
+            step = _solve3(_sample_points(du_vol, at_index[keep], shape), r[keep])
+            norm = torch.linalg.vector_norm(step, dim=-1, keepdim=True)
+            step *= torch.clamp(max_step_voxels / norm.clamp_min(1e-12), max=1.0)
+            w[active] -= step
+    w_mm = (w.numpy() @ lin.T.astype(np.float32)).astype(np.float32).reshape(*shape, 3)
+    return w_mm, iterations - 1, float(residual.max())
+
+
+def _sample_points(volume, index, shape):
+    """Linear, edge-extended sample of ``volume`` (1, C, *shape) at voxel indices ``(N, 3)`` -> ``(N, C)``."""
+    import torch.nn.functional as F
+
+    grid = _normalised(index, shape)[None, None, None]
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)[0, :, 0, 0].T
+
+
+def _solve3(m, r):
+    """Solve ``(I + m) x = r`` for ``(N, 9)`` row-major ``m`` and ``(N, 3)`` ``r`` by cofactors, elementwise (batched
+    3x3 matrix products are slow in torch); a (near-)singular matrix gives ``x = r``."""
+    import torch
+
+    a, b, c, d, e, f, g, h, i = (m[:, k] for k in range(9))
+    a, e, i = a + 1.0, e + 1.0, i + 1.0
+    c00, c01, c02 = e * i - f * h, c * h - b * i, b * f - c * e
+    c10, c11, c12 = f * g - d * i, a * i - c * g, c * d - a * f
+    c20, c21, c22 = d * h - e * g, b * g - a * h, a * e - b * d
+    det = a * c00 + b * c10 + c * c20
+    ok = det.abs() > 1e-3
+    inv = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+    r0, r1, r2 = r[:, 0], r[:, 1], r[:, 2]
+    x = torch.stack([(c00 * r0 + c01 * r1 + c02 * r2) * inv, (c10 * r0 + c11 * r1 + c12 * r2) * inv,
+                     (c20 * r0 + c21 * r1 + c22 * r2) * inv], -1)
+    return torch.where(ok[:, None], x, r)
+
+
+def invert(transform: Transform, native: Grid, *, inverse_field: np.ndarray | None = None,
+           max_iterations: int = 12, tolerance_mm: float = 0.05) -> InverseResult:
+    """The inverse of ``transform`` (atlas -> native) as a native -> atlas Transform on the ``native`` grid.
+
+    Parameters
+    ----------
+    transform : Transform
+        ``T(p) = A (p + u(p))`` on the atlas grid.
+    native : Grid
+        The subject's grid: the inverse's domain (its field is stored there).
+    inverse_field : ndarray, shape (*transform.grid.shape, 3), optional
+        The method's own inverse of ``u`` (mm, LPS, on the atlas grid), e.g. SyN's inverse warp; otherwise
+        it is computed by :func:`invert_field`.
+    max_iterations, tolerance_mm
+        Passed to :func:`invert_field`.
+
+    Returns
+    -------
+    InverseResult
+    """
+    import torch
+
+    a_inv = np.linalg.inv(transform.matrix)
+    if transform.field is None:
+        return InverseResult(Transform(native, affine=a_inv), "exact (affine)")
+    if inverse_field is not None:
+        if inverse_field.shape != transform.field.shape:
+            raise ValueError(f"inverse field of shape {inverse_field.shape} for a field of {transform.field.shape}")
+        w, source, iterations, residual = np.asarray(inverse_field, np.float32), "method", 0, 0.0
+    else:
+        w, iterations, residual = invert_field(transform.field, transform.grid, max_iterations=max_iterations,
+                                               tolerance_mm=tolerance_mm)
+        source = "newton"
+    # native voxel index -> atlas voxel index of r = A^-1 q
+    to_atlas_index = np.linalg.inv(transform.grid.lps_affine) @ a_inv @ native.lps_affine
+    lin = transform.matrix[:3, :3].astype(np.float32)
+    w_vol = _torch_volume(w @ lin.T)  # L w, so the sample is the native field directly
+    m = torch.from_numpy(to_atlas_index.astype(np.float32))
+    field = np.empty((*native.shape, 3), np.float32)
+    axes = [torch.arange(n, dtype=torch.float32) for n in native.shape[1:]]
+    jj, kk = torch.meshgrid(*axes, indexing="ij")
+    with torch.no_grad():
+        for i in range(native.shape[0]):  # one native slab at a time: the index grid stays small
+            idx = torch.stack([torch.full_like(jj, float(i)), jj, kk], -1)
+            at = idx @ m[:3, :3].T + m[:3, 3]
+            field[i] = _sample(w_vol, at[None], transform.grid.shape)[0].numpy()
+    return InverseResult(Transform(native, affine=a_inv, field=field), source, iterations, residual)
+
+
+def inverse_consistency(forward: Transform, inverse: Transform, mask: np.ndarray | None = None) -> dict[str, float]:
+    """How far ``inverse(forward(p))`` lands from ``p`` over the atlas grid (or ``mask``), in mm.
+
+    Parameters
+    ----------
+    forward : Transform
+        Atlas -> native.
+    inverse : Transform
+        Native -> atlas (e.g. :func:`invert`'s).
+    mask : ndarray of bool, shape forward.grid.shape, optional
+        Atlas voxels to measure (e.g. the brain); all voxels when omitted.
+
+    Returns
+    -------
+    dict
+        ``mean_mm``, ``p99_mm``, ``max_mm`` of ``|inverse(forward(p)) - p|`` and ``voxels`` measured.
+    """
+    pts = forward.grid.lps_points(np.float32)
+    if mask is not None:
+        pts = pts[np.asarray(mask, bool)]
+    else:
+        pts = pts.reshape(-1, 3)
+    if len(pts) == 0:
+        return {"mean_mm": float("nan"), "p99_mm": float("nan"), "max_mm": float("nan"), "voxels": 0}
+    back = inverse.map_points(forward.map_points(pts.astype(np.float64)))
+    err = np.linalg.norm(back - pts, axis=-1)
+    return {"mean_mm": float(err.mean()), "p99_mm": float(np.percentile(err, 99)), "max_mm": float(err.max()),
+            "voxels": int(len(pts))}
