@@ -37,7 +37,11 @@ volume change came out 1.22 where a brain-to-brain registration gives 0.69). So 
 * registers the subject head (moving) to it (fixed): rigid then affine with Mattes MI on a 4 mm grid
   (:class:`~hdar_pipeline.methods.affine.AffineMethod`), then a short, coarse SyN stage
   (``ants.registration(type_of_transform="SyNOnly")``, Mattes MI, 40 and 20 iterations at 4x and 2x the
-  2 mm working spacing), which absorbs the differences between the real and the pseudo scalp and skull;
+  4 mm working spacing), which absorbs the differences between the real and the pseudo scalp and skull.
+  On the five IXI heads (2 mm) a 2 mm working spacing and 500/250/100 affine iterations gave brain masks of
+  Dice 0.9522 on average against DLMUSE's brain (lowest 0.9430) in 29 s each; this schedule gives 0.9508
+  (lowest 0.9417) in 9 s (12.6 against 19.7 s on IXI034 resampled to 1 mm, Dice 0.9633 against 0.9643): ANTs'
+  SyN spends its time on the finest grid it sets up, even with no iterations there;
 * warps the template brain mask back onto the native subject grid (linear interpolation of the slightly
   smoothed mask, threshold 0.5);
 * refines the warped mask without Atropos: a 3-class 1-D k-means (dark CSF/bone, grey, white) of the
@@ -55,8 +59,9 @@ images whose field of view cuts the brain may fail; contrasts other than T1w are
 head is a generic scalp, so unusual heads (very thick scalp, large fat-suppressed regions) rely on the SyN
 stage to make up the difference; the mask follows the template's definition of the brain (cerebrum,
 cerebellum and brainstem down to the bottom of the MNI box, about z = -72 mm), and its boundary is that of
-a coarse registration plus intensity refinement, below dedicated deep-learning tools. It has been tested
-on synthetic heads only: no raw (skull-on) T1w data are available to this project.
+a coarse registration plus intensity refinement, below dedicated deep-learning tools. On real raw heads (the
+five IXI development heads, 2 mm, Philips 3 T) its masks have Dice 0.94-0.96 against their DLMUSE brains
+(``benchmarks/ixi_app.py``), the range BET/ROBEX-class tools reach on T1w.
 
 Coordinate conventions: nibabel images carry RAS+ voxel-to-world affines (mm); ANTs works in LPS+ and the
 conversion is done by :func:`hdar_pipeline.images.to_ants`/``from_ants``. antspyx writes its registration
@@ -489,7 +494,7 @@ def brain_extract(
     template_mask: nib.spatialimages.SpatialImage | None = None,
     seed: int | None = None,
     threads: int | None = None,
-    working_spacing_mm: float = 2.0,
+    working_spacing_mm: float = 4.0,
     syn_iterations: tuple[int, ...] = (40, 20, 0),
     refine: bool = True,
     refine_band_mm: float = 4.0,
@@ -626,7 +631,7 @@ def brain_extract(
 COARSE_SPACING_MM = 4.0
 
 #: Rigid and affine iterations per level (shrink 4, 2, 1 of the coarse grid) in :func:`brain_extract`.
-AFFINE_ITERATIONS = (500, 250, 100)
+AFFINE_ITERATIONS = (100, 50, 25)
 
 #: Layers (thickness in mm, intensity relative to the template's robust maximum) that
 #: :func:`_pseudo_head` wraps around a skull-stripped template: CSF, bone, scalp.
@@ -787,7 +792,7 @@ def prepare_brain(
     threads: int | None = None,
     template: nib.spatialimages.SpatialImage | None = None,
     template_mask: nib.spatialimages.SpatialImage | None = None,
-    working_spacing_mm: float = 2.0,
+    working_spacing_mm: float = 4.0,
     brain_mask: ImageLike | None = None,
 ) -> BrainResult:
     """The brain of a T1w image, bias-corrected and normalised, on the image's own grid.
@@ -923,7 +928,7 @@ def preprocess_t1w(
     atlas_mask: nib.spatialimages.SpatialImage | None = None,
     template: nib.spatialimages.SpatialImage | None = None,
     template_mask: nib.spatialimages.SpatialImage | None = None,
-    working_spacing_mm: float = 2.0,
+    working_spacing_mm: float = 4.0,
     affine_method: str = "fast",
     brain_mask: ImageLike | None = None,
     to_atlas_affine: np.ndarray | None = None,
