@@ -508,8 +508,8 @@ def register_subject(
             "atlas": _abs(atlas)}
     if upstream is not None:  # the preprocessing's times travel on with the record
         base.update({k: upstream[k] for k in ("stage_wall_s", "preprocess_steps_s", "native_brain", "native_mask",
-                                              "preprocess_steps", "skull_stripped_input", "reused_derivatives")
-                     if k in upstream})
+                                              "preprocess_steps", "skull_stripped_input", "reused_derivatives",
+                                              "preproc") if k in upstream})
     if upstream is not None and not is_ok(upstream):
         return write_record(_passed_on(upstream, base), out / RECORD_NAMES["register"])
 
@@ -815,8 +815,10 @@ def report_subject(
     figures_dir: PathLike | None = None,
 ) -> Path:
     """The HTML QC report of one subject from its records (one per method; see
-    :func:`hdar_pipeline.reports.write_subject_report`): each method's warped image with the atlas
-    label contours, its Jacobian map and metrics; a failed method shows its error.
+    :func:`hdar_pipeline.reports.write_subject_report`): each method's atlas/subject flicker with the atlas
+    label boundaries, the before (affine only: the preprocessing's ``preproc``)/after view, its Jacobian map and
+    metrics, and the brain mask on the native T1w (the records' ``t1w`` and ``native_mask``); a failed method
+    shows its error.
 
     Raises
     ------
@@ -838,13 +840,20 @@ def report_subject(
         if r.get("folded_percent_mask") is not None:
             metrics.setdefault("folded_percent_mask", r["folded_percent_mask"])
         entries.append(ReportEntry(method=str(r.get("method", "")), status=str(r.get("status", "")),
-                                   error=str(r.get("error") or ""), preset=str(r.get("preset") or ""),
+                                   error=str(r.get("error") or ""), failed_step=str(r.get("failed_step") or ""),
+                                   preset=str(r.get("preset") or ""),
                                    warped=r.get("warped") if is_ok(r) else None,
-                                   transform=r.get("transform") if is_ok(r) else None, metrics=metrics,
+                                   affine=r.get("preproc") if is_ok(r) else None,
+                                   transform=r.get("transform") if is_ok(r) else None,
+                                   jacobian=r["jacobian_map"] if is_ok(r) and r.get("jacobian_map")
+                                   and Path(r["jacobian_map"]).is_file() else None, metrics=metrics,
                                    runtime_s=r.get("runtime_s"), peak_memory_mb=r.get("peak_memory_mb"),
                                    device=str(r.get("device") or "")))
+    native = next(((r.get("t1w"), r.get("native_mask")) for r in recs if r.get("t1w") and r.get("native_mask")),
+                  (None, None))
     return write_subject_report(out_html, subject=subject, session=session, atlas=atlas, atlas_labels=atlas_labels,
-                                entries=entries, atlas_name=atlas_name, figures_dir=figures_dir)
+                                entries=entries, atlas_name=atlas_name, figures_dir=figures_dir, t1w=native[0],
+                                brain_mask=native[1])
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -2,33 +2,43 @@
 
 Per-subject report
 ------------------
-:func:`write_subject_report` writes one self-contained HTML page (plain HTML and inline CSS, no
-JavaScript, no network resources) in the manner of fMRIPrep's reports. For each method that ran it
-shows
+:func:`write_subject_report` writes one HTML page per subject in the manner of the NiPreps (fMRIPrep) reports,
+from reportlets drawn with nilearn and composed with nireports (the NiPreps visual report system): SVG files
+with :data:`N_CUTS` slices per axis (axial, sagittal and coronal rows). For each method that ran it shows
 
-* **label contours**: the subject's T1w warped onto the atlas grid, in three orthogonal slices through
-  the centre of the atlas labels (or brain), with the atlas label boundaries drawn over it. After a
-  good registration the contours follow the subject's anatomy;
-* **the Jacobian determinant** ``det J`` of the transform on the same slices (blue: local shrinkage
-  ``det J < 1``, red: expansion ``det J > 1``, white: ``det J = 1``; folded voxels, ``det J <= 0``, in
-  green);
-* a table of the method's metrics, runtime, peak memory, device and preset.
+* **atlas vs subject**: the atlas (fixed) and the subject's T1w warped onto it (moving) alternate while the
+  pointer is over the figure (nireports' ``compose_view`` flicker), the atlas label boundaries drawn on both;
+* **before / after**: the subject on the atlas grid after the affine alone and after the method, alternating
+  the same way;
+* **the Jacobian determinant** ``det J`` of the transform (blue: local shrinkage ``det J < 1``, red: expansion,
+  white: ``det J = 1``; folded voxels, ``det J <= 0``, in green);
+* **one metrics table**: label overlap, deformation and run facts, each statistic once by name and unit
+  (:data:`METRIC_LABELS`), the device the record says it ran on.
 
-Methods that failed get a red box with their error message and no figures. Figures are PNG files
-written beside the page (``<out_html parent>/sub-<label>/figures/`` by default) and linked with
-relative paths, so the output folder can be moved or archived as a whole::
+and, for the subject, its brain mask outlined on its native T1w, the run's provenance (version, command line,
+options) and the methods text. Methods that failed get a red box with the failed step and the message, and no
+figures. The reportlets are written beside the page (``<out_html parent>/sub-<label>/figures/`` by default)
+and embedded with ``<object>`` and relative paths (as nireports' assembler does), so the output folder can be
+moved or archived as a whole; the page loads nothing from the network and runs no script::
 
-    sub-<label>[_ses-<label>]_space-<atlas>_desc-<method>_contours.png
-    sub-<label>[_ses-<label>]_space-<atlas>_desc-<method>_jacobian.png
+    sub-<label>[_ses-<label>]_space-<atlas>_desc-<method>_flicker.svg
+    sub-<label>[_ses-<label>]_space-<atlas>_desc-<method>_beforeafter.svg
+    sub-<label>[_ses-<label>]_space-<atlas>_desc-<method>_jacobian.svg
+    sub-<label>[_ses-<label>]_desc-brain_mask.svg
+
+nireports' own page assembler (``nireports.assembler.report.Report``) is not used: its template loads jQuery and
+Bootstrap from CDNs and it imports nipype; the page here is plain HTML and CSS.
 
 Methods paragraph
 -----------------
 :func:`methods_paragraph` turns what actually ran (methods, their parameters, preprocessing, seed,
-versions, weights) into a Markdown paragraph with a reference list, for users to paste into a
-manuscript; :func:`write_methods` writes it as ``CITATION.md`` and ``CITATION.html``. Only what is
-given is described: a parameter that is not passed in is not mentioned, never guessed.
+versions, weights, the devices used) into a Markdown paragraph with a reference list, for users to paste into a
+manuscript; :func:`write_methods` writes it as ``CITATION.md``, ``CITATION.html`` and ``CITATION.bib`` (BibTeX
+entries of the references cited). Only what is given is described: a parameter that is not passed in is not
+mentioned, never guessed.
 
-This module imports no workflow engine; figures are drawn on the Agg canvas (no display needed).
+This module imports no workflow engine; nilearn and nireports are imported when a report is drawn (their
+plotting functions only: no nipype, no TemplateFlow), on matplotlib's non-interactive canvas.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import math
 import os
 import re
 import urllib.parse
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +57,6 @@ from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap, TwoSlopeNorm
-from matplotlib.figure import Figure
 from scipy import ndimage
 
 from ._version import __version__
@@ -56,27 +64,55 @@ from .images import Grid, load_image
 
 PathLike = str | os.PathLike
 
-__all__ = ["ReportEntry", "write_subject_report", "methods_paragraph", "write_methods", "REFERENCES"]
+__all__ = ["ReportEntry", "write_subject_report", "methods_paragraph", "write_methods", "REFERENCES", "bibtex",
+           "cited_keys"]
 
-#: Resolution of the report figures (dots per inch).
+#: Resolution (dots per inch) at which the reportlets are written. Their images are embedded at the volumes' own
+#: resolution (matplotlib's ``interpolation="none"``), so this only sizes the text and lines; nireports writes 300.
 FIGURE_DPI = 100
 
-#: Display names of the methods this package knows.
-METHOD_TITLES = {"hdar": "HDAR", "syn": "ANTs SyN", "demons": "Diffeomorphic Demons", "affine": "Affine (ANTs)"}
+#: Slices per axis in every reportlet (as in the NiPreps reports).
+N_CUTS = 7
 
-#: Display names and units of whole-brain metrics (unknown keys are shown as they are).
-METRIC_LABELS = {
-    "mean_dice": "Mean Dice",
-    "mean_target_overlap": "Mean target overlap",
-    "mean_jaccard": "Mean Jaccard",
-    "mean_hd95_mm": "Mean HD95 (mm)",
-    "mean_msd_mm": "Mean surface distance (mm)",
-    "folded_percent": "Folded voxels (%)",
-    "folded_voxels": "Folded voxels",
-    "log_jacobian_std": "SD of log|J|",
-    "jacobian_min": "Minimum det J",
-    "jacobian_max": "Maximum det J",
+#: The rows of a reportlet: axial, sagittal, coronal (nireports' order).
+_ORDER = ("z", "x", "y")
+
+#: The two voxel axes (of an image in RAS orientation) that span a ``display_mode``'s slices.
+_IN_PLANE = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}
+
+#: Display names of the methods this package knows.
+METHOD_TITLES = {"hdar": "HDAR", "syn": "ANTs SyN", "demons": "Diffeomorphic Demons", "lccdemons": "LCC-Demons",
+                 "affine": "Affine (ANTs)"}
+
+#: The metrics a report shows, in this order: the key in a record's ``metrics`` -> (name, unit). Every statistic
+#: has one name and one definition; the Jacobian statistics are those of
+#: :func:`hdar_pipeline.metrics.jacobian_statistics` ("brain": the atlas labels, the evaluation's mask).
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "mean_dice": ("Mean Dice", ""),
+    "mean_jaccard": ("Mean Jaccard index", ""),
+    "mean_target_overlap": ("Mean target overlap", ""),
+    "mean_false_negative": ("Mean false-negative rate", ""),
+    "mean_false_positive": ("Mean false-positive rate", ""),
+    "mean_volume_similarity": ("Mean volume similarity", ""),
+    "mean_hd95_mm": ("Mean Hausdorff distance, 95th percentile", "mm"),
+    "mean_hd_mm": ("Mean Hausdorff distance (maximum)", "mm"),
+    "mean_msd_mm": ("Mean surface distance", "mm"),
+    "folded_percent_mask": ("Folded voxels (det J \u2264 0), brain", "%"),
+    "folded_percent": ("Folded voxels (det J \u2264 0), whole atlas grid", "%"),
+    "log_jacobian_std_mask": ("SD of log det J, brain", ""),
+    "log_jacobian_std": ("SD of log det J, whole atlas grid", ""),
+    "jacobian_min": ("det J, minimum", ""),
+    "jacobian_max": ("det J, maximum", ""),
+    "jacobian_mean": ("det J, mean", ""),
 }
+
+#: Metrics a report does not list as rows: the same statistic as another row (the mean overlap is the Dice
+#: coefficient), or counts shown inside another row.
+_HIDDEN_METRICS = {"mean_mean_overlap", "n_labels", "n_labels_evaluated", "n_labels_missing", "n_voxels",
+                   "mask_voxels"}
+
+_OVERLAP_KEYS = [k for k in METRIC_LABELS if k.startswith("mean_")]
+_JACOBIAN_KEYS = [k for k in METRIC_LABELS if not k.startswith("mean_")]
 
 
 # ============================================================================ per-subject report
@@ -94,91 +130,45 @@ class ReportEntry:
         ``"ok"`` or ``"error"``.
     error : str
         The error message when ``status == "error"``.
+    failed_step : str
+        The step that failed (``"preprocess"``, ``"register"``, ``"evaluate"``), when ``status == "error"``.
     preset : str
         The method's preset, if any.
     warped : path-like, optional
         The subject's T1w warped onto the atlas grid (NIfTI).
+    affine : path-like, optional
+        The subject's T1w on the atlas grid after the affine alone (the preprocessing's ``preproc_T1w``): the
+        "before" of the before/after view.
     transform : path-like, optional
         ITK composite ``.h5`` (or any file list :meth:`Transform.read` accepts), mapping atlas points to
         subject points; used for the Jacobian determinant.
     jacobian : path-like, optional
         A precomputed Jacobian-determinant NIfTI on the atlas grid; used instead of ``transform``.
     metrics : mapping of str to float
-        Whole-brain summary (``mean_dice``, ``mean_target_overlap``, ``mean_hd95_mm``, ``folded_percent``,
-        ``log_jacobian_std``, ...); any subset; NaN or None allowed.
+        The evaluation's summary (:data:`METRIC_LABELS`: ``mean_dice``, ``mean_hd95_mm``, ``folded_percent_mask``,
+        ``log_jacobian_std_mask``, ..., and ``n_labels``, ``n_labels_evaluated``, ``mask_voxels``); any subset;
+        NaN or None allowed. Jacobian statistics it lacks are computed from the Jacobian map.
     runtime_s : float, optional
         Registration runtime in seconds.
     peak_memory_mb : float, optional
         Peak memory in MiB.
     device : str
-        Where it ran (``"cpu"``, ``"cuda:0"``, ...).
+        Where it ran, as the record says (``"cpu"``, ``"cuda:0"``, ...).
     """
 
     method: str
     status: str = "ok"
     error: str = ""
+    failed_step: str = ""
     preset: str = ""
     warped: PathLike | None = None
+    affine: PathLike | None = None
     transform: PathLike | None = None
     jacobian: PathLike | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     runtime_s: float | None = None
     peak_memory_mb: float | None = None
     device: str = ""
-
-
-@dataclass
-class _View:
-    """Three orthogonal display planes of volumes on the atlas grid, in RAS+ orientation."""
-
-    ornt: np.ndarray       # nibabel orientation: atlas voxel axes -> RAS-ordered axes
-    spacing: np.ndarray    # mm, along the RAS-ordered axes
-    index: tuple[int, int, int]  # slice indices in the RAS-ordered array
-    world: np.ndarray      # RAS mm of the slice centre
-
-    def reorient(self, data: np.ndarray) -> np.ndarray:
-        return nib.orientations.apply_orientation(np.asarray(data), self.ornt)
-
-    def planes(self, data_ras: np.ndarray) -> list[np.ndarray]:
-        """Sagittal, coronal and axial slices, each transposed for ``imshow(origin="lower")``."""
-        i, j, k = self.index
-        return [data_ras[i, :, :].T, data_ras[:, j, :].T, data_ras[:, :, k].T]
-
-    def aspects(self) -> list[float]:
-        sx, sy, sz = self.spacing
-        return [sz / sy, sz / sx, sy / sx]
-
-    def titles(self) -> list[str]:
-        x, y, z = self.world
-        return [f"sagittal, x = {x:.1f} mm", f"coronal, y = {y:.1f} mm", f"axial, z = {z:.1f} mm"]
-
-
-_PLANE_SIDES = [("P", "A"), ("L", "R"), ("L", "R")]
-
-
-def _make_view(grid: Grid, mask: np.ndarray) -> _View:
-    ornt = nib.orientations.io_orientation(grid.affine)
-    spacing_in = grid.spacing
-    spacing = np.empty(3)
-    if np.any(mask):
-        idx = np.array([float(np.mean(ax)) for ax in np.nonzero(mask)])
-    else:
-        idx = (np.asarray(grid.shape, dtype=float) - 1) / 2
-    idx = np.rint(idx).astype(int)
-    new = [0, 0, 0]
-    for ax in range(3):
-        out_ax, flip = int(ornt[ax, 0]), int(ornt[ax, 1])
-        spacing[out_ax] = spacing_in[ax]
-        new[out_ax] = int(idx[ax]) if flip == 1 else grid.shape[ax] - 1 - int(idx[ax])
-    world = (grid.affine @ np.append(idx, 1.0))[:3]
-    return _View(ornt, spacing, tuple(new), world)
-
-
-def _label_colors(values: np.ndarray) -> dict[int, tuple]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20"]
-    return {int(v): cmap(int(v) % 20) for v in values}
 
 
 def _otsu(values: np.ndarray, bins: int = 128) -> float:
@@ -193,126 +183,132 @@ def _otsu(values: np.ndarray, bins: int = 128) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def _draw_boundaries(ax, plane_labels: np.ndarray | None, plane_atlas: np.ndarray, edge_levels: list[float],
-                     colors: dict[int, tuple], linewidth: float = 0.7) -> int:
-    """Atlas label boundaries (or intensity edges) as contour lines; returns the number of labels drawn."""
-    drawn = 0
-    if plane_labels is not None:
-        for value in np.unique(plane_labels):
-            if value == 0:
-                continue
-            m = (plane_labels == value).astype(np.float32)
-            if m.sum() < 2:
-                continue
-            ax.contour(m, levels=[0.5], colors=[colors.get(int(value), (1, 0, 0, 1))], linewidths=linewidth)
-            drawn += 1
-    else:
-        levels = [lv for lv in edge_levels if plane_atlas.min() < lv < plane_atlas.max()]
-        if levels:
-            ax.contour(plane_atlas, levels=levels, colors=["#ff3030", "#30c0ff"][: len(levels)],
-                       linewidths=linewidth)
-    return drawn
+def _canonical(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A float32 (or label) volume as a NIfTI in the closest RAS orientation (voxels reordered, never resampled)."""
+    return nib.as_closest_canonical(nib.Nifti1Image(data, affine))
 
 
-def _save_png(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=FIGURE_DPI, facecolor=fig.get_facecolor())
-    return path
+def _edges(regions: nib.Nifti1Image) -> dict[str, nib.Nifti1Image]:
+    """Per display mode, the boundaries between the regions of a label volume within its slices: voxels whose
+    next voxel along one of the two in-plane axes holds another value (one voxel wide, binary)."""
+    data = np.asarray(regions.dataobj)
+    out = {}
+    for mode, axes in _IN_PLANE.items():
+        edge = np.zeros(data.shape, bool)
+        for ax in axes:
+            index = [slice(None)] * 3
+            index[ax] = slice(0, -1)
+            edge[tuple(index)] |= np.diff(data, axis=ax) != 0
+        out[mode] = nib.Nifti1Image(edge.astype(np.uint8), regions.affine)
+    return out
 
 
-def _contour_figure(warped: np.ndarray, atlas: np.ndarray, labels: np.ndarray | None, view: _View,
-                    brain: np.ndarray, title: str, out_png: Path) -> Path:
-    vol = view.reorient(warped)
-    atl = view.reorient(atlas)
-    lab = view.reorient(labels) if labels is not None else None
-    inside = warped[brain] if np.any(brain) else warped.ravel()
-    inside = inside[np.isfinite(inside)]
-    vmin, vmax = (np.percentile(inside, [0.5, 99.5]) if inside.size else (0.0, 1.0))
-    if not vmax > vmin:
-        vmin, vmax = float(np.min(warped)), float(np.max(warped)) + 1e-6
-    edge_levels: list[float] = []
-    if lab is None:
-        atlas_in = atlas[brain] if np.any(brain) else atlas.ravel()
-        if atlas_in.size:
-            low = float(np.percentile(atlas_in, 1)) if np.any(brain) else _otsu(atlas.ravel())
-            edge_levels = [max(low, 1e-6), _otsu(atlas_in)]
-    colors = _label_colors(np.unique(lab) if lab is not None else np.empty(0))
-    fig = Figure(figsize=(11, 4.0), facecolor="black", layout="constrained")
-    axes = fig.subplots(1, 3)
-    for ax, plane, plane_atl, plane_lab, aspect, sub, sides in zip(
-            axes, view.planes(vol), view.planes(atl), view.planes(lab) if lab is not None else [None] * 3,
-            view.aspects(), view.titles(), _PLANE_SIDES):
-        ax.imshow(plane, origin="lower", cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
-        _draw_boundaries(ax, plane_lab, plane_atl, edge_levels, colors)
-        ax.set_title(sub, color="white", fontsize=9)
-        ax.text(0.01, 0.5, sides[0], color="yellow", transform=ax.transAxes, fontsize=8, va="center")
-        ax.text(0.99, 0.5, sides[1], color="yellow", transform=ax.transAxes, fontsize=8, va="center", ha="right")
-        ax.set_axis_off()
-    fig.suptitle(title, color="white", fontsize=10)
-    return _save_png(fig, out_png)
+def _box(mask: np.ndarray, margin: int = 3) -> tuple[slice, slice, slice]:
+    """The bounding box of a mask's voxels, ``margin`` voxels wider (the whole volume when it is empty): the
+    figures are drawn from this part of the volumes only, which spares nilearn most of their background."""
+    if not np.any(mask):
+        return (slice(None),) * 3
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, mask.shape))
 
 
-@dataclass
-class _JacobianSummary:
-    voxels: int
-    folded: int
-    folded_brain: int
-    brain_voxels: int
-    minimum: float
-    maximum: float
-    log_std_brain: float
-
-    @property
-    def folded_percent(self) -> float:
-        return 100.0 * self.folded / self.voxels if self.voxels else float("nan")
-
-    @property
-    def folded_brain_percent(self) -> float:
-        return 100.0 * self.folded_brain / self.brain_voxels if self.brain_voxels else float("nan")
+def _limits(data: np.ndarray, inside: np.ndarray) -> tuple[float, float]:
+    """Display range: the 0.5 and 99.5 percentiles of the finite values inside the brain."""
+    values = data[inside & np.isfinite(data)] if np.any(inside) else data[np.isfinite(data)]
+    if not values.size:
+        return 0.0, 1.0
+    vmin, vmax = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    return (vmin, vmax) if vmax > vmin else (vmin, vmin + 1e-6)
 
 
-def _summarise_jacobian(jac: np.ndarray, brain: np.ndarray) -> _JacobianSummary:
-    finite = np.isfinite(jac)
-    folded = (jac <= 0) & finite
-    inside = jac[brain & finite]
-    positive = inside[inside > 0]
-    return _JacobianSummary(
-        voxels=int(finite.sum()), folded=int(folded.sum()), folded_brain=int((folded & brain).sum()),
-        brain_voxels=int((brain & finite).sum()),
-        minimum=float(np.min(jac[finite])) if finite.any() else float("nan"),
-        maximum=float(np.max(jac[finite])) if finite.any() else float("nan"),
-        log_std_brain=float(np.std(np.log(positive))) if positive.size > 1 else float("nan"))
+def _mosaic(img: nib.Nifti1Image, cuts: Mapping[str, Sequence[float]], *, div_id: str, label: str,
+            limits: tuple[float, float], edges: Mapping[str, nib.Nifti1Image] | None = None,
+            edge_color: str = "#ff3030") -> list[str]:
+    """One SVG per axis (:data:`_ORDER`), ``len(cuts[axis])`` slices each, the image in grey with ``edges`` drawn
+    over it in ``edge_color``; as :func:`nireports.reportlets.mosaic.plot_registration` draws them (nilearn's
+    ``plot_anat``, nireports' ``extract_svg``), with the atlas label boundaries instead of its single contour
+    level and at :data:`FIGURE_DPI`."""
+    from matplotlib.colors import ListedColormap
+    from nilearn.plotting import plot_anat
+
+    svgs = []
+    for i, mode in enumerate(_ORDER):
+        display = plot_anat(img, display_mode=mode, cut_coords=list(cuts[mode]), title=label if i == 0 else None,
+                            colorbar=False, vmin=limits[0], vmax=limits[1], interpolation="none", dim=0)
+        if edges is not None:
+            display.add_overlay(edges[mode], cmap=ListedColormap([edge_color]), vmin=0, vmax=1, threshold=0.5,
+                                interpolation="none")
+        svgs.append(_extract(display, f"{div_id}-{mode}"))
+    return svgs
 
 
-def _jacobian_figure(jac: np.ndarray, view: _View, brain: np.ndarray,
-                     summary: _JacobianSummary, title: str, out_png: Path) -> Path:
-    vol = view.reorient(jac)
-    outline = view.reorient(brain.astype(np.float32))
-    finite = jac[np.isfinite(jac) & brain] if np.any(brain) else jac[np.isfinite(jac)]
+def _extract(display: Any, div_id: str) -> str:
+    """A nilearn display as SVG text (nireports' ``extract_svg``, uncompressed, at :data:`FIGURE_DPI`, text kept as
+    text), its ``figure_1`` id made unique as nireports does; the display is closed."""
+    import matplotlib
+    from nireports.reportlets.utils import extract_svg
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        svg = extract_svg(display, dpi=FIGURE_DPI, compress=False)
+    display.close()
+    return svg.replace("figure_1", f"{div_id}-{uuid.uuid4()}", 1)
+
+
+def _compose(background: Sequence[str], foreground: Sequence[str] | None, out_svg: Path) -> Path:
+    """nireports' :func:`~nireports.reportlets.utils.compose_view`: the background rows shown, the foreground rows
+    over them in a CSS animation that alternates the two while the pointer is over the figure (none: a still)."""
+    from nireports._vendored.svgutils.transform import fromstring
+    from nireports.reportlets.utils import compose_view
+
+    out_svg.parent.mkdir(parents=True, exist_ok=True)
+    compose_view([fromstring(s) for s in background], [fromstring(s) for s in foreground] if foreground else None,
+                 out_file=out_svg)
+    return out_svg
+
+
+def _jacobian_mosaic(img: nib.Nifti1Image, cuts: Mapping[str, Sequence[float]], edges: Mapping[str, nib.Nifti1Image],
+                     brain_values: np.ndarray, title: str, out_svg: Path) -> Path:
+    """The Jacobian determinant (``img``, as drawn) on the reportlet slices: white 1, blue < 1, red > 1, folded
+    voxels in green, the brain outline in grey; the colour range from ``brain_values`` (det J in the brain)."""
+    from matplotlib.colors import ListedColormap
+    from nilearn.plotting import plot_img
+
+    finite = brain_values[np.isfinite(brain_values)]
+    if not finite.size:
+        finite = np.asarray(img.dataobj).ravel()
     spread = float(np.percentile(np.abs(finite - 1.0), 99.5)) if finite.size else 0.5
     spread = min(max(spread, 0.25), 0.999)
-    norm = TwoSlopeNorm(vmin=1.0 - spread, vcenter=1.0, vmax=1.0 + spread)
-    fig = Figure(figsize=(11, 4.0), layout="constrained")
-    axes = fig.subplots(1, 3)
-    image = None
-    for ax, plane, plane_mask, aspect, sub, sides in zip(axes, view.planes(vol), view.planes(outline),
-                                                         view.aspects(), view.titles(), _PLANE_SIDES):
-        image = ax.imshow(plane, origin="lower", cmap="RdBu_r", norm=norm, aspect=aspect, interpolation="nearest")
-        if plane_mask.max() > 0:
-            ax.contour(plane_mask, levels=[0.5], colors=["0.25"], linewidths=0.6)
-        folds = plane <= 0
-        if folds.any():
-            ax.imshow(np.ma.masked_where(~folds, np.ones_like(plane)), origin="lower",
-                      cmap=ListedColormap(["#00d000"]), vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
-        ax.set_title(f"{sub} ({int(folds.sum())} folded)", fontsize=9)
-        ax.text(0.01, 0.5, sides[0], transform=ax.transAxes, fontsize=8, va="center")
-        ax.text(0.99, 0.5, sides[1], transform=ax.transAxes, fontsize=8, va="center", ha="right")
-        ax.set_axis_off()
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="det J (blue < 1 < red)", extend="both")
-    fig.suptitle(f"{title}: {summary.folded} folded voxels ({summary.folded_percent:.4g} %, green), "
-                 f"det J in [{summary.minimum:.3g}, {summary.maximum:.3g}]", fontsize=10)
-    return _save_png(fig, out_png)
+    folded = nib.Nifti1Image((np.asarray(img.dataobj) <= 0).astype(np.uint8), img.affine)
+    svgs = []
+    for i, mode in enumerate(_ORDER):
+        display = plot_img(img, display_mode=mode, cut_coords=list(cuts[mode]), cmap="RdBu_r", vmin=1.0 - spread,
+                           vmax=1.0 + spread, colorbar=i == 0, title=title if i == 0 else None,
+                           interpolation="none", black_bg=True, draw_cross=False)
+        display.add_overlay(edges[mode], cmap=ListedColormap(["#808080"]), vmin=0, vmax=1, threshold=0.5,
+                            interpolation="none")
+        if np.any(np.asarray(folded.dataobj)):
+            display.add_overlay(folded, cmap=ListedColormap(["#00d000"]), vmin=0, vmax=1, threshold=0.5,
+                                interpolation="none")
+        svgs.append(_extract(display, f"jacobian-{mode}"))
+    return _compose(svgs, None, out_svg)
+
+
+def _mask_reportlet(t1w: PathLike, mask: PathLike, out_svg: Path) -> Path:
+    """The brain-mask reportlet of the NiPreps reports: the mask's outline on the native T1w, :data:`N_CUTS`
+    slices per axis through the mask's bounding box (nireports' ``cuts_from_bbox``), as a still SVG."""
+    from nireports.reportlets.utils import cuts_from_bbox
+
+    t1w_img, mask_img = load_image(t1w), load_image(mask, labels=True)
+    if not Grid.of(mask_img).same_as(Grid.of(t1w_img), atol=1e-3):
+        raise ValueError(f"{mask}: the brain mask is not on the grid of {Path(t1w).name}")
+    binary = _canonical((np.asarray(mask_img.dataobj) > 0).astype(np.uint8), t1w_img.affine)
+    box = _box(np.asarray(binary.dataobj) > 0, margin=12)
+    binary = binary.slicer[box]
+    image = _canonical(np.asarray(t1w_img.dataobj, dtype=np.float32), t1w_img.affine).slicer[box]
+    inside = np.asarray(binary.dataobj) > 0
+    svgs = _mosaic(image, cuts_from_bbox(binary, cuts=N_CUTS), div_id="brain-mask", label="brain mask",
+                   limits=_limits(np.asarray(image.dataobj), inside), edges=_edges(binary))
+    return _compose(svgs, None, out_svg)
 
 
 def _bids_label(text: str, prefix: str = "") -> str:
@@ -377,12 +373,15 @@ def _href(target: Path, base: Path) -> str:
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px;
        padding: 1em 2em 3em; color: #222; line-height: 1.45; }
+nav { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ccc; padding: .4em 0; z-index: 1; }
+nav a { margin-right: 1.2em; }
 h1 { border-bottom: 3px solid #3465a4; padding-bottom: .3em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 h3 { margin-bottom: .3em; }
 table { border-collapse: collapse; margin: .6em 0 1em; }
-th, td { border: 1px solid #ccc; padding: .25em .7em; text-align: left; }
-th { background: #eef2f8; }
+th, td { border: 1px solid #ccc; padding: .25em .7em; text-align: left; vertical-align: top; }
+th { background: #eef2f8; font-weight: normal; }
+thead th, th.group { font-weight: bold; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .ok { color: #1a7f37; font-weight: bold; }
 .failed { color: #b00020; font-weight: bold; }
@@ -391,9 +390,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .warning { border: 1px solid #c98a00; background: #fff6dd; padding: .4em 1em; border-radius: 4px; }
 .note { color: #555; font-size: .92em; }
 figure { margin: .8em 0 1.4em; }
-figure img { max-width: 100%; border: 1px solid #ddd; }
+.svg-reportlet { width: 100%; border: 1px solid #ddd; background: #000; }
 figcaption { color: #444; font-size: .92em; margin-top: .3em; }
-.swatch { display: inline-block; width: .8em; height: .8em; margin-right: .4em; border-radius: 2px; }
+pre.command { background: #f4f4f4; padding: .6em 1em; white-space: pre-wrap; word-break: break-all; }
+.methods { background: #fafafa; border-left: 4px solid #3465a4; padding: .2em 1.2em; }
 footer { margin-top: 3em; color: #666; font-size: .85em; border-top: 1px solid #ccc; }
 """
 
@@ -402,10 +402,10 @@ def _method_title(method: str) -> str:
     return METHOD_TITLES.get(method.lower(), method)
 
 
-def _load_warped(path: PathLike, grid: Grid) -> np.ndarray:
+def _load_on_grid(path: PathLike, grid: Grid, what: str) -> np.ndarray:
     img = load_image(path)
     if not Grid.of(img).same_as(grid, atol=1e-3):
-        raise ValueError(f"{path}: the warped image is not on the atlas grid (shape {img.shape}, atlas "
+        raise ValueError(f"{path}: the {what} is not on the atlas grid (shape {img.shape}, atlas "
                          f"{grid.shape}); the report shows images in atlas space")
     return np.asarray(img.dataobj, dtype=np.float32)
 
@@ -426,6 +426,134 @@ def _load_jacobian(entry: ReportEntry, atlas_img: nib.Nifti1Image) -> np.ndarray
     return None
 
 
+def _metric_name(key: str) -> tuple[str, str]:
+    """(name, unit) of a metric: :data:`METRIC_LABELS`, or the key made readable (``mean_foo_mm`` -> "Mean foo",
+    "mm")."""
+    if key in METRIC_LABELS:
+        return METRIC_LABELS[key]
+    unit = ""
+    words = key.split("_")
+    if words[-1] in ("mm", "mm3", "s", "percent"):
+        unit = {"mm3": "mm\u00b3", "percent": "%"}.get(words[-1], words[-1])
+        words = words[:-1]
+    text = " ".join(words).strip() or key
+    return text[:1].upper() + text[1:], unit
+
+
+def _metric_value(value: Any, unit: str) -> str:
+    text = _fmt(value)
+    return text if text == "n/a" or not unit else f"{text} {unit}"
+
+
+def _metrics_table(entry: ReportEntry, metrics: Mapping[str, Any], computed: set[str]) -> str:
+    """One table per method: label overlap, deformation, run; readable names and units, no raw keys."""
+    rows: list[str] = []
+
+    def group(title: str) -> None:
+        rows.append(f'<tr><th class="group" colspan="2">{_e(title)}</th></tr>')
+
+    def row(name: str, value: str, note: str = "") -> None:
+        rows.append(f"<tr><th>{_e(name)}{_e(note)}</th><td class=\"num\">{_e(value)}</td></tr>")
+
+    overlap = [k for k in _OVERLAP_KEYS if k in metrics]
+    extra = [k for k in metrics if k not in METRIC_LABELS and k not in _HIDDEN_METRICS]
+    if overlap or "n_labels" in metrics:
+        group("Label overlap: the subject's labels warped onto the atlas vs the atlas labels, mean over labels")
+        for key in overlap:
+            name, unit = _metric_name(key)
+            row(name, _metric_value(metrics[key], unit))
+        if "n_labels" in metrics:
+            evaluated = metrics.get("n_labels_evaluated", metrics["n_labels"])
+            missing = metrics.get("n_labels_missing")
+            row("Labels evaluated", f"{_fmt(evaluated)} of {_fmt(metrics['n_labels'])}"
+                + (f" ({_fmt(missing)} missing)" if not _is_missing(missing) and missing else ""))
+    jac = [k for k in _JACOBIAN_KEYS if k in metrics]
+    if jac:
+        group("Deformation: Jacobian determinant det J of the atlas \u2192 subject mapping (brain: the atlas "
+              "labels)")
+        for key in jac:
+            name, unit = _metric_name(key)
+            value = _metric_value(metrics[key], unit)
+            if key == "folded_percent_mask" and not _is_missing(metrics.get("mask_voxels")) and metrics.get(
+                    "mask_voxels") and not _is_missing(metrics[key]):
+                n = int(round(float(metrics[key]) * float(metrics["mask_voxels"]) / 100))
+                value += f" ({n:,} of {int(metrics['mask_voxels']):,} voxels)"
+            elif key == "folded_percent" and not _is_missing(metrics.get("n_voxels")) and metrics.get(
+                    "n_voxels") and not _is_missing(metrics[key]):
+                n = int(round(float(metrics[key]) * float(metrics["n_voxels"]) / 100))
+                value += f" ({n:,} of {int(metrics['n_voxels']):,} voxels)"
+            row(name, value, " \u2020" if key in computed else "")
+    if extra:
+        group("Other metrics")
+        for key in extra:
+            name, unit = _metric_name(key)
+            row(name, _metric_value(metrics[key], unit))
+    group("Run")
+    row("Runtime", _fmt_runtime(entry.runtime_s))
+    row("Peak memory", "n/a" if _is_missing(entry.peak_memory_mb) else f"{float(entry.peak_memory_mb):,.0f} MiB")
+    row("Device (as run)", entry.device or "n/a")
+    row("Preset", entry.preset or "n/a")
+    note = ('<p class="note">\u2020 computed for this report from the Jacobian map (the record has no '
+            "evaluation of it), with the same definition.</p>" if computed else "")
+    return f'<table class="metrics">{"".join(rows)}</table>{note}'
+
+
+def _command_text(provenance: Mapping[str, Any]) -> str:
+    command = provenance.get("command")
+    if not command and provenance.get("argv") is not None:
+        import shlex
+
+        command = shlex.join(["hdar-pipeline", *map(str, provenance["argv"])])
+    return str(command or "")
+
+
+def _provenance_html(provenance: Mapping[str, Any] | None, entries: Sequence[ReportEntry], atlas: PathLike,
+                     atlas_labels: PathLike | None, created: str) -> str:
+    parts = []
+    prov = dict(provenance or {})
+    command = _command_text(prov)
+    if command:
+        parts.append(f'<h3>Command line</h3><pre class="command">{_e(command)}</pre>')
+    else:
+        parts.append('<p class="note">No command line was recorded for this report.</p>')
+    facts = [("hdar-pipeline", prov.get("version") or __version__)]
+    for key, name in (("time", "Run started"), ("host", "Host"), ("cwd", "Working directory"),
+                      ("python_version", "Python"), ("slurm_job_id", "SLURM job"), ("log", "Log file")):
+        if prov.get(key):
+            facts.append((name, str(prov[key])))
+    facts.append(("Report drawn", created))
+    facts.append(("Atlas", str(atlas)))
+    facts.append(("Atlas labels", str(atlas_labels) if atlas_labels is not None else "none"))
+    for entry in entries:
+        facts.append((f"Device, {_method_title(entry.method)} (as run)", entry.device or "n/a"))
+    parts.append("<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts) + "</table>")
+    options = prov.get("options")
+    if isinstance(options, Mapping) and options:
+        rows = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(_option_text(v))}</code></td></tr>"
+                       for k, v in options.items())
+        parts.append("<details><summary>Options of the run (as resolved; <code>device</code> is the one "
+                     "requested, the devices above are those used)</summary>"
+                     f"<table>{rows}</table></details>")
+    return "\n".join(parts)
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "(none)"
+    return "(not set)" if value is None else str(value)
+
+
+def _methods_html(methods_file: PathLike | None, base: Path) -> str:
+    if methods_file is None or not Path(methods_file).is_file():
+        return '<p class="note">No methods text was found (it is written as <code>logs/CITATION.md</code>).</p>'
+    md = Path(methods_file)
+    links = [f'<a href="{_e(_href(p, base))}">{_e(p.name)}</a>' for p in
+             (md, md.with_suffix(".html"), md.with_suffix(".bib")) if p.is_file()]
+    body = _markdown_fragment(md.read_text(encoding="utf-8"), shift=1)
+    return (f'<p class="note">The methods text of the run, to be copied into a manuscript: {", ".join(links)}.</p>'
+            f'<div class="methods">{body}</div>')
+
+
 def write_subject_report(
     out_html: PathLike,
     *,
@@ -437,6 +565,10 @@ def write_subject_report(
     atlas_name: str = "atlas",
     figures_dir: PathLike | None = None,
     title_extra: str = "",
+    t1w: PathLike | None = None,
+    brain_mask: PathLike | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    methods_file: PathLike | None = None,
 ) -> Path:
     """Write the QC report of one subject: every method's alignment and deformation on one HTML page.
 
@@ -449,18 +581,26 @@ def write_subject_report(
     session : str
         Session label (with or without ``ses-``); empty when there are no sessions.
     atlas : path-like
-        The atlas (fixed) image; defines the grid every figure is drawn on.
+        The atlas (fixed) image; defines the grid every atlas-space figure is drawn on.
     atlas_labels : path-like or None
-        The atlas label map on the atlas grid; its boundaries are drawn over the warped subject. Without
-        it, two intensity contours of the atlas (brain outline and a grey/white-like Otsu level) are drawn.
+        The atlas label map on the atlas grid; its boundaries are drawn over the images and it is the brain of
+        the Jacobian statistics. Without it, the boundaries of the atlas brain (voxels above 1 % of its maximum)
+        and of a grey/white-like Otsu level are drawn.
     entries : sequence of ReportEntry
         One per method, in display order; ``status == "error"`` entries get an error box and no figures.
     atlas_name : str
         The ``space-`` label of the figure names (e.g. ``MNI152NLin2009aSym``).
     figures_dir : path-like, optional
-        Where the PNGs go; default ``<out_html parent>/sub-<subject>/figures/``.
+        Where the SVG reportlets go; default ``<out_html parent>/sub-<subject>/figures/``.
     title_extra : str
         Appended to the page title (e.g. the dataset name).
+    t1w, brain_mask : path-like, optional
+        The subject's native T1w and its brain mask (same grid): the brain-mask reportlet.
+    provenance : mapping, optional
+        What ran: ``command`` (or ``argv``), ``options``, ``version``, ``time``, ``host``, ... (the App's
+        ``logs/*_command.json``).
+    methods_file : path-like, optional
+        The methods text (``CITATION.md``), shown in the report and linked with its ``.html`` and ``.bib``.
 
     Returns
     -------
@@ -469,18 +609,33 @@ def write_subject_report(
 
     Notes
     -----
-    Slices pass through the centre (mean voxel position) of the atlas labels, or of the atlas brain (the
-    voxels above 1 % of its maximum) when there are no labels; they are shown in RAS orientation (left of the
-    brain on the left of the image). A figure that cannot be made (an unreadable file, a warped image on
-    another grid) gives a warning box in that method's section instead of stopping the report.
+    The reportlets are SVG files drawn with nilearn and composed with nireports (the NiPreps visual report
+    system), :data:`N_CUTS` slices per axis through the bounding box of the atlas labels (or brain), in RAS
+    orientation:
+
+    * ``..._desc-<method>_flicker.svg``: the atlas (fixed) and the subject warped onto it (moving) alternate
+      while the pointer is over the figure, the atlas label boundaries drawn on both;
+    * ``..._desc-<method>_beforeafter.svg``: the subject after the affine alone and after the method, alternating
+      the same way (when ``affine`` is given);
+    * ``..._desc-<method>_jacobian.svg``: the Jacobian determinant of the transform;
+    * ``<subject>_desc-brain_mask.svg``: the brain mask on the native T1w.
+
+    The page embeds them with ``<object>`` (as the NiPreps reports do: the animation needs the SVG as a document,
+    not an ``<img>``) from the figures folder, with relative links, and loads nothing from the network. A figure
+    that cannot be made (an unreadable file, an image on another grid) gives a warning box instead of stopping
+    the report.
     """
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
+    base = out_html.parent
     sub = _bids_label(subject, "sub")
     ses = _bids_label(session, "ses") if session else ""
     space = _bids_label(atlas_name)
-    figures = Path(figures_dir) if figures_dir is not None else out_html.parent / f"sub-{sub}" / "figures"
+    figures = Path(figures_dir) if figures_dir is not None else base / f"sub-{sub}" / "figures"
     stem = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+    for old in figures.glob(f"{stem}_space-{space}_desc-*_contours.png"):  # an earlier version's figures
+        old.unlink()
+        old.with_name(old.name.replace("_contours.png", "_jacobian.png")).unlink(missing_ok=True)
 
     atlas_img = load_image(atlas)
     grid = Grid.of(atlas_img)
@@ -492,16 +647,43 @@ def write_subject_report(
             raise ValueError(f"{atlas_labels}: atlas label map shape {labels_img.shape} does not match the "
                              f"atlas {grid.shape}")
         labels_data = np.asarray(labels_img.dataobj)
-    # The brain: atlas voxels above 1 % of its maximum plus every labelled voxel, holes filled.
-    brain = atlas_data > 0.01 * float(np.max(atlas_data))
+    # The brain: the atlas labels (the evaluation's mask); without labels the atlas voxels above 1 % of its
+    # maximum, holes filled.
     if labels_data is not None:
-        brain |= labels_data > 0
-    brain = ndimage.binary_fill_holes(brain)
-    view = _make_view(grid, labels_data > 0 if labels_data is not None else brain)
+        brain = labels_data > 0
+        regions = labels_data.astype(np.int32)
+    else:
+        brain = ndimage.binary_fill_holes(atlas_data > 0.01 * float(np.max(atlas_data)))
+        regions = brain.astype(np.int32)
+        if np.any(brain):
+            regions += brain & (atlas_data > _otsu(atlas_data[brain]))
+    from nireports.reportlets.utils import cuts_from_bbox
+
+    brain_ras = _canonical(brain.astype(np.uint8), grid.affine)
+    box = _box(np.asarray(brain_ras.dataobj) > 0)
+
+    def view(data: np.ndarray) -> nib.Nifti1Image:
+        """A volume on the atlas grid as drawn: RAS orientation, cropped to the brain's bounding box."""
+        return _canonical(data, grid.affine).slicer[box]
+
+    cuts = cuts_from_bbox(brain_ras if np.any(brain) else _canonical(np.ones(grid.shape, np.uint8), grid.affine),
+                          cuts=N_CUTS)
+    edges = _edges(view(regions))
+    outline = _edges(view(brain.astype(np.uint8)))
+    cache: dict[str, list[str]] = {}
+
+    def rows(path: PathLike | np.ndarray, div_id: str, label: str) -> list[str]:
+        key = f"{div_id}:{path if not isinstance(path, np.ndarray) else 'atlas'}"
+        if key not in cache:
+            data = path if isinstance(path, np.ndarray) else _load_on_grid(path, grid, "image")
+            cache[key] = _mosaic(view(data), cuts, div_id=div_id, label=label, limits=_limits(data, brain),
+                                 edges=edges)
+        return cache[key]
 
     used_desc: dict[str, int] = {}
     sections: list[str] = []
     summary_rows: list[str] = []
+    nav: list[tuple[str, str]] = [("summary", "Summary")]
     for entry in entries:
         desc = _bids_label(entry.method)
         used_desc[desc] = used_desc.get(desc, 0) + 1
@@ -509,55 +691,72 @@ def write_subject_report(
             desc = f"{desc}{used_desc[desc]}"
         anchor = f"method-{desc}"
         title = _method_title(entry.method)
+        nav.append((anchor, title))
         ok = str(entry.status).lower() == "ok"
-        jac_summary: _JacobianSummary | None = None
+        metrics: dict[str, Any] = dict(entry.metrics or {})
         body: list[str] = []
         if ok:
-            body, jac_summary = _method_body(entry, desc, title, stem, space, figures, out_html.parent, grid,
-                                             atlas_data, labels_data, brain, view, atlas_img)
+            body = _method_body(entry, desc, title, stem, space, figures, base, atlas_img, atlas_data, brain,
+                                cuts, outline, metrics, rows, atlas_name, view)
         else:
+            step = f" at the <strong>{_e(entry.failed_step)}</strong> step" if entry.failed_step else ""
             message = entry.error or "(no message)"
-            body.append(f'<div class="error"><strong>{_e(title)} failed.</strong> No figures were made for this '
-                        f'method.<pre>{_e(message)}</pre></div>')
-        status_html = '<span class="ok">ok</span>' if ok else '<span class="failed">error</span>'
+            body.append(f'<div class="error"><strong>{_e(title)} failed</strong>{step}. No figures were made for '
+                        f"this method.<pre>{_e(message)}</pre></div>")
+        status_html = '<span class="ok">ok</span>' if ok else (
+            '<span class="failed">error</span>' + (f" ({_e(entry.failed_step)})" if entry.failed_step else ""))
         sections.append(f'<section id="{_e(anchor)}"><h2>{_e(title)}'
                         + (f' <span class="note">(preset {_e(entry.preset)})</span>' if entry.preset else "")
                         + "</h2>\n" + "\n".join(body) + "</section>")
-        folded = entry.metrics.get("folded_percent") if entry.metrics else None
-        if _is_missing(folded) and jac_summary is not None:
-            folded = jac_summary.folded_brain_percent if jac_summary.brain_voxels else jac_summary.folded_percent
         summary_rows.append(
             f'<tr><td><a href="#{_e(anchor)}">{_e(title)}</a></td><td>{status_html}</td>'
             f'<td>{_e(entry.preset) or "&ndash;"}</td>'
-            f'<td class="num">{_e(_fmt((entry.metrics or {}).get("mean_dice")))}</td>'
-            f'<td class="num">{_e(_fmt(folded))}</td>'
-            f'<td class="num">{_e(_fmt_runtime(entry.runtime_s))}</td></tr>')
+            f'<td class="num">{_e(_fmt(metrics.get("mean_dice")))}</td>'
+            f'<td class="num">{_e(_fmt(metrics.get("folded_percent_mask")))}</td>'
+            f'<td class="num">{_e(_fmt(metrics.get("log_jacobian_std_mask")))}</td>'
+            f'<td class="num">{_e(_fmt_runtime(entry.runtime_s))}</td><td>{_e(entry.device or "n/a")}</td></tr>')
+
+    mask_html = ""
+    if t1w is not None and brain_mask is not None:
+        nav.insert(1, ("brain-mask", "Brain mask"))
+        try:
+            svg = _mask_reportlet(t1w, brain_mask, figures / f"{stem}_desc-brain_mask.svg")
+            mask_html = _figure(svg, base, "Brain mask", "The brain mask (outline) on the subject's T1w, in its own "
+                                "space, " + f"{N_CUTS} slices per axis. The outline should follow the brain's surface: "
+                                "no skull or dura inside, no cortex outside.")
+        except Exception as exc:  # one bad file never stops the report
+            warnings.warn(f"QC report: no brain-mask figure: {exc}", stacklevel=2)
+            mask_html = f'<p class="warning">No brain-mask figure: {_e(exc)}</p>'
+        mask_html = f'<section id="brain-mask"><h2>Brain mask</h2>{mask_html}</section>'
+    nav += [("provenance", "Provenance"), ("methods", "Methods")]
 
     label_text = f"sub-{sub}" + (f", ses-{ses}" if ses else "")
     page_title = f"Registration QC: {label_text}" + (f" ({title_extra})" if title_extra else "")
     n_ok = sum(str(e.status).lower() == "ok" for e in entries)
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    where = "labels" if labels_data is not None else "brain"
     guide = (
-        "<p>Each method registered this subject's T1w image onto the atlas "
-        f"<strong>{_e(atlas_name)}</strong>; everything below is shown on the atlas grid, in three orthogonal "
-        "slices through the centre of the atlas "
-        + ("labels" if labels_data is not None else "brain") + " (left of the brain on the left).</p>"
-        "<ul><li><strong>Label contours</strong>: the warped subject in grey with the atlas "
-        + ("label boundaries drawn as coloured lines" if labels_data is not None else
-           "intensity edges (brain outline in red, a grey/white level in blue)")
-        + ". After a good registration the lines follow the subject's anatomy (sulci, ventricles, deep grey "
-        "matter); lines that cut across structures show misalignment.</li>"
-        "<li><strong>Jacobian determinant</strong> det J of the transform: the local volume change. White "
+        f"<p>Each method registered this subject's T1w onto the atlas <strong>{_e(atlas_name)}</strong>. The "
+        f"atlas-space figures show {N_CUTS} slices per axis (axial, sagittal, coronal rows) through the atlas "
+        f"{where}, left of the brain on the left. <strong>Hover over a figure</strong> to alternate its two "
+        "images.</p><ul>"
+        "<li><strong>Atlas vs subject</strong>: the atlas and the subject warped onto it alternate, the atlas "
+        + ("label boundaries" if labels_data is not None else "brain outline and grey/white level")
+        + " drawn in red on both. After a good registration the anatomy does not move between the two and the "
+        "lines follow the subject's anatomy (sulci, ventricles, deep grey matter).</li>"
+        "<li><strong>Before / after</strong>: the subject after the affine alone and after the method: what the "
+        "deformable step changed.</li>"
+        "<li><strong>Jacobian determinant</strong> det J: the local volume change of the transform. White "
         "(det J = 1) keeps volume, blue shrinks, red expands; <span style=\"color:#00a000\">green</span> voxels "
-        "(det J &le; 0) are folded, i.e. the transform is not invertible there. A smooth, mostly pale map "
-        "without green is what a plausible deformation looks like.</li>"
-        "<li><strong>Metrics</strong>: Dice and target overlap of the warped subject labels against the atlas "
-        "labels (1 is perfect), HD95 the 95th percentile surface distance in mm (lower is better), folded "
-        "voxels in percent.</li></ul>")
-    summary = ("<table><tr><th>Method</th><th>Status</th><th>Preset</th><th>Mean Dice</th>"
-               "<th>Folded voxels (%)</th><th>Runtime</th></tr>\n" + "\n".join(summary_rows) + "</table>"
-               '<p class="note">Folded voxels: the method\'s <code>folded_percent</code> metric when given, '
-               "otherwise the voxels with det J &le; 0 inside the atlas brain, from the Jacobian map.</p>")
+        "(det J &le; 0) are folded: the transform is not invertible there. A smooth, mostly pale map without "
+        "green is what a plausible deformation looks like.</li>"
+        "<li><strong>Metrics</strong>: the overlap of the subject's labels warped onto the atlas with the atlas "
+        "labels (1 is perfect; distances in mm, lower is better) and the deformation statistics, "
+        "from the run's evaluation.</li></ul>")
+    summary = ("<table><thead><tr><th>Method</th><th>Status</th><th>Preset</th><th>Mean Dice</th>"
+               "<th>Folded voxels, brain (%)</th><th>SD of log det J, brain</th><th>Runtime</th>"
+               "<th>Device (as run)</th></tr></thead>\n" + "\n".join(summary_rows) + "</table>")
+    nav_html = "<nav>" + "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t in nav) + "</nav>"
     doc = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -566,15 +765,21 @@ def write_subject_report(
 <style>{_CSS}</style>
 </head>
 <body>
+{nav_html}
 <h1>{_e(page_title)}</h1>
 <p class="note">Atlas: {_e(atlas_name)} ({_e(Path(atlas).name)}{", labels " + _e(Path(atlas_labels).name) if atlas_labels is not None else ", no label map"});
 {len(entries)} method(s), {n_ok} succeeded. Generated by hdar-pipeline {_e(__version__)} on {_e(created)}.</p>
-<h2>Summary</h2>
+<section id="summary"><h2>Summary</h2>
 {summary}
-<h2>How to read this report</h2>
-{guide}
+<h3>How to read this report</h3>
+{guide}</section>
+{mask_html}
 {chr(10).join(sections)}
-<footer>hdar-pipeline {_e(__version__)} &middot; figures in <code>{_e(_href(figures, out_html.parent))}/</code></footer>
+<section id="provenance"><h2>Provenance</h2>
+{_provenance_html(provenance, entries, atlas, atlas_labels, created)}</section>
+<section id="methods"><h2>Methods</h2>
+{_methods_html(methods_file, base)}</section>
+<footer>hdar-pipeline {_e(__version__)} &middot; reportlets (SVG, nireports) in <code>{_e(_href(figures, base))}/</code></footer>
 </body>
 </html>
 """
@@ -582,61 +787,72 @@ def write_subject_report(
     return out_html
 
 
+def _figure(svg: Path, base: Path, alt: str, caption: str) -> str:
+    return (f'<figure><object class="svg-reportlet" type="image/svg+xml" data="{_e(_href(svg, base))}">'
+            f"{_e(alt)}: the figure {_e(svg.name)} could not be shown by this browser.</object>"
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
 def _method_body(entry: ReportEntry, desc: str, title: str, stem: str, space: str, figures: Path, base: Path,
-                 grid: Grid, atlas_data: np.ndarray, labels_data: np.ndarray | None, brain: np.ndarray,
-                 view: _View, atlas_img) -> tuple[list[str], _JacobianSummary | None]:
+                 atlas_img: nib.Nifti1Image, atlas_data: np.ndarray, brain: np.ndarray,
+                 cuts: Mapping[str, Sequence[float]], outline: Mapping[str, nib.Nifti1Image],
+                 metrics: dict[str, Any], rows: Any, atlas_name: str, view: Any) -> list[str]:
     body: list[str] = []
-    # (a) label contours
+    name = f"{stem}_space-{space}_desc-{desc}"
+    # (a) atlas vs warped subject, and (b) before (affine only) vs after
     if entry.warped is None:
-        body.append('<p class="warning">No warped image was given; no contour figure.</p>')
+        body.append('<p class="warning">No warped image was given; no registration figure.</p>')
     else:
         try:
-            warped = _load_warped(entry.warped, grid)
-            png = _contour_figure(warped, atlas_data, labels_data, view, brain, f"{title}: warped subject with "
-                                  + ("atlas label contours" if labels_data is not None else "atlas edges"),
-                                  figures / f"{stem}_space-{space}_desc-{desc}_contours.png")
-            body.append(f'<figure><img src="{_e(_href(png, base))}" alt="{_e(title)}: warped subject with atlas '
-                        f'contours"><figcaption>The subject warped onto the atlas with the atlas '
-                        + ("label boundaries" if labels_data is not None else "intensity edges")
-                        + " drawn over it. The lines should follow the anatomy.</figcaption></figure>")
+            after = rows(entry.warped, "moving-image", f"subject, {title}")
+            svg = _compose(rows(atlas_data, "fixed-image", f"atlas {atlas_name}"), after,
+                           figures / f"{name}_flicker.svg")
+            body.append("<h3>Atlas vs subject</h3>" + _figure(
+                svg, base, f"{title}: atlas and warped subject",
+                f"The atlas (shown) and the subject warped onto it by {_e(title)} (on hover) alternate; the atlas "
+                "boundaries are drawn on both. Nothing should move between the two."))
+            if entry.affine is None:
+                body.append('<p class="note">No affine-only image was given (registration without the '
+                            "preprocessing step); no before/after figure.</p>")
+            else:
+                svg = _compose(after, rows(entry.affine, "before-image", "subject, affine only"),
+                               figures / f"{name}_beforeafter.svg")
+                body.append("<h3>Before / after</h3>" + _figure(
+                    svg, base, f"{title}: affine only and deformable",
+                    f"The subject after {_e(title)} (shown) and after the affine alone (on hover), on the atlas "
+                    "grid, with the atlas boundaries: what the deformable registration changed."))
         except Exception as exc:  # one bad file never stops the report
-            warnings.warn(f"QC report: no contour figure for {entry.method}: {exc}", stacklevel=3)
-            body.append(f'<p class="warning">No contour figure: {_e(exc)}</p>')
-    # (b) Jacobian
-    jac_summary = None
+            warnings.warn(f"QC report: no registration figure for {entry.method}: {exc}", stacklevel=3)
+            body.append(f'<p class="warning">No registration figure: {_e(exc)}</p>')
+    # (c) Jacobian
+    computed: set[str] = set()
     if entry.jacobian is None and entry.transform is None:
         body.append('<p class="warning">No transform (and no Jacobian map) was given; no Jacobian figure.</p>')
     else:
         try:
             jac = _load_jacobian(entry, atlas_img)
-            jac_summary = _summarise_jacobian(jac, brain)
-            png = _jacobian_figure(jac, view, brain, jac_summary, f"{title}: det J",
-                                   figures / f"{stem}_space-{space}_desc-{desc}_jacobian.png")
-            body.append(f'<figure><img src="{_e(_href(png, base))}" alt="{_e(title)}: Jacobian determinant">'
-                        f"<figcaption>Jacobian determinant of the transform (white 1, blue shrinkage, red "
-                        f"expansion, green folded voxels det J &le; 0). Grey line: the atlas brain outline. "
-                        f"<strong>{jac_summary.folded:,} folded voxels</strong> in the volume "
-                        f"({_e(_fmt(jac_summary.folded_percent))} %), {jac_summary.folded_brain:,} inside the "
-                        f"brain.</figcaption></figure>")
+            from .metrics import jacobian_statistics
+
+            missing = [k for k in _JACOBIAN_KEYS if _is_missing(metrics.get(k))]
+            if missing:  # the record was not evaluated: the same statistics, from the map
+                stats = jacobian_statistics(jac, brain)
+                for key in (*missing, "n_voxels", "mask_voxels"):
+                    if _is_missing(metrics.get(key)) and not _is_missing(stats.get(key)):
+                        metrics[key] = stats[key]
+                        computed.add(key)
+            svg = _jacobian_mosaic(view(np.nan_to_num(jac.astype(np.float32), nan=1.0)), cuts, outline, jac[brain],
+                                   f"det J, {title}", figures / f"{name}_jacobian.svg")
+            folded = _metric_value(metrics.get("folded_percent_mask"), "%")
+            body.append("<h3>Jacobian determinant</h3>" + _figure(
+                svg, base, f"{title}: Jacobian determinant",
+                "Jacobian determinant of the transform (white 1, blue shrinkage, red expansion, green folded voxels "
+                f"det J &le; 0); grey: the brain outline. <strong>Folded voxels in the brain: {_e(folded)}</strong>."))
         except Exception as exc:
             warnings.warn(f"QC report: no Jacobian figure for {entry.method}: {exc}", stacklevel=3)
             body.append(f'<p class="warning">No Jacobian figure: {_e(exc)}</p>')
-    # (c) metrics
-    rows: list[tuple[str, str]] = []  # (label as HTML, value as text)
-    for key, value in (entry.metrics or {}).items():
-        rows.append((_e(METRIC_LABELS.get(key, key)), _fmt(value)))
-    if jac_summary is not None:
-        rows += [("Folded voxels, from the Jacobian map (det J &le; 0)",
-                  f"{jac_summary.folded:,} of {jac_summary.voxels:,} ({_fmt(jac_summary.folded_percent)} %)"),
-                 ("Folded voxels inside the brain", f"{jac_summary.folded_brain:,} ({_fmt(jac_summary.folded_brain_percent)} %)"),
-                 ("det J range", f"{_fmt(jac_summary.minimum)} to {_fmt(jac_summary.maximum)}"),
-                 ("SD of log det J inside the brain", _fmt(jac_summary.log_std_brain))]
-    rows += [("Runtime", _fmt_runtime(entry.runtime_s)),
-             ("Peak memory", "n/a" if _is_missing(entry.peak_memory_mb) else f"{float(entry.peak_memory_mb):,.0f} MiB"),
-             ("Device", entry.device or "n/a"), ("Preset", entry.preset or "n/a")]
-    table = "\n".join(f'<tr><th>{lab}</th><td class="num">{_e(val)}</td></tr>' for lab, val in rows)
-    body.append(f"<h3>Metrics</h3><table>{table}</table>")
-    return body, jac_summary
+    # (d) metrics
+    body.append("<h3>Metrics</h3>" + _metrics_table(entry, metrics, computed))
+    return body
 
 
 # ============================================================================ methods paragraph
@@ -652,6 +868,9 @@ REFERENCES: dict[str, str] = {
     "avants2011": "Avants BB, Tustison NJ, Song G, Cook PA, Klein A, Gee JC. A reproducible evaluation of ANTs "
                   "similarity metric performance in brain image registration. *NeuroImage*. 2011;54(3):2033-2044. "
                   "doi:10.1016/j.neuroimage.2010.09.025",
+    "lorenzi2013": "Lorenzi M, Ayache N, Frisoni GB, Pennec X. LCC-Demons: a robust and accurate symmetric "
+                   "diffeomorphic registration algorithm. *NeuroImage*. 2013;81:470-483. "
+                   "doi:10.1016/j.neuroimage.2013.04.114",
     "vercauteren2009": "Vercauteren T, Pennec X, Perchant A, Ayache N. Diffeomorphic demons: efficient "
                        "non-parametric image registration. *NeuroImage*. 2009;45(1 Suppl):S61-S72. "
                        "doi:10.1016/j.neuroimage.2008.10.040",
@@ -675,8 +894,69 @@ REFERENCES: dict[str, str] = {
 _CITE_TEXT = {
     "huang2021": "Huang et al. 2021", "avants2008": "Avants et al. 2008", "avants2011": "Avants et al. 2011",
     "vercauteren2009": "Vercauteren et al. 2009", "lowekamp2013": "Lowekamp et al. 2013",
+    "lorenzi2013": "Lorenzi et al. 2013",
     "tustison2010": "Tustison et al. 2010", "klein2009": "Klein et al. 2009", "jarecka2020": "Jarecka et al. 2020",
     "fonov2009": "Fonov et al. 2009",
+}
+
+#: BibTeX entries of :data:`REFERENCES` (same keys, same facts): key -> (entry type, fields).
+_BIBTEX: dict[str, tuple[str, dict[str, str]]] = {
+    "huang2021": ("article", {
+        "author": "Huang, Y. and Ahmad, S. and Fan, J. and Shen, D. and Yap, P.-T.",
+        "title": "Difficulty-aware hierarchical convolutional neural networks for deformable registration of brain "
+                 "{MR} images",
+        "journal": "Medical Image Analysis", "year": "2021", "volume": "67", "pages": "101817",
+        "doi": "10.1016/j.media.2020.101817"}),
+    "avants2008": ("article", {
+        "author": "Avants, B. B. and Epstein, C. L. and Grossman, M. and Gee, J. C.",
+        "title": "Symmetric diffeomorphic image registration with cross-correlation: evaluating automated labeling "
+                 "of elderly and neurodegenerative brain",
+        "journal": "Medical Image Analysis", "year": "2008", "volume": "12", "number": "1", "pages": "26--41",
+        "doi": "10.1016/j.media.2007.06.004"}),
+    "avants2011": ("article", {
+        "author": "Avants, B. B. and Tustison, N. J. and Song, G. and Cook, P. A. and Klein, A. and Gee, J. C.",
+        "title": "A reproducible evaluation of {ANTs} similarity metric performance in brain image registration",
+        "journal": "NeuroImage", "year": "2011", "volume": "54", "number": "3", "pages": "2033--2044",
+        "doi": "10.1016/j.neuroimage.2010.09.025"}),
+    "lorenzi2013": ("article", {
+        "author": "Lorenzi, M. and Ayache, N. and Frisoni, G. B. and Pennec, X.",
+        "title": "{LCC-Demons}: a robust and accurate symmetric diffeomorphic registration algorithm",
+        "journal": "NeuroImage", "year": "2013", "volume": "81", "pages": "470--483",
+        "doi": "10.1016/j.neuroimage.2013.04.114"}),
+    "vercauteren2009": ("article", {
+        "author": "Vercauteren, T. and Pennec, X. and Perchant, A. and Ayache, N.",
+        "title": "Diffeomorphic demons: efficient non-parametric image registration",
+        "journal": "NeuroImage", "year": "2009", "volume": "45", "number": "1 Suppl", "pages": "S61--S72",
+        "doi": "10.1016/j.neuroimage.2008.10.040"}),
+    "lowekamp2013": ("article", {
+        "author": "Lowekamp, B. C. and Chen, D. T. and Ib{\\'a}{\\~n}ez, L. and Blezek, D.",
+        "title": "The design of {SimpleITK}",
+        "journal": "Frontiers in Neuroinformatics", "year": "2013", "volume": "7", "pages": "45",
+        "doi": "10.3389/fninf.2013.00045"}),
+    "tustison2010": ("article", {
+        "author": "Tustison, N. J. and Avants, B. B. and Cook, P. A. and Zheng, Y. and Egan, A. and Yushkevich, P. A. "
+                  "and Gee, J. C.",
+        "title": "{N4ITK}: improved {N3} bias correction",
+        "journal": "IEEE Transactions on Medical Imaging", "year": "2010", "volume": "29", "number": "6",
+        "pages": "1310--1320", "doi": "10.1109/TMI.2010.2046908"}),
+    "klein2009": ("article", {
+        "author": "Klein, A. and Andersson, J. and Ardekani, B. A. and Ashburner, J. and Avants, B. and Chiang, M.-C. "
+                  "and Christensen, G. E. and Collins, D. L. and Gee, J. and Hellier, P. and Song, J. H. and "
+                  "Jenkinson, M. and Lepage, C. and Rueckert, D. and Thompson, P. and Vercauteren, T. and Woods, R. P. "
+                  "and Mann, J. J. and Parsey, R. V.",
+        "title": "Evaluation of 14 nonlinear deformation algorithms applied to human brain {MRI} registration",
+        "journal": "NeuroImage", "year": "2009", "volume": "46", "number": "3", "pages": "786--802",
+        "doi": "10.1016/j.neuroimage.2008.12.037"}),
+    "jarecka2020": ("inproceedings", {
+        "author": "Jarecka, D. and Goncalves, M. and Markiewicz, C. J. and Esteban, O. and Lo, N. and Kaczmarzyk, J. "
+                  "and Ghosh, S.",
+        "title": "{Pydra}: a flexible and lightweight dataflow engine for scientific analyses",
+        "booktitle": "Proceedings of the 19th Python in Science Conference ({SciPy} 2020)", "year": "2020"}),
+    "fonov2009": ("article", {
+        "author": "Fonov, V. S. and Evans, A. C. and McKinstry, R. C. and Almli, C. R. and Collins, D. L.",
+        "title": "Unbiased nonlinear average age-appropriate brain templates from birth to adulthood",
+        "journal": "NeuroImage", "year": "2009", "volume": "47", "number": "Suppl 1", "pages": "S102",
+        "doi": "10.1016/S1053-8119(09)70884-5"}),
 }
 
 #: Package names in :func:`provenance.library_versions` and how the text names them.
@@ -847,8 +1127,67 @@ def _describe_demons(params: Mapping[str, Any], preset: str, version: str, cite:
     return text + _other_parameters(params, used)
 
 
+def _inverse_text(methods: Sequence[str]) -> str:
+    """How each method's inverse was obtained: its own (SyN's inverse warp, LCC-Demons' negated velocity) or the
+    displacement field inverted by Newton's method (:mod:`hdar_pipeline.inverse`)."""
+    own = [t for m, t in (("syn", "SyN's own inverse"), ("lccdemons", "LCC-Demons' negated velocity"))
+           if m in methods]
+    numerical = [m for m in methods if m not in ("syn", "lccdemons", "affine")]
+    parts = list(own)
+    if numerical:
+        parts.append(("for the other methods " if own else "") + "the displacement field inverted by Newton's method")
+    return _join(parts) if parts else "the affine inverted exactly"
+
+
+def _describe_lccdemons(params: Mapping[str, Any], preset: str, version: str, cite: _Citer) -> str:
+    used = set(_ALWAYS_SKIPPED) | {"device", "threads"}
+    text = ("LCC-Demons registration " + cite("lorenzi2013") + " used hdar-pipeline's PyTorch" + version
+            + " implementation of symmetric log-domain diffeomorphic Demons with local correlation coefficient "
+              "forces")
+    details = []
+    if params.get("sigma_lcc") is not None:
+        used.add("sigma_lcc")
+        details.append(f"a Gaussian correlation window of {_value_text(params['sigma_lcc'])} voxels")
+    if params.get("sigma_i") is not None:
+        used.add("sigma_i")
+        details.append(f"step trade-off sigma_i {_value_text(params['sigma_i'])}")
+    if params.get("sigma_fluid") is not None:
+        used.add("sigma_fluid")
+        details.append(f"each update smoothed by a Gaussian of {_value_text(params['sigma_fluid'])} voxels "
+                       "(fluid-like)")
+    if params.get("sigma_diff") is not None:
+        used.add("sigma_diff")
+        details.append(f"the stationary velocity field by one of {_value_text(params['sigma_diff'])} voxels "
+                       "(diffusion-like)")
+    shrink, iters = params.get("shrink_factors"), params.get("iterations")
+    if shrink is not None and iters is not None:
+        used |= {"shrink_factors", "iterations"}
+        details.append(f"{_value_text(iters)} iterations at shrink factors {_value_text(shrink)}")
+    text += (" (" + "; ".join(details) + ")") if details else ""
+    text += (", the transformation being the velocity field's exponential computed by scaling and squaring, "
+             "and the inverse that of the negated velocity.")
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + _other_parameters(params, used)
+
+
+def _devices_text(requested: Any, used: Sequence[str] | None) -> str:
+    """Where a method ran: the devices its records name (what was used), else the requested one; ``auto`` is
+    never reported as if it were a device."""
+    if used:
+        names = sorted({str(d) for d in used if d})
+        if names:
+            return f" It ran on {_join([f'`{d}`' for d in names])}."
+    if requested is None:
+        return ""
+    if str(requested).lower() == "auto":
+        return (" Device: chosen at run time (`auto`: the first CUDA GPU when one is available, otherwise the "
+                "CPU).")
+    return f" Device: `{requested}`."
+
+
 def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights: Mapping | None,
-                   cite: _Citer) -> str:
+                   cite: _Citer, devices: Sequence[str] | None = None) -> str:
     used = set(_ALWAYS_SKIPPED) | {"weights", "weights_sha256"}
     card_cfg: Mapping[str, Any] = {}
     if weights and isinstance(weights.get("config"), Mapping):
@@ -933,9 +1272,7 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
         if weights and weights.get("data"):
             text += f", trained on {weights['data']}"
         text += "."
-    device = get("device")
-    if device is not None:
-        text += f" Device: `{device}`."
+    text += _devices_text(get("device"), devices)
     if preset and not (mode is not None and preset == str(mode)):
         text += f" Preset: `{preset}`."
     elif preset:
@@ -967,6 +1304,7 @@ def methods_paragraph(
     versions: Mapping[str, str] | None = None,
     weights: Mapping | None = None,
     engine: str | None = None,
+    devices: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """The methods section of a manuscript, in Markdown, generated from what actually ran.
 
@@ -998,6 +1336,9 @@ def methods_paragraph(
     engine : str, optional
         ``"pydra"`` when a Pydra workflow ran the registrations (then Pydra is cited). A ``pydra`` entry in
         ``versions`` has the same effect.
+    devices : mapping, optional
+        Per method, the devices its registrations ran on, as their records say (``"cpu"``, ``"cuda:0"``). The
+        text reports these, not the requested ``device`` parameter (``"auto"`` is a request, not a device).
 
     Returns
     -------
@@ -1125,8 +1466,11 @@ def methods_paragraph(
             reg.append(_describe_syn(params, preset, ants_v, cite))
         elif key == "demons":
             reg.append(_describe_demons(params, preset, _version_suffix(versions, "SimpleITK"), cite))
+        elif key == "lccdemons":
+            reg.append(_describe_lccdemons(params, preset, _version_suffix(versions, "torch"), cite))
         elif key == "hdar":
-            reg.append(_describe_hdar(params, preset, _version_suffix(versions, "torch"), weights, cite))
+            reg.append(_describe_hdar(params, preset, _version_suffix(versions, "torch"), weights, cite,
+                                      (devices or {}).get(m, (devices or {}).get(key))))
         else:
             reg.append(_describe_generic(m, params, preset))
     if reg:
@@ -1134,8 +1478,9 @@ def methods_paragraph(
                           "points (the ITK/ANTs convention); the subjects' images were resampled onto the atlas "
                           "grid with linear interpolation and their label maps with nearest-neighbour "
                           "interpolation. Each transform was also inverted (subject points to atlas points, stored "
-                          "on the subject's grid: SyN's own inverse, and for the other methods the displacement "
-                          "field inverted by Newton's method), its inverse consistency measured over the atlas "
+                          "on the subject's grid: "
+                          + _inverse_text(lower)
+                          + "), its inverse consistency measured over the atlas "
                           "brain, and the atlas labels were brought onto each subject's native image with it "
                           "(nearest neighbour), from which the regional volumes were counted.")
 
@@ -1172,9 +1517,9 @@ def methods_paragraph(
     return "# Methods\n\n" + "\n\n".join(paragraphs) + f"\n\n{note}\n\n## References\n\n{refs}\n"
 
 
-def _markdown_to_html(text: str, title: str = "Methods") -> str:
+def _markdown_fragment(text: str, shift: int = 0) -> str:
     """The small Markdown subset :func:`methods_paragraph` writes (headings, paragraphs, a numbered list,
-    ``*emphasis*`` and ```code```), as a standalone HTML page."""
+    ``*emphasis*`` and ```code```) as HTML elements; ``shift`` demotes the headings (``#`` -> ``<h{1+shift}>``)."""
 
     def inline(s: str) -> str:
         s = html.escape(s, quote=False)
@@ -1186,26 +1531,49 @@ def _markdown_to_html(text: str, title: str = "Methods") -> str:
     for block in text.strip().split("\n\n"):
         lines = block.splitlines()
         if block.startswith("## "):
-            out.append(f"<h2>{inline(block[3:])}</h2>")
+            out.append(f"<h{2 + shift}>{inline(block[3:])}</h{2 + shift}>")
         elif block.startswith("# "):
-            out.append(f"<h1>{inline(block[2:])}</h1>")
+            out.append(f"<h{1 + shift}>{inline(block[2:])}</h{1 + shift}>")
         elif all(re.match(r"\d+\. ", ln) for ln in lines):
             out.append("<ol>\n" + "\n".join(f"<li>{inline(ln.split('. ', 1)[1])}</li>" for ln in lines) + "\n</ol>")
         else:
             out.append(f"<p>{inline(' '.join(lines))}</p>")
+    return "\n".join(out)
+
+
+def _markdown_to_html(text: str, title: str = "Methods") -> str:
+    """:func:`_markdown_fragment` as a standalone HTML page."""
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
             "<style>body { font-family: Georgia, serif; max-width: 50em; margin: 2em auto; line-height: 1.5; "
-            "padding: 0 1em; } code { font-size: .9em; }</style>\n</head>\n<body>\n" + "\n".join(out)
+            "padding: 0 1em; } code { font-size: .9em; }</style>\n</head>\n<body>\n" + _markdown_fragment(text)
             + "\n</body>\n</html>\n")
 
 
+def cited_keys(text: str) -> list[str]:
+    """The keys of :data:`REFERENCES` that a methods text (:func:`methods_paragraph`) cites, in order of first
+    citation."""
+    found = [(text.find(cite), key) for key, cite in _CITE_TEXT.items() if cite in text]
+    return [key for _, key in sorted(found)]
+
+
+def bibtex(keys: Sequence[str]) -> str:
+    """BibTeX entries of the given :data:`REFERENCES` keys (the same references, the same keys)."""
+    entries = []
+    for key in keys:
+        kind, fields = _BIBTEX[key]
+        body = ",\n".join(f"  {name} = {{{value}}}" for name, value in fields.items())
+        entries.append(f"@{kind}{{{key},\n{body}\n}}\n")
+    return "\n".join(entries)
+
+
 def write_methods(out_dir: PathLike, **kwargs: Any) -> list[Path]:
-    """Write :func:`methods_paragraph` ``(**kwargs)`` as ``CITATION.md`` and ``CITATION.html`` in ``out_dir``.
+    """Write :func:`methods_paragraph` ``(**kwargs)`` as ``CITATION.md``, ``CITATION.html`` and ``CITATION.bib``
+    (BibTeX entries of every reference the text cites, keyed as :data:`REFERENCES`) in ``out_dir``.
 
     Returns
     -------
     list of Path
-        ``[CITATION.md, CITATION.html]`` (same text, references included).
+        ``[CITATION.md, CITATION.html, CITATION.bib]`` (same text, references included).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1214,4 +1582,6 @@ def write_methods(out_dir: PathLike, **kwargs: Any) -> list[Path]:
     md.write_text(text, encoding="utf-8")
     page = out / "CITATION.html"
     page.write_text(_markdown_to_html(text), encoding="utf-8")
-    return [md, page]
+    bib = out / "CITATION.bib"
+    bib.write_text(bibtex(cited_keys(text)), encoding="utf-8")
+    return [md, page, bib]

@@ -172,11 +172,23 @@ def test_reports_log_and_methods(participant_run):
         html = (out / f"sub-{sub}.html").read_text()
         assert "demons" in html
     assert "error" in (out / "sub-04.html").read_text().lower()
-    figures = list((out / "sub-02" / "figures").glob("*.png"))
-    assert figures
+    figures = sorted(p.name for p in (out / "sub-02" / "figures").iterdir())
+    assert figures == [f"sub-02_space-{SPACE}_desc-demons_flicker.svg", f"sub-02_space-{SPACE}_desc-demons_jacobian.svg"]
+    report = (out / "sub-02.html").read_text()
+    assert report.count('<table class="metrics">') == 1
+    assert '<object class="svg-reportlet"' in report and "Device (as run)</th><td class=\"num\">cpu" in report
+    # the command line of the run and its methods text, in the report
+    assert "hdar-pipeline " in report and " participant " in report and "--methods demons" in report
+    assert "Vercauteren" in report and ">CITATION.bib</a>" in report
+    # --no-preprocess: no brain mask and no affine-only image to show, and the report says so
+    assert "brain-mask" not in report and "no before/after figure" in report
+    sub04 = (out / "sub-04.html").read_text()
+    assert 'class="error"' in sub04 and "sub-04_T1w.nii.gz" in sub04
     citation = (out / "logs" / "CITATION.md").read_text()
     assert "Demons" in citation or "demons" in citation
     assert "Vercauteren" in citation and "Huang" not in citation  # only what ran is cited
+    bib = (out / "logs" / "CITATION.bib").read_text()
+    assert "@article{vercauteren2009," in bib and "huang2021" not in bib
     logs = list((out / "logs").glob("hdar-pipeline_participant_*.log"))
     assert logs and "sub-04" in logs[0].read_text()
     # the command line heads the log, and with the resolved options is saved beside it

@@ -243,6 +243,11 @@ def test_derivatives_replace_brain_extraction_and_the_affine(dataset, tmp_path):
     assert np.array_equal(native_brain != 0, dataset["mask_array"])
     to_atlas = Transform.read(prep["to_atlas_files"], grid=nib.load(str(dataset["atlas"])))
     assert np.allclose(to_atlas.matrix, dataset["matrix"], atol=1e-5)
+    # the report: the brain mask on the T1w as given, and the affine-only image before the deformable one
+    report = (out / "sub-01.html").read_text()
+    figures = {p.name for p in (out / "sub-01" / "figures").iterdir()}
+    assert "sub-01_desc-brain_mask.svg" in figures and "sub-01_desc-brain_mask.svg" in report
+    assert any(name.endswith("_beforeafter.svg") for name in figures) and "Before / after" in report
     methods = (out / "logs" / "CITATION.md").read_text()
     assert "For every image, no brain extraction was run" in methods
     assert f"sMRIPrep's spatial normalisation to `{SPACE}`" in methods
@@ -270,8 +275,8 @@ def test_boilerplate_only_writes_the_methods_text_and_nothing_else(dataset, tmp_
     code = bids_app_main(app(dataset, out, work, "--boilerplate-only", "--derivatives", str(dataset["deriv"]),
                              "--skull-strip-t1w", "skip", "--methods", "syn", "demons"))
     assert code == 0
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["logs", "logs/CITATION.html",
-                                                                       "logs/CITATION.md"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["logs", "logs/CITATION.bib",
+                                                                       "logs/CITATION.html", "logs/CITATION.md"]
     assert not work.exists()
     text = (out / "logs" / "CITATION.md").read_text()
     assert "ANTs SyN" in text and "Demons" in text and "atlas_T1w.nii.gz" in text
@@ -289,7 +294,7 @@ def test_boilerplate_only_prepares_no_atlas(dataset, tmp_path):
         code = bids_app_main([str(raw), str(out), "participant", "--work-dir", str(work), "--boilerplate-only",
                               "--skip-bids-validation", "--methods", "demons", *extra])
         assert code == 0 and not work.exists()
-        assert {p.name for p in out.rglob("*")} == {"logs", "CITATION.md", "CITATION.html"}
+        assert {p.name for p in out.rglob("*")} == {"logs", "CITATION.md", "CITATION.html", "CITATION.bib"}
         text = (out / "logs" / "CITATION.md").read_text()
         assert ("MNI ICBM152" in text) if not extra else ("participant sub-01" in text)
 

@@ -199,8 +199,9 @@ def test_subject_report_task_shows_every_method(data):
                             atlas_labels=data["atlas_labels"], atlas_name="phantom"), data["cache"])
     html = out.report.fspath.read_text()
     assert "affine" in html and "demons" in html and "&lt;broken&gt;" in html and "<broken>" not in html
-    pngs = sorted(p.name for p in out.figures.fspath.glob("*.png"))
-    assert pngs == ["sub-01_space-phantom_desc-affine_contours.png", "sub-01_space-phantom_desc-affine_jacobian.png"]
+    svgs = sorted(p.name for p in out.figures.fspath.glob("*.svg"))
+    assert svgs == ["sub-01_space-phantom_desc-affine_flicker.svg", "sub-01_space-phantom_desc-affine_jacobian.svg"]
+    assert "at the <strong>register</strong> step" in html
     with pytest.raises(ValueError, match="one subject"):
         cohort.report_subject([good.record.fspath, {**failed, "subject": "02"}], data["cache"].parent / "x.html",
                               atlas=data["atlas"])

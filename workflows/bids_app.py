@@ -58,6 +58,7 @@ class AppOptions:
     methods: list[str] = field(default_factory=lambda: ["hdar", "syn", "demons"])
     syn_preset: str = "fast"
     hdar_preset: str = "accurate"  # hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal)
+    lccdemons_preset: str = "default"
     device: str = "auto"
     nprocs: int | None = None
     omp_nthreads: int | None = None
@@ -775,7 +776,7 @@ def run_participant(opts: AppOptions) -> int:
     if opts.stop_on_first_crash:
         os.environ["HDAR_STOP_ON_FIRST_CRASH"] = "1"  # read by hdar_pipeline.cohort in every job
 
-    presets = {"syn": opts.syn_preset, "hdar": opts.hdar_preset}
+    presets = {"syn": opts.syn_preset, "hdar": opts.hdar_preset, "lccdemons": opts.lccdemons_preset}
     Wf = init_cohort_wf(methods=opts.methods, presets={m: p for m, p in presets.items() if m in opts.methods},
                         preprocess=opts.preprocess, skull_stripped=opts.skull_stripped, n4=opts.n4,
                         affine=opts.affine, affine_method=opts.affine_method, seed=opts.seed, threads=threads,
@@ -885,13 +886,14 @@ def run_participant(opts: AppOptions) -> int:
     bids.write_dataset_description(out, source=opts.bids_dir, links=datasets)
     bids.write_bidsignore(out)
     timings["derivatives"], t1 = time.perf_counter() - t1, time.perf_counter()
-    write_reports(out, atlas, opts, jobs=nprocs if opts.worker == "cf" else usable_cpus())
-    timings["reports"], t1 = time.perf_counter() - t1, time.perf_counter()
     ok = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
     reused = {kind: sum(getattr(e, attr) is not None and (e.subject, e.session) in ok for e in cohort)
               for kind, attr in (("brain_mask", "brain_mask"), ("affine", "anat_xfm"))}
+    # the methods text first: every report shows it
     write_citation(out, atlas, opts, records, reused=reused if opts.derivatives and opts.preprocess else None)
-    timings["citation"] = time.perf_counter() - t1
+    timings["citation"], t1 = time.perf_counter() - t1, time.perf_counter()
+    write_reports(out, atlas, opts, jobs=nprocs if opts.worker == "cf" else usable_cpus(), records=records)
+    timings["reports"] = time.perf_counter() - t1
     log.info("after the workflow: derivatives %.1f s, reports %.1f s, methods text %.1f s",
              timings["derivatives"], timings["reports"], timings["citation"])
     bids.write_json(out / "logs" / "participant_timings.json",
@@ -1084,7 +1086,9 @@ def lost_subjects(lost: Sequence[tuple[Any, str]]) -> dict[tuple[str, str], str]
 # ----------------------------------------------------------------------------- reports and methods
 
 
-def _report_entries(out: Path, subject: str, session: str, space: str):
+def _report_entries(out: Path, subject: str, session: str, space: str, affine: str | None = None):
+    """The subject's :class:`~hdar_pipeline.reports.ReportEntry` list from its ``*_metrics.json``; ``affine``: its
+    image on the atlas grid after the affine alone (the before/after view), when known."""
     from hdar_pipeline.reports import ReportEntry
 
     entries = []
@@ -1102,8 +1106,11 @@ def _report_entries(out: Path, subject: str, session: str, space: str):
         metrics = dict(rec.get("metrics") or {})
         if rec.get("folded_percent") is not None:
             metrics.setdefault("folded_percent", rec["folded_percent"])
+        ok = rec.get("status") == "ok"
         entries.append(ReportEntry(method=method, status=rec.get("status", ""), error=rec.get("error", ""),
-                                   preset=rec.get("preset", ""), warped=warped if warped.is_file() else None,
+                                   failed_step=rec.get("failed_step") or "", preset=rec.get("preset", ""),
+                                   warped=warped if warped.is_file() else None,
+                                   affine=affine if ok and affine else None,
                                    transform=xfm if xfm.is_file() else None,
                                    jacobian=jacobian if jacobian.is_file() else None, metrics=metrics,
                                    runtime_s=rec.get("runtime_s"), peak_memory_mb=rec.get("peak_memory_mb"),
@@ -1111,12 +1118,71 @@ def _report_entries(out: Path, subject: str, session: str, space: str):
     return entries
 
 
-def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1) -> list[Path]:
-    """One HTML report per subject (x session) found in the derivatives: ``OUTPUT/sub-<l>[_ses-<s>].html``.
+def _affine_images(opts: AppOptions, records: Sequence[dict] | None) -> dict[tuple[str, str], str]:
+    """Per subject (x session), its image on the atlas grid after the affine alone (the preprocessing's
+    ``preproc_T1w``, which register records carry as ``preproc``): from ``records``, or without them
+    (``--reports-only``) from the newest register records in the work dir's cache."""
+    found: dict[tuple[str, str], str] = {}
+    if records is None:
+        cache_root = Path(opts.work_dir).resolve() / "pydra"
+        candidates = []
+        for path in cache_root.glob("*/register_record.json") if cache_root.is_dir() else []:
+            try:
+                candidates.append((path.stat().st_mtime, json.loads(path.read_text())))
+            except (OSError, json.JSONDecodeError):
+                continue
+        records = [rec for _, rec in sorted(candidates, key=lambda c: c[0])]  # the newest last: it wins
+    for rec in records:
+        if rec.get("status") == "ok" and rec.get("preproc") and Path(rec["preproc"]).is_file():
+            found[(str(rec.get("subject", "")), str(rec.get("session") or ""))] = str(rec["preproc"])
+    return found
 
-    A report whose inputs (the subject's ``*_metrics.json`` and the atlas) are unchanged since it
-    was written is kept, so a cached rerun does not redraw every figure. The others are drawn in up to ``jobs``
-    processes side by side (a report is about 1.5 s of figures for a 1 mm atlas).
+
+def _native_t1w(out: Path, opts: AppOptions, subject: str, session: str, space: str) -> tuple[Path | None, Path | None]:
+    """The subject's T1w as given (the ``Sources`` of its metrics, in BIDS_DIR; else the ``desc-preproc_T1w``) and
+    its ``desc-brain_mask``, for the brain-mask view; ``(None, None)`` without a mask (``--no-preprocess``)."""
+    mask = bids.derivative_path(out, subject, session, desc="brain", suffix="mask", extension=".nii.gz")
+    if not mask.is_file():
+        return None, None
+    datasets = input_datasets(opts)
+    folder = bids.subject_dir(out, subject, session)
+    for path in sorted(folder.glob(f"{bids.entity_prefix(subject, session)}_space-{space}_desc-*_metrics.json")):
+        for uri in json.loads(path.read_text()).get("Sources") or []:
+            name, _, rel = str(uri).removeprefix("bids:").partition(":")
+            if str(uri).startswith("bids:") and name in datasets and (datasets[name] / rel).is_file():
+                return datasets[name] / rel, mask
+    preproc = bids.derivative_path(out, subject, session, desc="preproc", suffix="T1w", extension=".nii.gz")
+    return (preproc if preproc.is_file() else None), mask
+
+
+def _run_provenance(out: Path) -> dict[str, Any]:
+    """What ran, for the reports: the newest ``logs/*_command.json`` of a participant run that registered (not
+    ``--reports-only``), else the newest of any run; ``{}`` when there is none."""
+    runs = []
+    for path in (out / "logs").glob("*_command.json"):
+        try:
+            runs.append((path.stat().st_mtime, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError):
+            continue
+    runs.sort(key=lambda r: r[0])
+    registered = [r for _, r in runs if (r.get("options") or {}).get("analysis_level") == "participant"
+                  and not (r.get("options") or {}).get("reports_only")]
+    return (registered or [r for _, r in runs] or [{}])[-1]
+
+
+def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1,
+                  records: Sequence[dict] | None = None) -> list[Path]:
+    """One HTML report per subject (x session) found in the derivatives: ``OUTPUT/sub-<l>[_ses-<s>].html``, its
+    SVG reportlets in ``OUTPUT/sub-<l>/figures/`` (:func:`hdar_pipeline.reports.write_subject_report`).
+
+    Each report also shows the subject's brain mask on its T1w, the before (affine only)/after view when the
+    preprocessing's atlas-grid image is known (from ``records``, or the work dir's cache), the command line of
+    the run (``logs/*_command.json``) and the methods text (``logs/CITATION.md``, written first).
+
+    A report whose inputs (the subject's ``*_metrics.json``, the atlas, the affine-only image, the command line
+    and the methods text) are unchanged since it was written is kept, so a cached rerun does not redraw every
+    figure. The others are drawn in up to ``jobs`` processes side by side (a report is about 10 s of figures for
+    three methods on a 1 mm atlas).
     """
     import hashlib
 
@@ -1128,12 +1194,19 @@ def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1) -
         if opts.participant_label and rec["subject"] not in {bids.check_label(p) for p in opts.participant_label}:
             continue
         keys.add((rec["subject"], rec.get("session") or ""))
+    affine = _affine_images(opts, records)
+    provenance = _run_provenance(out)
+    methods_file = out / "logs" / "CITATION.md"
     written, todo = [], []
     for subject, session in sorted(keys):
         html = out / f"{bids.entity_prefix(subject, session)}.html"
         folder = bids.subject_dir(out, subject, session)
+        t1w, mask = _native_t1w(out, opts, subject, session, atlas.space)
         digest = hashlib.sha256(__version__.encode())
-        digest.update(str(atlas.image).encode())
+        for part in (atlas.image, affine.get((subject, session)), t1w, mask, provenance.get("command")):
+            digest.update(f"{part}\n".encode())
+        if methods_file.is_file():
+            digest.update(methods_file.read_bytes())
         for p in sorted(folder.glob(f"{bids.entity_prefix(subject, session)}_space-{atlas.space}_*metrics.json")):
             digest.update(p.read_bytes())
         stamp = f"<!-- hdar-pipeline report inputs {digest.hexdigest()} -->"
@@ -1141,8 +1214,11 @@ def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1) -
             written.append(html)
             continue
         todo.append(dict(html=html, stamp=stamp, subject=subject, session=session, atlas=atlas.image,
-                         atlas_labels=atlas.labels, entries=_report_entries(out, subject, session, atlas.space),
-                         atlas_name=atlas.space, figures_dir=out / f"sub-{subject}" / "figures"))
+                         atlas_labels=atlas.labels,
+                         entries=_report_entries(out, subject, session, atlas.space, affine.get((subject, session))),
+                         atlas_name=atlas.space, figures_dir=out / f"sub-{subject}" / "figures", t1w=t1w,
+                         brain_mask=mask, provenance=provenance,
+                         methods_file=methods_file if methods_file.is_file() else None))
     results = None
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
@@ -1185,7 +1261,7 @@ def _draw_report(job: dict[str, Any]) -> str | None:
 
 def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[dict], *,
                    reused: Mapping[str, int] | None = None) -> list[Path]:
-    """The methods paragraph of what ran (``OUTPUT/logs/CITATION.md`` and ``.html``).
+    """The methods paragraph of what ran (``OUTPUT/logs/CITATION.md``, ``.html`` and ``.bib``).
 
     Parameters
     ----------
@@ -1206,7 +1282,12 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
     Returns
     -------
     list of Path
-        ``[CITATION.md, CITATION.html]``, or ``[]`` when the text failed (logged).
+        ``[CITATION.md, CITATION.html, CITATION.bib]``, or ``[]`` when the text failed (logged).
+
+    Notes
+    -----
+    The devices named are those the records say each method ran on, not the requested ``--device`` (``auto``
+    is a request); without records the text says how ``auto`` chooses.
     """
     from hdar_pipeline.reports import write_methods
 
@@ -1214,7 +1295,10 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
     presets: dict[str, str] = {}
     weights: dict[str, Any] = {}
     versions: dict[str, str] = {}
+    devices: dict[str, set[str]] = {}
     for rec in records:
+        if rec.get("status") == "ok" and rec.get("device"):
+            devices.setdefault(rec["method"], set()).add(str(rec["device"]))
         reg = {}
         if rec.get("registration_json") and Path(rec["registration_json"]).is_file():
             reg = json.loads(Path(rec["registration_json"]).read_text())
@@ -1241,7 +1325,8 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
     kwargs = dict(methods=[m for m in opts.methods if m in {r["method"] for r in records}] or opts.methods,
                   parameters=parameters, presets=presets, preprocessing=preprocessing,
                   atlas_description=atlas.description, n_subjects=len(subjects) if records else None, seed=opts.seed,
-                  weights=weights or None, engine="pydra")
+                  weights=weights or None, engine="pydra",
+                  devices={m: sorted(d) for m, d in devices.items()} or None)
     if versions:
         kwargs["versions"] = {**versions, "hdar-pipeline": __version__}
     try:
@@ -1257,7 +1342,7 @@ def _planned_parameters(opts: AppOptions) -> tuple[dict[str, dict], dict[str, st
 
     parameters, presets = {}, {}
     for m in opts.methods:
-        preset = {"syn": opts.syn_preset, "hdar": opts.hdar_preset}.get(m)
+        preset = {"syn": opts.syn_preset, "hdar": opts.hdar_preset, "lccdemons": opts.lccdemons_preset}.get(m)
         try:
             parameters[m] = get_method(m, preset=preset, seed=opts.seed, device=opts.device).parameters
         except Exception as exc:  # noqa: BLE001 - the text then leaves the parameters out
@@ -1268,9 +1353,9 @@ def _planned_parameters(opts: AppOptions) -> tuple[dict[str, dict], dict[str, st
 
 
 def run_boilerplate(opts: AppOptions) -> int:
-    """``--boilerplate-only``: write the methods text (``OUTPUT/logs/CITATION.md`` and ``.html``) that these
-    options would give, and nothing else: no work folder, no log, no registration (the atlas is described, not
-    prepared)."""
+    """``--boilerplate-only``: write the methods text (``OUTPUT/logs/CITATION.md``, ``.html`` and ``.bib``) that
+    these options would give, and nothing else: no work folder, no log, no registration (the atlas is described,
+    not prepared)."""
     atlas = resolve_atlas(opts, write=False)
     written = write_citation(Path(opts.output_dir), atlas, opts, [])
     for path in written:
