@@ -11,6 +11,7 @@ Variants
 =================  ==========================================================================
 ``affine``         antspyx rigid + affine only
 ``demons``         SimpleITK diffeomorphic Demons (three levels)
+``lccdemons``      LCC-Demons (PyTorch; symmetric log-domain Demons with local correlation forces, three levels)
 ``syn-fast``       ANTs SyN, antspyx defaults
 ``syn-quality``    ANTs SyN at ``antsRegistrationSyN.sh`` quality (about 30 min per LPBA40 pair on 2
                    cores: by default it runs on 1 pair only, see ``--max-pairs-per-variant``)
@@ -119,6 +120,7 @@ def default_variants(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Vari
     variants = [
         Variant("affine", "affine", None, {}, "antspyx rigid + affine only"),
         Variant("demons", "demons", None, {}, "SimpleITK diffeomorphic Demons, 3 levels"),
+        Variant("lccdemons", "lccdemons", None, {}, "LCC-Demons (PyTorch), the paper's parameters, 3 levels"),
         Variant("syn-fast", "syn", "fast", {}, "ANTs SyN, antspyx defaults"),
         Variant("hdar", "hdar", None, {}, "HDAR with its default preset and options (what users get)"),
         Variant("hdar-fast", "hdar", "fast", {}, "HDAR, S2/S3 on the hardest patches"),

@@ -79,14 +79,21 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed", help="fixed (atlas) image: NIfTI, MGZ or Analyze")
     p.add_argument("moving", help="moving (subject) image")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
-    p.add_argument("--method", choices=["affine", "syn", "demons", "hdar"], default="syn")
+    p.add_argument("--method", choices=["affine", "syn", "demons", "lccdemons", "hdar"], default="syn")
     p.add_argument("--preset", default=None,
-                   help="method preset: syn fast|quality (default fast), hdar accurate|refined|fast|full (default "
+                   help="method preset: syn fast|quality (default fast), lccdemons default|fast (default: the LCC-Demons "
+                        "paper's parameters; fast: the two coarse levels only), hdar accurate|refined|fast|full (default "
                         "accurate: the network then 30 diffeomorphic refinement steps per level and 2 at full "
                         "resolution, the most accurate within a fifth of SyN fast's time; refined: 25 per level, "
                         "none at full resolution, 0.6 times as long; fast: the network alone)")
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
+    p.add_argument("--inverse", action="store_true",
+                   help="also write inverse.h5: the inverse transform (moving points -> fixed points) on the moving "
+                        "image's grid, with its inverse consistency in registration.json")
+    p.add_argument("--fixed-labels", default=None,
+                   help="with --inverse: a label map on the fixed grid brought onto the moving grid by the inverse "
+                        "(fixed_labels_native.nii.gz, nearest neighbour)")
     p.add_argument("--affine", dest="affine", action="store_true", default=True,
                    help="run the affine stage first (default)")
     p.add_argument("--no-affine", dest="affine", action="store_false",
@@ -98,7 +105,7 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help="do not rescale intensities to [0, 1] before registering")
     p.add_argument("--seed", type=non_negative_int, default=None, help="seeds numpy, torch and ANTs (ANTS_RANDOM_SEED)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (ITK, torch)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR only)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR and LCC-Demons)")
     p.add_argument("--weights", default=None,
                    help="HDAR weights: a shipped name (default) or an exported .pt with its model card beside it")
     p.add_argument("--refine", type=non_negative_int, default=None, metavar="N",
@@ -142,7 +149,9 @@ def _run_register(args: argparse.Namespace) -> int:
                                 moving_labels=args.moving_labels, fixed_mask=args.fixed_mask,
                                 affine=args.affine, affine_method=args.affine_method, seed=args.seed,
                                 threads=args.threads, device=args.device,
-                                normalize=args.normalize, method_options=_method_options(args))
+                                normalize=args.normalize, method_options=_method_options(args),
+                                inverse_on=args.moving if args.inverse or args.fixed_labels else None,
+                                fixed_labels=args.fixed_labels)
     except (ImageError, ValueError, NotImplementedError, OSError) as exc:
         print(f"hdar register: error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -151,6 +160,10 @@ def _run_register(args: argparse.Namespace) -> int:
           f"fixed brain's voxels ({record['jacobian']['folded_percent_grid']:.4f} % of the grid)")
     print(f"wrote {args.output}/registration.json; transforms (ants.apply_transforms order): "
           f"{', '.join(record['transforms'])}")
+    if "inverse" in record:
+        c = record["inverse"]["consistency_mm"]
+        print(f"inverse.h5 (moving -> fixed, {record['inverse']['source']}): consistent to {c['mean_mm']:.3f} mm on "
+              f"average (99th percentile {c['p99_mm']:.3f} mm) over the fixed brain")
     return 0
 
 
@@ -163,7 +176,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="hdar-demo", help="output folder (default ./hdar-demo)")
     p.add_argument("--subjects", type=positive_int, default=3, help="number of synthetic subjects (default 3)")
     p.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
-                   choices=["affine", "syn", "demons", "hdar"],
+                   choices=["affine", "syn", "demons", "lccdemons", "hdar"],
                    help="methods (default hdar syn demons; hdar is left out, with a note, when no weights ship)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--nprocs", type=positive_int, default=None, help="parallel jobs (default: all cores)")
@@ -680,10 +693,14 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
                    help="voxel size of the embedded template")
     g = p.add_argument_group("registration")
     g.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
-                   choices=["hdar", "syn", "demons", "affine"], help="registration methods run on every subject")
+                   choices=["hdar", "syn", "demons", "lccdemons", "affine"],
+                   help="registration methods run on every subject")
     g.add_argument("--syn-preset", choices=["fast", "quality"], default="fast",
                    help="ANTs SyN: fast (antspyx's SyN defaults, Mattes MI) or quality (antsRegistrationSyN.sh's "
                         "deformable stage, CC)")
+    g.add_argument("--lccdemons-preset", choices=["default", "fast"], default="default",
+                   help="LCC-Demons: default (the paper's parameters: 30/20/10 iterations at shrink 4/2/1, sigma_LCC 3, "
+                        "fluid 0.5, diffusion 1.0 voxels) or fast (the two coarse levels only)")
     # the default is hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal; not imported here so
     # that `--help` does not load the library)
     g.add_argument("--hdar-preset", choices=["fast", "full", "refined", "accurate"], default="accurate",
@@ -711,7 +728,7 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
                         "(PyTorch, local NCC) or ants (antsRegistration, Mattes MI)")
     g.add_argument("--random-seed", "--seed", dest="seed", type=non_negative_int, default=None,
                    help="seeds numpy, torch and ANTs (--seed is the same option)")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR, LCC-Demons)")
     g = p.add_argument_group("resources and execution")
     g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=None,
                    help="parallel jobs (cf worker); default: the cores this process may use, at most one per "

@@ -60,15 +60,16 @@ def register_files(
         3-D images (NIfTI, MGZ or Analyze). Intensities are rescaled to [0, 1] (robust percentiles)
         before registration unless ``normalize=False``; the warped image keeps the moving image's
         original intensities.
-    method : {"affine", "syn", "demons", "hdar"}
+    method : {"affine", "syn", "demons", "lccdemons", "hdar"}
     preset : str, optional
-        Method preset (``syn``: ``fast`` or ``quality``; ``hdar``: ``fast``, ``full``, ``refined`` or ``accurate``).
+        Method preset (``syn``: ``fast`` or ``quality``; ``lccdemons``: ``default`` or ``fast``; ``hdar``: ``fast``,
+        ``full``, ``refined`` or ``accurate``).
     affine : bool
         Run the affine stage before a deformable method.
     affine_method : {"fast", "ants"}
         The affine stage (:func:`hdar_pipeline.methods.affine_stage`).
     seed, threads, device
-        Reproducibility and resources (``device`` matters for ``hdar``).
+        Reproducibility and resources (``device`` matters for ``hdar`` and ``lccdemons``).
     method_options : dict, optional
         Method-specific settings (``hdar``: ``weights``, ``refine``), see
         :func:`hdar_pipeline.methods.get_method`.
@@ -351,9 +352,10 @@ def register(
         The fixed (atlas) image; every Transform lives on its grid.
     moving : path-like or nibabel image, or a list of them
         One moving image, or several (one Transform each, in order).
-    method : {"hdar", "syn", "demons", "affine"}
+    method : {"hdar", "syn", "demons", "lccdemons", "affine"}
     preset : str, optional
-        ``hdar``: ``fast``/``full``/``refined``/``accurate``; ``syn``: ``fast``/``quality``.
+        ``hdar``: ``fast``/``full``/``refined``/``accurate``; ``syn``: ``fast``/``quality``; ``lccdemons``:
+        ``default``/``fast``.
     affine : bool
         Run the affine stage first (skip it for images already aligned on the fixed grid).
     fixed_mask : path-like or nibabel image, optional

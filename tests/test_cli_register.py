@@ -38,14 +38,16 @@ def dice(a, b):
 # affine fit to its non-affine deformation is ill-posed and lands by the seed (mean Dice 0.75-0.86 against 0.85
 # before any registration). The affine stage runs for "affine" and for "hdar" (two transform files).
 @pytest.mark.parametrize("method, extra", [("demons", ["--no-affine"]), ("affine", []),
-                                           ("syn", ["--preset", "fast", "--no-affine"]), ("hdar", ["--device", "cpu"])])
+                                           ("syn", ["--preset", "fast", "--no-affine"]), ("hdar", ["--device", "cpu"]),
+                                           ("lccdemons", ["--no-affine", "--device", "cpu"])])
 def test_register_writes_everything_and_ants_reapplies_it(tmp_path, pair, method, extra):
     import ants
 
     out = tmp_path / "out"
     before = {p: p.read_bytes() for p in pair.values()}
     rc = main(["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--method", method,
-               "--moving-labels", str(pair["labels"]), "--seed", "1", "--threads", "1", *extra])
+               "--moving-labels", str(pair["labels"]), "--seed", "1", "--threads", "1",
+               "--inverse", "--fixed-labels", str(pair["fixed_labels"]), *extra])
     assert rc == 0
     record = json.loads((out / "registration.json").read_text())
     for key in ("method", "preset", "runtime_s", "peak_memory_mb", "device", "seed", "versions", "transforms"):
@@ -65,13 +67,22 @@ def test_register_writes_everything_and_ants_reapplies_it(tmp_path, pair, method
     composite = ants.apply_transforms(fixed, moving_labels, transformlist=[str(out / "transform.h5")],
                                       interpolator="nearestNeighbor").numpy()
     assert dice(ours, np.rint(composite).astype(int)).min() >= 0.99
+    # the inverse (moving grid, moving -> fixed points) brings the fixed labels onto the moving image as antspyx does
+    native = np.asarray(nib.load(str(out / "fixed_labels_native.nii.gz")).dataobj)
+    theirs = ants.apply_transforms(ants.image_read(str(pair["moving"])), ants.image_read(str(pair["fixed_labels"])),
+                                   transformlist=[str(out / "inverse.h5")], interpolator="nearestNeighbor").numpy()
+    assert (np.rint(theirs).astype(int) == native).mean() > 0.999
+    assert record["inverse"]["consistency_mm"]["voxels"] > 0
     # Nothing was written next to the inputs, and they are unchanged.
     assert all(p.read_bytes() == before[p] for p in pair.values())
     assert sorted(p.name for p in pair["fixed"].parent.iterdir()) == sorted(p.name for p in pair.values())
-    if method in ("demons", "syn"):  # recover the deformation without folding
+    if method in ("demons", "syn", "lccdemons"):  # recover the deformation without folding
         reference = np.asarray(nib.load(str(pair["fixed_labels"])).dataobj)
         moving = np.asarray(nib.load(str(pair["labels"])).dataobj)
         assert dice(reference, ours).mean() > dice(reference, moving).mean() + 0.03
+        # and the inverse undoes it: the fixed labels on the moving grid overlap the moving labels
+        assert dice(moving, native).mean() > dice(moving, reference).mean() + 0.03
+        assert record["inverse"]["consistency_mm"]["mean_mm"] < 0.5
         assert record["jacobian"]["folded_percent_mask"] == record["jacobian"]["folded_percent_grid"] == 0.0
         assert record["jacobian"]["mask_voxels"] < record["jacobian"]["grid_voxels"]
 

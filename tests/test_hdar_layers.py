@@ -186,10 +186,15 @@ def test_smooth_matches_scipy_gaussian_with_nearest_edges():
     for sigma in ((1.5, 0.0, 1.0), (0.5, 0.5, 0.5)):
         got = smooth(torch.from_numpy(x), sigma).numpy()
         assert got.shape == x.shape
+        zeros = smooth(torch.from_numpy(x), sigma, padding="zeros").numpy()  # zero outside (LCC-Demons' windows)
         for b in range(2):
             want = gaussian_filter(x[b, 0].astype(np.float64), sigma, mode="nearest", truncate=3.0)
             # scipy's radius is int(3 sigma + 0.5), ours ceil(3 sigma): equal for these sigmas
             np.testing.assert_allclose(got[b, 0], want, atol=1e-5)
+            want = gaussian_filter(x[b, 0].astype(np.float64), sigma, mode="constant", cval=0.0, truncate=3.0)
+            np.testing.assert_allclose(zeros[b, 0], want, atol=1e-5)
+    with pytest.raises(ValueError, match="padding"):
+        smooth(torch.from_numpy(x), 1.0, padding="reflect")
 
 
 def test_crop_pad_helpers():

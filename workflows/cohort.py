@@ -65,7 +65,7 @@ def init_cohort_wf(
     Parameters
     ----------
     methods : sequence of str
-        Registration methods to run on every subject (``affine``, ``syn``, ``demons``, ``hdar``).
+        Registration methods to run on every subject (``affine``, ``syn``, ``demons``, ``lccdemons``, ``hdar``).
     presets : dict, optional
         Method -> preset (e.g. ``{"syn": "quality"}``); methods not listed use their default.
     preprocess : bool

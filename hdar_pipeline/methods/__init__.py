@@ -10,7 +10,7 @@ import nibabel as nib
 from ..transforms import Transform
 from .base import MethodBase, RegistrationMethod
 
-METHODS = ("affine", "syn", "demons", "hdar")
+METHODS = ("affine", "syn", "demons", "lccdemons", "hdar")
 
 
 def get_method(name: str, *, preset: str | None = None, seed: int | None = None, threads: int | None = None,
@@ -19,16 +19,17 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
 
     Parameters
     ----------
-    name : {"affine", "syn", "demons", "hdar"}
+    name : {"affine", "syn", "demons", "lccdemons", "hdar"}
     preset : str, optional
-        ``syn``: ``"fast"`` (default) or ``"quality"``; ``hdar``: ``"accurate"`` (default), ``"refined"``, ``"fast"`` or ``"full"``.
+        ``syn``: ``"fast"`` (default) or ``"quality"``; ``lccdemons``: ``"default"`` (the paper's parameters) or
+        ``"fast"``; ``hdar``: ``"accurate"`` (default), ``"refined"``, ``"fast"`` or ``"full"``.
         ``affine`` and ``demons`` have none (``None`` or ``"default"``).
     seed : int, optional
         Seeds the method (``ANTS_RANDOM_SEED`` for the ANTs methods; Demons is deterministic).
     threads : int, optional
         Worker threads (ITK, torch); ``None`` keeps the library defaults.
     device : str, optional
-        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar`` only.
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar`` and ``lccdemons`` (PyTorch).
     options : dict, optional
         Method-specific settings passed to the method's constructor, e.g. for ``hdar``
         ``{"weights": "model.pt", "refine": 50}``. An option the method does not have is an error.
@@ -62,6 +63,10 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
         from .demons import DemonsMethod
 
         return DemonsMethod(threads=threads, seed=seed)
+    if name == "lccdemons":
+        from .lcc_demons import DEFAULT_PRESET as LCC_DEFAULT, LCCDemonsMethod
+
+        return LCCDemonsMethod(preset=preset or LCC_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     if name == "hdar":
         if importlib.util.find_spec(f"{__name__}.hdar") is None:
             raise NotImplementedError(
