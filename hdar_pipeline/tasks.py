@@ -239,7 +239,7 @@ def SubjectReport(
 
     Returns:
         report: report.html.
-        figures: Folder of the report's PNG figures (linked relatively from the HTML).
+        figures: Folder of the report's SVG reportlets (nireports; embedded with relative links).
     """
     out = Path.cwd()
     html = cohort.report_subject(records, out / "report.html", atlas=atlas, atlas_labels=atlas_labels,
