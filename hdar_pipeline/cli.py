@@ -171,8 +171,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the BIDS App on an embedded synthetic cohort (no network)",
                        description="Write a small synthetic BIDS cohort (made from the MNI152 template nilearn "
                                    "ships), run the hdar-pipeline participant and group levels on it, and print "
-                                   "the paths of the group CSV and the reports. The cohort is synthetic: it shows "
-                                   "the tool working, it is no benchmark.")
+                                   "the paths of the group table (TSV) and the reports. The cohort is synthetic: it "
+                                   "shows the tool working, it is no benchmark.")
     p.add_argument("-o", "--output", default="hdar-demo", help="output folder (default ./hdar-demo)")
     p.add_argument("--subjects", type=positive_int, default=3, help="number of synthetic subjects (default 3)")
     p.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
