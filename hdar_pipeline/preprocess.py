@@ -783,6 +783,29 @@ class PreprocessResult(BrainResult):
     to_atlas: Transform
 
 
+def _n4_inside(img: nib.spatialimages.SpatialImage, mask: np.ndarray, *, n4: bool, threads: int | None,
+               runtime: dict[str, float], steps: list[str], what: str) -> nib.spatialimages.SpatialImage:
+    """N4 inside a known brain mask (``N4_BRAIN_ITERATIONS``), timed and named in ``steps``; ``img`` without N4."""
+    if not n4:
+        return img
+    t0 = time.perf_counter()
+    corrected = n4_bias_correct(img, mask, iterations=N4_BRAIN_ITERATIONS, threads=threads)
+    runtime["n4"] = time.perf_counter() - t0
+    steps.append(f"N4 bias correction inside {what} (3 fitting levels)")
+    return corrected
+
+
+def _normalised_result(brain: np.ndarray, mask: np.ndarray, grid: Grid, steps: list[str], runtime: dict[str, float],
+                       **result: Any) -> "BrainResult":
+    """The brain normalised to [0, 1] inside ``mask`` (timed, named in ``steps``) as a :class:`BrainResult`."""
+    t0 = time.perf_counter()
+    native_brain = _normalised_brain(brain, mask, grid)
+    runtime["normalise"] = time.perf_counter() - t0
+    steps.append("intensity normalisation to [0, 1] (0.5-99.5 percentiles inside the brain mask)")
+    return BrainResult(native_brain=native_brain, native_mask=new_image(mask.astype(np.uint8), grid), steps=steps,
+                       runtime_s=runtime, **result)
+
+
 def prepare_brain(
     img: ImageLike,
     *,
@@ -836,22 +859,13 @@ def prepare_brain(
     if brain_mask is not None:
         given, source = _given_mask(brain_mask, img)
         steps.append(f"skull-strip check: skipped, brain mask given ({Path(source).name if source else 'in memory'})")
-        if n4:
-            t0 = time.perf_counter()
-            corrected = n4_bias_correct(img, given, iterations=N4_BRAIN_ITERATIONS, threads=threads)
-            runtime["n4"] = time.perf_counter() - t0
-            steps.append("N4 bias correction inside the given brain mask (3 fitting levels)")
-        else:
-            corrected = img
+        corrected = _n4_inside(img, given, n4=n4, threads=threads, runtime=runtime, steps=steps,
+                               what="the given brain mask")
         brain = np.where(given, _float(corrected), 0.0).astype(np.float32)
         steps.append("brain extraction: skipped, the given brain mask "
                      + (f"{source} " if source else "") + "applied to the " + ("N4-corrected " if n4 else "") + "T1w")
-        t0 = time.perf_counter()
-        native_brain = _normalised_brain(brain, given, grid)
-        runtime["normalise"] = time.perf_counter() - t0
-        steps.append("intensity normalisation to [0, 1] (0.5-99.5 percentiles inside the brain mask)")
-        return BrainResult(native_brain=native_brain, native_mask=new_image(given.astype(np.uint8), grid),
-                           steps=steps, skull_stripped_input=False, runtime_s=runtime, brain_mask_source=source)
+        return _normalised_result(brain, given, grid, steps, runtime, skull_stripped_input=False,
+                                  brain_mask_source=source)
     if skull_stripped == "auto":
         t0 = time.perf_counter()
         evidence = skull_strip_evidence(img)
@@ -874,13 +888,8 @@ def prepare_brain(
         mask = data != 0
         if not mask.any():
             raise ImageError(_source(img), "skull-stripped input has no non-zero (brain) voxel")
-        if n4:
-            t0 = time.perf_counter()
-            corrected = n4_bias_correct(img, mask, iterations=N4_BRAIN_ITERATIONS, threads=threads)
-            runtime["n4"] = time.perf_counter() - t0
-            steps.append("N4 bias correction inside the input's non-zero brain mask (3 fitting levels)")
-        else:
-            corrected = new_image(data, grid)
+        corrected = _n4_inside(img, mask, n4=n4, threads=threads, runtime=runtime, steps=steps,
+                               what="the input's non-zero brain mask")
         brain = np.where(mask, _float(corrected), 0.0).astype(np.float32)
         steps.append("brain extraction: skipped (input is skull-stripped; its non-zero voxels are the mask)")
     else:
@@ -909,12 +918,7 @@ def prepare_brain(
             runtime["n4_brain"] = time.perf_counter() - t0
             steps.append("N4 bias correction repeated inside the brain mask (3 fitting levels)")
 
-    t0 = time.perf_counter()
-    native_brain = _normalised_brain(brain, mask, grid)
-    runtime["normalise"] = time.perf_counter() - t0
-    steps.append("intensity normalisation to [0, 1] (0.5-99.5 percentiles inside the brain mask)")
-    return BrainResult(native_brain=native_brain, native_mask=new_image(mask.astype(np.uint8), grid),
-                       steps=steps, skull_stripped_input=stripped, evidence=evidence, runtime_s=runtime)
+    return _normalised_result(brain, mask, grid, steps, runtime, skull_stripped_input=stripped, evidence=evidence)
 
 
 def preprocess_t1w(
