@@ -476,15 +476,11 @@ def write_atlas(output_dir: PathLike, space: str, image: PathLike, *, labels: Pa
 
 
 def _write_dseg_tsv(table: PathLike | Mapping[int, str], dst: Path) -> Path:
-    """A BIDS ``dseg.tsv`` (``index``, ``name``) from a label table file (BIDS or FreeSurfer) or a mapping."""
-    from .labels import read_label_table
+    """A BIDS ``dseg.tsv`` (``index``, ``name``, by index) from a label table file (BIDS or FreeSurfer) or a mapping."""
+    from .labels import read_label_table, write_label_table
 
     names = read_label_table(table) if isinstance(table, (str, os.PathLike)) else dict(table)
-    text = "index\tname\n" + "".join(f"{int(i)}\t{n}\n" for i, n in sorted(names.items()))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not (dst.is_file() and dst.read_text() == text):
-        dst.write_text(text)
-    return dst
+    return write_label_table(dict(sorted(names.items())), dst)
 
 
 # ----------------------------------------------------------------------------- one subject's derivatives

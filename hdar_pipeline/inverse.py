@@ -67,15 +67,6 @@ def _normalised(index, shape):
     return (index * scale - 1.0).flip(-1)
 
 
-def _sample(volume, index, shape):
-    """Linear, edge-extended sample of ``volume`` (1, 3, *shape) at voxel indices ``(*out, 3)`` -> ``(*out, 3)``."""
-    import torch.nn.functional as F
-
-    grid = _normalised(index, shape)[None]
-    out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return out[0].permute(1, 2, 3, 0)
-
-
 def invert_field(field: np.ndarray, grid: Grid, *, max_iterations: int = 12,
                  tolerance_mm: float = 0.05, max_step_voxels: float = 1.0) -> tuple[np.ndarray, int, float]:
     """Invert a displacement field on its own grid by Newton's method, coarse to fine.
@@ -239,7 +230,7 @@ def invert(transform: Transform, native: Grid, *, inverse_field: np.ndarray | No
         for i in range(native.shape[0]):  # one native slab at a time: the index grid stays small
             idx = torch.stack([torch.full_like(jj, float(i)), jj, kk], -1)
             at = idx @ m[:3, :3].T + m[:3, 3]
-            field[i] = _sample(w_vol, at[None], transform.grid.shape)[0].numpy()
+            field[i] = _sample_points(w_vol, at.reshape(-1, 3), transform.grid.shape).reshape(*at.shape).numpy()
     return InverseResult(Transform(native, affine=a_inv, field=field), source, iterations, residual)
 
 
