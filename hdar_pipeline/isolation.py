@@ -9,10 +9,16 @@ Children come from a ``forkserver`` (a clean single-threaded server process that
 nibabel and torch once, so a child starts in milliseconds instead of re-importing them; a plain ``fork`` of a
 process whose ITK or OpenMP threads are running is unsafe). The caller's environment at the time of the call
 is applied in the child first, so thread counts, seeds and ``NO_ET`` set by the caller hold there.
+
+The BIDS App starts the server first thing (:func:`start_fork_server`, which also imports ANTs and the pipeline's
+modules there) and the cohort's worker processes, forked from the App's process, use that server
+(:func:`_adopt_inherited_fork_server`): the imports overlap with the App reading the dataset instead of
+delaying the first job.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -20,9 +26,9 @@ import signal
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-__all__ = ["WorkerDied", "run_isolated", "PID_FILE"]
+__all__ = ["WorkerDied", "run_isolated", "start_fork_server", "PID_FILE", "PIPELINE_MODULES"]
 
 T = TypeVar("T")
 
@@ -31,37 +37,77 @@ PID_FILE = ".worker.json"
 
 # modules worth importing once in the fork server (pure imports: none of them starts threads)
 _PRELOAD = ["numpy", "nibabel", "scipy.ndimage", "torch", "hdar_pipeline.images", "hdar_pipeline.transforms"]
+#: what a cohort's jobs import (preprocessing, every registration method, evaluation): :func:`start_fork_server`
+PIPELINE_MODULES = ("ants", "SimpleITK", "hdar_pipeline.preprocess", "hdar_pipeline.registration",
+                    "hdar_pipeline.methods.hdar", "hdar_pipeline.hdar.instance", "hdar_pipeline.hdar.weights",
+                    "hdar_pipeline.inverse", "hdar_pipeline.evaluate")
 _context: multiprocessing.context.BaseContext | None = None
+_adopted_pid: int | None = None
 
 
 class WorkerDied(RuntimeError):
     """The child process running a job ended without a result (killed by a signal, or it exited)."""
 
 
-def _forget_inherited_fork_server() -> None:
-    """In a process forked from one that had started the fork server (a worker pool forked from a process that
-    ran isolated jobs itself), that server is not this process's child: multiprocessing would ``waitpid`` on it
-    and fail ("No child processes"). Forget it here; the first isolated job of this process starts its own."""
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    if server is None or getattr(server, "_forkserver_pid", None) is None:
-        return
+def _forget_fork_server(server: Any) -> None:
+    """Drop this process's handle on ``server`` (its copy of the "alive" pipe only: the process that started the
+    server keeps it alive); the next isolated job starts a server of its own."""
     fd = getattr(server, "_forkserver_alive_fd", None)
     if fd is not None:
         try:
-            os.close(fd)  # this process's copy only: the parent's keeps its server alive
+            os.close(fd)
         except OSError:
             pass
     for name in ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid", "_inherited_fds",
                  "_forkserver_authkey"):
         if hasattr(server, name):
             setattr(server, name, None)
-    server._lock = threading.Lock()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a pid reused by another user's process
+        return False
+    return True
+
+
+def _ensure_adopted(server: Any, original: Callable[[Any], None]) -> None:
+    """``ensure_running`` for a server this process inherited: the server is not this process's child, so
+    multiprocessing's own check (``waitpid``) would fail; look at the pid instead, and start a server of this
+    process's own only when the inherited one has gone."""
+    from multiprocessing import resource_tracker
+
+    pid = server._forkserver_pid
+    if pid is not None and pid == _adopted_pid:
+        if _alive(pid):
+            resource_tracker.ensure_running()
+            return
+        _forget_fork_server(server)
+    original(server)
+
+
+def _adopt_inherited_fork_server() -> None:
+    """In a process forked from one that had started the fork server (the cohort's worker pool, forked from the
+    BIDS App's process, which starts the server first thing: :func:`start_fork_server`), use that server: it has
+    imported the heavy modules already, while the parent was busy with other things. Children of a fork server
+    were never its clients' children anyway (they report their exit through a pipe), so only the liveness check
+    differs (:func:`_ensure_adopted`)."""
+    global _adopted_pid
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    server._lock = threading.Lock()  # a copy of the parent's lock may have been held at the fork
+    _adopted_pid = server._forkserver_pid
+    server.ensure_running = functools.partial(_ensure_adopted, server, type(server).ensure_running)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_inherited_fork_server)
+    os.register_at_fork(after_in_child=_adopt_inherited_fork_server)
 
 
 def _get_context() -> multiprocessing.context.BaseContext:
@@ -74,6 +120,31 @@ def _get_context() -> multiprocessing.context.BaseContext:
             ctx = multiprocessing.get_context("spawn")
         _context = ctx
     return _context
+
+
+def start_fork_server(modules: Sequence[str] = PIPELINE_MODULES) -> bool:
+    """Start the fork server of :func:`run_isolated` now, importing ``modules`` too, and return at once.
+
+    The server imports them in its own process while this one goes on (reading the dataset, building the
+    workflow), so the first isolated job starts at once instead of after the imports (torch, ANTs: 4-5 s on a
+    2-core machine). Processes forked from this one afterwards (a worker pool) use the same server.
+
+    Returns
+    -------
+    bool
+        Whether a server was started (``False`` where there is no fork server, or one runs already).
+    """
+    ctx = _get_context()
+    if ctx.get_start_method() != "forkserver":
+        return False
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return False
+    ctx.set_forkserver_preload(list(dict.fromkeys([*_PRELOAD, *modules])))
+    forkserver.ensure_running()
+    return True
 
 
 def _child(conn, env: dict[str, str], fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:

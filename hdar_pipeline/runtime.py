@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -24,8 +25,10 @@ def usable_cpus() -> int:
 def configure_threads(threads: int | None) -> None:
     """Set thread counts for ITK (ANTs, SimpleITK), OpenMP/BLAS and torch.
 
-    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when it starts, so call this before the
-    first ITK filter runs; SimpleITK's global default is also set for an already-started ITK.
+    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when it starts, and torch's OpenMP ``OMP_NUM_THREADS``
+    when it is imported, so call this before the first ITK filter runs; SimpleITK and torch, when this process
+    has imported them already, are set directly. Neither is imported here: a process that never uses them
+    (the BIDS App's own, whose jobs run in workers) does not pay for the import (torch: about 2 s).
     """
     if not threads:
         return
@@ -33,18 +36,10 @@ def configure_threads(threads: int | None) -> None:
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                 "OPENBLAS_NUM_THREADS"):
         os.environ[var] = n
-    try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
-    except Exception:  # pragma: no cover - SimpleITK is a hard dependency, but keep this best-effort
-        pass
-    try:
-        import torch
-
-        torch.set_num_threads(int(threads))
-    except Exception:  # pragma: no cover
-        pass
+    if "SimpleITK" in sys.modules:
+        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
 
 
 def seed_everything(seed: int | None, *, deterministic: bool = False) -> None:

@@ -54,3 +54,14 @@ def image_error(source: str, problem: str) -> None:
     from hdar_pipeline.images import ImageError
 
     raise ImageError(source, problem)
+
+
+def parent_pid() -> int:
+    """The pid of the process that forked the job (the fork server)."""
+    return os.getppid()
+
+
+def modules_loaded(names: list[str]) -> dict[str, bool]:
+    import sys
+
+    return {name: name in sys.modules for name in names}

@@ -100,3 +100,43 @@ def test_an_image_error_travels_as_itself():
         run_isolated(jobs.image_error, "/data/sub-04_T1w.nii.gz", "cannot be read")
     assert info.value.source == "/data/sub-04_T1w.nii.gz" and info.value.problem == "cannot be read"
     assert str(info.value) == "/data/sub-04_T1w.nii.gz: cannot be read"
+
+
+_FORKED_WORKER = r"""
+import json, multiprocessing, os, sys
+from concurrent.futures import ProcessPoolExecutor
+sys.path.insert(0, {tests!r})
+from multiprocessing import forkserver
+from hdar_pipeline.isolation import run_isolated, start_fork_server
+import isolation_jobs as jobs
+
+def in_worker(_):
+    # a pool worker forked from this process, as Pydra's cf worker forks them
+    return run_isolated(jobs.parent_pid), run_isolated(jobs.modules_loaded, ["json", "colorsys"])
+
+if __name__ == "__main__":
+    assert start_fork_server(modules=["colorsys"]) is True
+    assert start_fork_server(modules=["colorsys"]) is False  # one server
+    server = forkserver._forkserver._forkserver_pid
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        got = list(pool.map(in_worker, range(2)))
+    print(json.dumps({{"server": server, "workers": got, "here": run_isolated(jobs.parent_pid)}}))
+"""
+
+
+def test_forked_workers_use_the_fork_server_started_before_them(tmp_path):
+    """start_fork_server: the server started first (with the modules it imports) serves the jobs of processes
+    forked afterwards (a worker pool), and this process's own, instead of each worker starting one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "forked.py"
+    script.write_text(_FORKED_WORKER.format(tests=str(Path(__file__).parent)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for parent, loaded in result["workers"]:
+        assert parent == result["server"]
+        assert loaded == {"json": True, "colorsys": True}  # imported by the server, inherited by the job
+    assert result["here"] == result["server"]

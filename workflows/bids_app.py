@@ -724,10 +724,13 @@ def run_participant(opts: AppOptions) -> int:
     from pydra.engine.submitter import Submitter
     from pydra.engine.workflow import Workflow
 
+    from hdar_pipeline.isolation import start_fork_server
     from hdar_pipeline.runtime import configure_threads, usable_cpus
 
     from .cohort import init_cohort_wf
 
+    if opts.worker == "cf":  # the jobs' process server imports torch and ANTs while the dataset is read
+        start_fork_server()
     out = Path(opts.output_dir)
     # the cohort first (a wrong --participant-label or --session-label is refused before any work), then the
     # atlas (an atlas participant is prepared: N4, brain extraction)
