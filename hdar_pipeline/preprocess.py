@@ -117,6 +117,12 @@ N4_BRAIN_ITERATIONS = (50, 50, 50)
 #: LPBA40 brains re-stored with an intensity offset, and took the estimation from 108 s to 18 s on one thread.
 N4_WORKING_MM = 8.0
 
+#: N4's convergence threshold per fitting level (ANTs ``-c [..., tol]``). antsBrainExtraction.sh's 1e-7 is
+#: never reached, so every level runs all its iterations; at 1e-5 the levels stop once the field has settled: on
+#: a raw 1 mm head (IXI034) and on LPBA40 S02's brain the field is the same as with 1e-7 to 0.005 % (0.5 and
+#: 99.5 percentiles of their ratio in the mask) and the head's N4 takes 38 % less time.
+N4_CONVERGENCE = 1e-5
+
 
 # ----------------------------------------------------------------------------- small helpers
 
@@ -209,11 +215,21 @@ def _erode(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarra
     return ndimage.distance_transform_edt(mask, sampling=spacing) > radius_mm
 
 
+def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """The voxel offsets within ``radius_mm`` (Euclidean, in mm on a grid of ``spacing``) as a structuring element."""
+    half = [int(np.floor(radius_mm / float(s) + 1e-9)) for s in spacing]
+    axes = np.meshgrid(*[np.arange(-k, k + 1) * float(s) for k, s in zip(half, spacing)], indexing="ij")
+    return sum(a * a for a in axes) <= radius_mm * radius_mm + 1e-9
+
+
 def _close(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Morphological closing by a ball of ``radius_mm``: the same voxels as thresholding distance transforms
+    (:func:`_dilate` then :func:`_erode`), in a fifth of the time on a 1 mm head."""
     # Pad so that a closing never grows across the volume border.
     pad = int(np.ceil(radius_mm / spacing.min())) + 1
     padded = np.pad(mask, pad)
-    closed = _erode(_dilate(padded, radius_mm, spacing), radius_mm, spacing)
+    ball = _ball(radius_mm, spacing)
+    closed = ndimage.binary_erosion(ndimage.binary_dilation(padded, ball), ball, border_value=1)
     return closed[pad:-pad, pad:-pad, pad:-pad] | mask
 
 
@@ -252,10 +268,18 @@ def _foreground(data: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     if positive.size == 0:
         return np.zeros(data.shape, dtype=bool)
     thr = lo + 0.1 * (float(np.percentile(positive, 99)) - lo)
-    fg = data > thr
-    fg = _largest_component(fg)
-    fg = _close(fg, 2.0 * float(spacing.max()), spacing)
-    return _fill_holes(fg)
+    fg = _largest_component(data > thr)
+    if not fg.any():
+        return fg
+    # closing and hole filling on the head's box (wide enough that neither can tell): the same voxels, in
+    # a fraction of the time when the field of view is much larger than the head
+    radius = 2.0 * float(spacing.max())
+    margin = int(np.ceil(radius / spacing.min())) + 2
+    box = tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n))
+                for b, n in zip(ndimage.find_objects(fg.astype(np.uint8))[0], fg.shape))
+    out = np.zeros_like(fg)
+    out[box] = _fill_holes(_close(fg[box], radius, spacing))
+    return out
 
 
 class _AntsWorkdir:
@@ -284,7 +308,7 @@ def n4_bias_correct(
     shrink_factor: int | None = None,
     iterations: tuple[int, ...] = (50, 50, 50, 50),
     spline_distance_mm: float = 200.0,
-    convergence_tol: float = 1e-7,
+    convergence_tol: float = N4_CONVERGENCE,
     threads: int | None = None,
     return_field: bool = False,
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, nib.Nifti1Image]:
@@ -308,7 +332,7 @@ def n4_bias_correct(
         B-spline control-point distance in mm (ANTs ``-b [distance]``); 200 mm models the slow fields of
         head coils, as antsBrainExtraction.sh does.
     convergence_tol : float
-        Convergence threshold of each level.
+        Convergence threshold of each level (:data:`N4_CONVERGENCE`).
     threads : int, optional
         ITK threads.
     return_field : bool
