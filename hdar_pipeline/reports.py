@@ -3,8 +3,8 @@
 Per-subject report
 ------------------
 :func:`write_subject_report` writes one HTML page per subject in the manner of the NiPreps (fMRIPrep) reports,
-from reportlets drawn with nilearn and composed with nireports (the NiPreps visual report system): SVG files
-with :data:`N_CUTS` slices per axis (axial, sagittal and coronal rows). For each method that ran it shows
+from reportlets composed with nireports (the NiPreps visual report system): SVG files with :data:`N_CUTS` slices
+per axis (axial, sagittal and coronal rows). For each method that ran it shows
 
 * **atlas vs subject**: the atlas (fixed) and the subject's T1w warped onto it (moving) alternate while the
   pointer is over the figure (nireports' ``compose_view`` flicker), the atlas label boundaries drawn on both;
@@ -37,14 +37,19 @@ manuscript; :func:`write_methods` writes it as ``CITATION.md``, ``CITATION.html`
 entries of the references cited). Only what is given is described: a parameter that is not passed in is not
 mentioned, never guessed.
 
-This module imports no workflow engine; nilearn and nireports are imported when a report is drawn (their
-plotting functions only: no nipype, no TemplateFlow), on matplotlib's non-interactive canvas.
+The reportlets' rows are written as SVG here, each one PNG image of its slices (a pixel per voxel, the label
+boundaries painted in) with its labels as text, the way nilearn's ``plot_anat`` and nireports' ``extract_svg`` laid
+them out (the same slices, orientation and colours) in a fraction of their time. This module imports no workflow
+engine; nireports' SVG composition and matplotlib's colour maps are imported when a report is drawn (no nilearn,
+no ``pyplot``, no nipype, no TemplateFlow).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import html
+import io
 import math
 import os
 import re
@@ -67,9 +72,26 @@ PathLike = str | os.PathLike
 __all__ = ["ReportEntry", "write_subject_report", "methods_paragraph", "write_methods", "REFERENCES", "bibtex",
            "cited_keys"]
 
-#: Resolution (dots per inch) at which the reportlets are written. Their images are embedded at the volumes' own
-#: resolution (matplotlib's ``interpolation="none"``), so this only sizes the text and lines; nireports writes 300.
-FIGURE_DPI = 100
+#: Width of a reportlet row, in SVG user units (points: 15.4 inches, as nilearn's figures were); the page scales
+#: the figures to its width, so this sizes the text.
+_ROW_WIDTH = 1108
+
+#: Heights of the strips above a row's slices (their L/R sides) and below them (their positions), and of the
+#: title's strip over the first row, in the same units.
+_BAND, _TITLE_BAND = 19.0, 25.0
+
+#: Room at the right of the Jacobian's rows for its colour bar, and black at the two sides of every row.
+_COLORBAR_SPACE, _MARGIN = 72.0, 5.0
+
+#: Black between two slices of a row, as a fraction of a slice's width.
+_GAP = 0.05
+
+#: Font size of a reportlet's labels (its title: 3 more).
+_FONT_SIZE = 11
+
+#: A reportlet's image has 256 colours (a PNG palette): the image's levels (a grey ramp, a colour map), black,
+#: and the overlays (boundaries, folded voxels) at ``_OVERLAY`` and ``_OVERLAY + 1``.
+_LEVELS, _BLACK, _OVERLAY = 253, 253, 254
 
 #: Slices per axis in every reportlet (as in the NiPreps reports).
 N_CUTS = 7
@@ -205,7 +227,7 @@ def _edges(regions: nib.Nifti1Image) -> dict[str, nib.Nifti1Image]:
 
 def _box(mask: np.ndarray, margin: int = 3) -> tuple[slice, slice, slice]:
     """The bounding box of a mask's voxels, ``margin`` voxels wider (the whole volume when it is empty): the
-    figures are drawn from this part of the volumes only, which spares nilearn most of their background."""
+    figures are drawn from this part of the volumes only."""
     if not np.any(mask):
         return (slice(None),) * 3
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
@@ -221,37 +243,148 @@ def _limits(data: np.ndarray, inside: np.ndarray) -> tuple[float, float]:
     return (vmin, vmax) if vmax > vmin else (vmin, vmin + 1e-6)
 
 
+def _cut_indices(img: nib.Nifti1Image, mode: str, coords: Sequence[float]) -> list[int]:
+    """The voxel index, along ``mode``'s axis, of each cut (a world coordinate) as nilearn picks it: the voxel nearest
+    the point with that coordinate (and 0 for the two others), kept inside the volume."""
+    axis = "xyz".index(mode)
+    inverse = np.linalg.inv(img.affine)
+    return [int(np.clip(np.round(inverse[axis, axis] * float(c) + inverse[axis, 3]), 0, img.shape[axis] - 1))
+            for c in coords]
+
+
+def _plane(volume: np.ndarray, mode: str, index: int) -> np.ndarray:
+    """The slice ``index`` of a RAS volume along ``mode``'s axis as it is displayed: its first in-plane axis from
+    left to right, its second from bottom to top (the array's first row at the top)."""
+    axis = "xyz".index(mode)
+    return np.rot90(volume[(slice(None),) * axis + (index,)])
+
+
+def _palette(levels: np.ndarray, overlays: Sequence[str]) -> np.ndarray:
+    """The 256 colours of a reportlet's image (8-bit RGB): :data:`_LEVELS` levels of the image, black (the space
+    between the slices), then the overlays (at most two)."""
+    from matplotlib.colors import to_rgb
+
+    colours = np.zeros((256, 3), np.uint8)
+    colours[:_LEVELS] = levels
+    for i, colour in enumerate(overlays):
+        colours[_OVERLAY + i] = np.round(np.asarray(to_rgb(colour)) * 255)
+    return colours
+
+
+def _png(indices: np.ndarray, palette: np.ndarray) -> str:
+    """A palette image (``uint8`` indices into ``palette``, 256 x 3) as a base64 PNG data URI."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(indices, dtype=np.uint8))
+    image.putpalette(palette.tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _text(x: float, y: float, text: str, *, size: float = _FONT_SIZE, colour: str = "#ffffff",
+          anchor: str = "start") -> str:
+    """An SVG text element, ``y`` its vertical centre."""
+    return (f'<text x="{x:.2f}" y="{y + 0.36 * size:.2f}" fill="{colour}" text-anchor="{anchor}" '
+            f'style="font-size:{size}px;font-family:\'DejaVu Sans\',\'Bitstream Vera Sans\',Arial,Helvetica,sans-serif"'
+            f">{html.escape(text, quote=False)}</text>")
+
+
+def _text_width(text: str, size: float) -> float:
+    """The width of a text in DejaVu Sans (matplotlib's font, the SVG's first choice) at ``size``; without the font
+    (or FreeType), an estimate of it."""
+    import matplotlib
+    from PIL import ImageFont
+
+    try:
+        font = ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")), round(size))
+        return float(font.getlength(text))
+    except (OSError, ImportError):
+        return 0.62 * size * len(text)
+
+
+def _row(planes: Sequence[np.ndarray], palette: np.ndarray, img: nib.Nifti1Image, mode: str,
+         coords: Sequence[float], *, div_id: str, title: str | None = None,
+         colorbar: tuple[np.ndarray, float, float] | None = None, right: float = 0.0) -> str:
+    """One row of a reportlet as SVG text (the ``<svg>`` element alone, sized by its ``viewBox``, as nireports'
+    ``extract_svg`` leaves it for ``compose_view``).
+
+    The ``planes`` (slices of ``img`` at ``coords``, all one shape; indices into ``palette``) are laid side by side
+    on black in one image, embedded as a PNG at the volume's resolution (a pixel per voxel, drawn without
+    smoothing) with the voxels' aspect ratio, :data:`_ROW_WIDTH` wide less ``right`` and the margins; above the
+    slices their L and R sides (not in the sagittal row) and the ``title``, below them their positions (nilearn's
+    ``x=12`` labels); ``colorbar`` (the palette's levels, bottom to top, and the values of the two ends) at the
+    right.
+    """
+    height, width = planes[0].shape
+    gap = max(2, round(_GAP * width))
+    step = width + gap
+    mosaic = np.full((height, len(planes) * step - gap), _BLACK, np.uint8)
+    for i, plane in enumerate(planes):
+        mosaic[:, i * step:i * step + width] = plane
+    sizes = nib.affines.voxel_sizes(img.affine)
+    across, up = (float(sizes[a]) for a in _IN_PLANE[mode])
+    image_w = _ROW_WIDTH - right - 2 * _MARGIN
+    image_h = image_w * (height * up) / (mosaic.shape[1] * across)
+    top = _BAND + (_TITLE_BAND if title else 0.0)
+    # compose_view stacks the rows by their heights as integers: a whole number leaves no seam between them
+    total = math.ceil(top + image_h + _BAND)
+    scale = image_w / mosaic.shape[1]  # user units per mosaic column
+    parts = [f'<rect width="{_ROW_WIDTH}" height="{total}" fill="#000000"/>',
+             f'<image x="{_MARGIN}" y="{top:.3f}" width="{image_w:.3f}" height="{image_h:.3f}" '
+             'preserveAspectRatio="none" style="image-rendering:crisp-edges;image-rendering:pixelated" '
+             f'xlink:href="{_png(mosaic, palette)}"/>']
+    below, above = top + image_h + _BAND / 2, top - _BAND / 2
+    for i, coord in enumerate(coords):
+        left = _MARGIN + i * step * scale
+        parts.append(_text(left, below, f"{mode}={int(coord)}"))
+        if mode != "x":  # the sagittal slices have no left and right
+            parts += [_text(left, above, "L"), _text(left + width * scale, above, "R", anchor="end")]
+    if title:  # black on a white box, as nilearn writes it
+        size = _FONT_SIZE + 3
+        parts += [f'<rect width="{_text_width(title, size) + 0.6 * size:.2f}" height="{_TITLE_BAND}" fill="#ffffff"/>',
+                  _text(0.3 * size, _TITLE_BAND / 2, title, size=size, colour="#000000")]
+    if colorbar is not None:
+        levels, low, high = colorbar
+        x, bar_w = _MARGIN + image_w + 11.0, 13.0
+        ramp = np.arange(_LEVELS, dtype=np.uint8)[::-1, None]  # the highest level at the top
+        parts.append(f'<image x="{x:.3f}" y="{top:.3f}" width="{bar_w}" height="{image_h:.3f}" '
+                     f'preserveAspectRatio="none" xlink:href="{_png(ramp, _palette(levels, ()))}"/>')
+        parts.append(f'<rect x="{x:.3f}" y="{top:.3f}" width="{bar_w}" height="{image_h:.3f}" fill="none" '
+                     'stroke="#ffffff" stroke-width="0.8"/>')
+        for value in np.linspace(low, high, 5):
+            y = top + image_h * (high - value) / (high - low)
+            parts += [f'<path d="M {x + bar_w:.3f} {y:.3f} h 3.5" stroke="#ffffff" stroke-width="0.8"/>',
+                      _text(x + bar_w + 6.0, y, f"{value:.2g}")]
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" version="1.1" '
+            f'viewBox="0 0 {_ROW_WIDTH} {total}" preserveAspectRatio="xMidYMid meet">'
+            f'<g id="{div_id}-{uuid.uuid4()}">' + "".join(parts) + "</g></svg>")
+
+
 def _mosaic(img: nib.Nifti1Image, cuts: Mapping[str, Sequence[float]], *, div_id: str, label: str,
             limits: tuple[float, float], edges: Mapping[str, nib.Nifti1Image] | None = None,
             edge_color: str = "#ff3030") -> list[str]:
-    """One SVG per axis (:data:`_ORDER`), ``len(cuts[axis])`` slices each, the image in grey with ``edges`` drawn
-    over it in ``edge_color``; as :func:`nireports.reportlets.mosaic.plot_registration` draws them (nilearn's
-    ``plot_anat``, nireports' ``extract_svg``), with the atlas label boundaries instead of its single contour
-    level and at :data:`FIGURE_DPI`."""
-    from matplotlib.colors import ListedColormap
-    from nilearn.plotting import plot_anat
-
+    """One SVG per axis (:data:`_ORDER`), ``len(cuts[axis])`` slices each (:func:`_row`): the image in grey between
+    ``limits`` (black below, white above), the voxels of ``edges`` in ``edge_color`` over it; the rows of
+    :func:`nireports.reportlets.mosaic.plot_registration`, with the atlas label boundaries instead of its single
+    contour level."""
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    low, high = limits
+    palette = _palette(np.repeat(np.linspace(0, 255, _LEVELS).round().astype(np.uint8)[:, None], 3, axis=1),
+                       [edge_color])
     svgs = []
     for i, mode in enumerate(_ORDER):
-        display = plot_anat(img, display_mode=mode, cut_coords=list(cuts[mode]), title=label if i == 0 else None,
-                            colorbar=False, vmin=limits[0], vmax=limits[1], interpolation="none", dim=0)
-        if edges is not None:
-            display.add_overlay(edges[mode], cmap=ListedColormap([edge_color]), vmin=0, vmax=1, threshold=0.5,
-                                interpolation="none")
-        svgs.append(_extract(display, f"{div_id}-{mode}"))
+        outline = np.asarray(edges[mode].dataobj) if edges is not None else None
+        planes = []
+        for index in _cut_indices(img, mode, cuts[mode]):
+            level = np.clip((_plane(data, mode, index) - low) / (high - low), 0.0, 1.0)
+            plane = (np.nan_to_num(level, nan=0.0) * (_LEVELS - 1) + 0.5).astype(np.uint8)
+            if outline is not None:
+                plane[_plane(outline, mode, index) > 0] = _OVERLAY
+            planes.append(plane)
+        svgs.append(_row(planes, palette, img, mode, cuts[mode], div_id=f"{div_id}-{mode}",
+                         title=label if i == 0 else None))
     return svgs
-
-
-def _extract(display: Any, div_id: str) -> str:
-    """A nilearn display as SVG text (nireports' ``extract_svg``, uncompressed, at :data:`FIGURE_DPI`, text kept as
-    text), its ``figure_1`` id made unique as nireports does; the display is closed."""
-    import matplotlib
-    from nireports.reportlets.utils import extract_svg
-
-    with matplotlib.rc_context({"svg.fonttype": "none"}):
-        svg = extract_svg(display, dpi=FIGURE_DPI, compress=False)
-    display.close()
-    return svg.replace("figure_1", f"{div_id}-{uuid.uuid4()}", 1)
 
 
 def _compose(background: Sequence[str], foreground: Sequence[str] | None, out_svg: Path) -> Path:
@@ -268,28 +401,34 @@ def _compose(background: Sequence[str], foreground: Sequence[str] | None, out_sv
 
 def _jacobian_mosaic(img: nib.Nifti1Image, cuts: Mapping[str, Sequence[float]], edges: Mapping[str, nib.Nifti1Image],
                      brain_values: np.ndarray, title: str, out_svg: Path) -> Path:
-    """The Jacobian determinant (``img``, as drawn) on the reportlet slices: white 1, blue < 1, red > 1, folded
-    voxels in green, the brain outline in grey; the colour range from ``brain_values`` (det J in the brain)."""
-    from matplotlib.colors import ListedColormap
-    from nilearn.plotting import plot_img
+    """The Jacobian determinant (``img``, as drawn) on the reportlet slices: white 1, blue < 1, red > 1 (matplotlib's
+    ``RdBu_r`` over ``1 +- spread``, ``spread`` the 99.5th percentile of ``|det J - 1|`` over ``brain_values``, det
+    J in the brain, kept between 0.25 and 0.999), folded voxels in green, the brain outline (``edges``) in grey, a
+    colour bar by the axial row."""
+    from matplotlib import colormaps
 
+    data = np.asarray(img.dataobj, dtype=np.float32)
     finite = brain_values[np.isfinite(brain_values)]
     if not finite.size:
-        finite = np.asarray(img.dataobj).ravel()
+        finite = data.ravel()
     spread = float(np.percentile(np.abs(finite - 1.0), 99.5)) if finite.size else 0.5
     spread = min(max(spread, 0.25), 0.999)
-    folded = nib.Nifti1Image((np.asarray(img.dataobj) <= 0).astype(np.uint8), img.affine)
+    levels = colormaps["RdBu_r"](np.linspace(0.0, 1.0, _LEVELS), bytes=True)[:, :3]
+    palette = _palette(levels, ["#808080", "#00d000"])
     svgs = []
     for i, mode in enumerate(_ORDER):
-        display = plot_img(img, display_mode=mode, cut_coords=list(cuts[mode]), cmap="RdBu_r", vmin=1.0 - spread,
-                           vmax=1.0 + spread, colorbar=i == 0, title=title if i == 0 else None,
-                           interpolation="none", black_bg=True, draw_cross=False)
-        display.add_overlay(edges[mode], cmap=ListedColormap(["#808080"]), vmin=0, vmax=1, threshold=0.5,
-                            interpolation="none")
-        if np.any(np.asarray(folded.dataobj)):
-            display.add_overlay(folded, cmap=ListedColormap(["#00d000"]), vmin=0, vmax=1, threshold=0.5,
-                                interpolation="none")
-        svgs.append(_extract(display, f"jacobian-{mode}"))
+        outline = np.asarray(edges[mode].dataobj)
+        planes = []
+        for index in _cut_indices(img, mode, cuts[mode]):
+            values = _plane(data, mode, index)
+            level = np.clip((values - (1.0 - spread)) / (2 * spread), 0.0, 1.0)
+            plane = (np.nan_to_num(level, nan=0.5) * (_LEVELS - 1) + 0.5).astype(np.uint8)
+            plane[_plane(outline, mode, index) > 0] = _OVERLAY
+            plane[values <= 0] = _OVERLAY + 1
+            planes.append(plane)
+        svgs.append(_row(planes, palette, img, mode, cuts[mode], div_id=f"jacobian-{mode}",
+                         title=title if i == 0 else None, right=_COLORBAR_SPACE,
+                         colorbar=(levels, 1.0 - spread, 1.0 + spread) if i == 0 else None))
     return _compose(svgs, None, out_svg)
 
 
@@ -609,9 +748,8 @@ def write_subject_report(
 
     Notes
     -----
-    The reportlets are SVG files drawn with nilearn and composed with nireports (the NiPreps visual report
-    system), :data:`N_CUTS` slices per axis through the bounding box of the atlas labels (or brain), in RAS
-    orientation:
+    The reportlets are SVG files composed with nireports (the NiPreps visual report system), :data:`N_CUTS`
+    slices per axis through the bounding box of the atlas labels (or brain), in RAS orientation:
 
     * ``..._desc-<method>_flicker.svg``: the atlas (fixed) and the subject warped onto it (moving) alternate
       while the pointer is over the figure, the atlas label boundaries drawn on both;

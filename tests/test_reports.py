@@ -145,17 +145,23 @@ def _cuts(row: ET.Element) -> list[str]:
     return [t.text for t in row.iter(f"{SVG}text") if t.text and re.fullmatch(r"[xyz]=-?\d+", t.text.strip())]
 
 
-def _red_pixels(row: ET.Element) -> int:
-    """Pixels of the row's embedded images that are red (the atlas boundaries drawn over the grey image)."""
-    count = 0
+def _images(row: ET.Element) -> list[tuple[ET.Element, np.ndarray]]:
+    """The images embedded in a row: (the element, its pixels as RGBA floats)."""
+    out = []
     for image in row.iter(f"{SVG}image"):
         href = image.get("{http://www.w3.org/1999/xlink}href") or image.get("href") or ""
         pixels = imread(io.BytesIO(base64.b64decode(href.split("base64,", 1)[1])))
-        if pixels.ndim == 3 and pixels.shape[-1] >= 3:
-            rgb = pixels[..., :3]
-            alpha = pixels[..., 3] if pixels.shape[-1] == 4 else np.ones(rgb.shape[:2])
-            count += int(((rgb[..., 0] > 0.8) & (rgb[..., 1] < 0.4) & (alpha > 0.5)).sum())
-    return count
+        if pixels.ndim == 2:
+            pixels = np.stack([pixels] * 3, axis=-1)
+        if pixels.shape[-1] == 3:
+            pixels = np.concatenate([pixels, np.ones((*pixels.shape[:2], 1))], axis=-1)
+        out.append((image, pixels))
+    return out
+
+
+def _red_pixels(row: ET.Element) -> int:
+    """Pixels of the row's embedded images that are red (the atlas boundaries drawn over the grey image)."""
+    return sum(int(((p[..., 0] > 0.8) & (p[..., 1] < 0.4) & (p[..., 3] > 0.5)).sum()) for _, p in _images(row))
 
 
 def test_report_has_svg_reportlets_with_a_flicker_and_several_slices_per_axis(drawn, tmp_path):
@@ -211,6 +217,75 @@ def test_report_has_svg_reportlets_with_a_flicker_and_several_slices_per_axis(dr
     shutil.move(str(tmp_path / "out"), moved)
     for src in sources:
         assert (moved / urllib.parse.unquote(src)).is_file()
+
+
+def test_rows_show_the_slices_in_ras_at_the_voxels_resolution_and_aspect():
+    """A row is one image, a pixel per voxel, drawn without smoothing: the slices side by side on black, in
+    nilearn's layout (left on the left in the axial and coronal rows, anterior on the right in the sagittal one,
+    superior and anterior up), each the voxel nearest its cut; drawn with the voxels' aspect ratio, its cut
+    positions below it and its L/R sides above it."""
+    from hdar_pipeline.reports import _mosaic
+
+    shape, affine = (20, 24, 16), np.diag([1.0, 1.0, 2.0, 1.0])
+    affine[:3, 3] = [-10.0, -12.0, -16.0]
+    data = np.zeros(shape, np.float32)
+    data[:5, 19:, 13:] = 1.0  # a block in the left, anterior, superior corner
+    edge = np.zeros(shape, np.uint8)
+    edge[0, 23, 14] = 1  # one boundary voxel, in the corner of the axial slice k = 14
+    edges = {m: nib.Nifti1Image(edge if m == "z" else np.zeros(shape, np.uint8), affine) for m in "xyz"}
+    index = {"x": [0, 2, 4, 6, 8, 10, 12], "y": [5, 10, 15, 19, 20, 21, 23], "z": [2, 4, 6, 8, 13, 14, 15]}
+    axis = {"x": 0, "y": 1, "z": 2}
+    cuts = {m: [float(affine[axis[m], axis[m]] * i + affine[axis[m], 3]) for i in index[m]] for m in "xyz"}
+    # per row: (slice height, width), the voxel sizes across and up, the block's rows and columns, the slices
+    # holding it
+    expect = {"z": ((24, 20), (1.0, 1.0), (slice(0, 5), slice(0, 5)), {4, 5, 6}),
+              "x": ((16, 24), (1.0, 2.0), (slice(0, 3), slice(19, 24)), {0, 1, 2}),
+              "y": ((16, 20), (1.0, 2.0), (slice(0, 3), slice(0, 5)), {3, 4, 5, 6})}
+    rows = _mosaic(nib.Nifti1Image(data, affine), cuts, div_id="test", label="a title", limits=(0.0, 1.0),
+                   edges=edges)
+    assert len(rows) == 3
+    for svg, mode in zip(rows, "zxy"):
+        root = ET.fromstring(svg)
+        ((element, pixels),) = _images(root)  # one image per row
+        (height, width), (across, up), block, holding = expect[mode]
+        gap = (pixels.shape[1] - N_CUTS * width) / (N_CUTS - 1)
+        assert pixels.shape[0] == height and gap == int(gap) and gap >= 1, (pixels.shape, gap)
+        assert "pixelated" in element.get("style", "")
+        drawn = float(element.get("width")) / float(element.get("height"))
+        assert drawn == pytest.approx(pixels.shape[1] * across / (pixels.shape[0] * up), rel=1e-3)
+        white = (pixels[..., :3] > 0.95).all(axis=-1)
+        red = (pixels[..., 0] > 0.8) & (pixels[..., 1] < 0.4)
+        step = width + int(gap)
+        for t in range(N_CUTS):
+            tile, expected = white[:, t * step:t * step + width], np.zeros((height, width), bool)
+            if t in holding:
+                expected[block] = True
+            if mode == "z" and t == 5:  # the boundary voxel, drawn over the image
+                expected[0, 0] = False
+                assert red[:, t * step:t * step + width].sum() == 1 and red[0, t * step]
+            np.testing.assert_array_equal(tile, expected, err_msg=f"{mode} slice {t}")
+            assert not pixels[:, t * step + width:(t + 1) * step, :3].any()  # black between the slices
+        assert _cuts(root) == [f"{mode}={int(c)}" for c in cuts[mode]]
+        texts = [t.text for t in root.iter(f"{SVG}text")]
+        assert texts.count("L") == texts.count("R") == (0 if mode == "x" else N_CUTS)
+        assert ("a title" in texts) == (mode == "z")  # the title over the first row
+
+
+def test_jacobian_figure_colours_folds_and_colour_bar(data, drawn):
+    """det J in RdBu_r over 1 +- spread (the 99.5th percentile of |det J - 1| in the brain, at least 0.25), folded
+    voxels in green, the brain outline in grey, one colour bar (by the axial row) with its range."""
+    fig_dir = drawn[0].parent / "sub-01" / "figures"
+    rows = _rows(fig_dir / "sub-01_ses-pre_space-MNI152NLin2009aSym_desc-demons_jacobian.svg")["still"]
+    assert [len(_images(r)) for r in rows] == [2, 1, 1]  # the colour bar, in the first row only
+    brain = np.asarray(nib.load(data["labels"]).dataobj) > 0
+    jac = Transform.read(data["folding"], grid=nib.load(data["atlas"])).jacobian_determinant()
+    spread = min(max(float(np.percentile(np.abs(jac[brain] - 1), 99.5)), 0.25), 0.999)
+    ticks = [t.text for t in rows[0].iter(f"{SVG}text")]
+    assert f"{1 - spread:.2g}" in ticks and f"{1 + spread:.2g}" in ticks and "1" in ticks
+    slices = np.concatenate([_images(r)[0][1].reshape(-1, 4) for r in rows])  # the slices: each row's first image
+    green = (slices[:, 1] > 0.7) & (slices[:, 0] < 0.1) & (slices[:, 2] < 0.1)
+    grey = (np.abs(slices[:, :3] - 128 / 255) < 0.01).all(axis=1)
+    assert green.sum() > 0 and grey.sum() > 20
 
 
 def test_summary_and_one_clean_metrics_table_per_method(drawn):
@@ -310,17 +385,22 @@ def test_missing_inputs_give_warnings_not_failures_and_custom_figures_dir(data, 
         assert (out.parent / src).is_file()
 
 
-def test_drawing_the_report_needs_no_templateflow_and_no_nipype(data, tmp_path):
+def test_drawing_the_report_needs_no_templateflow_no_nipype_and_no_nilearn(data, tmp_path):
     """nireports depends on TemplateFlow, whose downloads fail here, and on nipype (the library never imports a
-    workflow engine): drawing a report must import neither."""
+    workflow engine): drawing a report must import neither; nor nilearn (seconds to import and to plot) nor
+    matplotlib's pyplot (global state)."""
     import subprocess
 
     code = ("import sys; from hdar_pipeline.reports import write_subject_report, ReportEntry; "
             f"write_subject_report({str(tmp_path / 'r.html')!r}, subject='01', atlas={str(data['atlas'])!r}, "
-            f"atlas_labels={str(data['labels'])!r}, entries=[ReportEntry('syn', warped={str(data['warped'])!r})]); "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'templateflow', 'nipype', 'pydra'}); "
+            f"atlas_labels={str(data['labels'])!r}, entries=[ReportEntry('syn', warped={str(data['warped'])!r}, "
+            f"affine={str(data['affine'])!r}, transform={str(data['folding'])!r})], t1w={str(data['t1w'])!r}, "
+            f"brain_mask={str(data['mask'])!r}); "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'templateflow', 'nipype', 'pydra', 'nilearn'}); "
+            "bad += [m for m in sys.modules if m.startswith('matplotlib.pyplot')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert len(list((tmp_path / "sub-01" / "figures").glob("*.svg"))) == 4  # every kind of reportlet was drawn
 
 
 # ---------------------------------------------------------------------------- methods paragraph
