@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from . import morphology
 from .images import Grid, ImageError, new_image, resample_to
 
 MNI_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -72,9 +73,9 @@ def _mni_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     sub = np.pad(tissue[box], 5)
-    closed = _close(sub, 3.0, spacing)
+    closed = morphology.close(sub, 3.0, spacing, pad=False)
     closed = ndimage.binary_fill_holes(closed | sub)
-    margin = ndimage.distance_transform_edt(~closed, sampling=spacing) <= 1.0
+    margin = ndimage.binary_dilation(closed, morphology.ball(1.0, spacing))
     mask = np.zeros(t1.shape, dtype=bool)
     mask[box] = (closed | margin)[5:-5, 5:-5, 5:-5]
     mask &= t1 > 0
@@ -83,12 +84,6 @@ def _mni_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mask.setflags(write=False)
     affine.setflags(write=False)
     return t1, mask, affine
-
-
-def _close(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """Morphological closing with a ball of ``radius_mm`` (Euclidean distance transforms)."""
-    dilated = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
-    return ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
 
 
 def mni_template(spacing_mm: float | None = None) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
