@@ -95,6 +95,7 @@ from .images import (
     to_ants,
     validate_image,
 )
+from . import morphology
 from .runtime import configure_threads, seed_everything
 from .templates import MNI_TEMPLATE_NAME, isotropic_grid, mni_template
 from .transforms import Transform
@@ -203,34 +204,9 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def _dilate(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    if radius_mm <= 0:
-        return mask.copy()
-    return ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
-
-
-def _erode(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    if radius_mm <= 0:
-        return mask.copy()
-    return ndimage.distance_transform_edt(mask, sampling=spacing) > radius_mm
-
-
-def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """The voxel offsets within ``radius_mm`` (Euclidean, in mm on a grid of ``spacing``) as a structuring element."""
-    half = [int(np.floor(radius_mm / float(s) + 1e-9)) for s in spacing]
-    axes = np.meshgrid(*[np.arange(-k, k + 1) * float(s) for k, s in zip(half, spacing)], indexing="ij")
-    return sum(a * a for a in axes) <= radius_mm * radius_mm + 1e-9
-
-
 def _close(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """Morphological closing by a ball of ``radius_mm``: the same voxels as thresholding distance transforms
-    (:func:`_dilate` then :func:`_erode`), in a fifth of the time on a 1 mm head."""
-    # Pad so that a closing never grows across the volume border.
-    pad = int(np.ceil(radius_mm / spacing.min())) + 1
-    padded = np.pad(mask, pad)
-    ball = _ball(radius_mm, spacing)
-    closed = ndimage.binary_erosion(ndimage.binary_dilation(padded, ball), ball, border_value=1)
-    return closed[pad:-pad, pad:-pad, pad:-pad] | mask
+    """Closing by a ball that never grows across the volume border (:func:`hdar_pipeline.morphology.close`)."""
+    return morphology.close(mask, radius_mm, spacing)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -731,6 +707,19 @@ def _refine_mask(data: np.ndarray, mask0: np.ndarray, spacing: np.ndarray,
 
     Returns the refined mask and the tissue threshold used (intensity units of ``data``).
     """
+    # Everything happens within ``band_mm`` of the warped mask: work on its box, wide enough for the distances
+    # and morphology below to be those of the whole volume (the same voxels; a third of the head's volume).
+    margin = int(np.ceil((band_mm + 2.0 * float(spacing.max())) / float(spacing.min()))) + 2
+    box = _foreground_box(mask0)
+    box = tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, mask0.shape))
+    refined, thr = _refine_in_box(data[box], mask0[box], spacing, band_mm)
+    out = np.zeros(mask0.shape, dtype=bool)
+    out[box] = refined
+    return out, thr
+
+
+def _refine_in_box(data: np.ndarray, mask0: np.ndarray, spacing: np.ndarray,
+                   band_mm: float) -> tuple[np.ndarray, float]:
     d_in = ndimage.distance_transform_edt(mask0, sampling=spacing)
     d_out = ndimage.distance_transform_edt(~mask0, sampling=spacing)
     core = d_in > band_mm
@@ -743,8 +732,8 @@ def _refine_mask(data: np.ndarray, mask0: np.ndarray, spacing: np.ndarray,
     cand = core | (allowed & (data > thr))
     # Opening (radius ~1.5 voxels) cuts thin bridges to scalp or vessels; keep the largest piece.
     r_open = 1.5 * float(spacing.max())
-    opened = _largest_component(_erode(cand, r_open, spacing))
-    opened = _dilate(opened, r_open, spacing) & cand
+    opened = _largest_component(morphology.erode(cand, r_open, spacing))
+    opened = morphology.dilate(opened, r_open, spacing) & cand
     closed = _close(opened, max(2.0, float(spacing.max())), spacing)
     refined = _fill_holes(closed) & allowed
     return _largest_component(refined), thr
