@@ -8,22 +8,26 @@ are measured in the same process, pair by pair, so the timing ratios hold on a n
 
 Variants
 --------
-=================  ==========================================================================
-``affine``         antspyx rigid + affine only
-``demons``         SimpleITK diffeomorphic Demons (three levels)
-``lccdemons``      LCC-Demons (PyTorch; symmetric log-domain Demons with local correlation forces, three levels)
-``syn-fast``       ANTs SyN, antspyx defaults
-``syn-quality``    ANTs SyN at ``antsRegistrationSyN.sh`` quality (about 30 min per LPBA40 pair on 2
-                   cores: by default it runs on 1 pair only, see ``--max-pairs-per-variant``)
-``hdar``           HDAR with its default preset and options (:data:`~hdar_pipeline.methods.hdar.DEFAULT_PRESET`)
-``hdar-fast``      HDAR, the paper's inference (S2/S3 on the hardest patches)
-``hdar-full``      HDAR, S2/S3 on a sliding window over the brain
-``hdar-refined``   HDAR fast + ``--refine-steps`` steps of instance optimisation
-``hdar-accurate``  HDAR's ``accurate`` preset: 30 steps per level and 3 on the full-resolution grid
-=================  ==========================================================================
+======================  ==========================================================================
+``affine``              antspyx rigid + affine only
+``demons``              SimpleITK diffeomorphic Demons (three levels)
+``lccdemons``           LCC-Demons (PyTorch; symmetric log-domain Demons with local correlation forces, three levels)
+``syn-fast``            ANTs SyN, antspyx defaults
+``syn-quality``         ANTs SyN at ``antsRegistrationSyN.sh`` quality (about 30 min per LPBA40 pair on 2
+                        cores: by default it runs on 1 pair only, see ``--max-pairs-per-variant``)
+``hdar``                HDAR with its default preset and options (:data:`~hdar_pipeline.methods.hdar.DEFAULT_PRESET`)
+``hdar-fast``           HDAR, the paper's inference (S2/S3 on the hardest patches)
+``hdar-full``           HDAR, S2/S3 on a sliding window over the brain
+``hdar-refined``        HDAR fast + ``--refine-steps`` steps of instance optimisation
+``hdar-accurate``       HDAR's ``accurate`` preset: 30 steps per level and 3 on the full-resolution grid
+``voxelmorph``          VoxelMorph, the network alone (its ``fast`` preset: VoxelMorph as published, after
+                        HDAR's affine pre-alignment)
+``voxelmorph-refined``  VoxelMorph followed by HDAR's ``accurate`` refinement (its ``refined`` preset)
+======================  ==========================================================================
 
-A variant that cannot run here (HDAR when the requested weights are missing or unusable) appears in the table as "not run: <reason>"
-and in the notes; it never stops the others. A pair that fails is reported and the run goes on.
+A variant that cannot run here (HDAR or VoxelMorph when the requested weights are missing or unusable) appears in
+the table as "not run: <reason>" and in the notes; it never stops the others. A pair that fails is reported and the
+run goes on.
 
 Pairs
 -----
@@ -129,6 +133,10 @@ def default_variants(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Vari
                 f"HDAR fast + {int(refine_steps)} instance-optimisation steps per refinement level"),
         Variant("hdar-accurate", "hdar", "accurate", {},
                 "HDAR fast + 30 steps per refinement level and 3 on the full-resolution grid"),
+        Variant("voxelmorph", "voxelmorph", "fast", {}, "VoxelMorph, the network alone (after the affine "
+                "pre-alignment HDAR uses)"),
+        Variant("voxelmorph-refined", "voxelmorph", "refined", {},
+                "VoxelMorph + HDAR accurate's refinement (30 steps per level, 2 at full resolution)"),
         Variant("syn-quality", "syn", "quality", {}, "ANTs SyN, antsRegistrationSyN.sh quality"),
     ]
     return {v.name: v for v in variants}
@@ -142,31 +150,34 @@ class VariantUnavailable(RuntimeError):
 
 
 def build_method(variant: Variant, *, seed: int | None, threads: int | None, device: str | None = None,
-                 hdar_weights: str | os.PathLike | None = None):
-    """The registration method of ``variant``.
+                 hdar_weights: str | os.PathLike | None = None, voxelmorph_weights: str | os.PathLike | None = None):
+    """The registration method of ``variant`` (``hdar_weights``, ``voxelmorph_weights``: the weights of the HDAR and
+    VoxelMorph variants, default the shipped ones).
 
     Raises
     ------
     VariantUnavailable
-        The method cannot be built here (HDAR: no weights, unusable weights, or no HDAR module).
+        The method cannot be built here (HDAR, VoxelMorph: no weights, unusable weights, or no HDAR module).
     """
     from .methods import get_method
 
-    if variant.method != "hdar":
+    if variant.method not in ("hdar", "voxelmorph"):
         if variant.kwargs:
-            raise ValueError(f"variant {variant.name}: only HDAR variants take extra arguments")
+            raise ValueError(f"variant {variant.name}: only HDAR and VoxelMorph variants take extra arguments")
         return get_method(variant.method, preset=variant.preset, seed=seed, threads=threads, device=device)
     try:
         from .hdar.weights import WeightsError
         from .methods.hdar import DEFAULT_PRESET, HDARMethod
+        from .methods.voxelmorph import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod
     except ImportError as exc:  # the HDAR module or torch is missing
         raise VariantUnavailable(f"HDAR is not available in this installation ({exc})") from None
+    cls, default, weights = ((HDARMethod, DEFAULT_PRESET, hdar_weights) if variant.method == "hdar"
+                             else (VoxelMorphMethod, VXM_DEFAULT, voxelmorph_weights))
     kwargs = dict(variant.kwargs)
-    if hdar_weights is not None:
-        kwargs["weights"] = hdar_weights
+    if weights is not None:
+        kwargs["weights"] = weights
     try:
-        return HDARMethod(preset=variant.preset or DEFAULT_PRESET, seed=seed, threads=threads,
-                          device=device or "auto", **kwargs)
+        return cls(preset=variant.preset or default, seed=seed, threads=threads, device=device or "auto", **kwargs)
     except WeightsError as exc:  # NoWeightsError included
         raise VariantUnavailable(one_line(str(exc))) from None
 
@@ -408,6 +419,7 @@ class BenchmarkConfig:
     device: str = "auto"
     refine_steps: int = DEFAULT_REFINE_STEPS
     hdar_weights: str | None = None
+    voxelmorph_weights: str | None = None
     use_cache: bool = True
     dataset: str = ""
     command: str = ""
@@ -773,7 +785,8 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
     for v in selected:
         try:
             methods[v.name] = build_method(v, seed=config.seed, threads=config.threads, device=config.device,
-                                           hdar_weights=config.hdar_weights)
+                                           hdar_weights=config.hdar_weights,
+                                           voxelmorph_weights=config.voxelmorph_weights)
         except VariantUnavailable as exc:
             unavailable[v.name] = str(exc)
     for name, why in unavailable.items():
@@ -1167,6 +1180,8 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     mg.add_argument("--refine-steps", type=non_negative_int, default=DEFAULT_REFINE_STEPS, metavar="N",
                     help=f"instance-optimisation steps per refinement level of hdar-refined (default {DEFAULT_REFINE_STEPS})")
     mg.add_argument("--hdar-weights", metavar="NAME|PATH", help="HDAR weights (default: the shipped 'default')")
+    mg.add_argument("--voxelmorph-weights", metavar="NAME|PATH",
+                    help="VoxelMorph weights (default: the shipped 'voxelmorph')")
     aff = mg.add_mutually_exclusive_group()
     aff.add_argument("--affine", dest="affine", action="store_true", default=None,
                      help="affine stage before each deformable method (default for --bids-dir)")
@@ -1225,7 +1240,8 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         affine=affine_default if affine is None else bool(affine),
         threads=getattr(args, "threads", None), seed=int(getattr(args, "seed", 1)),
         device=getattr(args, "device", "auto") or "auto", refine_steps=refine,
-        hdar_weights=getattr(args, "hdar_weights", None), use_cache=not getattr(args, "no_cache", False),
+        hdar_weights=getattr(args, "hdar_weights", None),
+        voxelmorph_weights=getattr(args, "voxelmorph_weights", None), use_cache=not getattr(args, "no_cache", False),
         dataset=dataset, command=getattr(args, "command_line", None) or command_line(), notes=notes)
 
 

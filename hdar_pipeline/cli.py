@@ -79,13 +79,15 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed", help="fixed (atlas) image: NIfTI, MGZ or Analyze")
     p.add_argument("moving", help="moving (subject) image")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
-    p.add_argument("--method", choices=["affine", "syn", "demons", "lccdemons", "hdar"], default="syn")
+    p.add_argument("--method", choices=["affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"], default="syn")
     p.add_argument("--preset", default=None,
                    help="method preset: syn fast|quality (default fast), lccdemons default|fast (default: the LCC-Demons "
                         "paper's parameters; fast: the two coarse levels only), hdar accurate|refined|fast|full (default "
                         "accurate: the network then 30 diffeomorphic refinement steps per level and 2 at full "
                         "resolution, the most accurate within a fifth of SyN fast's time; refined: 25 per level, "
-                        "none at full resolution, 0.6 times as long; fast: the network alone)")
+                        "none at full resolution, 0.6 times as long; fast: the network alone), voxelmorph "
+                        "refined|fast (default refined: the network then HDAR's accurate refinement; fast: the "
+                        "network alone)")
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
     p.add_argument("--inverse", action="store_true",
@@ -105,24 +107,26 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help="do not rescale intensities to [0, 1] before registering")
     p.add_argument("--seed", type=non_negative_int, default=None, help="seeds numpy, torch and ANTs (ANTS_RANDOM_SEED)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (ITK, torch)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR and LCC-Demons)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR, VoxelMorph and LCC-Demons)")
     p.add_argument("--weights", default=None,
-                   help="HDAR weights: a shipped name (default) or an exported .pt with its model card beside it")
+                   help="HDAR or VoxelMorph weights: a shipped name (default: default for hdar, voxelmorph for "
+                        "voxelmorph) or an exported .pt with its model card beside it")
     p.add_argument("--refine", type=non_negative_int, default=None, metavar="N",
-                   help="HDAR: N instance-optimisation steps on each refinement level after the network (default: "
-                        "the preset's, 25 for refined, 30 for accurate, 0 for fast and full)")
+                   help="HDAR, VoxelMorph: N instance-optimisation steps on each refinement level after the network "
+                        "(default: the preset's, hdar 25 for refined, 30 for accurate, 0 for fast and full; voxelmorph "
+                        "30 for refined, 0 for fast)")
     p.add_argument("--refine-levels", type=positive_float, nargs="+", default=None, metavar="S",
-                   help="HDAR: resolutions of the refinement levels relative to the image, coarse to fine "
+                   help="HDAR, VoxelMorph: resolutions of the refinement levels relative to the image, coarse to fine "
                         "(default 0.25 0.5); --refine steps run on each")
     p.add_argument("--refine-similarity", choices=("full", "level"), default=None,
-                   help="HDAR: the finest refinement level's loss: 'full' (default) the local NCC of the "
+                   help="HDAR, VoxelMorph: the finest refinement level's loss: 'full' (default) the local NCC of the "
                         "full-resolution images, linearised around the warp; 'level' the images downsampled "
                         "to that level")
     p.add_argument("--refine-additive", dest="refine_diffeomorphic", action="store_false", default=None,
-                   help="HDAR: add the refinement's corrections (u + c) instead of composing diffeomorphic ones "
-                        "(u o exp(v), the default); faster, may fold")
+                   help="HDAR, VoxelMorph: add the refinement's corrections (u + c) instead of composing "
+                        "diffeomorphic ones (u o exp(v), the default); faster, may fold")
     p.add_argument("--no-prealign", dest="prealign", action="store_false", default=None,
-                   help="HDAR: skip the affine pre-alignment before the network")
+                   help="HDAR, VoxelMorph: skip the affine pre-alignment before the network")
     p.set_defaults(func=_run_register)
 
 
@@ -132,8 +136,9 @@ def _method_options(args: argparse.Namespace) -> dict | None:
                if getattr(args, k, None) is not None}
     if "refine_levels" in options:
         options["refine_levels"] = tuple(options["refine_levels"])
-    if options and args.method != "hdar":
-        raise ValueError(f"--{' and --'.join(k.replace('_', '-') for k in options)} only apply to --method hdar")
+    if options and args.method not in ("hdar", "voxelmorph"):
+        raise ValueError(f"--{' and --'.join(k.replace('_', '-') for k in options)} only apply to --method hdar "
+                         "and voxelmorph")
     return options or None
 
 
@@ -176,8 +181,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="hdar-demo", help="output folder (default ./hdar-demo)")
     p.add_argument("--subjects", type=positive_int, default=3, help="number of synthetic subjects (default 3)")
     p.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
-                   choices=["affine", "syn", "demons", "lccdemons", "hdar"],
-                   help="methods (default hdar syn demons; hdar is left out, with a note, when no weights ship)")
+                   choices=["affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"],
+                   help="methods (default hdar syn demons; hdar and voxelmorph are left out, with a note, when their "
+                        "weights do not ship)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--nprocs", type=positive_int, default=None, help="parallel jobs (default: all cores)")
     p.add_argument("--threads", type=positive_int, default=None, help="threads per job (default: cores / nprocs)")
@@ -315,10 +321,12 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train the HDAR cascade stage by stage (S1, then S2, then S3)",
-        description="Train HDAR on random pairs of affinely aligned, skull-stripped images on one grid (the first "
-                    "image's; others are resampled onto it). Writes OUTDIR/train_log.csv, OUTDIR/checkpoints/ "
-                    "(resume with --resume) and, with --export NAME, OUTDIR/NAME.pt plus its model card NAME.json.")
+        "train", help="train the HDAR cascade stage by stage (S1, then S2, then S3), or VoxelMorph",
+        description="Train HDAR (or, with --network voxelmorph, VoxelMorph as the only level, with the same data, "
+                    "augmentation, validation and schedule) on random pairs of affinely aligned, skull-stripped images "
+                    "on one grid (the first image's; others are resampled onto it). Writes OUTDIR/train_log.csv, "
+                    "OUTDIR/checkpoints/ (resume with --resume) and, with --export NAME, OUTDIR/NAME.pt plus its model "
+                    "card NAME.json.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="training image files")
     src.add_argument("--folder", help="folder of training images (see --pattern)")
@@ -337,15 +345,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of the subjects held out for validation when no --val-images (default 0.1, at least 2)")
     p.add_argument("--val-pairs", type=int, default=8, help="validation pairs (default 8)")
-    p.add_argument("--width", choices=["small", "paper"], default="small", help="network width (default small)")
-    p.add_argument("--levels", type=int, choices=[1, 2, 3], default=3, help="sub-networks S1..S3 to train (default 3)")
+    p.add_argument("--network", choices=["hdar", "voxelmorph"], default="hdar",
+                   help="the S1 network: hdar (HDAR's attention U-Net, default) or voxelmorph (VoxelMorph's U-Net, "
+                        "Balakrishnan et al. 2019, as the only level; its loss defaults to the paper's: diffusion "
+                        "smoothness with weight 1, on the velocity field with --diffeomorphic)")
+    p.add_argument("--width", choices=["small", "paper", "vm2", "vm1"], default=None,
+                   help="network width: small (default) or paper for hdar, vm2 (default) or vm1 for voxelmorph")
+    p.add_argument("--levels", type=int, choices=[1, 2, 3], default=None,
+                   help="sub-networks S1..S3 to train (default 3; voxelmorph: 1, its only choice)")
     p.add_argument("--steps-per-stage", type=int, nargs="+", default=[2000],
                    help="optimiser steps of stage 1 [2 [3]] (one value: every stage; default 2000)")
     p.add_argument("--val-every", type=int, default=250, help="validate every N steps (default 250)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
-    p.add_argument("--smooth-weight", type=float, default=1.5, help="smoothness weight (default 1.5)")
-    p.add_argument("--smoothness", choices=["anti_folding", "diffusion"], default="anti_folding")
+    p.add_argument("--smooth-weight", type=float, default=None,
+                   help="smoothness weight (default: 1.5 for hdar, 1 for voxelmorph)")
+    p.add_argument("--smoothness", choices=["anti_folding", "diffusion"], default=None,
+                   help="smoothness term (default: anti_folding for hdar, diffusion for voxelmorph)")
     p.add_argument("--dice-weight", type=float, default=1.0, help="Dice weight on pairs with labels (default 1)")
     p.add_argument("--loss-resolution", choices=["level", "full"], default="level",
                    help="compute each stage's loss at its network's resolution (default; S1 1/4, S2 1/2, S3 full on "
@@ -463,7 +479,8 @@ def _run_train(args: argparse.Namespace) -> int:
                       "not validating", file=sys.stderr)
         cascade = {k: getattr(args, k) for k in ("s1_scale", "s2_patch", "s2_input", "s3_patch", "s3_input", "top_k")
                    if getattr(args, k) is not None}
-        config = TrainConfig(width=args.width, levels=args.levels, diffeomorphic=args.diffeomorphic,
+        config = TrainConfig(network=args.network, width=args.width, levels=args.levels,
+                             diffeomorphic=args.diffeomorphic,
                              steps_per_stage=tuple(args.steps_per_stage), lr=args.lr, smooth_weight=args.smooth_weight,
                              smoothness=args.smoothness, dice_weight=args.dice_weight, augment=args.augment,
                              loss_resolution=args.loss_resolution,
@@ -504,8 +521,8 @@ def _run_train(args: argparse.Namespace) -> int:
     for path in written:
         print(f"exported: {path}")
     if written:
-        print("to ship these weights, copy both files into hdar_pipeline/hdar/weights/ (default.pt/.json is loaded "
-              "by default)")
+        print("to ship these weights, copy both files into hdar_pipeline/hdar/weights/ (--method hdar loads "
+              "default.pt/.json by default, --method voxelmorph voxelmorph.pt/.json)")
     return 0
 
 
@@ -693,7 +710,7 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
                    help="voxel size of the embedded template")
     g = p.add_argument_group("registration")
     g.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
-                   choices=["hdar", "syn", "demons", "lccdemons", "affine"],
+                   choices=["hdar", "syn", "demons", "lccdemons", "voxelmorph", "affine"],
                    help="registration methods run on every subject")
     g.add_argument("--syn-preset", choices=["fast", "quality"], default="fast",
                    help="ANTs SyN: fast (antspyx's SyN defaults, Mattes MI) or quality (antsRegistrationSyN.sh's "
@@ -708,6 +725,11 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
                         "and 2 at full resolution, the most accurate within a fifth of SyN fast's time), refined (25 "
                         "steps per level, none at full resolution: 0.6 times as long, slightly less accurate), fast "
                         "(the network on the hardest patches) or full (on a sliding window)")
+    # the default is hdar_pipeline.methods.voxelmorph.DEFAULT_PRESET (a test holds them equal)
+    g.add_argument("--voxelmorph-preset", choices=["refined", "fast"], default="refined",
+                   help="VoxelMorph: refined (default: the network, then HDAR's accurate refinement: 30 steps per "
+                        "level and 2 at full resolution) or fast (the network alone, after the same affine "
+                        "pre-alignment)")
     g.add_argument("--no-preprocess", dest="preprocess", action="store_false",
                    help="skip N4, brain extraction and the affine to the atlas (the affine stage of each "
                         "method still runs)")
@@ -728,7 +750,7 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
                         "(PyTorch, local NCC) or ants (antsRegistration, Mattes MI)")
     g.add_argument("--random-seed", "--seed", dest="seed", type=non_negative_int, default=None,
                    help="seeds numpy, torch and ANTs (--seed is the same option)")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR, LCC-Demons)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR, VoxelMorph, LCC-Demons)")
     g = p.add_argument_group("resources and execution")
     g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=None,
                    help="parallel jobs (cf worker); default: the cores this process may use, at most one per "

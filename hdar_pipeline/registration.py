@@ -60,18 +60,18 @@ def register_files(
         3-D images (NIfTI, MGZ or Analyze). Intensities are rescaled to [0, 1] (robust percentiles)
         before registration unless ``normalize=False``; the warped image keeps the moving image's
         original intensities.
-    method : {"affine", "syn", "demons", "lccdemons", "hdar"}
+    method : {"affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"}
     preset : str, optional
         Method preset (``syn``: ``fast`` or ``quality``; ``lccdemons``: ``default`` or ``fast``; ``hdar``: ``fast``,
-        ``full``, ``refined`` or ``accurate``).
+        ``full``, ``refined`` or ``accurate``; ``voxelmorph``: ``refined`` or ``fast``).
     affine : bool
         Run the affine stage before a deformable method.
     affine_method : {"fast", "ants"}
         The affine stage (:func:`hdar_pipeline.methods.affine_stage`).
     seed, threads, device
-        Reproducibility and resources (``device`` matters for ``hdar`` and ``lccdemons``).
+        Reproducibility and resources (``device`` matters for ``hdar``, ``voxelmorph`` and ``lccdemons``).
     method_options : dict, optional
-        Method-specific settings (``hdar``: ``weights``, ``refine``), see
+        Method-specific settings (``hdar``, ``voxelmorph``: ``weights``, ``refine``), see
         :func:`hdar_pipeline.methods.get_method`.
     then : path-like, optional
         An affine ITK transform file that maps ``moving``'s points on to another image's, e.g. the preprocessing's
@@ -278,10 +278,10 @@ def _then(transform, then: PathLike, fixed_img):
 
 
 def _import_hdar_in_background(method: str) -> threading.Thread | None:
-    """For ``hdar``, import torch and HDAR's modules in a thread, so that the 2-3 s this takes in a fresh
-    process overlap with hashing, reading and normalising the images (whose zlib and numpy work release the
-    GIL); ``None`` for the other methods. An import error is left for the first real import to raise."""
-    if method != "hdar":
+    """For ``hdar`` (and ``voxelmorph``), import torch and HDAR's modules in a thread, so that the 2-3 s this takes
+    in a fresh process overlap with hashing, reading and normalising the images (whose zlib and numpy work release
+    the GIL); ``None`` for the other methods. An import error is left for the first real import to raise."""
+    if method not in ("hdar", "voxelmorph"):
         return None
 
     def work() -> None:
@@ -297,22 +297,29 @@ def _import_hdar_in_background(method: str) -> threading.Thread | None:
 
 
 def _weights_files(method: str, options: dict | None) -> list[Path]:
-    """The HDAR weights (``.pt`` and model card) a registration reads, present and verified against the card's
-    SHA-256 before the work, and protected from the outputs; ``[]`` for the other methods.
+    """The HDAR (or VoxelMorph) weights (``.pt`` and model card) a registration reads, present and verified against
+    the card's SHA-256 before the work, and protected from the outputs; ``[]`` for the other methods.
 
     Raises
     ------
     WeightsError
         The weights are missing, their card is missing, or the file does not match the card.
     """
-    if method != "hdar":
+    if method not in ("hdar", "voxelmorph"):
         return []
-    weights = (options or {}).get("weights", "default")
+    weights = (options or {}).get("weights", "default" if method == "hdar" else "voxelmorph")
     try:
-        from .hdar.weights import resolve_weights, verify_weights
+        from .hdar.weights import NoWeightsError, resolve_weights, verify_weights
     except ImportError:  # no torch: the method says so
         return []
-    pt, card = resolve_weights(weights)
+    try:
+        pt, card = resolve_weights(weights)
+    except NoWeightsError as exc:
+        if method != "voxelmorph":
+            raise
+        from .methods.voxelmorph import missing_weights
+
+        raise missing_weights(exc, weights) from None
     verify_weights(pt, card)
     return [pt, card]
 
@@ -352,10 +359,10 @@ def register(
         The fixed (atlas) image; every Transform lives on its grid.
     moving : path-like or nibabel image, or a list of them
         One moving image, or several (one Transform each, in order).
-    method : {"hdar", "syn", "demons", "lccdemons", "affine"}
+    method : {"hdar", "syn", "demons", "lccdemons", "voxelmorph", "affine"}
     preset : str, optional
         ``hdar``: ``fast``/``full``/``refined``/``accurate``; ``syn``: ``fast``/``quality``; ``lccdemons``:
-        ``default``/``fast``.
+        ``default``/``fast``; ``voxelmorph``: ``refined``/``fast``.
     affine : bool
         Run the affine stage first (skip it for images already aligned on the fixed grid).
     fixed_mask : path-like or nibabel image, optional

@@ -104,7 +104,7 @@ _IN_PLANE = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}
 
 #: Display names of the methods this package knows.
 METHOD_TITLES = {"hdar": "HDAR", "syn": "ANTs SyN", "demons": "Diffeomorphic Demons", "lccdemons": "LCC-Demons",
-                 "affine": "Affine (ANTs)"}
+                 "voxelmorph": "VoxelMorph", "affine": "Affine (ANTs)"}
 
 #: The metrics a report shows, in this order: the key in a record's ``metrics`` -> (name, unit). Every statistic
 #: has one name and one definition; the Jacobian statistics are those of
@@ -1009,6 +1009,12 @@ REFERENCES: dict[str, str] = {
     "lorenzi2013": "Lorenzi M, Ayache N, Frisoni GB, Pennec X. LCC-Demons: a robust and accurate symmetric "
                    "diffeomorphic registration algorithm. *NeuroImage*. 2013;81:470-483. "
                    "doi:10.1016/j.neuroimage.2013.04.114",
+    "balakrishnan2019": "Balakrishnan G, Zhao A, Sabuncu MR, Guttag J, Dalca AV. VoxelMorph: a learning framework "
+                        "for deformable medical image registration. *IEEE Transactions on Medical Imaging*. "
+                        "2019;38(8):1788-1800. doi:10.1109/TMI.2019.2897538",
+    "dalca2019": "Dalca AV, Balakrishnan G, Guttag J, Sabuncu MR. Unsupervised learning of probabilistic "
+                 "diffeomorphic registration for images and surfaces. *Medical Image Analysis*. 2019;57:226-236. "
+                 "doi:10.1016/j.media.2019.07.006",
     "vercauteren2009": "Vercauteren T, Pennec X, Perchant A, Ayache N. Diffeomorphic demons: efficient "
                        "non-parametric image registration. *NeuroImage*. 2009;45(1 Suppl):S61-S72. "
                        "doi:10.1016/j.neuroimage.2008.10.040",
@@ -1032,7 +1038,8 @@ REFERENCES: dict[str, str] = {
 _CITE_TEXT = {
     "huang2021": "Huang et al. 2021", "avants2008": "Avants et al. 2008", "avants2011": "Avants et al. 2011",
     "vercauteren2009": "Vercauteren et al. 2009", "lowekamp2013": "Lowekamp et al. 2013",
-    "lorenzi2013": "Lorenzi et al. 2013",
+    "lorenzi2013": "Lorenzi et al. 2013", "balakrishnan2019": "Balakrishnan et al. 2019",
+    "dalca2019": "Dalca et al. 2019",
     "tustison2010": "Tustison et al. 2010", "klein2009": "Klein et al. 2009", "jarecka2020": "Jarecka et al. 2020",
     "fonov2009": "Fonov et al. 2009",
 }
@@ -1061,6 +1068,16 @@ _BIBTEX: dict[str, tuple[str, dict[str, str]]] = {
         "title": "{LCC-Demons}: a robust and accurate symmetric diffeomorphic registration algorithm",
         "journal": "NeuroImage", "year": "2013", "volume": "81", "pages": "470--483",
         "doi": "10.1016/j.neuroimage.2013.04.114"}),
+    "balakrishnan2019": ("article", {
+        "author": "Balakrishnan, G. and Zhao, A. and Sabuncu, M. R. and Guttag, J. and Dalca, A. V.",
+        "title": "{VoxelMorph}: a learning framework for deformable medical image registration",
+        "journal": "IEEE Transactions on Medical Imaging", "year": "2019", "volume": "38", "number": "8",
+        "pages": "1788--1800", "doi": "10.1109/TMI.2019.2897538"}),
+    "dalca2019": ("article", {
+        "author": "Dalca, A. V. and Balakrishnan, G. and Guttag, J. and Sabuncu, M. R.",
+        "title": "Unsupervised learning of probabilistic diffeomorphic registration for images and surfaces",
+        "journal": "Medical Image Analysis", "year": "2019", "volume": "57", "pages": "226--236",
+        "doi": "10.1016/j.media.2019.07.006"}),
     "vercauteren2009": ("article", {
         "author": "Vercauteren, T. and Pennec, X. and Perchant, A. and Ayache, N.",
         "title": "Diffeomorphic demons: efficient non-parametric image registration",
@@ -1418,6 +1435,51 @@ def _describe_hdar(params: Mapping[str, Any], preset: str, version: str, weights
     return text + _other_parameters(params, used)
 
 
+def _describe_voxelmorph(params: Mapping[str, Any], preset: str, version: str, cite: _Citer,
+                         devices: Sequence[str] | None = None) -> str:
+    """The VoxelMorph sentence: the network (its diffeomorphic variant), how it was trained (HDAR's pipeline), the
+    pre-alignment and the refinement it ran with, and its weights (name and SHA-256 from ``params``)."""
+    used = set(_ALWAYS_SKIPPED) | {"weights", "weights_sha256", "device", "threads", "diffeomorphic"}
+    diffeomorphic = params.get("diffeomorphic", True)
+    text = ("Deformable registration with VoxelMorph " + cite("balakrishnan2019")
+            + (", in its diffeomorphic variant " + cite("dalca2019") if diffeomorphic else "")
+            + f", used hdar-pipeline's PyTorch{version} implementation of the network (a U-Net predicting a "
+            + ("stationary velocity field, integrated by scaling and squaring" if diffeomorphic
+               else "displacement field")
+            + "), trained with the package's training pipeline on local normalised cross-correlation, diffusion "
+            "regularisation and an auxiliary Dice loss (the settings are in the weights' model card), and HDAR's "
+            "inference around it.")
+    if params.get("prealign"):
+        used.add("prealign")
+        text += (" Before the network, a 12-parameter affine map was fitted on local normalised cross-correlation "
+                 "at a quarter of the image resolution (Adam).")
+    refine = params.get("refine")
+    if refine is not None:
+        used |= {"refine", "refine_levels", "refine_lr", "refine_similarity", "refine_full_resolution",
+                 "refine_diffeomorphic", "refine_gradient_sigma", "refine_smooth_weight"}
+        if int(refine) > 0:
+            levels = params.get("refine_levels")
+            full_res = params.get("refine_full_resolution")
+            text += (f" The network's field was refined by {int(refine)} steps per level of instance optimisation "
+                     "(Adam on local normalised cross-correlation plus an anti-folding smoothness term"
+                     + (", on each of the resolutions " + ", ".join(_value_text(x) for x in levels)
+                        + " times the image size" if levels else "")
+                     + (f", then {int(full_res)} step{'s' if int(full_res) != 1 else ''} at full resolution"
+                        if full_res else "")
+                     + (", each correction integrated from a stationary velocity field and composed with the field"
+                        if params.get("refine_diffeomorphic") else "") + "), as in HDAR.")
+        else:
+            text += " No instance-optimisation refinement was applied."
+    name, sha = params.get("weights"), params.get("weights_sha256")
+    if name is not None or sha is not None:
+        text += (" Network weights: " + (f"`{name}`" if name is not None else "")
+                 + (f" (SHA-256 `{sha}`)" if sha is not None else "") + ".")
+    text += _devices_text(params.get("device"), devices)
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + _other_parameters(params, used)
+
+
 def _describe_generic(method: str, params: Mapping[str, Any], preset: str) -> str:
     text = f"The `{method}` method was run"
     text += f" with preset `{preset}`" if preset else ""
@@ -1609,6 +1671,9 @@ def methods_paragraph(
         elif key == "hdar":
             reg.append(_describe_hdar(params, preset, _version_suffix(versions, "torch"), weights, cite,
                                       (devices or {}).get(m, (devices or {}).get(key))))
+        elif key == "voxelmorph":
+            reg.append(_describe_voxelmorph(params, preset, _version_suffix(versions, "torch"), cite,
+                                            (devices or {}).get(m, (devices or {}).get(key))))
         else:
             reg.append(_describe_generic(m, params, preset))
     if reg:

@@ -75,7 +75,7 @@ def test_pair_modes_and_specs():
         bm.parse_max_pairs(["nonsense=1"])
     names = list(bm.default_variants(7))
     assert names == ["affine", "demons", "lccdemons", "syn-fast", "hdar", "hdar-fast", "hdar-full", "hdar-refined",
-                     "hdar-accurate", "syn-quality"]
+                     "hdar-accurate", "voxelmorph", "voxelmorph-refined", "syn-quality"]
     assert bm.default_variants(7)["hdar-refined"].kwargs == {"refine": 7}
 
 

@@ -59,6 +59,7 @@ class AppOptions:
     syn_preset: str = "fast"
     hdar_preset: str = "accurate"  # hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal)
     lccdemons_preset: str = "default"
+    voxelmorph_preset: str = "refined"  # hdar_pipeline.methods.voxelmorph.DEFAULT_PRESET (a test holds them equal)
     device: str = "auto"
     nprocs: int | None = None
     omp_nthreads: int | None = None
@@ -779,7 +780,7 @@ def run_participant(opts: AppOptions) -> int:
     if opts.stop_on_first_crash:
         os.environ["HDAR_STOP_ON_FIRST_CRASH"] = "1"  # read by hdar_pipeline.cohort in every job
 
-    presets = {"syn": opts.syn_preset, "hdar": opts.hdar_preset, "lccdemons": opts.lccdemons_preset}
+    presets = method_presets(opts)
     Wf = init_cohort_wf(methods=opts.methods, presets={m: p for m, p in presets.items() if m in opts.methods},
                         preprocess=opts.preprocess, skull_stripped=opts.skull_stripped, n4=opts.n4,
                         affine=opts.affine, affine_method=opts.affine_method, seed=opts.seed, threads=threads,
@@ -1311,8 +1312,10 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
             presets[rec["method"]] = rec.get("preset") or reg.get("preset") or ""
         versions = versions or reg.get("versions") or rec.get("Versions") or {}
         sha = reg.get("weights_sha256") or rec.get("WeightsSHA256")
-        if sha:
+        if sha and rec["method"] == "hdar":  # the paragraph's `weights` are HDAR's
             weights["sha256"] = sha
+        elif sha and rec["method"] in parameters:  # VoxelMorph's: its own sentence names them from its parameters
+            parameters[rec["method"]].setdefault("weights_sha256", sha)
     if not records:  # --boilerplate-only: what these options would run
         parameters, presets = _planned_parameters(opts)
     subjects = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
@@ -1339,13 +1342,19 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
         return []
 
 
+def method_presets(opts: AppOptions) -> dict[str, str]:
+    """The preset of each method that has app options for one (``--<method>-preset``)."""
+    return {"syn": opts.syn_preset, "hdar": opts.hdar_preset, "lccdemons": opts.lccdemons_preset,
+            "voxelmorph": opts.voxelmorph_preset}
+
+
 def _planned_parameters(opts: AppOptions) -> tuple[dict[str, dict], dict[str, str]]:
     """Each method's parameters and preset as these options would run it (nothing is run)."""
     from hdar_pipeline.methods import get_method
 
     parameters, presets = {}, {}
     for m in opts.methods:
-        preset = {"syn": opts.syn_preset, "hdar": opts.hdar_preset, "lccdemons": opts.lccdemons_preset}.get(m)
+        preset = method_presets(opts).get(m)
         try:
             parameters[m] = get_method(m, preset=preset, seed=opts.seed, device=opts.device).parameters
         except Exception as exc:  # noqa: BLE001 - the text then leaves the parameters out

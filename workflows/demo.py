@@ -19,16 +19,17 @@ DEFAULT_METHODS = ("hdar", "syn", "demons")
 
 
 def available_methods(methods: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``methods`` split into those that can run here and notes on those left out (HDAR without weights)."""
+    """``methods`` split into those that can run here and notes on those left out (HDAR or VoxelMorph without
+    their shipped weights)."""
     keep, notes = [], []
     for m in methods:
-        if m == "hdar":
+        if m in ("hdar", "voxelmorph"):
             from hdar_pipeline.hdar.weights import NoWeightsError, resolve_weights
 
             try:
-                resolve_weights("default")
+                resolve_weights("default" if m == "hdar" else "voxelmorph")
             except NoWeightsError as exc:
-                notes.append(f"hdar left out: {exc}")
+                notes.append(f"{m} left out: {exc}")
                 continue
         keep.append(m)
     return keep, notes

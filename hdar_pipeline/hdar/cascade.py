@@ -37,6 +37,10 @@ Design decisions
 * **Modes.** ``fast``: S2/S3 only on the K hardest patches (the paper). ``full``: S2/S3 on a sliding
   window over the brain mask (default ``fixed > 0``). ``levels`` 1, 2 or 3 (1 = a single VoxelMorph-like
   network, at ``s1_scale``).
+* **The S1 network** (``network``): HDAR's attention U-Net (``"hdar"``, the default) or VoxelMorph's U-Net
+  (``"voxelmorph"``, :mod:`~hdar_pipeline.hdar.voxelmorph`; one level only, no attention, so no patch selection).
+  Everything around the network (resizing to S1's grid, integration, training, weights, inference) is shared, so
+  the two are compared like for like.
 * **Sizes** are configurable; the paper's are 56^3 network inputs, 112^3 S2 patches, 56^3 S3 patches.
   For LPBA40's 160x192x160 the S1 input is 40x48x40 (exactly 1/4).
 
@@ -65,9 +69,14 @@ from .layers import (SpatialTransformer, VecInt, as_triple, compose_flows, crop_
                      resize_volume)
 from .patches import Patch, PatchBlender, candidate_patches, select_patches, sliding_window_patches
 from .unet import AttentionUNet, count_parameters, resolve_widths
+from .voxelmorph import VoxelMorphUNet, check_variant
 
 Mode = Literal["fast", "full"]
 Selection = Literal["attention", "random"]
+Network = Literal["hdar", "voxelmorph"]
+
+#: The S1 network types and their default widths.
+NETWORK_WIDTHS: dict[str, str] = {"hdar": "small", "voxelmorph": "vm2"}
 
 
 @dataclass
@@ -77,8 +86,13 @@ class CascadeConfig:
 
     Attributes
     ----------
+    network : "hdar" or "voxelmorph"
+        The S1 network: HDAR's attention U-Net or VoxelMorph's U-Net (:mod:`~hdar_pipeline.hdar.voxelmorph`;
+        ``levels`` must then be 1). Configurations and model cards without it are ``"hdar"``.
     levels : 1, 2 or 3
-    width : "paper", "small" or 4 ints
+        Default: 3 for ``"hdar"``, 1 for ``"voxelmorph"``.
+    width : "paper", "small" or 4 ints (``"hdar"``); "vm2" or "vm1" (``"voxelmorph"``)
+        Default: ``"small"`` for ``"hdar"``, ``"vm2"`` for ``"voxelmorph"``.
     s1_shape : 3 ints, optional
         S1 input size; default ``round(shape * s1_scale)`` per axis (the paper resizes to 56^3).
     s1_scale : float
@@ -106,8 +120,9 @@ class CascadeConfig:
         Patches per network call at S2/S3 (memory against speed; results do not depend on it).
     """
 
-    levels: int = 3
-    width: str | tuple[int, int, int, int] = "small"
+    levels: int | None = None
+    width: str | tuple[int, int, int, int] | None = None
+    network: Network = "hdar"
     s1_shape: tuple[int, int, int] | None = None
     s1_scale: float = 0.25
     s2_patch: int | tuple[int, int, int] = 112
@@ -129,8 +144,16 @@ class CascadeConfig:
     patch_batch: int = 8
 
     def __post_init__(self) -> None:
+        if self.network not in NETWORK_WIDTHS:
+            raise ValueError(f"network must be one of {', '.join(NETWORK_WIDTHS)}, got {self.network!r}")
+        if self.levels is None:
+            self.levels = 1 if self.network == "voxelmorph" else 3
+        if self.width is None:
+            self.width = NETWORK_WIDTHS[self.network]
         if self.levels not in (1, 2, 3):
             raise ValueError(f"levels must be 1, 2 or 3, got {self.levels}")
+        if self.network == "voxelmorph" and self.levels != 1:
+            raise ValueError(f"VoxelMorph is a single network: levels must be 1, got {self.levels}")
         if self.mode not in ("fast", "full"):
             raise ValueError(f"mode must be 'fast' or 'full', got {self.mode!r}")
         if self.selection not in ("attention", "random"):
@@ -143,7 +166,12 @@ class CascadeConfig:
             raise ValueError("taper must be in [0, 0.5)")
         if not isinstance(self.width, str):
             self.width = tuple(int(v) for v in self.width)  # type: ignore[assignment]
-        resolve_widths(self.width)
+        if self.network == "voxelmorph":
+            if not isinstance(self.width, str):
+                raise ValueError(f"VoxelMorph's width is a variant name (vm2, vm1), got {self.width!r}")
+            check_variant(self.width)
+        else:
+            resolve_widths(self.width)
         if self.s1_shape is not None:
             self.s1_shape = tuple(int(v) for v in as_triple(self.s1_shape))  # type: ignore[assignment]
         for name in ("s2_patch", "s2_input", "s3_patch", "s3_input"):
@@ -190,7 +218,7 @@ class LevelResult:
         Level 1: one patch covering the volume.
     attention : list (per batch element) of list of Tensor ``(1, 1, x, y, z)``
         Channel-mean attention map of each patch (detached), at half the network input resolution;
-        it covers its patch's full-resolution box.
+        it covers its patch's full-resolution box. Empty for a network without attention (VoxelMorph).
     shape : 3 ints, optional
         The full-resolution grid (default: ``flow``'s).
     """
@@ -260,8 +288,8 @@ class HDARCascade(nn.Module):
         elif overrides:
             config = CascadeConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config
-        self.nets = nn.ModuleList([AttentionUNet(3, config.width)] +
-                                  [AttentionUNet(6, config.width) for _ in range(config.levels - 1)])
+        first = VoxelMorphUNet(config.width) if config.network == "voxelmorph" else AttentionUNet(3, config.width)
+        self.nets = nn.ModuleList([first] + [AttentionUNet(6, config.width) for _ in range(config.levels - 1)])
         self.warp = SpatialTransformer("bilinear", "zeros")
         self.integrate = VecInt(config.int_steps)
         self.seed_selection()
@@ -274,11 +302,23 @@ class HDARCascade(nn.Module):
 
     # ------------------------------------------------------------------ building blocks
 
+    def s1_output(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The S1 network on ``fixed`` and ``moving`` ``(B, 1, x, y, z)`` already at S1's input size.
+
+        Returns its raw output ``(B, 3, x, y, z)`` in voxels of that grid (a stationary velocity in diffeomorphic
+        mode, before integration, else a displacement) and its attention ``(B, w2, x/2, y/2, z/2)``, or None for
+        VoxelMorph, which has none. The input is what each network was designed for: moving, fixed and their
+        difference for HDAR; moving and fixed for VoxelMorph."""
+        if self.config.network == "voxelmorph":
+            return self.nets[0](torch.cat([moving, fixed], dim=1)), None
+        return self.nets[0](torch.cat([moving, fixed, moving - fixed], dim=1))
+
     def level1(self, fixed: torch.Tensor, moving: torch.Tensor,
                inputs: tuple[torch.Tensor, torch.Tensor] | None = None, *,
                out_shape: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run S1. Returns its field (voxels) on ``out_shape`` (default: the full-resolution grid of
-        ``fixed``) and S1's attention ``(B, w2, x, y, z)`` (half the S1 input size, covering the volume).
+        ``fixed``) and S1's attention ``(B, w2, x, y, z)`` (half the S1 input size, covering the volume; None
+        for VoxelMorph).
 
         ``inputs``: fixed and moving already resized to ``config.s1_size`` (a trainer's cache); by default
         they are resized here."""
@@ -288,7 +328,7 @@ class HDARCascade(nn.Module):
         else:
             f = resize_volume(fixed, size)
             m = resize_volume(moving, size)
-        out, att = self.nets[0](torch.cat([m, f, m - f], dim=1))
+        out, att = self.s1_output(f, m)
         if self.config.diffeomorphic:
             out = self.integrate(out)
         return resize_flow(out, fixed.shape[2:] if out_shape is None else out_shape), att
@@ -448,7 +488,8 @@ class HDARCascade(nn.Module):
         whole = Patch((0, 0, 0), shape)  # type: ignore[arg-type]
         flow, att = self.level1(fixed, moving, s1_inputs, out_shape=work)
         result = LevelResult(1, flow, [[whole] for _ in range(batch)],
-                             [[att[b:b + 1].detach().mean(1, keepdim=True)] for b in range(batch)], shape)
+                             [[att[b:b + 1].detach().mean(1, keepdim=True)] if att is not None else []
+                              for b in range(batch)], shape)
         results = [result]
         for level in range(2, n_levels + 1):
             flows, patches, attention = [], [], []
@@ -570,13 +611,14 @@ def transform_to_field_voxels(transform: Transform) -> np.ndarray:
     return np.einsum("ac,xyzc->axyz", inv, transform.field.astype(np.float64)).astype(np.float32)
 
 
-def build_cascade(width: str | Sequence[int] = "small", levels: int = 3, *, seed: int | None = None,
+def build_cascade(width: str | Sequence[int] | None = "small", levels: int | None = 3, *, seed: int | None = None,
                   **settings: Any) -> HDARCascade:
-    """A freshly initialised cascade; ``seed`` makes the initial weights reproducible."""
+    """A freshly initialised cascade; ``seed`` makes the initial weights reproducible. ``None`` for ``width`` or
+    ``levels``: the network's default (:class:`CascadeConfig`)."""
     if seed is not None:
         torch.manual_seed(seed)
-    return HDARCascade(CascadeConfig(width=width if isinstance(width, str) else tuple(width),  # type: ignore
-                                     levels=levels, **settings))
+    widths = width if width is None or isinstance(width, str) else tuple(width)
+    return HDARCascade(CascadeConfig(width=widths, levels=levels, **settings))  # type: ignore[arg-type]
 
 
 @torch.no_grad()

@@ -16,6 +16,12 @@ with ``R`` the anti-folding smoothness (:func:`~hdar_pipeline.hdar.losses.anti_f
 1.5) or diffusion, and the Dice term only where both subjects have labels (on a random subset of at most
 ``max_dice_labels`` labels per step, to bound memory; one-hot maps warped trilinearly).
 
+VoxelMorph (``network="voxelmorph"``: VoxelMorph's U-Net as the only level) trains through the same loop, data,
+augmentation, validation, checkpoints and export; only its loss defaults differ, to the paper's: ``R`` is the
+diffusion term (mean squared gradient) with weight 1, computed on the velocity field before integration in the
+diffeomorphic variant (:data:`NETWORK_DEFAULTS`), and the Dice term is the semi-supervised variant's auxiliary
+segmentation loss.
+
 Where the loss is computed (``loss_resolution``): ``"level"`` (default) evaluates each stage at the
 resolution its network works at: S1 on its own input grid (1/4; the inputs are cached down-sampled
 copies, so a stage-1 step never touches the full-resolution volume), S2 on the volume at 1/2, S3 at
@@ -75,6 +81,18 @@ LOG_COLUMNS = ["step", "stage", "stage_step", "loss", "loss_ncc", "loss_smooth",
 #: Settings that may change when a run is resumed (schedule and bookkeeping, not the model or the loss).
 RESUMABLE_CHANGES = {"steps_per_stage", "val_every", "val_pairs", "checkpoint_every", "keep_checkpoints"}
 
+#: Per S1 network, the defaults of :class:`TrainConfig`'s network-dependent settings: HDAR's (anti-folding
+#: smoothness, weight 1.5, on the displacement) and VoxelMorph's (diffusion, weight 1 for local NCC as
+#: Balakrishnan et al. 2019 found best, on the velocity before integration in the diffeomorphic variant).
+NETWORK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "hdar": {"width": "small", "levels": 3, "smoothness": "anti_folding", "smooth_weight": 1.5,
+             "smooth_on_velocity": False},
+    "voxelmorph": {"width": "vm2", "levels": 1, "smoothness": "diffusion", "smooth_weight": 1.0,
+                   "smooth_on_velocity": True},
+}
+#: What a saved training configuration without a setting (written before the setting existed) meant.
+LEGACY_SETTINGS = {"network": "hdar", "smooth_on": "displacement"}
+
 
 @dataclass
 class TrainConfig:
@@ -82,17 +100,30 @@ class TrainConfig:
 
     Attributes
     ----------
-    width : "small", "paper" or 4 ints
+    network : "hdar" or "voxelmorph"
+        The S1 network (:class:`~hdar_pipeline.hdar.cascade.CascadeConfig`); it sets the defaults of ``width``,
+        ``levels`` and the smoothness term (:data:`NETWORK_DEFAULTS`). Configurations without it are ``"hdar"``.
+    width : "small", "paper" or 4 ints (HDAR); "vm2" or "vm1" (VoxelMorph)
+        Default: the network's (``"small"``, ``"vm2"``).
     levels : 1, 2 or 3
+        Default: 3 for HDAR, 1 (the only choice) for VoxelMorph.
     diffeomorphic : bool
         Predict stationary velocities (scaling and squaring).
     steps_per_stage : int or up to 3 ints
         Optimiser steps of stage 1, 2, 3 (one value: the same for every stage).
     lr : float
         Adam learning rate (paper: 1e-4).
-    smooth_weight : float
-        Weight of the smoothness term (paper: 1.5).
-    smoothness : "anti_folding" or "diffusion"
+    smooth_weight : float, optional
+        Weight of the smoothness term. Default: the network's paper's, 1.5 for HDAR, 1 for VoxelMorph with local
+        NCC (Balakrishnan et al. 2019).
+    smoothness : "anti_folding" or "diffusion", optional
+        Default: the network's paper's, HDAR's anti-folding term or VoxelMorph's diffusion (mean squared
+        gradient, ``Grad('l2')``).
+    smooth_on : "displacement" or "velocity", optional
+        The field the smoothness term is computed on. Default: the network's: the displacement for HDAR, the
+        stationary velocity before integration for a diffeomorphic VoxelMorph (its ``preint_flow``; the
+        displacement without ``diffeomorphic``). ``"velocity"`` needs ``diffeomorphic``, ``levels=1`` and
+        ``loss_resolution="level"`` (the velocity lives on S1's own grid).
     dice_weight : float
         Weight of the soft Dice term on pairs with labels (0 disables it).
     max_dice_labels : int
@@ -126,13 +157,13 @@ class TrainConfig:
         Other :class:`CascadeConfig` settings (patch sizes, ``top_k``, ``s1_scale``, ...).
     """
 
-    width: str | tuple[int, int, int, int] = "small"
-    levels: int = 3
+    width: str | tuple[int, int, int, int] | None = None
+    levels: int | None = None
     diffeomorphic: bool = False
     steps_per_stage: int | tuple[int, ...] = 2000
     lr: float = 1e-4
-    smooth_weight: float = 1.5
-    smoothness: Literal["anti_folding", "diffusion"] = "anti_folding"
+    smooth_weight: float | None = None
+    smoothness: Literal["anti_folding", "diffusion"] | None = None
     dice_weight: float = 1.0
     max_dice_labels: int = 16
     ncc_window: int = 9
@@ -147,8 +178,26 @@ class TrainConfig:
     seed: int = 0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     cascade: dict[str, Any] = field(default_factory=dict)
+    network: Literal["hdar", "voxelmorph"] = "hdar"
+    smooth_on: Literal["displacement", "velocity"] | None = None
 
     def __post_init__(self) -> None:
+        if self.network not in NETWORK_DEFAULTS:
+            raise ValueError(f"network must be one of {', '.join(NETWORK_DEFAULTS)}, got {self.network!r}")
+        defaults = NETWORK_DEFAULTS[self.network]
+        if self.levels is None:
+            self.levels = defaults["levels"]
+        if self.width is None:
+            self.width = defaults["width"]
+        if self.smoothness is None:
+            self.smoothness = defaults["smoothness"]
+        if self.smooth_weight is None:
+            self.smooth_weight = defaults["smooth_weight"]
+        self.smooth_weight = float(self.smooth_weight)
+        if self.smooth_on is None:
+            self.smooth_on = "velocity" if defaults["smooth_on_velocity"] and self.diffeomorphic else "displacement"
+        if self.smooth_on not in ("displacement", "velocity"):
+            raise ValueError(f"smooth_on must be 'displacement' or 'velocity', got {self.smooth_on!r}")
         if self.levels not in (1, 2, 3):
             raise ValueError(f"levels must be 1, 2 or 3, got {self.levels}")
         if isinstance(self.steps_per_stage, int):
@@ -165,6 +214,11 @@ class TrainConfig:
             raise ValueError(f"smoothness must be 'anti_folding' or 'diffusion', got {self.smoothness!r}")
         if self.loss_resolution not in ("level", "full"):
             raise ValueError(f"loss_resolution must be 'level' or 'full', got {self.loss_resolution!r}")
+        if self.smooth_on == "velocity" and not (self.diffeomorphic and self.levels == 1
+                                                 and self.loss_resolution == "level"):
+            raise ValueError("smooth_on='velocity' (the smoothness term on the network's velocity field) needs "
+                             "diffeomorphic=True, levels=1 and loss_resolution='level' (to train at full "
+                             "resolution, set cascade s1_scale=1)")
         if self.train_top_k is not None and int(self.train_top_k) < 1:
             raise ValueError(f"train_top_k must be >= 1, got {self.train_top_k}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
@@ -197,7 +251,8 @@ class TrainConfig:
         return int(sum(self.stage_steps[:stage]))
 
     def cascade_settings(self) -> dict[str, Any]:
-        return {**self.cascade, "width": self.width, "levels": self.levels, "diffeomorphic": self.diffeomorphic}
+        return {**self.cascade, "width": self.width, "levels": self.levels, "diffeomorphic": self.diffeomorphic,
+                "network": self.network}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -378,8 +433,11 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
     level = config.loss_resolution == "level"
     size = level_loss_size(cfg, stage, shape) if level else shape
     box = None
+    velocity = None
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        if level and size != shape:
+        # stage 1 takes this path even when S1's grid is the full grid (s1_scale 1): its raw output is needed for
+        # a smoothness term on the velocity
+        if level and (size != shape or stage == 1):
             fi, mi = pair.indices
             aug = pair.augmentation
             base = level_loss_size(cfg, stage, lowres.data.shape) if lowres is not None else None
@@ -388,8 +446,10 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
             else:
                 f_t, m_t = resize_volume(f, size), resize_volume(m, size)
             if stage == 1:
-                out, _ = model.nets[0](torch.cat([m_t, f_t, m_t - f_t], dim=1))
+                out, _ = model.s1_output(f_t, m_t)
                 flow = model.integrate(out) if cfg.diffeomorphic else out
+                if config.smooth_on == "velocity":
+                    velocity = out
             else:
                 s1_inputs = None
                 if lowres is not None:  # S1's inputs from the cache too (saves two full-volume resizes)
@@ -416,7 +476,8 @@ def pair_loss(model: HDARCascade, pair: Pair, stage: int, config: TrainConfig, d
         if fl is not None:
             fl = fl[:, :, x0:x1, y0:y1, z0:z1]
     ncc = local_ncc_loss(f_t, sample_region(m_t, flow, start), config.ncc_window)
-    smooth = anti_folding_loss(flow) if config.smoothness == "anti_folding" else diffusion_loss(flow)
+    regularised = flow if velocity is None else velocity.float()
+    smooth = anti_folding_loss(regularised) if config.smoothness == "anti_folding" else diffusion_loss(regularised)
     loss = ncc + config.smooth_weight * smooth
     dice_value = float("nan")
     if config.dice_weight > 0 and fl is not None and ml is not None:
@@ -599,14 +660,14 @@ def read_log(path: PathLike) -> list[dict[str, str]]:
 class _Progress:
     """A rich progress bar (or nothing)."""
 
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
+    def __init__(self, enabled: bool, total: int, done: int, title: str = "HDAR") -> None:
         self.enabled = enabled
         self.progress = None
         if enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
-            self.progress = Progress(TextColumn("[bold]HDAR[/] {task.description}"), BarColumn(),
+            self.progress = Progress(TextColumn(f"[bold]{title}[/] {{task.description}}"), BarColumn(),
                                      MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                                      TimeElapsedColumn(), TimeRemainingColumn())
             self.progress.start()
@@ -629,6 +690,7 @@ class _Progress:
 
 
 def _check_resume_config(saved: dict[str, Any], config: TrainConfig) -> None:
+    saved = {**LEGACY_SETTINGS, **saved}
     new = config.to_dict()
     changed = [k for k in new if k not in RESUMABLE_CHANGES and saved.get(k) != new[k]]
     if changed:
@@ -729,7 +791,7 @@ def train(
 
     lowres = LowResCache(train_data)
     stop_at = config.total_steps if max_steps is None else min(config.total_steps, int(max_steps))
-    bar = _Progress(progress, config.total_steps, step)
+    bar = _Progress(progress, config.total_steps, step, "VoxelMorph" if config.network == "voxelmorph" else "HDAR")
     last_ckpt: Path | None = Path(ckpt["path"]) if ckpt is not None else None
     start_wall = time.perf_counter() - elapsed
     try:

@@ -10,6 +10,10 @@ unless told otherwise; a path to a ``.pt`` (or its ``.json``) outside the packag
 
     {"format": "hdar-weights/1", "config": CascadeConfig.to_dict(), "state_dict": {...}}
 
+The network is HDAR's cascade or, with ``config.network == "voxelmorph"``, VoxelMorph's U-Net as its only level
+(:mod:`hdar_pipeline.hdar.voxelmorph`); :func:`card_network` reads which from the card. Shipped VoxelMorph weights
+are named ``voxelmorph`` (:class:`~hdar_pipeline.methods.voxelmorph.VoxelMorphMethod` loads them).
+
 ``<name>.json`` is the model card::
 
     format, name, sha256 (of the .pt bytes), created (UTC), data (what it was trained on), command
@@ -156,6 +160,14 @@ def read_card(path: PathLike) -> dict[str, Any]:
     if not isinstance(card, dict) or "sha256" not in card:
         raise WeightsError(f"{p}: not an HDAR model card (no sha256 field)")
     return card
+
+
+def card_network(card: dict[str, Any]) -> str:
+    """The S1 network a model card's weights hold: ``config.cascade.network`` (``"hdar"`` or ``"voxelmorph"``);
+    ``"hdar"`` for cards written before the setting existed."""
+    config = card.get("config") if isinstance(card.get("config"), dict) else {}
+    cascade = config.get("cascade") if isinstance(config.get("cascade"), dict) else {}
+    return str(cascade.get("network") or "hdar")
 
 
 def verify_weights(pt: PathLike, card: dict[str, Any] | PathLike) -> str:

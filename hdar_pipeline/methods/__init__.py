@@ -10,7 +10,10 @@ import nibabel as nib
 from ..transforms import Transform
 from .base import MethodBase, RegistrationMethod
 
-METHODS = ("affine", "syn", "demons", "lccdemons", "hdar")
+METHODS = ("affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph")
+
+#: The learned methods: they load trained weights (a shipped name by default) and take HDAR's options.
+LEARNED_METHODS = ("hdar", "voxelmorph")
 
 
 def get_method(name: str, *, preset: str | None = None, seed: int | None = None, threads: int | None = None,
@@ -19,19 +22,20 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
 
     Parameters
     ----------
-    name : {"affine", "syn", "demons", "lccdemons", "hdar"}
+    name : {"affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"}
     preset : str, optional
         ``syn``: ``"fast"`` (default) or ``"quality"``; ``lccdemons``: ``"default"`` (the paper's parameters) or
-        ``"fast"``; ``hdar``: ``"accurate"`` (default), ``"refined"``, ``"fast"`` or ``"full"``.
+        ``"fast"``; ``hdar``: ``"accurate"`` (default), ``"refined"``, ``"fast"`` or ``"full"``; ``voxelmorph``:
+        ``"refined"`` (default: the network, then HDAR's ``accurate`` refinement) or ``"fast"`` (the network alone).
         ``affine`` and ``demons`` have none (``None`` or ``"default"``).
     seed : int, optional
         Seeds the method (``ANTS_RANDOM_SEED`` for the ANTs methods; Demons is deterministic).
     threads : int, optional
         Worker threads (ITK, torch); ``None`` keeps the library defaults.
     device : str, optional
-        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar`` and ``lccdemons`` (PyTorch).
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar``, ``voxelmorph`` and ``lccdemons`` (PyTorch).
     options : dict, optional
-        Method-specific settings passed to the method's constructor, e.g. for ``hdar``
+        Method-specific settings passed to the method's constructor, e.g. for ``hdar`` (and ``voxelmorph``)
         ``{"weights": "model.pt", "refine": 50}``. An option the method does not have is an error.
 
     Returns
@@ -50,7 +54,7 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     if opts:
         return _with_options(get_method(name, preset=preset, seed=seed, threads=threads, device=device)
-                             if name != "hdar" else None, name, preset, seed, threads, device, opts)
+                             if name not in LEARNED_METHODS else None, name, preset, seed, threads, device, opts)
     if name == "affine":
         from .affine import AffineMethod
 
@@ -75,6 +79,10 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
         from .hdar import DEFAULT_PRESET, HDARMethod
 
         return HDARMethod(preset=preset or DEFAULT_PRESET, seed=seed, threads=threads, device=device or "auto")
+    if name == "voxelmorph":
+        from .voxelmorph import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod
+
+        return VoxelMorphMethod(preset=preset or VXM_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
@@ -86,6 +94,10 @@ def _with_options(method, name, preset, seed, threads, device, opts: dict[str, A
         from .hdar import DEFAULT_PRESET, HDARMethod as cls
 
         base = dict(preset=preset or DEFAULT_PRESET, seed=seed, threads=threads, device=device or "auto")
+    elif name == "voxelmorph":
+        from .voxelmorph import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod as cls  # type: ignore[assignment]
+
+        base = dict(preset=preset or VXM_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     else:
         cls = type(method)
         base = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
@@ -161,8 +173,10 @@ def register_pair(
         deformable = method.register(fixed, aligned, fixed_mask=fixed_mask)
         stages.append(_stage(method))
         transform = aff.compose(deformable)
-        if "inverse_field" in deformable.metadata:  # the field is unchanged by an affine after it
-            transform.metadata["inverse_field"] = deformable.metadata["inverse_field"]
+        # the field is unchanged by an affine after it; the weights are the deformable stage's
+        for key in ("inverse_field", "weights_sha256"):
+            if key in deformable.metadata:
+                transform.metadata[key] = deformable.metadata[key]
     info = {
         "method": method.name,
         "preset": getattr(method, "preset", None),
@@ -181,13 +195,14 @@ def register_pair(
 
 def model_identity(method: str) -> str:
     """What identifies the trained model behind ``method`` with its default options: for ``"hdar"`` the
-    shipped default weights' ``"<name>@sha256:<hex>"`` (``""`` when none ship), ``""`` for the classical
-    methods. Workflows pass it to registration tasks so that cached results follow the weights."""
-    if method != "hdar":
+    shipped default weights' ``"<name>@sha256:<hex>"`` (for ``"voxelmorph"`` the shipped ``voxelmorph`` weights';
+    ``""`` when none ship), ``""`` for the classical methods. Workflows pass it to registration tasks so that
+    cached results follow the weights."""
+    if method not in LEARNED_METHODS:
         return ""
     from ..hdar.weights import weights_identity
 
-    return weights_identity("default")
+    return weights_identity("voxelmorph" if method == "voxelmorph" else "default")
 
 
 def _stage(method: MethodBase) -> dict[str, Any]:
@@ -202,5 +217,5 @@ def _same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialIm
     return Grid.of(a).same_as(Grid.of(b), atol=1e-3)
 
 
-__all__ = ["AFFINE_METHODS", "METHODS", "MethodBase", "RegistrationMethod", "affine_stage", "get_method",
-           "model_identity", "register_pair"]
+__all__ = ["AFFINE_METHODS", "LEARNED_METHODS", "METHODS", "MethodBase", "RegistrationMethod", "affine_stage",
+           "get_method", "model_identity", "register_pair"]

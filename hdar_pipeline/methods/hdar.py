@@ -64,6 +64,10 @@ DEFAULT_PRESET = "accurate"
 HDAR_PRESETS: dict[str, dict[str, Any]] = {"fast": {"mode": "fast"}, "full": {"mode": "full"},
                                            "refined": {"mode": "fast"}, "accurate": {"mode": "fast"}}
 
+#: Anti-folding smoothness weight of the refinement when the model card names none that applies (HDAR's training
+#: weight; also what a model trained with another smoothness term, e.g. VoxelMorph's diffusion, is refined with).
+REFINE_SMOOTH_WEIGHT = 1.5
+
 
 @dataclass
 class HDARMethod(MethodBase):
@@ -94,7 +98,8 @@ class HDARMethod(MethodBase):
         diffeomorphisms: no folded voxels by construction. Forced on for a diffeomorphic model.
     refine_smooth_weight : float, optional
         Weight of the anti-folding smoothness in the refinement loss; default: the model's training weight
-        (model card ``config.training.smooth_weight``, 1.5 when absent).
+        (model card ``config.training.smooth_weight``, 1.5 when absent or when the model was trained with another
+        smoothness term; :func:`refine_smooth_weight_of`).
     refine_gradient_sigma : float
         Gaussian smoothing (sigma, voxels of the level's grid) of the correction's gradient on every refinement
         level but the finest (:class:`~hdar_pipeline.hdar.instance.RefineLevel`); 0 turns it off. Default 1:
@@ -125,6 +130,14 @@ class HDARMethod(MethodBase):
     """
 
     name: ClassVar[str] = "hdar"
+    #: How messages name the method.
+    title: ClassVar[str] = "HDAR"
+    #: The S1 network the weights must hold (model card ``config.cascade.network``).
+    network: ClassVar[str] = "hdar"
+    #: Preset name -> cascade settings; and each preset's default ``refine`` and ``refine_full_resolution``.
+    presets: ClassVar[dict[str, dict[str, Any]]] = HDAR_PRESETS
+    preset_refine: ClassVar[dict[str, int]] = {"refined": REFINED_STEPS, "accurate": ACCURATE_STEPS}
+    preset_full_resolution: ClassVar[dict[str, int]] = {"accurate": ACCURATE_FULL_RESOLUTION_STEPS}
     preset: str = DEFAULT_PRESET
     prealign: bool = True
     refine: int | None = None
@@ -142,10 +155,10 @@ class HDARMethod(MethodBase):
     device_used: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.preset not in HDAR_PRESETS:
-            raise ValueError(f"unknown HDAR preset {self.preset!r}; choose from {sorted(HDAR_PRESETS)}")
+        if self.preset not in self.presets:
+            raise ValueError(f"unknown {self.title} preset {self.preset!r}; choose from {sorted(self.presets)}")
         if self.refine is None:
-            self.refine = {"refined": REFINED_STEPS, "accurate": ACCURATE_STEPS}.get(self.preset, 0)
+            self.refine = self.preset_refine.get(self.preset, 0)
         self.refine = int(self.refine)
         if self.refine < 0:
             raise ValueError("refine must be >= 0")
@@ -154,7 +167,7 @@ class HDARMethod(MethodBase):
             # already at full resolution, or on the downsampled images, gets none rather than an error)
             fits = (self.refine and self.refine_similarity == "full"
                     and max(float(x) for x in self.refine_levels) < 1.0)
-            self.refine_full_resolution = ACCURATE_FULL_RESOLUTION_STEPS if fits and self.preset == "accurate" else 0
+            self.refine_full_resolution = self.preset_full_resolution.get(self.preset, 0) if fits else 0
         self.refine_full_resolution = int(self.refine_full_resolution)
         if self.refine_full_resolution < 0:
             raise ValueError("refine_full_resolution must be >= 0")
@@ -170,16 +183,29 @@ class HDARMethod(MethodBase):
 
             # checks: a finest scale of 1/b, b whole; below 1 when a full-resolution level follows
             default_refine_levels(self.refine, self.refine_levels, full_resolution_steps=self.refine_full_resolution)
-        from ..hdar.weights import resolve_weights
-
-        resolve_weights(self.weights)  # fail early, with the clear message, when there are none
+        self._check_weights()
         self._loaded: Any = None
+
+    def _check_weights(self) -> dict[str, Any]:
+        """Fail early, with the clear message, when the weights do not exist or hold another network (read from
+        the model card; the ``.pt`` is verified and loaded at the first registration). Returns the card."""
+        from ..hdar.weights import WeightsError, card_network, read_card, resolve_weights
+
+        _, card = resolve_weights(self.weights)
+        content = read_card(card)
+        held = card_network(content)
+        if held != self.network:
+            names = {"hdar": "an HDAR cascade", "voxelmorph": "a VoxelMorph network"}
+            raise WeightsError(f"{card}: these weights hold {names.get(held, repr(held))}, not "
+                               f"{names.get(self.network, repr(self.network))}; use --method {held} "
+                               f"(method {held!r}) with them")
+        return content
 
     @property
     def parameters(self) -> dict[str, Any]:
         out = {k: v for k, v in super().parameters.items() if k not in ("device_used", "_loaded")}
         out["weights"] = str(self.weights)
-        out.update(HDAR_PRESETS[self.preset])
+        out.update(self.presets[self.preset])
         return out
 
     def _model(self, device):
@@ -200,7 +226,7 @@ class HDARMethod(MethodBase):
             moving = resample_to(moving, grid, interpolation="linear")
         dev = resolve_device(self.device)
         transform, self.device_used = register_with_model(
-            self._model(dev), fixed, moving, fixed_mask, mode=HDAR_PRESETS[self.preset]["mode"],
+            self._model(dev), fixed, moving, fixed_mask, mode=self.presets[self.preset].get("mode", "fast"),
             prealign=self.prealign, refine=self.refine, refine_levels=self.refine_levels, refine_lr=self.refine_lr,
             refine_similarity=self.refine_similarity, refine_diffeomorphic=self.refine_diffeomorphic,
             refine_smooth_weight=self.refine_smooth_weight, refine_gradient_sigma=self.refine_gradient_sigma,
@@ -270,7 +296,8 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
     refine_diffeomorphic : bool
         Compose ``exp(v)`` corrections (forced for a diffeomorphic model) instead of adding them.
     refine_smooth_weight : float, optional
-        The refinement's smoothness weight (default: the model card's training weight, else 1.5).
+        The refinement's anti-folding smoothness weight (default :func:`refine_smooth_weight_of` the model card:
+        its training weight when it trained with the anti-folding term, else 1.5).
     refine_gradient_sigma : float
         Gradient smoothing on the refinement levels coarser than the finest (see :class:`HDARMethod`).
     refine_full_resolution : int
@@ -335,11 +362,10 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
         if pre is not None:
             flow = compose_flows(pre, flow)
     if refine:
-        training = loaded.card.get("config", {}).get("training", {})
         pyramid = default_refine_levels(refine, refine_levels, lr=refine_lr, similarity=refine_similarity,
                                         coarse_gradient_sigma=refine_gradient_sigma,
                                         full_resolution_steps=refine_full_resolution)
-        weight = refine_smooth_weight if refine_smooth_weight is not None else training.get("smooth_weight", 1.5)
+        weight = refine_smooth_weight if refine_smooth_weight is not None else refine_smooth_weight_of(loaded.card)
         flow = refine_flow(fp, mp, flow, pyramid, smooth_weight=float(weight),
                            diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic), out_shape=shape)
     with torch.no_grad():
@@ -350,6 +376,18 @@ def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: st
         refine_full_resolution_steps=int(refine_full_resolution),
         prealign=bool(prealign), frame={"shape": list(frame.grid.shape), "exact": frame.exact,
                                         "voxel_size_mm": [float(v) for v in frame.grid.spacing]})), device_used
+
+
+def refine_smooth_weight_of(card: dict) -> float:
+    """The refinement's default anti-folding smoothness weight for a model card: the weight the model was trained
+    with when its training used the anti-folding term (HDAR's cards; cards without ``smoothness`` did), else
+    :data:`REFINE_SMOOTH_WEIGHT` (a weight of another term, such as VoxelMorph's diffusion weight of 1, does not
+    carry over)."""
+    config = card.get("config") if isinstance(card.get("config"), dict) else {}
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    if (training.get("smoothness") or "anti_folding") != "anti_folding":
+        return REFINE_SMOOTH_WEIGHT
+    return float(training.get("smooth_weight", REFINE_SMOOTH_WEIGHT))
 
 
 def frame_for(card: dict, grid: Grid, box) -> Any:
