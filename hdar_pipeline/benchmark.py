@@ -12,6 +12,8 @@ Variants
 ``affine``              antspyx rigid + affine only
 ``demons``              SimpleITK diffeomorphic Demons (three levels)
 ``lccdemons``           LCC-Demons (PyTorch; symmetric log-domain Demons with local correlation forces, three levels)
+``fireants``            FireANTs' greedy registration with the settings of its LPBA40 experiment (optional extra)
+``fireants-syn``        FireANTs' SyN registration, the same experiment's settings (optional extra)
 ``syn-fast``            ANTs SyN, antspyx defaults
 ``syn-quality``         ANTs SyN at ``antsRegistrationSyN.sh`` quality (about 30 min per LPBA40 pair on 2
                         cores: by default it runs on 1 pair only, see ``--max-pairs-per-variant``)
@@ -25,8 +27,8 @@ Variants
 ``voxelmorph-refined``  VoxelMorph followed by HDAR's ``accurate`` refinement (its ``refined`` preset)
 ======================  ==========================================================================
 
-A variant that cannot run here (HDAR or VoxelMorph when the requested weights are missing or unusable) appears in
-the table as "not run: <reason>" and in the notes; it never stops the others. A pair that fails is reported and the
+A variant that cannot run here (HDAR or VoxelMorph when the requested weights are missing or unusable, FireANTs when
+it is not installed) appears in the table as "not run: <reason>" and in the notes; it never stops the others. A pair that fails is reported and the
 run goes on.
 
 Pairs
@@ -125,6 +127,8 @@ def default_variants(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Vari
         Variant("affine", "affine", None, {}, "antspyx rigid + affine only"),
         Variant("demons", "demons", None, {}, "SimpleITK diffeomorphic Demons, 3 levels"),
         Variant("lccdemons", "lccdemons", None, {}, "LCC-Demons (PyTorch), the paper's parameters, 3 levels"),
+        Variant("fireants", "fireants", "greedy", {}, "FireANTs greedy, its LPBA40 settings (200/100/50 at 4/2/1)"),
+        Variant("fireants-syn", "fireants", "syn", {}, "FireANTs SyN, its LPBA40 settings (100/75/50 at 4/2/1)"),
         Variant("syn-fast", "syn", "fast", {}, "ANTs SyN, antspyx defaults"),
         Variant("hdar", "hdar", None, {}, "HDAR with its default preset and options (what users get)"),
         Variant("hdar-fast", "hdar", "fast", {}, "HDAR, S2/S3 on the hardest patches"),
@@ -164,7 +168,10 @@ def build_method(variant: Variant, *, seed: int | None, threads: int | None, dev
     if variant.method not in ("hdar", "voxelmorph"):
         if variant.kwargs:
             raise ValueError(f"variant {variant.name}: only HDAR and VoxelMorph variants take extra arguments")
-        return get_method(variant.method, preset=variant.preset, seed=seed, threads=threads, device=device)
+        try:
+            return get_method(variant.method, preset=variant.preset, seed=seed, threads=threads, device=device)
+        except ImportError as exc:  # an optional extra (FireANTs) is not installed
+            raise VariantUnavailable(str(exc)) from None
     try:
         from .hdar.weights import WeightsError
         from .methods.hdar import DEFAULT_PRESET, HDARMethod

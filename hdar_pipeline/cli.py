@@ -79,10 +79,13 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed", help="fixed (atlas) image: NIfTI, MGZ or Analyze")
     p.add_argument("moving", help="moving (subject) image")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
-    p.add_argument("--method", choices=["affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"], default="syn")
+    p.add_argument("--method", choices=["affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"],
+                   default="syn")
     p.add_argument("--preset", default=None,
                    help="method preset: syn fast|quality (default fast), lccdemons default|fast (default: the LCC-Demons "
-                        "paper's parameters; fast: the two coarse levels only), hdar accurate|refined|fast|full (default "
+                        "paper's parameters; fast: the two coarse levels only), fireants greedy|syn (default greedy: "
+                        "FireANTs' GreedyRegistration, syn: its SyNRegistration, both with the settings of FireANTs' "
+                        "LPBA40 experiment), hdar accurate|refined|fast|full (default "
                         "accurate: the network then 30 diffeomorphic refinement steps per level and 2 at full "
                         "resolution, the most accurate within a fifth of SyN fast's time; refined: 25 per level, "
                         "none at full resolution, 0.6 times as long; fast: the network alone), voxelmorph "
@@ -107,7 +110,7 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help="do not rescale intensities to [0, 1] before registering")
     p.add_argument("--seed", type=non_negative_int, default=None, help="seeds numpy, torch and ANTs (ANTS_RANDOM_SEED)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (ITK, torch)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR, VoxelMorph and LCC-Demons)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR, VoxelMorph, LCC-Demons and FireANTs)")
     p.add_argument("--weights", default=None,
                    help="HDAR or VoxelMorph weights: a shipped name (default: default for hdar, voxelmorph for "
                         "voxelmorph) or an exported .pt with its model card beside it")
@@ -181,7 +184,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="hdar-demo", help="output folder (default ./hdar-demo)")
     p.add_argument("--subjects", type=positive_int, default=3, help="number of synthetic subjects (default 3)")
     p.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
-                   choices=["affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"],
+                   choices=["affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"],
                    help="methods (default hdar syn demons; hdar and voxelmorph are left out, with a note, when their "
                         "weights do not ship)")
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -710,7 +713,7 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
                    help="voxel size of the embedded template")
     g = p.add_argument_group("registration")
     g.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
-                   choices=["hdar", "syn", "demons", "lccdemons", "voxelmorph", "affine"],
+                   choices=["hdar", "syn", "demons", "lccdemons", "fireants", "voxelmorph", "affine"],
                    help="registration methods run on every subject")
     g.add_argument("--syn-preset", choices=["fast", "quality"], default="fast",
                    help="ANTs SyN: fast (antspyx's SyN defaults, Mattes MI) or quality (antsRegistrationSyN.sh's "
@@ -718,6 +721,12 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     g.add_argument("--lccdemons-preset", choices=["default", "fast"], default="default",
                    help="LCC-Demons: default (the paper's parameters: 30/20/10 iterations at shrink 4/2/1, sigma_LCC 3, "
                         "fluid 0.5, diffusion 1.0 voxels) or fast (the two coarse levels only)")
+    # the default is hdar_pipeline.methods.fireants.DEFAULT_PRESET
+    g.add_argument("--fireants-preset", choices=["greedy", "syn"], default="greedy",
+                   help="FireANTs (pip install 'hdar-pipeline[fireants]', then pip install --no-deps fireants==1.5.0): "
+                        "greedy (default: GreedyRegistration, 200/100/50 iterations at scales 4/2/1, CC window 7) or "
+                        "syn (SyNRegistration, 100/75/50 iterations, CC window 5): the settings of FireANTs' LPBA40 "
+                        "experiment")
     # the default is hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal; not imported here so
     # that `--help` does not load the library)
     g.add_argument("--hdar-preset", choices=["fast", "full", "refined", "accurate"], default="accurate",
@@ -750,7 +759,7 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
                         "(PyTorch, local NCC) or ants (antsRegistration, Mattes MI)")
     g.add_argument("--random-seed", "--seed", dest="seed", type=non_negative_int, default=None,
                    help="seeds numpy, torch and ANTs (--seed is the same option)")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR, VoxelMorph, LCC-Demons)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (HDAR, VoxelMorph, LCC-Demons, FireANTs)")
     g = p.add_argument_group("resources and execution")
     g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=None,
                    help="parallel jobs (cf worker); default: the cores this process may use, at most one per "

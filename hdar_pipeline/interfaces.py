@@ -47,10 +47,10 @@ class RegisterInputSpec(BaseInterfaceInputSpec):
     fixed_image = File(exists=True, mandatory=True, desc="fixed image (the atlas); outputs lie on its grid")
     moving_image = File(exists=True, mandatory=True, desc="moving image (the subject)")
     moving_labels = File(exists=True, desc="labels of the moving image, warped with nearest neighbour")
-    method = traits.Enum("syn", "demons", "affine", "hdar", "lccdemons", "voxelmorph", usedefault=True,
+    method = traits.Enum("syn", "demons", "affine", "hdar", "lccdemons", "voxelmorph", "fireants", usedefault=True,
                          desc="registration method")
-    preset = traits.Str(desc="method preset (syn: fast or quality; lccdemons: default or fast; hdar: fast, full, "
-                             "refined or accurate; voxelmorph: refined or fast)")
+    preset = traits.Str(desc="method preset (syn: fast or quality; lccdemons: default or fast; fireants: greedy or "
+                             "syn; hdar: fast, full, refined or accurate; voxelmorph: refined or fast)")
     affine = traits.Bool(True, usedefault=True, desc="run the affine stage before a deformable method")
     seed = traits.Int(desc="random seed (numpy, torch, ANTS_RANDOM_SEED)")
     num_threads = traits.Int(desc="worker threads (ITK, torch)")

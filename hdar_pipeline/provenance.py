@@ -9,7 +9,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-_PACKAGES = ("hdar-pipeline", "antspyx", "SimpleITK", "nibabel", "numpy", "scipy", "torch")
+_PACKAGES = ("hdar-pipeline", "antspyx", "SimpleITK", "nibabel", "numpy", "scipy", "torch", "fireants")
 
 
 def library_versions() -> dict[str, str]:

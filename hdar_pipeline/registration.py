@@ -60,16 +60,18 @@ def register_files(
         3-D images (NIfTI, MGZ or Analyze). Intensities are rescaled to [0, 1] (robust percentiles)
         before registration unless ``normalize=False``; the warped image keeps the moving image's
         original intensities.
-    method : {"affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"}
+    method : {"affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"}
     preset : str, optional
-        Method preset (``syn``: ``fast`` or ``quality``; ``lccdemons``: ``default`` or ``fast``; ``hdar``: ``fast``,
+        Method preset (``syn``: ``fast`` or ``quality``; ``lccdemons``: ``default`` or ``fast``; ``fireants``:
+        ``greedy`` or ``syn``; ``hdar``: ``fast``,
         ``full``, ``refined`` or ``accurate``; ``voxelmorph``: ``refined`` or ``fast``).
     affine : bool
         Run the affine stage before a deformable method.
     affine_method : {"fast", "ants"}
         The affine stage (:func:`hdar_pipeline.methods.affine_stage`).
     seed, threads, device
-        Reproducibility and resources (``device`` matters for ``hdar``, ``voxelmorph`` and ``lccdemons``).
+        Reproducibility and resources (``device`` matters for ``hdar``, ``voxelmorph``, ``lccdemons`` and
+        ``fireants``).
     method_options : dict, optional
         Method-specific settings (``hdar``, ``voxelmorph``: ``weights``, ``refine``), see
         :func:`hdar_pipeline.methods.get_method`.
@@ -359,10 +361,10 @@ def register(
         The fixed (atlas) image; every Transform lives on its grid.
     moving : path-like or nibabel image, or a list of them
         One moving image, or several (one Transform each, in order).
-    method : {"hdar", "syn", "demons", "lccdemons", "voxelmorph", "affine"}
+    method : {"hdar", "syn", "demons", "lccdemons", "fireants", "voxelmorph", "affine"}
     preset : str, optional
         ``hdar``: ``fast``/``full``/``refined``/``accurate``; ``syn``: ``fast``/``quality``; ``lccdemons``:
-        ``default``/``fast``; ``voxelmorph``: ``refined``/``fast``.
+        ``default``/``fast``; ``fireants``: ``greedy``/``syn``; ``voxelmorph``: ``refined``/``fast``.
     affine : bool
         Run the affine stage first (skip it for images already aligned on the fixed grid).
     fixed_mask : path-like or nibabel image, optional

@@ -104,7 +104,7 @@ _IN_PLANE = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}
 
 #: Display names of the methods this package knows.
 METHOD_TITLES = {"hdar": "HDAR", "syn": "ANTs SyN", "demons": "Diffeomorphic Demons", "lccdemons": "LCC-Demons",
-                 "voxelmorph": "VoxelMorph", "affine": "Affine (ANTs)"}
+                 "fireants": "FireANTs", "voxelmorph": "VoxelMorph", "affine": "Affine (ANTs)"}
 
 #: The metrics a report shows, in this order: the key in a record's ``metrics`` -> (name, unit). Every statistic
 #: has one name and one definition; the Jacobian statistics are those of
@@ -1009,6 +1009,8 @@ REFERENCES: dict[str, str] = {
     "lorenzi2013": "Lorenzi M, Ayache N, Frisoni GB, Pennec X. LCC-Demons: a robust and accurate symmetric "
                    "diffeomorphic registration algorithm. *NeuroImage*. 2013;81:470-483. "
                    "doi:10.1016/j.neuroimage.2013.04.114",
+    "jena2024": "Jena R, Chaudhari P, Gee JC. FireANTs: Adaptive Riemannian Optimization for Multi-Scale "
+                "Diffeomorphic Registration. arXiv:2404.01249. 2024",
     "balakrishnan2019": "Balakrishnan G, Zhao A, Sabuncu MR, Guttag J, Dalca AV. VoxelMorph: a learning framework "
                         "for deformable medical image registration. *IEEE Transactions on Medical Imaging*. "
                         "2019;38(8):1788-1800. doi:10.1109/TMI.2019.2897538",
@@ -1038,7 +1040,7 @@ REFERENCES: dict[str, str] = {
 _CITE_TEXT = {
     "huang2021": "Huang et al. 2021", "avants2008": "Avants et al. 2008", "avants2011": "Avants et al. 2011",
     "vercauteren2009": "Vercauteren et al. 2009", "lowekamp2013": "Lowekamp et al. 2013",
-    "lorenzi2013": "Lorenzi et al. 2013", "balakrishnan2019": "Balakrishnan et al. 2019",
+    "lorenzi2013": "Lorenzi et al. 2013", "jena2024": "Jena et al. 2024", "balakrishnan2019": "Balakrishnan et al. 2019",
     "dalca2019": "Dalca et al. 2019",
     "tustison2010": "Tustison et al. 2010", "klein2009": "Klein et al. 2009", "jarecka2020": "Jarecka et al. 2020",
     "fonov2009": "Fonov et al. 2009",
@@ -1068,6 +1070,10 @@ _BIBTEX: dict[str, tuple[str, dict[str, str]]] = {
         "title": "{LCC-Demons}: a robust and accurate symmetric diffeomorphic registration algorithm",
         "journal": "NeuroImage", "year": "2013", "volume": "81", "pages": "470--483",
         "doi": "10.1016/j.neuroimage.2013.04.114"}),
+    "jena2024": ("misc", {
+        "author": "Jena, R. and Chaudhari, P. and Gee, J. C.",
+        "title": "{FireANTs}: Adaptive {Riemannian} Optimization for Multi-Scale Diffeomorphic Registration",
+        "year": "2024", "eprint": "2404.01249", "archiveprefix": "arXiv"}),
     "balakrishnan2019": ("article", {
         "author": "Balakrishnan, G. and Zhao, A. and Sabuncu, M. R. and Guttag, J. and Dalca, A. V.",
         "title": "{VoxelMorph}: a learning framework for deformable medical image registration",
@@ -1116,7 +1122,7 @@ _BIBTEX: dict[str, tuple[str, dict[str, str]]] = {
 
 #: Package names in :func:`provenance.library_versions` and how the text names them.
 _LIBRARY_NAMES = {"python": "Python", "antspyx": "ANTsPy (antspyx)", "SimpleITK": "SimpleITK", "nibabel": "NiBabel",
-                  "numpy": "NumPy", "scipy": "SciPy", "torch": "PyTorch", "pydra": "Pydra"}
+                  "numpy": "NumPy", "scipy": "SciPy", "torch": "PyTorch", "pydra": "Pydra", "fireants": "FireANTs"}
 
 
 class _Citer:
@@ -1321,6 +1327,34 @@ def _describe_lccdemons(params: Mapping[str, Any], preset: str, version: str, ci
     text += (" (" + "; ".join(details) + ")") if details else ""
     text += (", the transformation being the velocity field's exponential computed by scaling and squaring, "
              "and the inverse that of the negated velocity.")
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + _other_parameters(params, used)
+
+
+def _describe_fireants(params: Mapping[str, Any], preset: str, version: str, cite: _Citer) -> str:
+    used = set(_ALWAYS_SKIPPED) | {"device", "threads", "loss"}
+    algorithm = params.get("algorithm")
+    used.add("algorithm")
+    text = ("Deformable registration used FireANTs" + version + " " + cite("jena2024") + ": "
+            + ("symmetric (SyN) " if algorithm == "syn" else "greedy " if algorithm == "greedy" else "")
+            + "diffeomorphic registration with compositive warps, adaptive Riemannian optimisation (Adam) and local "
+              "normalised cross-correlation")
+    details = []
+    if params.get("cc_kernel_size") is not None:
+        used.add("cc_kernel_size")
+        details.append(f"a correlation window of {_value_text(params['cc_kernel_size'])} voxels")
+    scales, iters = params.get("scales"), params.get("iterations")
+    if scales is not None and iters is not None:
+        used |= {"scales", "iterations"}
+        details.append(f"{_value_text(iters)} iterations at scales {_value_text(scales)}")
+    for key, what in (("smooth_grad_sigma", "gradients smoothed by a Gaussian of {} voxels"),
+                      ("smooth_warp_sigma", "the warp by one of {} voxels"), ("optimizer_lr", "learning rate {}")):
+        if params.get(key) is not None:
+            used.add(key)
+            details.append(what.format(_value_text(params[key])))
+    text += (" (" + "; ".join(details) + ")") if details else ""
+    text += "."
     if preset:
         text += f" Preset: `{preset}`."
     return text + _other_parameters(params, used)
@@ -1668,6 +1702,8 @@ def methods_paragraph(
             reg.append(_describe_demons(params, preset, _version_suffix(versions, "SimpleITK"), cite))
         elif key == "lccdemons":
             reg.append(_describe_lccdemons(params, preset, _version_suffix(versions, "torch"), cite))
+        elif key == "fireants":
+            reg.append(_describe_fireants(params, preset, _version_suffix(versions, "fireants"), cite))
         elif key == "hdar":
             reg.append(_describe_hdar(params, preset, _version_suffix(versions, "torch"), weights, cite,
                                       (devices or {}).get(m, (devices or {}).get(key))))
@@ -1700,13 +1736,14 @@ def methods_paragraph(
     repro = []
     uses_ants = bool(set(lower) & {"affine", "syn"}) or (affine_first and affine_method != "fast") or bool(
         prep.get("n4")) or bool(prep.get("brain_extraction"))
-    uses_torch = "hdar" in lower or (affine_first and affine_method == "fast")
+    uses_torch = bool(set(lower) & {"hdar", "fireants"}) or (affine_first and affine_method == "fast")
     if seed is not None:
         rngs = ["Python", "NumPy"] + (["PyTorch"] if uses_torch else []) + (
             ["ANTs, through `ANTS_RANDOM_SEED`"] if uses_ants else [])
         repro.append(f"The random number generators ({_join(rngs)}) were seeded with {seed}.")
     skip = {"hdar-pipeline", "hdar_pipeline"} | (set() if uses_torch else {"torch"}) | (
-        set() if uses_ants else {"antspyx"}) | (set() if uses_pydra else {"pydra"})
+        set() if uses_ants else {"antspyx"}) | (set() if uses_pydra else {"pydra"}) | (
+        set() if "fireants" in lower else {"fireants"})
     libs = [f"{_LIBRARY_NAMES.get(k, k)} {v}" for k, v in versions.items()
             if k not in skip and v and v != "not installed"]
     if libs:

@@ -78,14 +78,14 @@ def Register(
     Args:
         fixed: Fixed image (the atlas); the outputs lie on its grid.
         moving: Moving image (the subject).
-        method: Registration method: affine, syn, demons, lccdemons, hdar or voxelmorph.
+        method: Registration method: affine, syn, demons, lccdemons, fireants, hdar or voxelmorph.
         moving_labels: Label map of the moving image, warped with nearest neighbour.
-        preset: Method preset (syn: fast or quality; lccdemons: default or fast; hdar: fast, full, refined or
-            accurate; voxelmorph: refined or fast).
+        preset: Method preset (syn: fast or quality; lccdemons: default or fast; fireants: greedy or syn; hdar:
+            fast, full, refined or accurate; voxelmorph: refined or fast).
         affine: Run the affine stage before a deformable method.
         seed: Random seed (numpy, torch, ANTS_RANDOM_SEED).
         threads: Worker threads (ITK, torch); None keeps the library defaults.
-        device: auto, cpu or cuda[:N] (used by hdar, voxelmorph and lccdemons).
+        device: auto, cpu or cuda[:N] (used by hdar, voxelmorph, lccdemons and fireants).
 
     Returns:
         record: registration.json (method, parameters, runtime, versions, transform list).
@@ -316,7 +316,7 @@ def RegisterSubject(
 
     Args:
         atlas: The atlas (fixed image).
-        method: Registration method: affine, syn, demons, lccdemons, hdar or voxelmorph.
+        method: Registration method: affine, syn, demons, lccdemons, fireants, hdar or voxelmorph.
         subject: Subject identifier (default: preprocessed's).
         t1w: The subject's T1w image (default: preprocessed's).
         session: Session identifier (default: preprocessed's).

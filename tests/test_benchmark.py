@@ -74,8 +74,8 @@ def test_pair_modes_and_specs():
     with pytest.raises(bm.BenchmarkInputError):
         bm.parse_max_pairs(["nonsense=1"])
     names = list(bm.default_variants(7))
-    assert names == ["affine", "demons", "lccdemons", "syn-fast", "hdar", "hdar-fast", "hdar-full", "hdar-refined",
-                     "hdar-accurate", "voxelmorph", "voxelmorph-refined", "syn-quality"]
+    assert names == ["affine", "demons", "lccdemons", "fireants", "fireants-syn", "syn-fast", "hdar", "hdar-fast",
+                     "hdar-full", "hdar-refined", "hdar-accurate", "voxelmorph", "voxelmorph-refined", "syn-quality"]
     assert bm.default_variants(7)["hdar-refined"].kwargs == {"refine": 7}
 
 

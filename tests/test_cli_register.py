@@ -39,9 +39,14 @@ def dice(a, b):
 # before any registration). The affine stage runs for "affine" and for "hdar" (two transform files).
 @pytest.mark.parametrize("method, extra", [("demons", ["--no-affine"]), ("affine", []),
                                            ("syn", ["--preset", "fast", "--no-affine"]), ("hdar", ["--device", "cpu"]),
-                                           ("lccdemons", ["--no-affine", "--device", "cpu"])])
+                                           ("lccdemons", ["--no-affine", "--device", "cpu"]),
+                                           pytest.param("fireants", ["--no-affine", "--device", "cpu"],
+                                                        marks=pytest.mark.fireants)])
 def test_register_writes_everything_and_ants_reapplies_it(tmp_path, pair, method, extra):
     import ants
+
+    if method == "fireants":
+        pytest.importorskip("fireants", reason="FireANTs is not installed (the fireants extra)")
 
     out = tmp_path / "out"
     before = {p: p.read_bytes() for p in pair.values()}
@@ -76,7 +81,7 @@ def test_register_writes_everything_and_ants_reapplies_it(tmp_path, pair, method
     # Nothing was written next to the inputs, and they are unchanged.
     assert all(p.read_bytes() == before[p] for p in pair.values())
     assert sorted(p.name for p in pair["fixed"].parent.iterdir()) == sorted(p.name for p in pair.values())
-    if method in ("demons", "syn", "lccdemons"):  # recover the deformation without folding
+    if method in ("demons", "syn", "lccdemons", "fireants"):  # recover the deformation without folding
         reference = np.asarray(nib.load(str(pair["fixed_labels"])).dataobj)
         moving = np.asarray(nib.load(str(pair["labels"])).dataobj)
         assert dice(reference, ours).mean() > dice(reference, moving).mean() + 0.03

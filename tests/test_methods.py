@@ -55,7 +55,7 @@ def check_run_info(method) -> None:
 
 
 def test_registry_builds_every_available_method():
-    assert set(METHODS) == {"affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"}
+    assert set(METHODS) == {"affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"}
     for name in ("affine", "syn", "demons"):
         method = get_method(name, seed=3, threads=1)
         assert isinstance(method, RegistrationMethod) and method.name == name

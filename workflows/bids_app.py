@@ -59,6 +59,7 @@ class AppOptions:
     syn_preset: str = "fast"
     hdar_preset: str = "accurate"  # hdar_pipeline.methods.hdar.DEFAULT_PRESET (a test holds them equal)
     lccdemons_preset: str = "default"
+    fireants_preset: str = "greedy"  # hdar_pipeline.methods.fireants.DEFAULT_PRESET
     voxelmorph_preset: str = "refined"  # hdar_pipeline.methods.voxelmorph.DEFAULT_PRESET (a test holds them equal)
     device: str = "auto"
     nprocs: int | None = None
@@ -1345,7 +1346,7 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
 def method_presets(opts: AppOptions) -> dict[str, str]:
     """The preset of each method that has app options for one (``--<method>-preset``)."""
     return {"syn": opts.syn_preset, "hdar": opts.hdar_preset, "lccdemons": opts.lccdemons_preset,
-            "voxelmorph": opts.voxelmorph_preset}
+            "fireants": opts.fireants_preset, "voxelmorph": opts.voxelmorph_preset}
 
 
 def _planned_parameters(opts: AppOptions) -> tuple[dict[str, dict], dict[str, str]]:

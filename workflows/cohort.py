@@ -65,8 +65,8 @@ def init_cohort_wf(
     Parameters
     ----------
     methods : sequence of str
-        Registration methods to run on every subject (``affine``, ``syn``, ``demons``, ``lccdemons``, ``hdar``,
-        ``voxelmorph``).
+        Registration methods to run on every subject (``affine``, ``syn``, ``demons``, ``lccdemons``, ``fireants``,
+        ``hdar``, ``voxelmorph``).
     presets : dict, optional
         Method -> preset (e.g. ``{"syn": "quality"}``); methods not listed use their default.
     preprocess : bool

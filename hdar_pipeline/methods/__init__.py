@@ -10,7 +10,7 @@ import nibabel as nib
 from ..transforms import Transform
 from .base import MethodBase, RegistrationMethod
 
-METHODS = ("affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph")
+METHODS = ("affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph")
 
 #: The learned methods: they load trained weights (a shipped name by default) and take HDAR's options.
 LEARNED_METHODS = ("hdar", "voxelmorph")
@@ -22,10 +22,11 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
 
     Parameters
     ----------
-    name : {"affine", "syn", "demons", "lccdemons", "hdar", "voxelmorph"}
+    name : {"affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"}
     preset : str, optional
         ``syn``: ``"fast"`` (default) or ``"quality"``; ``lccdemons``: ``"default"`` (the paper's parameters) or
-        ``"fast"``; ``hdar``: ``"accurate"`` (default), ``"refined"``, ``"fast"`` or ``"full"``; ``voxelmorph``:
+        ``"fast"``; ``fireants``: ``"greedy"`` (default) or ``"syn"`` (FireANTs' LPBA40 settings); ``hdar``:
+        ``"accurate"`` (default), ``"refined"``, ``"fast"`` or ``"full"``; ``voxelmorph``:
         ``"refined"`` (default: the network, then HDAR's ``accurate`` refinement) or ``"fast"`` (the network alone).
         ``affine`` and ``demons`` have none (``None`` or ``"default"``).
     seed : int, optional
@@ -33,7 +34,8 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     threads : int, optional
         Worker threads (ITK, torch); ``None`` keeps the library defaults.
     device : str, optional
-        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar``, ``voxelmorph`` and ``lccdemons`` (PyTorch).
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar``, ``voxelmorph``, ``lccdemons`` and ``fireants``
+        (PyTorch).
     options : dict, optional
         Method-specific settings passed to the method's constructor, e.g. for ``hdar`` (and ``voxelmorph``)
         ``{"weights": "model.pt", "refine": 50}``. An option the method does not have is an error.
@@ -47,7 +49,9 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     ValueError
         Unknown method or preset.
     NotImplementedError
-        ``"hdar"`` while :mod:`hdar_pipeline.methods.hdar` is not part of the installation.
+        ``"hdar"`` while :mod:`hdar_pipeline.methods.hdar` is not part of the installation; ``"fireants"`` while
+        FireANTs is not installed (:class:`~hdar_pipeline.methods.fireants.FireANTsNotInstalled`, also an
+        ``ImportError``).
     """
     if name in ("affine", "demons") and preset not in (None, "default"):
         raise ValueError(f"method {name!r} has no presets (got preset {preset!r})")
@@ -71,6 +75,10 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
         from .lcc_demons import DEFAULT_PRESET as LCC_DEFAULT, LCCDemonsMethod
 
         return LCCDemonsMethod(preset=preset or LCC_DEFAULT, seed=seed, threads=threads, device=device or "auto")
+    if name == "fireants":
+        from .fireants import DEFAULT_PRESET as FIREANTS_DEFAULT, FireANTsMethod
+
+        return FireANTsMethod(preset=preset or FIREANTS_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     if name == "hdar":
         if importlib.util.find_spec(f"{__name__}.hdar") is None:
             raise NotImplementedError(
