@@ -12,8 +12,9 @@ Variants
 ``affine``              antspyx rigid + affine only
 ``demons``              SimpleITK diffeomorphic Demons (three levels)
 ``lccdemons``           LCC-Demons (PyTorch; symmetric log-domain Demons with local correlation forces, three levels)
-``fireants``            FireANTs' greedy registration with the settings of its LPBA40 experiment (optional extra)
-``fireants-syn``        FireANTs' SyN registration, the same experiment's settings (optional extra)
+``fireants``            FireANTs' greedy registration with the settings of its LPBA40 experiment (optional extra;
+                        10-15 min per LPBA40 pair on 2 CPU cores: by default 2 pairs)
+``fireants-syn``        FireANTs' SyN registration, the same experiment's settings (optional extra; 2 pairs)
 ``syn-fast``            ANTs SyN, antspyx defaults
 ``syn-quality``         ANTs SyN at ``antsRegistrationSyN.sh`` quality (about 30 min per LPBA40 pair on 2
                         cores: by default it runs on 1 pair only, see ``--max-pairs-per-variant``)
@@ -83,8 +84,9 @@ if TYPE_CHECKING:  # pragma: no cover (pandas is imported where tables are built
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = "benchmark-results"
 DEFAULT_REFINE_STEPS = 25  # the refined preset's (hdar_pipeline.methods.hdar.REFINED_STEPS)
-#: Variants limited to fewer pairs unless ``--max-pairs-per-variant`` says otherwise.
-DEFAULT_MAX_PAIRS: dict[str, int] = {"syn-quality": 1}
+#: Variants limited to fewer pairs unless ``--max-pairs-per-variant`` says otherwise (``fireants=all`` on a GPU: on
+#: a 2-core CPU one LPBA40 pair takes FireANTs 10-15 min).
+DEFAULT_MAX_PAIRS: dict[str, int] = {"syn-quality": 1, "fireants": 2, "fireants-syn": 2}
 #: LPBA40's held-out (validation) subjects.
 LPBA40_VALIDATION = tuple(f"S{i:02d}" for i in range(21, 31))
 PAIR_MODES = ("consecutive", "onto-first", "all")

@@ -69,8 +69,8 @@ def test_pair_modes_and_specs():
     assert [p.name for p in pairs] == ["S22->S21", "S23->S21"]
     with pytest.raises(bm.BenchmarkInputError, match="MOVING:FIXED"):
         bm.parse_pair_specs(["22"], lambda x: lookup[x])
-    assert bm.parse_max_pairs(["demons=2"]) == {"syn-quality": 1, "demons": 2}
-    assert bm.parse_max_pairs(["syn-quality=all"]) == {"syn-quality": None}
+    assert bm.parse_max_pairs(["demons=2"]) == {"syn-quality": 1, "fireants": 2, "fireants-syn": 2, "demons": 2}
+    assert bm.parse_max_pairs(["syn-quality=all"]) == {"syn-quality": None, "fireants": 2, "fireants-syn": 2}
     with pytest.raises(bm.BenchmarkInputError):
         bm.parse_max_pairs(["nonsense=1"])
     names = list(bm.default_variants(7))
