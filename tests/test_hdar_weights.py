@@ -144,3 +144,16 @@ def test_the_pt_file_holds_only_tensors_and_plain_values(saved):
     assert all(isinstance(v, torch.Tensor) and (not v.is_floating_point() or v.dtype == torch.float32)
                for v in payload["state_dict"].values())
     json.dumps(payload["config"])  # plain values
+
+
+def test_identity_of_the_shipped_weights_does_not_import_torch():
+    """A workflow's cache keys name the weights (model_identity): resolving and hashing them must not import torch
+    in the App's own process, which never runs a network (about 2 s of its start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hdar_pipeline.methods import model_identity; "
+            "ident = model_identity('hdar'); assert ident.startswith('default@sha256:'), ident; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

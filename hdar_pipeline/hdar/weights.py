@@ -33,11 +33,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch and the network are imported where weights are loaded or saved: resolving, hashing
+    import torch   # and reading cards (a workflow's cache keys) do not pay for them
 
-from .cascade import CascadeConfig, HDARCascade
+    from .cascade import CascadeConfig, HDARCascade
 
 PathLike = str | os.PathLike
 
@@ -210,6 +211,8 @@ def load_weights(name: PathLike = "default", device: str | torch.device = "cpu",
     pt, card_path = resolve_weights(name)
     card = read_card(card_path)
     sha = verify_weights(pt, card)
+    import torch
+
     try:
         payload = torch.load(pt, map_location=device, weights_only=True)
     except Exception as exc:
@@ -218,6 +221,8 @@ def load_weights(name: PathLike = "default", device: str | torch.device = "cpu",
         raise WeightsError(f"{pt}: not an HDAR weights file (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, "
                            f"expected {WEIGHTS_FORMAT})")
     try:
+        from .cascade import HDARCascade
+
         model = HDARCascade.from_checkpoint({"config": payload["config"], "state_dict": payload["state_dict"]},
                                             **overrides)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -251,6 +256,10 @@ def save_weights(model: HDARCascade, config: CascadeConfig | dict[str, Any] | No
     if pt.suffix != ".pt":
         pt = pt.with_name(pt.name + ".pt")
     pt.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from .cascade import CascadeConfig
+
     cfg = config.to_dict() if isinstance(config, CascadeConfig) else dict(config or model.config.to_dict())
     state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).clone()
              for k, v in model.state_dict().items()}
