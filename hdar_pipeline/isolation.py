@@ -32,7 +32,8 @@ __all__ = ["WorkerDied", "run_isolated", "start_fork_server", "PID_FILE", "PIPEL
 
 T = TypeVar("T")
 
-#: Written into ``job_dir`` while a child runs: ``{"pid": ..., "label": ...}`` (which process is this job).
+#: Written into ``job_dir`` while a child runs: ``{"pid": ..., "label": ..., "waiting": ...}`` (which process is this
+#: job, and which process waits for its result: the cohort's pool worker; the job's parent is the fork server).
 PID_FILE = ".worker.json"
 
 # modules worth importing once in the fork server (pure imports: none of them starts threads)
@@ -214,7 +215,7 @@ def run_isolated(fn: Callable[..., T], /, *args: Any, job_dir: str | os.PathLike
         pid_file = Path(job_dir) / PID_FILE
         try:
             pid_file.parent.mkdir(parents=True, exist_ok=True)
-            pid_file.write_text(json.dumps({"pid": proc.pid, "label": label}))
+            pid_file.write_text(json.dumps({"pid": proc.pid, "label": label, "waiting": os.getpid()}))
         except OSError:
             pid_file = None
     try:

@@ -30,14 +30,10 @@ from test_bids_app import MARGIN, before_dice, make_bids_dataset  # noqa: E402
 from test_input_guard import run_cli  # noqa: E402
 
 
-def parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 class Killer:
     """SIGKILL every job process whose label names ``victim`` (every time, or only the first time), from a
     thread that watches ``root`` for the jobs' pid files; ``pool_worker=True`` kills instead the process of
-    the worker pool that runs it (the job's fork server's parent), as if the evaluation beside it had run out
+    the worker pool that runs it (the pid file's ``waiting``: the jobs' fork server is the App's), as if the evaluation beside it had run out
     of memory; ``kill`` replaces the SIGKILL (it gets the job process's pid). An error in the watcher is
     raised when the ``with`` block ends."""
 
@@ -82,13 +78,16 @@ class Killer:
                 if self.once and self.killed:
                     continue
                 try:
-                    self._kill(int(job["pid"]))
+                    if self.pool_worker:
+                        os.kill(int(job["waiting"]), signal.SIGKILL)
+                    else:
+                        self._kill(int(job["pid"]))
                 except (ProcessLookupError, FileNotFoundError):
                     continue
                 self.killed.append(int(job["pid"]))
 
     def _sigkill(self, pid: int) -> None:
-        os.kill(parent_pid(parent_pid(pid)) if self.pool_worker else pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
 
 
 def statuses(out: Path) -> dict[str, dict]:

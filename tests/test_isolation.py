@@ -50,7 +50,7 @@ def test_describe_exit():
 
 def test_the_pid_file_names_the_running_job(tmp_path):
     text, pid = run_isolated(jobs.pid_file_and_pid, str(tmp_path / PID_FILE), job_dir=tmp_path, label="sub-02 syn")
-    assert json.loads(text) == {"pid": pid, "label": "sub-02 syn"} and pid != os.getpid()
+    assert json.loads(text) == {"pid": pid, "label": "sub-02 syn", "waiting": os.getpid()} and pid != os.getpid()
     assert not (tmp_path / PID_FILE).exists()
 
 
