@@ -11,9 +11,10 @@ from hdar_pipeline.hdar.train import validate
 from hdar_pipeline.hdar.weights import available_weights, load_weights
 
 
-def test_default_weights_ship_with_a_complete_model_card():
-    assert "default" in available_weights()
-    loaded = load_weights("default")  # raises on a hash mismatch
+@pytest.mark.parametrize("name, network", [("default", "hdar"), ("voxelmorph", "voxelmorph")])
+def test_shipped_weights_come_with_a_complete_model_card(name, network):
+    assert name in available_weights()
+    loaded = load_weights(name)  # raises on a hash mismatch
     card = loaded.card
     for key in ("data", "command", "seed", "commit", "hardware", "training_time_s", "validation", "config"):
         assert card.get(key) not in (None, "", {}), key
@@ -21,12 +22,15 @@ def test_default_weights_ship_with_a_complete_model_card():
     assert card["config"]["cascade"]["levels"] == loaded.model.config.levels == card["levels_exported"]
     assert set(card["data"]["train_subjects"]).isdisjoint(card["data"]["val_subjects"])
     assert card["data"]["orientation"] == "LPS"  # LPBA40's array axes; inference reorients to them
+    assert loaded.model.config.network == network
+    assert "/work/" not in str(card) and "/home/" not in str(card)  # no machine paths on a shipped card
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_default_weights_reproduce_the_model_card_on_its_validation_pairs(lpba40_dir, torch_one_thread):
-    loaded = load_weights("default")
+@pytest.mark.parametrize("name", ["default", "voxelmorph"])
+def test_shipped_weights_reproduce_the_model_card_on_their_validation_pairs(lpba40_dir, torch_one_thread, name):
+    loaded = load_weights(name)
     card = loaded.card
     training = card["config"]["training"]
     final = card["validation"]["final"]
