@@ -22,6 +22,15 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def configured_threads() -> int:
+    """The thread count :func:`configure_threads` set in this process (its ``OMP_NUM_THREADS``), else the usable
+    cores: how many threads this process's own thread pools may use."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return usable_cpus()
+
+
 def configure_threads(threads: int | None) -> None:
     """Set thread counts for ITK (ANTs, SimpleITK), OpenMP/BLAS and torch.
 
