@@ -799,6 +799,10 @@ def bids_app_main(argv: Sequence[str] | None = None) -> int:
 
     args = build_bids_app_parser().parse_args(argv)
     os.environ.setdefault("NO_ET", "1")  # Pydra: no telemetry look-ups
+    if args.analysis_level == "participant" and args.worker == "cf" and not args.boilerplate_only:
+        from .isolation import start_fork_server
+
+        start_fork_server()  # the jobs' process server imports torch and ANTs while this one imports the rest
     from .bids import BIDSError
 
     try:

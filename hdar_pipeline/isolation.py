@@ -38,10 +38,11 @@ PID_FILE = ".worker.json"
 
 # modules worth importing once in the fork server (pure imports: none of them starts threads)
 _PRELOAD = ["numpy", "nibabel", "scipy.ndimage", "torch", "hdar_pipeline.images", "hdar_pipeline.transforms"]
-#: what a cohort's jobs import (preprocessing, every registration method, evaluation): :func:`start_fork_server`
+#: what a cohort's isolated jobs import (preprocessing, every registration method; the evaluation runs in the
+#: worker itself): :func:`start_fork_server`
 PIPELINE_MODULES = ("ants", "SimpleITK", "hdar_pipeline.preprocess", "hdar_pipeline.registration",
                     "hdar_pipeline.methods.hdar", "hdar_pipeline.hdar.instance", "hdar_pipeline.hdar.weights",
-                    "hdar_pipeline.inverse", "hdar_pipeline.evaluate")
+                    "hdar_pipeline.inverse")
 _context: multiprocessing.context.BaseContext | None = None
 _adopted_pid: int | None = None
 
