@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_brain_phantom, mapping_error_mm, mean_dice
+from conftest import check_recovery, make_brain_phantom, mapping_error_mm, mean_dice
 from hdar_pipeline.images import Grid, new_image, save_image
 from hdar_pipeline.synthetic import make_subject
 from hdar_pipeline.transforms import Transform
@@ -81,18 +81,6 @@ def oblique(phantom, subject):
 
 def _labels(img) -> np.ndarray:
     return np.asarray(img.dataobj)
-
-
-def check_recovery(transform: Transform, phantom, subject, *, max_ratio: float = 0.45, min_gain: float = 0.12):
-    error, magnitude = mapping_error_mm(transform, subject.truth, phantom.mask)
-    assert magnitude > 3.0  # the test means something: more than a voxel
-    assert error < max_ratio * magnitude, (error, magnitude)
-    fixed = _labels(phantom.labels)
-    before = mean_dice(fixed, _labels(subject.labels))
-    after = mean_dice(fixed, _labels(transform.apply(subject.labels, interpolation="nearest")))
-    assert after > before + min_gain, (before, after)
-    assert transform.jacobian_determinant().min() > 0  # no folding anywhere on the grid
-    return error, magnitude
 
 
 # ---------------------------------------------------------------------- the registration
@@ -303,33 +291,6 @@ def test_registry_builds_fireants_with_presets_and_options():
         get_method("fireants", preset="quality")
     with pytest.raises(ValueError, match="no option"):
         get_method("fireants", options={"radius": 4})
-
-
-def test_bids_app_and_register_accept_fireants(tmp_path):
-    from hdar_pipeline.cli import build_bids_app_parser, build_parser
-
-    args = build_bids_app_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
-                                              "--methods", "fireants", "syn", "--fireants-preset", "syn"])
-    assert args.methods == ["fireants", "syn"] and args.fireants_preset == "syn"
-    assert build_bids_app_parser().parse_args([str(tmp_path), str(tmp_path / "o"), "participant"]).fireants_preset \
-        == "greedy"
-    with pytest.raises(SystemExit):
-        build_bids_app_parser().parse_args([str(tmp_path), str(tmp_path / "o"), "participant",
-                                            "--fireants-preset", "quality"])
-    reg = build_parser().parse_args(["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path), "--method", "fireants",
-                                     "--preset", "syn"])
-    assert reg.method == "fireants" and reg.preset == "syn"
-
-
-def test_bids_app_options_carry_the_fireants_preset(tmp_path):
-    pytest.importorskip("pydra")
-    from hdar_pipeline.cli import build_bids_app_parser
-    from hdar_pipeline.workflows.bids_app import AppOptions, method_presets
-
-    args = build_bids_app_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
-                                              "--methods", "fireants", "--fireants-preset", "syn"])
-    opts = AppOptions(**vars(args))
-    assert opts.methods == ["fireants"] and method_presets(opts)["fireants"] == "syn"
 
 
 def test_nipype_interface_accepts_fireants():

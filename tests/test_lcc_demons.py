@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_brain_phantom, mapping_error_mm, mean_dice
+from conftest import check_recovery, make_brain_phantom, mapping_error_mm
 from hdar_pipeline.images import new_image
 from hdar_pipeline.methods import get_method
 from hdar_pipeline.synthetic import make_subject
@@ -40,18 +40,6 @@ def registered(phantom, subject, torch_one_thread):
 
 def _labels(img) -> np.ndarray:
     return np.asarray(img.dataobj)
-
-
-def check_recovery(transform: Transform, phantom, subject, *, max_ratio: float = 0.45, min_gain: float = 0.12):
-    error, magnitude = mapping_error_mm(transform, subject.truth, phantom.mask)
-    assert magnitude > 3.0  # the test means something: more than a voxel
-    assert error < max_ratio * magnitude, (error, magnitude)
-    fixed = _labels(phantom.labels)
-    before = mean_dice(fixed, _labels(subject.labels))
-    after = mean_dice(fixed, _labels(transform.apply(subject.labels, interpolation="nearest")))
-    assert after > before + min_gain, (before, after)
-    assert transform.jacobian_determinant().min() > 0  # no folding anywhere on the grid
-    return error, magnitude
 
 
 # ---------------------------------------------------------------------- the registration
@@ -220,33 +208,6 @@ def test_registry_presets_and_options():
         LCCDemonsMethod(bch_terms=4)
     with pytest.raises(ValueError, match="same length"):
         LCCDemonsMethod(shrink_factors=(4, 2), iterations=(1, 2, 3))
-
-
-def test_bids_app_and_register_accept_lccdemons(tmp_path):
-    from hdar_pipeline.cli import build_bids_app_parser, build_parser
-
-    args = build_bids_app_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
-                                              "--methods", "lccdemons", "syn", "--lccdemons-preset", "fast"])
-    assert args.methods == ["lccdemons", "syn"] and args.lccdemons_preset == "fast"
-    assert build_bids_app_parser().parse_args([str(tmp_path), str(tmp_path / "o"), "participant"]).lccdemons_preset \
-        == "default"
-    with pytest.raises(SystemExit):
-        build_bids_app_parser().parse_args([str(tmp_path), str(tmp_path / "o"), "participant",
-                                            "--lccdemons-preset", "quality"])
-    reg = build_parser().parse_args(["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path), "--method", "lccdemons",
-                                     "--preset", "fast"])
-    assert reg.method == "lccdemons" and reg.preset == "fast"
-
-
-def test_bids_app_options_carry_the_lccdemons_preset(tmp_path):
-    pytest.importorskip("pydra")
-    from hdar_pipeline.cli import build_bids_app_parser
-    from hdar_pipeline.workflows.bids_app import AppOptions
-
-    args = build_bids_app_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
-                                              "--methods", "lccdemons", "--lccdemons-preset", "fast"])
-    opts = AppOptions(**vars(args))
-    assert opts.methods == ["lccdemons"] and opts.lccdemons_preset == "fast"
 
 
 def test_nipype_interface_accepts_lccdemons():

@@ -276,3 +276,26 @@ def test_demons_on_an_lpba40_pair(lpba40_dir):
     assert after > 0.65 and after > before + 0.08, (before, after)
     assert float(np.mean(transform.jacobian_determinant() <= 0)) == 0.0
     assert info["runtime_s"] > 0 and info["peak_memory_mb"] > 0
+
+
+@pytest.mark.parametrize("method, default, other", [("lccdemons", "default", "fast"), ("fireants", "greedy", "syn"),
+                                                    ("voxelmorph", "refined", "fast")])
+def test_bids_app_and_register_accept_each_method_and_its_presets(tmp_path, method, default, other):
+    """Every method with presets: in the App's --methods with its own --<method>-preset (default and choices), carried
+    into the workflow's presets, and in hdar register --method/--preset."""
+    pytest.importorskip("pydra")
+    from hdar_pipeline.cli import build_bids_app_parser, build_parser
+    from hdar_pipeline.workflows.bids_app import AppOptions, method_presets
+
+    app = build_bids_app_parser()
+    option = f"--{method}-preset"
+    args = app.parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--methods", method, "syn",
+                           option, other])
+    assert args.methods == [method, "syn"] and getattr(args, f"{method}_preset") == other
+    assert method_presets(AppOptions(**vars(args)))[method] == other
+    assert getattr(app.parse_args([str(tmp_path), str(tmp_path / "o"), "participant"]), f"{method}_preset") == default
+    with pytest.raises(SystemExit):
+        app.parse_args([str(tmp_path), str(tmp_path / "o"), "participant", option, "quality"])
+    reg = build_parser().parse_args(["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path), "--method", method,
+                                     "--preset", other])
+    assert reg.method == method and reg.preset == other
