@@ -215,3 +215,18 @@ def check_recovery(transform, phantom, subject, *, max_ratio: float = 0.45, min_
     assert after > before + min_gain, (before, after)
     assert transform.jacobian_determinant().min() > 0  # no folding anywhere on the grid
     return error, magnitude
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A 32^3, 3 mm brain phantom with labels (the registration methods' phantom tests, once per module)."""
+    return make_brain_phantom((32, 32, 32), 3.0)
+
+
+@pytest.fixture(scope="module")
+def subject(phantom):
+    """``phantom`` under a known smooth deformation of about 12 mm (``subject.truth``), no bias field."""
+    from hdar_pipeline.synthetic import make_subject
+
+    return make_subject(phantom.image, phantom.labels, seed=2, magnitude_mm=12.0, smoothness_mm=18.0,
+                        bias_strength=0.0, noise=0.01)

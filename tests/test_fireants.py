@@ -37,17 +37,6 @@ SHORT = {"greedy": (40, 20, 10), "syn": (30, 20, 10)}
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    return make_brain_phantom((32, 32, 32), 3.0)
-
-
-@pytest.fixture(scope="module")
-def subject(phantom):
-    return make_subject(phantom.image, phantom.labels, seed=2, magnitude_mm=12.0, smoothness_mm=18.0,
-                        bias_strength=0.0, noise=0.01)
-
-
-@pytest.fixture(scope="module")
 def greedy(phantom, subject, torch_one_thread):
     """The greedy algorithm's transform of the subject onto the phantom (each test reads it; none changes it)."""
     method = FireANTsMethod(preset="greedy", iterations=SHORT["greedy"], device="cpu", threads=1)

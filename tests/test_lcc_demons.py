@@ -12,24 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import check_recovery, make_brain_phantom, mapping_error_mm
+from conftest import check_recovery, mapping_error_mm
 from hdar_pipeline.images import new_image
 from hdar_pipeline.methods import get_method
-from hdar_pipeline.synthetic import make_subject
 from hdar_pipeline.transforms import Transform
 
 torch = pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_brain_phantom((32, 32, 32), 3.0)
-
-
-@pytest.fixture(scope="module")
-def subject(phantom):
-    return make_subject(phantom.image, phantom.labels, seed=2, magnitude_mm=12.0, smoothness_mm=18.0,
-                        bias_strength=0.0, noise=0.01)
 
 
 @pytest.fixture(scope="module")
