@@ -59,6 +59,8 @@ Outputs
 ``OUT/benchmark.md``
     The table as markdown ("mean ± sd", pairs per variant), the machine (CPU, cores, torch/ANTs
     versions), the exact command line and the notes.
+``OUT/benchmark_dice_time.png`` (and ``.svg``)
+    Mean Dice (SD bars) against the median seconds per pair (log scale), one labelled point per variant.
 """
 
 from __future__ import annotations
@@ -873,7 +875,23 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
                      + " (the Machine section's commit is the one that wrote this report).")
     md = markdown_report(summary, config, notes, n_pairs=len(config.pairs))
     paths = write_results(output, "benchmark", table, summary, md)
+    paths.update(_tradeoff_figure(summary, output / "benchmark_dice_time"))
     return BenchmarkResult(table, summary, md, notes, paths)
+
+
+def _tradeoff_figure(summary: pd.DataFrame, out_base: Path) -> dict[str, Path]:
+    """``benchmark_dice_time.png``/``.svg``: mean Dice (SD bars) against median seconds per pair, one labelled point
+    per variant with its pair count; ``{}`` when no variant has both."""
+    import pandas as pd
+
+    from .figures import plot_tradeoff
+
+    ok = summary[pd.to_numeric(summary["n_pairs"], errors="coerce").fillna(0) > 0]
+    try:
+        png, svg = plot_tradeoff(ok, out_base, title="Dice against time per pair")
+    except ValueError:
+        return {}
+    return {"figure": png, "figure_svg": svg}
 
 
 def wall_time_note(rows: pd.DataFrame, elapsed_s: float) -> str:

@@ -204,6 +204,76 @@ def plot_metric_vs_runtime(
     return save_figure(fig, out_base)
 
 
+def plot_tradeoff(
+    summary: pd.DataFrame,
+    out_base: PathLike,
+    *,
+    label: str = "variant",
+    metric: str = "dice_mean",
+    spread: str | None = "dice_sd",
+    runtime: str = "runtime_s_median",
+    count: str | None = "n_pairs",
+    title: str | None = None,
+) -> list[Path]:
+    """Accuracy against time, one labelled point per method (a benchmark's summary table).
+
+    Parameters
+    ----------
+    summary : DataFrame
+        One row per method: ``label`` (its name), ``metric`` (e.g. mean Dice over pairs), ``spread`` (its SD,
+        drawn as a vertical bar; ``None``: no bar), ``runtime`` (seconds per pair, > 0) and ``count`` (pairs, shown
+        beside the name; ``None``: not shown). Rows without a positive runtime or a metric are left out.
+    out_base : path-like
+        ``<out_base>.png`` and ``<out_base>.svg`` are written.
+
+    Returns
+    -------
+    list of Path
+        The PNG and SVG paths.
+
+    Notes
+    -----
+    The time axis is logarithmic (methods here span seconds to tens of minutes per pair).
+    """
+    rt = pd.to_numeric(summary[runtime], errors="coerce")
+    y = pd.to_numeric(summary[metric], errors="coerce")
+    data = summary[(rt > 0) & y.notna()]
+    if data.empty:
+        raise ValueError(f"no rows with both {metric!r} and a positive {runtime!r}")
+    names = [str(v) for v in data[label]]
+    colors = method_colors(names) if len(names) <= 10 else {
+        n: c for n, c in zip(names, _tab20(len(names)))}
+    fig = Figure(figsize=(7.0, 4.8))
+    ax = fig.subplots()
+    y_range = max(float(y[data.index].max() - y[data.index].min()), 1e-6)
+    placed: list[tuple[float, float]] = []
+    for name, (_, row) in zip(names, data.iterrows()):
+        x, v = float(row[runtime]), float(row[metric])
+        err = float(row[spread]) if spread is not None and pd.notna(row.get(spread)) else None
+        ax.errorbar(x, v, yerr=err, fmt="o", markersize=7, color=colors[name], markeredgecolor="black",
+                    capsize=3)
+        text = name + (f" ({int(row[count])})" if count is not None and pd.notna(row.get(count)) else "")
+        # names of (nearly) coinciding points are stacked, not overprinted
+        near = sum(abs(np.log10(x / px)) < 0.1 and abs(v - pv) < 0.03 * y_range for px, pv in placed)
+        placed.append((x, v))
+        ax.annotate(text, (x, v), xytext=(6, 3 - 9 * near), textcoords="offset points", fontsize=7,
+                    color=colors[name] if near else "black")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per pair (median, log scale)")
+    ax.set_ylabel(_title(metric.removesuffix("_mean")) + " (mean over pairs)")
+    ax.set_title(title or f"{_title(metric.removesuffix('_mean'))} against time")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return save_figure(fig, out_base)
+
+
+def _tab20(n: int) -> list[tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
+
+
 def plot_jacobian_slices(
     jacobian: np.ndarray,
     out_base: PathLike,

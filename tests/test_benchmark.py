@@ -86,6 +86,8 @@ def test_benchmark_api_cache_and_limits(phantom_bids, tmp_path, capsys):
     pairs = pd.read_csv(out / "benchmark_pairs.csv")
     summary = pd.read_csv(out / "benchmark_summary.csv").set_index("variant")
     md = (out / "benchmark.md").read_text()
+    assert result.paths["figure"] == out / "benchmark_dice_time.png" and result.paths["figure"].stat().st_size > 0
+    assert "demons (2)" in (out / "benchmark_dice_time.svg").read_text()
     assert list(pairs.columns) == bm.PAIR_COLUMNS and list(summary.reset_index().columns) == bm.SUMMARY_COLUMNS
     assert len(pairs) == 4 and set(pairs["status"]) == {"ok"}
     assert sorted(pairs["variant"]) == ["affine", "affine", "demons", "demons"]

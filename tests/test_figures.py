@@ -12,6 +12,7 @@ from hdar_pipeline.figures import (
     plot_label_boxplots,
     plot_method_boxplot,
     plot_metric_vs_runtime,
+    plot_tradeoff,
 )
 from hdar_pipeline.images import Grid
 
@@ -59,6 +60,18 @@ def test_method_boxplot_and_runtime(tmp_path, tidy_table):
     check_rendered(plot_method_boxplot(subjects, tmp_path / "methods", metric="dice"))
     check_rendered(plot_metric_vs_runtime(subjects, tmp_path / "runtime.png"))  # suffix is replaced
     assert (tmp_path / "runtime.svg").exists()
+
+
+def test_tradeoff_labels_every_method_and_skips_rows_without_a_time(tmp_path):
+    summary = pd.DataFrame({"variant": ["a", "b", "b-twin", "not-run"], "dice_mean": [0.6, 0.7, 0.7, np.nan],
+                            "dice_sd": [0.02, 0.01, np.nan, np.nan], "runtime_s_median": [1.0, 60.0, 60.0, np.nan],
+                            "n_pairs": [20, 20, 2, 0]})
+    paths = plot_tradeoff(summary, tmp_path / "tradeoff")
+    check_rendered(paths)
+    svg = paths[1].read_text()
+    assert "a (20)" in svg and "b (20)" in svg and "b-twin (2)" in svg and "not-run" not in svg
+    with pytest.raises(ValueError, match="positive"):
+        plot_tradeoff(summary.iloc[3:], tmp_path / "none")
 
 
 def test_jacobian_slices(tmp_path):
