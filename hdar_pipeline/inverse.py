@@ -17,6 +17,7 @@ brings atlas labels onto the subject).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,6 +207,7 @@ def invert(transform: Transform, native: Grid, *, inverse_field: np.ndarray | No
     InverseResult
     """
     import torch
+    import torch.nn.functional as F
 
     a_inv = np.linalg.inv(transform.matrix)
     if transform.field is None:
@@ -222,16 +224,42 @@ def invert(transform: Transform, native: Grid, *, inverse_field: np.ndarray | No
     to_atlas_index = np.linalg.inv(transform.grid.lps_affine) @ a_inv @ native.lps_affine
     lin = transform.matrix[:3, :3].astype(np.float32)
     w_vol = _torch_volume(w @ lin.T)  # L w, so the sample is the native field directly
-    m = torch.from_numpy(to_atlas_index.astype(np.float32))
-    field = np.empty((*native.shape, 3), np.float32)
-    axes = [torch.arange(n, dtype=torch.float32) for n in native.shape[1:]]
-    jj, kk = torch.meshgrid(*axes, indexing="ij")
-    with torch.no_grad():
-        for i in range(native.shape[0]):  # one native slab at a time: the index grid stays small
-            idx = torch.stack([torch.full_like(jj, float(i)), jj, kk], -1)
-            at = idx @ m[:3, :3].T + m[:3, 3]
-            field[i] = _sample_points(w_vol, at.reshape(-1, 3), transform.grid.shape).reshape(*at.shape).numpy()
+    theta = _index_map_as_theta(to_atlas_index, native.shape, transform.grid.shape)
+    with torch.no_grad(), warnings.catch_warnings():  # one linear, edge-extended sample at every native voxel
+        warnings.filterwarnings("ignore", message=".*unit-size grids.*")  # a 1-voxel axis: handled by theta
+        grid = F.affine_grid(theta, [1, 3, *native.shape], align_corners=True)
+        sampled = F.grid_sample(w_vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        del grid
+        field = np.ascontiguousarray(np.moveaxis(sampled[0].numpy(), 0, -1))
     return InverseResult(Transform(native, affine=a_inv, field=field), source, iterations, residual)
+
+
+def _index_map_as_theta(index_map: np.ndarray, out_shape, in_shape):
+    """A voxel-index affine ``(i, j, k) of out -> (i', j', k') of in`` (4x4) as ``affine_grid``'s ``theta``
+    (1, 3, 4): normalised ``(x, y, z)`` of the output (x along k, align_corners=True) -> normalised ``(x, y, z)``
+    of the input."""
+    import torch
+
+    def to_normalised(shape):  # (i, j, k, 1) -> (x, y, z, 1), x along k; a 1-voxel axis maps to 0
+        m = np.zeros((4, 4))
+        for axis, n in enumerate(shape):
+            m[2 - axis, axis] = 2.0 / max(n - 1, 1)
+            m[2 - axis, 3] = -1.0 if n > 1 else 0.0
+        m[3, 3] = 1.0
+        return m
+
+    theta = to_normalised(in_shape) @ index_map @ np.linalg.inv(_regularised(to_normalised(out_shape)))
+    return torch.from_numpy(theta[:3].astype(np.float32))[None]
+
+
+def _regularised(m: np.ndarray) -> np.ndarray:
+    """``m`` with a 1-voxel axis's zero scale made 1, so it can be inverted (that axis's normalised coordinate is
+    0, which maps to index 0 either way)."""
+    m = m.copy()
+    for row in range(3):
+        if not m[row, :3].any():
+            m[row, 2 - row] = 1.0
+    return m
 
 
 def inverse_consistency(forward: Transform, inverse: Transform, mask: np.ndarray | None = None) -> dict[str, float]:

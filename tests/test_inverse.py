@@ -54,6 +54,24 @@ def test_inverse_maps_native_points_back_to_the_atlas():
     assert inverse_consistency(forward, Transform(native, affine=np.linalg.inv(AFFINE)), mask=inside)["mean_mm"] > 1
 
 
+@pytest.mark.parametrize("native_shape", [(30, 25, 12), (13, 1, 11)])
+def test_inverse_field_is_sampled_at_every_native_voxel(native_shape):
+    """The native field is ``L w(A^-1 q)``, ``w`` linearly interpolated (edge-extended) at each native voxel ``q``:
+    checked against scipy's interpolation on an oblique anisotropic native grid, one with a single-voxel axis."""
+    atlas = oblique_grid((20, 17, 9), spacing=(1.5, 1.2, 2.5))
+    w = smooth_field(atlas.shape, 2, 3.0, seed=3)
+    forward = Transform(atlas, affine=AFFINE, field=-w)
+    native_affine = np.array([[0.0, 0.7, 0.1, 45.0], [-0.7, 0.0, 0.2, -40.0], [0.0, 0.1, 1.0, -35.0], [0, 0, 0, 1]])
+    native = Grid(native_shape, native_affine)
+    field = invert(forward, native, inverse_field=w).transform.field
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in native_shape], indexing="ij"), -1).reshape(-1, 3)
+    to_atlas = np.linalg.inv(atlas.lps_affine) @ np.linalg.inv(AFFINE) @ native.lps_affine
+    at = index @ to_atlas[:3, :3].T + to_atlas[:3, 3]
+    lw = w @ AFFINE[:3, :3].T
+    expected = np.stack([ndimage.map_coordinates(lw[..., c], at.T, order=1, mode="nearest") for c in range(3)], -1)
+    assert np.abs(field.reshape(-1, 3) - expected).max() < 1e-4
+
+
 def test_newton_converges_where_the_mapping_stretches_threefold():
     """A plain fixed point (w <- -u(y + w)) diverges where x + u(x) stretches more than twofold."""
     n = 64
