@@ -44,6 +44,13 @@ symmetric log-domain scheme, ``u = (u_f - u_b) / 2``) from the exact gradient of
 diffusion sigmas are in mm at every level, ours in voxels of each level (the LCC window is in level voxels in
 both); on a 1 mm grid the finest level is the same.
 
+Implementation: the per-level constants (the blurs, ``1 / N`` of the window, the local means and variances of the
+two level images; an iteration only adds the warped images' statistics) are computed once per level
+(:class:`LCCLevel`); every Gaussian is three banded matrix products (:class:`GaussianBlur`), two to three times
+faster on a CPU than shifted sums. The same arithmetic as the straightforward code up to float rounding, which the
+iterations amplify: on an LPBA40 pair the same Dice, and a few voxels differ by up to ~0.1 mm, the size of the
+differences a one-ulp change of the input image makes.
+
 The output :class:`~hdar_pipeline.transforms.Transform` holds ``exp(v) - id`` on the fixed grid in LPS mm, and its
 ``metadata["inverse_field"]`` ``exp(-v) - id`` (the method's own inverse, used by :mod:`hdar_pipeline.inverse`).
 """
@@ -213,41 +220,47 @@ def lcc_demons_velocity(fixed, moving, *, shrink_factors: Sequence[int] = (4, 2,
         f = resize_volume(fixed, size)
         m = resize_volume(moving, size)
         v = torch_zeros_like_field(f) if v is None else resize_flow(v, size)
+        level = LCCLevel(f, m, sigma_lcc=sigma_lcc, sigma_fluid=sigma_fluid, sigma_diff=sigma_diff) if n_iter else None
         for _ in range(int(n_iter)):
             v = lcc_demons_step(f, m, v, sigma_lcc=sigma_lcc, sigma_fluid=sigma_fluid, sigma_diff=sigma_diff,
-                                sigma_i=sigma_i, bch_terms=bch_terms)
+                                sigma_i=sigma_i, bch_terms=bch_terms, level=level)
     if v is None:
         v = torch_zeros_like_field(fixed)
     return resize_flow(v, shape)
 
 
 def lcc_demons_step(fixed, moving, velocity, *, sigma_lcc: float, sigma_fluid: float, sigma_diff: float,
-                    sigma_i: float, bch_terms: int = 2):
+                    sigma_i: float, bch_terms: int = 2, level: LCCLevel | None = None):
     """One symmetric LCC-Demons iteration on one level: returns the new velocity ``(1, 3, X, Y, Z)`` (voxels).
 
     ``u_f`` (``F`` against ``M o exp(v)``) and ``u_b`` (``M`` against ``F o exp(-v)``) from :func:`lcc_update`,
-    ``u = G_fluid * (u_f - u_b) / 2``, ``v <- G_diff * BCH(v, u)``.
+    ``u = G_fluid * (u_f - u_b) / 2``, ``v <- G_diff * BCH(v, u)``. ``level``: the level's :class:`LCCLevel`
+    for these images and sigmas (built here when not given; :func:`lcc_demons_velocity` builds one per level).
     """
-    from ..hdar.layers import SpatialTransformer, smooth
-
-    warp = SpatialTransformer("bilinear", "border")
-    warped_moving = warp(moving, exponential(velocity))
-    warped_fixed = warp(fixed, exponential(-velocity))
-    u_forward, _ = lcc_update(fixed, warped_moving, sigma_lcc=sigma_lcc, sigma_i=sigma_i)
-    u_backward, _ = lcc_update(moving, warped_fixed, sigma_lcc=sigma_lcc, sigma_i=sigma_i)
-    update = 0.5 * (u_forward - u_backward)
-    if sigma_fluid > 0:
-        update = smooth(update, sigma_fluid)
+    if level is None:
+        level = LCCLevel(fixed, moving, sigma_lcc=sigma_lcc, sigma_fluid=sigma_fluid, sigma_diff=sigma_diff)
+    steps = squaring_steps(velocity)  # the same for -v
+    warped_moving = _sample(moving, exponential(velocity, steps), "border")
+    warped_fixed = _sample(fixed, exponential(-velocity, steps), "border")
+    u_forward, _ = lcc_update(fixed, warped_moving, sigma_lcc=sigma_lcc, sigma_i=sigma_i, window=level.window,
+                              fixed_stats=level.fixed_stats)
+    u_backward, _ = lcc_update(moving, warped_fixed, sigma_lcc=sigma_lcc, sigma_i=sigma_i, window=level.window,
+                               fixed_stats=level.moving_stats)
+    update = u_forward.sub_(u_backward).mul_(0.5)
+    del u_backward
+    if level.fluid is not None:
+        update = level.fluid(update)
     if bch_terms >= 3:
         velocity = velocity + update + 0.5 * lie_bracket(velocity, update)
     else:
-        velocity = velocity + update
-    if sigma_diff > 0:
-        velocity = smooth(velocity, sigma_diff)
+        velocity = update.add_(velocity)
+    if level.diffusion is not None:
+        velocity = level.diffusion(velocity)
     return velocity
 
 
-def lcc_update(fixed, warped, *, sigma_lcc: float, sigma_i: float, eps: float = 1e-4):
+def lcc_update(fixed, warped, *, sigma_lcc: float, sigma_i: float, eps: float = 1e-4,
+               window: LCCWindow | None = None, fixed_stats: LocalStats | None = None):
     """The demons step that increases ``sum_x LCC(fixed, warped)(x)``, and the local correlation map.
 
     The force on a displacement ``u`` of ``warped(x + u)`` is ``dE/dW * grad(W)`` (:func:`local_correlation`;
@@ -264,6 +277,8 @@ def lcc_update(fixed, warped, *, sigma_lcc: float, sigma_i: float, eps: float = 
         Step trade-off (> 0): a step is at most ``|rho| / (2 sqrt(sigma_i))`` voxels long.
     eps : float
         See :func:`local_correlation`.
+    window, fixed_stats
+        Precomputed, see :func:`local_correlation`.
 
     Returns
     -------
@@ -272,14 +287,21 @@ def lcc_update(fixed, warped, *, sigma_lcc: float, sigma_i: float, eps: float = 
     lcc : Tensor, shape (1, 1, X, Y, Z)
         The local correlation coefficient, in [-1, 1].
     """
-    lcc, d_energy = local_correlation(fixed, warped, sigma_lcc=sigma_lcc, eps=eps)
-    force = d_energy * spatial_gradient(warped)
+    import torch
+
+    lcc, d_energy = local_correlation(fixed, warped, sigma_lcc=sigma_lcc, eps=eps, window=window,
+                                      fixed_stats=fixed_stats)
+    force = spatial_gradient(warped).mul_(d_energy)
+    del d_energy
+    f0, f1, f2 = force.unbind(dim=1)
+    norm2 = torch.addcmul(torch.addcmul(f0 * f0, f1, f1), f2, f2)[:, None]  # |f|^2, one pass per channel
     rho2 = lcc * lcc
-    step = force * (rho2 / (rho2 * (force * force).sum(dim=1, keepdim=True) + sigma_i))
+    step = force.mul_(rho2 / norm2.mul_(rho2).add_(sigma_i))
     return step, lcc
 
 
-def local_correlation(fixed, warped, *, sigma_lcc: float, eps: float = 1e-4):
+def local_correlation(fixed, warped, *, sigma_lcc: float, eps: float = 1e-4, window: LCCWindow | None = None,
+                      fixed_stats: LocalStats | None = None):
     """The local correlation coefficient map and the derivative of its sum with respect to ``warped``.
 
     ``LCC(x) = C / sqrt(A B)`` with the Gaussian-weighted (``sigma_lcc`` voxels) local variances ``A`` (fixed),
@@ -296,6 +318,10 @@ def local_correlation(fixed, warped, *, sigma_lcc: float, eps: float = 1e-4):
     eps : float
         Added to each local variance, relative to that image's global variance (so scale-invariant too): keeps
         flat regions (a zero background) finite; there ``LCC`` -> 0.
+    window : LCCWindow, optional
+        The window of ``sigma_lcc`` on this grid (built here when not given).
+    fixed_stats : LocalStats, optional
+        ``window.stats(fixed, eps)``: the fixed image's statistics, which do not change over a level's iterations.
 
     Returns
     -------
@@ -306,28 +332,192 @@ def local_correlation(fixed, warped, *, sigma_lcc: float, eps: float = 1e-4):
     """
     import torch
 
-    from ..hdar.layers import smooth
-
-    eps_f = eps * float(fixed.var()) + 1e-12
+    if window is None:
+        window = LCCWindow(fixed.shape[2:], sigma_lcc, device=fixed.device, dtype=fixed.dtype)
+    fs = window.stats(fixed, eps) if fixed_stats is None else fixed_stats
+    f, mf, var_f = fs.centred, fs.mean, fs.variance
     eps_w = eps * float(warped.var()) + 1e-12
     # global centring first: less cancellation in E[x^2] - E[x]^2 (float32)
-    f = fixed - fixed.mean()
     w = warped - warped.mean()
     # Window weights G(x - y) / N(x), zero outside the grid, N(x) = sum_y G(x - y): the local statistics are
     # weighted means over the voxels inside the grid, and dE/dW(y) = sum_x G(x - y) q(x) / N(x) is the same
     # (symmetric, zero-padded) Gaussian applied to q / N.
-    inv_n = 1.0 / window_mass(fixed.shape[2:], sigma_lcc, device=fixed.device, dtype=fixed.dtype)
-    stats = smooth(torch.cat([f, w, f * f, w * w, f * w], dim=1), sigma_lcc, padding="zeros").mul_(inv_n)
-    mf, mw, ff, ww, fw = stats.split(1, dim=1)
-    var_f = (ff - mf * mf).clamp_(min=0.0).add_(eps_f)
+    inv_n = window.inv_mass
+    stats = w.new_empty((w.shape[0], 3, *w.shape[2:]))
+    stats[:, :1] = w
+    torch.mul(w, w, out=stats[:, 1:2])
+    torch.mul(f, w, out=stats[:, 2:])
+    stats = window.blur(stats).mul_(inv_n)
+    mw, ww, fw = stats.split(1, dim=1)
     var_w = (ww - mw * mw).clamp_(min=0.0).add_(eps_w)
-    del stats, ff, ww
+    del ww
     a = torch.rsqrt(var_f * var_w)
     lcc = ((fw - mf * mw) * a).clamp_(-1.0, 1.0)
+    del stats, fw
     c = lcc / var_w
-    terms = smooth(torch.cat([a, mf * a, c, c * mw], dim=1).mul_(inv_n), sigma_lcc, padding="zeros")
+    terms = a.new_empty((a.shape[0], 4, *a.shape[2:]))
+    terms[:, :1] = a
+    torch.mul(mf, a, out=terms[:, 1:2])
+    terms[:, 2:3] = c
+    torch.mul(c, mw, out=terms[:, 3:])
+    terms = window.blur(terms.mul_(inv_n))
+    del a, c
     ga, gb, gc, gd = terms.split(1, dim=1)
     return lcc, f * ga - gb - w * gc + gd
+
+
+@dataclass
+class LocalStats:
+    """One image's share of the local statistics of :func:`local_correlation`.
+
+    Attributes
+    ----------
+    centred : Tensor, shape (1, 1, X, Y, Z)
+        The image minus its global mean.
+    mean : Tensor, shape (1, 1, X, Y, Z)
+        Its local (window) mean.
+    variance : Tensor, shape (1, 1, X, Y, Z)
+        Its local variance plus ``eps`` times its global variance.
+    """
+
+    centred: Any
+    mean: Any
+    variance: Any
+
+
+class LCCWindow:
+    """The normalised Gaussian window of the local statistics on one grid: the zero-padded blur ``G`` and
+    ``1 / N`` (:func:`window_mass`), built once per grid.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The grid.
+    sigma : float
+        Standard deviation, voxels.
+    device, dtype
+        Of the images.
+    """
+
+    def __init__(self, shape: Sequence[int], sigma: float, *, device=None, dtype=None) -> None:
+        import torch
+
+        dtype = dtype or torch.float32
+        self.blur = GaussianBlur(shape, sigma, padding="zeros", device=device, dtype=dtype)
+        self.inv_mass = 1.0 / window_mass(shape, sigma, device=device, dtype=dtype)
+
+    def stats(self, image, eps: float = 1e-4) -> LocalStats:
+        """``image``'s centred values, local mean and local variance (plus ``eps`` times the global variance)."""
+        import torch
+
+        eps_i = eps * float(image.var()) + 1e-12
+        centred = image - image.mean()
+        mean, square = self.blur(torch.cat([centred, centred * centred], dim=1)).mul_(self.inv_mass).split(1, dim=1)
+        return LocalStats(centred, mean, (square - mean * mean).clamp_(min=0.0).add_(eps_i))
+
+
+class LCCLevel:
+    """What stays fixed over the iterations of one level of :func:`lcc_demons_velocity`: the blurs and the local
+    statistics of the two (level) images.
+
+    Parameters
+    ----------
+    fixed, moving : Tensor, shape (1, 1, X, Y, Z)
+        The level's images.
+    sigma_lcc, sigma_fluid, sigma_diff : float
+        As :class:`LCCDemonsMethod` (voxels); a zero sigma gives no blur (``None``).
+    """
+
+    def __init__(self, fixed, moving, *, sigma_lcc: float, sigma_fluid: float, sigma_diff: float) -> None:
+        shape, kw = fixed.shape[2:], dict(device=fixed.device, dtype=fixed.dtype)
+        self.window = LCCWindow(shape, sigma_lcc, **kw)
+        self.fixed_stats = self.window.stats(fixed)
+        self.moving_stats = self.window.stats(moving)
+        self.fluid = GaussianBlur(shape, sigma_fluid, **kw) if sigma_fluid > 0 else None
+        self.diffusion = GaussianBlur(shape, sigma_diff, **kw) if sigma_diff > 0 else None
+
+
+class GaussianBlur:
+    """:func:`~hdar_pipeline.hdar.layers.smooth` (same kernel, truncation and padding) on a fixed grid, as one
+    matrix product per axis.
+
+    Along an axis of ``n`` voxels the blur is ``out = K x`` with ``K`` the ``n x n`` banded matrix of the 1-D
+    kernel, the padding folded in (zeros: taps outside dropped; replicate: added onto the edge voxel). The three
+    products are plain (batched) matrix products of the contiguous volume, no padding or transposition: on a CPU
+    two to three times faster than shifted sums, the same values up to float rounding. ``K`` is applied in blocks
+    of rows that skip its zeros. Written into preallocated outputs: not differentiable (for autograd use
+    :func:`~hdar_pipeline.hdar.layers.smooth`).
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The grid ``(X, Y, Z)``.
+    sigma : float or sequence of float
+        Per axis, voxels; 0 skips an axis.
+    padding : {"replicate", "zeros"}
+    truncate : float
+    device, dtype
+    """
+
+    #: Rows of a block of ``K``.
+    block: ClassVar[int] = 32
+
+    def __init__(self, shape: Sequence[int], sigma, *, padding: str = "replicate", truncate: float = 3.0,
+                 device=None, dtype=None) -> None:
+        import torch
+
+        from ..hdar.layers import as_triple, gaussian_kernel1d
+
+        dtype = dtype or torch.float32
+        if padding not in ("replicate", "zeros"):
+            raise ValueError(f"padding must be 'replicate' or 'zeros', got {padding!r}")
+        self.shape = tuple(int(n) for n in shape)
+        self.axes = []
+        for n, s in zip(self.shape, as_triple(sigma)):
+            if s <= 0:
+                self.axes.append(None)
+                continue
+            k = gaussian_kernel1d(float(s), truncate=truncate, dtype=dtype).double()  # smooth()'s values
+            r = (k.numel() - 1) // 2
+            i = torch.arange(n).view(-1, 1)
+            j = i + torch.arange(-r, r + 1).view(1, -1)
+            weights = k.view(1, -1).expand(n, -1)
+            if padding == "zeros":
+                inside = (j >= 0) & (j < n)
+                i, j, weights = i.expand_as(j)[inside], j[inside], weights[inside]
+            else:
+                i, j = i.expand_as(j).reshape(-1), j.clamp(0, n - 1).reshape(-1)
+                weights = weights.reshape(-1)
+            matrix = torch.zeros(n, n, dtype=torch.float64).index_put_((i, j), weights, accumulate=True)
+            blocks = []
+            for lo in range(0, n, self.block):
+                hi = min(n, lo + self.block)
+                first, last = max(0, lo - r), min(n, hi + r)
+                blocks.append((lo, hi, first, last,
+                               matrix[lo:hi, first:last].to(device=device, dtype=dtype).contiguous()))
+            self.axes.append(blocks)
+
+    def __call__(self, x):
+        """Blur ``(B, C, X, Y, Z)`` (on the grid of ``shape``)."""
+        import torch
+
+        if tuple(x.shape[2:]) != self.shape:
+            raise ValueError(f"volume {tuple(x.shape)} does not match the blur's grid {self.shape}")
+        nx, ny, nz = self.shape
+        out = x.reshape(-1, nx * ny * nz)
+        for axis, blocks in enumerate(self.axes):
+            if blocks is None:
+                continue
+            # the axis's voxels are the rows of (a batch of) matrices, or the columns along the last axis
+            src = out.reshape(((-1, nx, ny * nz), (-1, ny, nz), (-1, nz))[axis])
+            res = torch.empty_like(src)
+            for lo, hi, first, last, k in blocks:
+                if axis < 2:
+                    torch.matmul(k, src[..., first:last, :], out=res[..., lo:hi, :])
+                else:
+                    torch.mm(src[:, first:last], k.t(), out=res[:, lo:hi])
+            out = res
+        return out.reshape(x.shape)
 
 
 def window_mass(shape: Sequence[int], sigma: float, *, device=None, dtype=None):
@@ -363,11 +553,20 @@ def torch_zeros_like_field(image):
 
 def spatial_gradient(x):
     """Central differences (one-sided at the borders) of ``(B, 1, X, Y, Z)`` along the three array axes:
-    ``(B, 3, X, Y, Z)``, per voxel."""
+    ``(B, 3, X, Y, Z)``, per voxel (the values of ``torch.gradient``, written in place)."""
     import torch
 
-    return torch.cat([torch.gradient(x, dim=d)[0] if x.shape[d] > 1 else torch.zeros_like(x) for d in (2, 3, 4)],
-                     dim=1)
+    out = x.new_empty((x.shape[0], 3, *x.shape[2:]))
+    for c, d in enumerate((2, 3, 4)):
+        g, n = out[:, c:c + 1], int(x.shape[d])
+        if n < 2:
+            g.zero_()
+            continue
+        if n > 2:
+            torch.sub(x.narrow(d, 2, n - 2), x.narrow(d, 0, n - 2), out=g.narrow(d, 1, n - 2)).div_(2.0)
+        torch.sub(x.narrow(d, 1, 1), x.narrow(d, 0, 1), out=g.narrow(d, 0, 1))
+        torch.sub(x.narrow(d, n - 1, 1), x.narrow(d, n - 2, 1), out=g.narrow(d, n - 1, 1))
+    return out
 
 
 def jacobian(field):
@@ -387,17 +586,49 @@ def lie_bracket(v, u):
 def squaring_steps(velocity, max_step: float = 0.5) -> int:
     """Scaling-and-squaring steps for ``velocity`` (voxels): enough that ``v / 2^n`` moves no voxel more than
     ``max_step`` voxels, at least 3 (deterministic for a given field)."""
-    largest = float(velocity.norm(dim=1).max()) if velocity.numel() else 0.0
+    import torch
+
+    if velocity.numel():
+        # the largest squared length, then one square root: the channel-wise norm reduction is far slower on a CPU
+        v0, v1, v2 = velocity.unbind(dim=1)
+        largest = math.sqrt(float(torch.addcmul(torch.addcmul(v0 * v0, v1, v1), v2, v2).max()))
+    else:
+        largest = 0.0
     if not math.isfinite(largest):
         raise FloatingPointError("the velocity field is not finite")
     return max(3, int(math.ceil(math.log2(max(largest, 1e-6) / max_step))))
 
 
 def exponential(velocity, steps: int | None = None):
-    """Displacement of ``exp(velocity)`` by scaling and squaring, ``(B, 3, X, Y, Z)`` voxels (edge-extended)."""
-    from ..hdar.layers import VecInt
+    """Displacement of ``exp(velocity)`` by scaling and squaring, ``(B, 3, X, Y, Z)`` voxels (edge-extended).
 
-    return VecInt(squaring_steps(velocity) if steps is None else int(steps))(velocity)
+    :class:`~hdar_pipeline.hdar.layers.VecInt` (the same values), with fewer passes over the field."""
+    n = squaring_steps(velocity) if steps is None else int(steps)
+    disp = velocity * (1.0 / (2 ** n))
+    for _ in range(n):
+        disp = _sample(disp, disp, "border").add_(disp)
+    return disp
+
+
+def _sample(volume, displacement, padding_mode: str):
+    """``volume`` ``(1, C, X, Y, Z)`` trilinearly sampled at ``p + displacement(p)`` (voxels), as
+    :class:`~hdar_pipeline.hdar.layers.SpatialTransformer`.
+
+    The sampling locations are written straight into their ``(1, X, Y, Z, 3)`` tensor: the same values as
+    :func:`~hdar_pipeline.hdar.layers.sampling_locations`, without its stacking pass."""
+    import torch
+
+    from ..hdar.layers import grid_sample_3d
+
+    shape = tuple(int(n) for n in displacement.shape[2:])
+    locations = displacement.new_empty((displacement.shape[0], *shape, 3))
+    for k, c in enumerate((2, 1, 0)):  # grid_sample's last axis is ordered (z, y, x)
+        s = 2.0 / (shape[c] - 1) if shape[c] > 1 else 0.0
+        ramp = torch.arange(shape[c], device=displacement.device, dtype=displacement.dtype) * s - 1.0
+        view = [1, 1, 1]
+        view[c] = shape[c]
+        torch.addcmul(ramp.view(1, *view), displacement[:, c], displacement.new_tensor(s), out=locations[..., k])
+    return grid_sample_3d(volume, locations, mode="bilinear", padding_mode=padding_mode)
 
 
 def displacement_to_mm(displacement, grid: Grid) -> np.ndarray:
@@ -411,5 +642,6 @@ def displacement_to_mm(displacement, grid: Grid) -> np.ndarray:
     return np.ascontiguousarray(mm.cpu().numpy(), dtype=np.float32)
 
 
-__all__ = ["DEFAULT_PRESET", "LCCDemonsMethod", "LCC_DEMONS_PRESETS", "displacement_to_mm", "exponential",
-           "lcc_demons_step", "lcc_demons_velocity", "lcc_update", "lie_bracket", "local_correlation"]
+__all__ = ["DEFAULT_PRESET", "GaussianBlur", "LCCDemonsMethod", "LCCLevel", "LCCWindow", "LCC_DEMONS_PRESETS",
+           "LocalStats", "displacement_to_mm", "exponential", "lcc_demons_step", "lcc_demons_velocity", "lcc_update",
+           "lie_bracket", "local_correlation"]
