@@ -223,8 +223,14 @@ def invert(transform: Transform, native: Grid, *, inverse_field: np.ndarray | No
     # native voxel index -> atlas voxel index of r = A^-1 q
     to_atlas_index = np.linalg.inv(transform.grid.lps_affine) @ a_inv @ native.lps_affine
     lin = transform.matrix[:3, :3].astype(np.float32)
+    # The native voxels are visited in memory order; the atlas volume is sampled with its axes put in the order they
+    # run along the native ones (on a native grid stored R-A-S for an L-P-S atlas, each native row would otherwise
+    # jump across the atlas volume: on S02 the sampling took 2.1 s instead of 0.8 s).
+    order = _axis_order(to_atlas_index[:3, :3])
     w_vol = _torch_volume(w @ lin.T)  # L w, so the sample is the native field directly
-    theta = _index_map_as_theta(to_atlas_index, native.shape, transform.grid.shape)
+    w_vol = w_vol.permute(0, 1, *(2 + a for a in order)).contiguous()
+    theta = _index_map_as_theta(to_atlas_index[[*order, 3]], native.shape,
+                                tuple(transform.grid.shape[a] for a in order))
     with torch.no_grad(), warnings.catch_warnings():  # one linear, edge-extended sample at every native voxel
         warnings.filterwarnings("ignore", message=".*unit-size grids.*")  # a 1-voxel axis: handled by theta
         grid = F.affine_grid(theta, [1, 3, *native.shape], align_corners=True)
@@ -232,6 +238,13 @@ def invert(transform: Transform, native: Grid, *, inverse_field: np.ndarray | No
         del grid
         field = np.ascontiguousarray(np.moveaxis(sampled[0].numpy(), 0, -1))
     return InverseResult(Transform(native, affine=a_inv, field=field), source, iterations, residual)
+
+
+def _axis_order(index_linear: np.ndarray) -> list[int]:
+    """For each native voxel axis, the atlas voxel axis it runs along most (``index_linear``: native index ->
+    atlas index, 3x3); ``[0, 1, 2]`` when that is not one atlas axis per native axis."""
+    order = [int(np.argmax(np.abs(index_linear[:, j]))) for j in range(3)]
+    return order if sorted(order) == [0, 1, 2] else [0, 1, 2]
 
 
 def _index_map_as_theta(index_map: np.ndarray, out_shape, in_shape):
