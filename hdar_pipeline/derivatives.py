@@ -152,13 +152,13 @@ def linear_part(path: PathLike) -> np.ndarray:
     """
     import SimpleITK as sitk
 
-    from .transforms import _matrix_from_itk
+    from .transforms import _matrix_from_itk, read_itk_transform
 
     p = Path(path)
     if not p.is_file():
         raise ImageError(p, "transform file not found")
     try:
-        tx = sitk.ReadTransform(str(p))
+        tx = read_itk_transform(p)
     except RuntimeError as exc:
         raise ImageError(p, f"cannot be read as an ITK transform ({' '.join(str(exc).split())[:300]})") from None
     if tx.GetName() == "CompositeTransform":

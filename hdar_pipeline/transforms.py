@@ -251,12 +251,12 @@ class Transform:
         if not (compact and self.field is not None):
             if self.field is not None:
                 parts.append(_sitk_field_transform(self.field, self.grid))
-            sitk.WriteTransform(sitk.CompositeTransform(parts), str(path))
+            write_itk_transform(sitk.CompositeTransform(parts), path)
             return path
         parts.append(_sitk_field_transform(np.zeros((1, 1, 1, 3), np.float32), Grid((1, 1, 1), self.grid.affine)))
         tmp = path.with_name(path.name + ".itk.tmp.h5")
         try:
-            sitk.WriteTransform(sitk.CompositeTransform(parts), str(tmp))
+            write_itk_transform(sitk.CompositeTransform(parts), tmp)
             _compact_h5(tmp, path, field=(self.field, self.grid), gzip_level=gzip_level)
         finally:
             tmp.unlink(missing_ok=True)
@@ -314,6 +314,28 @@ def sample(data: np.ndarray, vox: np.ndarray, *, order: int = 1, fill: float = 0
     out = ndimage.map_coordinates(data, clamped, order=order, mode="nearest", prefilter=False)
     out[outside] = fill
     return out
+
+
+#: ITK's HDF5 library (inside SimpleITK) is built without thread safety: two transform files written or read at once
+#: from two threads of one process corrupt its state (``H5Dwrite failed``, or a segmentation fault). Every ITK
+#: transform file goes through this lock; h5py's own HDF5 is another library with its own lock.
+ITK_TRANSFORM_IO_LOCK = threading.Lock()
+
+
+def write_itk_transform(transform, path: PathLike) -> None:
+    """``SimpleITK.WriteTransform``, one at a time in this process (:data:`ITK_TRANSFORM_IO_LOCK`)."""
+    import SimpleITK as sitk
+
+    with ITK_TRANSFORM_IO_LOCK:
+        sitk.WriteTransform(transform, str(path))
+
+
+def read_itk_transform(path: PathLike):
+    """``SimpleITK.ReadTransform``, one at a time in this process (:data:`ITK_TRANSFORM_IO_LOCK`)."""
+    import SimpleITK as sitk
+
+    with ITK_TRANSFORM_IO_LOCK:
+        return sitk.ReadTransform(str(path))
 
 
 def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -413,7 +435,7 @@ def write_affine(matrix: np.ndarray, path: PathLike) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteTransform(_sitk_affine(matrix), str(path))
+    write_itk_transform(_sitk_affine(matrix), path)
     return path
 
 
@@ -480,7 +502,7 @@ def _read_steps(path: Path) -> list[tuple[str, object]]:
             raise ImageError(path, "is not a 3-component displacement field")
         return [("field", _field_from_sitk(img))]
     try:
-        tx = sitk.ReadTransform(str(path))
+        tx = read_itk_transform(path)
     except RuntimeError as exc:
         return [("affine", _read_affine_with_ants(path, exc))]
     return _steps_from_sitk(tx, path)

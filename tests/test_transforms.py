@@ -217,3 +217,20 @@ def test_folding_over_the_brain_agrees_with_ants_composing_the_written_files(tmp
             jac[..., i, j] = g[j] + (1.0 if i == j else 0.0)
     theirs = 100.0 * np.mean(np.linalg.det(jac)[fixed.numpy() > 0] <= 0)
     assert ours["folded_percent_mask"] == pytest.approx(theirs, abs=0.3)
+
+
+def test_transform_files_written_and_read_from_threads_at_once(tmp_path, grid, affine, field):
+    """ITK's HDF5 is not thread-safe: ``register_files`` writes transform.h5 and inverse.h5 from two threads (an
+    affine-only inverse is ready at once), which failed with "H5Dwrite failed" or a segmentation fault."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    transforms = [Transform(grid, affine=affine @ np.diag([1 + k / 100, 1, 1, 1])) for k in range(6)]
+    transforms += [Transform(grid, affine=affine, field=field * (k + 1)) for k in range(2)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for rep in range(3):
+            paths = list(pool.map(lambda kt: kt[1].write_composite(tmp_path / f"t{rep}_{kt[0]}.h5"),
+                                  enumerate(transforms)))
+            back = list(pool.map(lambda p: Transform.read(p, grid=grid), paths))
+            for t, b in zip(transforms, back):
+                pts = grid.lps_points(np.float64)[::4, ::4, ::4].reshape(-1, 3)
+                assert np.allclose(b.map_points(pts), t.map_points(pts), atol=1e-4)
