@@ -46,11 +46,13 @@ def save_figure(fig: Figure, out_base: PathLike, dpi: int = 120) -> list[Path]:
 
 
 def method_colors(methods: Sequence[str]) -> dict[str, tuple]:
-    """A stable colour per method (matplotlib's tab10 cycle, in the given order)."""
+    """A stable colour per method, in the given order: matplotlib's tab10, or tab20 for more than ten methods (so
+    no two share a colour up to twenty)."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+    n = 10 if len(methods) <= 10 else 20
+    cmap = colormaps[f"tab{n}"]
+    return {m: cmap(i % n) for i, m in enumerate(methods)}
 
 
 def _ordered_methods(values: pd.Series, methods: Sequence[str] | None) -> list[str]:
@@ -241,8 +243,7 @@ def plot_tradeoff(
     if data.empty:
         raise ValueError(f"no rows with both {metric!r} and a positive {runtime!r}")
     names = [str(v) for v in data[label]]
-    colors = method_colors(names) if len(names) <= 10 else {
-        n: c for n, c in zip(names, _tab20(len(names)))}
+    colors = method_colors(names)
     fig = Figure(figsize=(7.0, 4.8))
     ax = fig.subplots()
     y_range = max(float(y[data.index].max() - y[data.index].min()), 1e-6)
@@ -265,13 +266,6 @@ def plot_tradeoff(
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return save_figure(fig, out_base)
-
-
-def _tab20(n: int) -> list[tuple]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20"]
-    return [cmap(i % 20) for i in range(n)]
 
 
 def plot_jacobian_slices(

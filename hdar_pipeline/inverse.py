@@ -17,7 +17,6 @@ brings atlas labels onto the subject).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,13 +228,11 @@ def invert(transform: Transform, native: Grid, *, inverse_field: np.ndarray | No
     order = _axis_order(to_atlas_index[:3, :3])
     w_vol = _torch_volume(w @ lin.T)  # L w, so the sample is the native field directly
     w_vol = w_vol.permute(0, 1, *(2 + a for a in order)).contiguous()
-    theta = _index_map_as_theta(to_atlas_index[[*order, 3]], native.shape,
-                                tuple(transform.grid.shape[a] for a in order))
-    with torch.no_grad(), warnings.catch_warnings():  # one linear, edge-extended sample at every native voxel
-        warnings.filterwarnings("ignore", message=".*unit-size grids.*")  # a 1-voxel axis: handled by theta
-        grid = F.affine_grid(theta, [1, 3, *native.shape], align_corners=True)
-        sampled = F.grid_sample(w_vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        del grid
+    index_map = to_atlas_index[[*order, 3]]
+    in_shape = tuple(transform.grid.shape[a] for a in order)
+    with torch.no_grad():  # one linear, edge-extended sample at every native voxel
+        sampled = F.grid_sample(w_vol, _index_map_grid(index_map, native.shape, in_shape), mode="bilinear",
+                                padding_mode="border", align_corners=True)
         field = np.ascontiguousarray(np.moveaxis(sampled[0].numpy(), 0, -1))
     return InverseResult(Transform(native, affine=a_inv, field=field), source, iterations, residual)
 
@@ -247,32 +244,20 @@ def _axis_order(index_linear: np.ndarray) -> list[int]:
     return order if sorted(order) == [0, 1, 2] else [0, 1, 2]
 
 
-def _index_map_as_theta(index_map: np.ndarray, out_shape, in_shape):
-    """A voxel-index affine ``(i, j, k) of out -> (i', j', k') of in`` (4x4) as ``affine_grid``'s ``theta``
-    (1, 3, 4): normalised ``(x, y, z)`` of the output (x along k, align_corners=True) -> normalised ``(x, y, z)``
-    of the input."""
+def _index_map_grid(index_map: np.ndarray, out_shape, in_shape):
+    """``grid_sample`` locations ``(1, *out_shape, 3)`` (normalised, align_corners=True, last axis ``(x, y, z)``
+    with x along the input's last axis) of the input voxel indices ``index_map @ (i, j, k, 1)`` (4x4) at every
+    output voxel ``(i, j, k)``: three broadcast ramps, no index grid."""
     import torch
 
-    def to_normalised(shape):  # (i, j, k, 1) -> (x, y, z, 1), x along k; a 1-voxel axis maps to 0
-        m = np.zeros((4, 4))
-        for axis, n in enumerate(shape):
-            m[2 - axis, axis] = 2.0 / max(n - 1, 1)
-            m[2 - axis, 3] = -1.0 if n > 1 else 0.0
-        m[3, 3] = 1.0
-        return m
-
-    theta = to_normalised(in_shape) @ index_map @ np.linalg.inv(_regularised(to_normalised(out_shape)))
-    return torch.from_numpy(theta[:3].astype(np.float32))[None]
-
-
-def _regularised(m: np.ndarray) -> np.ndarray:
-    """``m`` with a 1-voxel axis's zero scale made 1, so it can be inverted (that axis's normalised coordinate is
-    0, which maps to index 0 either way)."""
-    m = m.copy()
-    for row in range(3):
-        if not m[row, :3].any():
-            m[row, 2 - row] = 1.0
-    return m
+    scale = np.array([2.0 / max(n - 1, 1) for n in in_shape])
+    normalised = (index_map[:3] * scale[:, None])[::-1]  # rows (x, y, z): input axes 2, 1, 0
+    normalised[:, 3] -= 1.0
+    m = torch.from_numpy(np.ascontiguousarray(normalised, dtype=np.float32))
+    ramps = [torch.arange(n, dtype=torch.float32) for n in out_shape]
+    grid = (ramps[0].view(-1, 1, 1, 1) * m[:, 0] + ramps[1].view(1, -1, 1, 1) * m[:, 1]
+            + ramps[2].view(1, 1, -1, 1) * m[:, 2]) + m[:, 3]
+    return grid[None]
 
 
 def inverse_consistency(forward: Transform, inverse: Transform, mask: np.ndarray | None = None) -> dict[str, float]:
