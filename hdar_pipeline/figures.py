@@ -246,26 +246,39 @@ def plot_tradeoff(
     colors = method_colors(names)
     fig = Figure(figsize=(7.0, 4.8))
     ax = fig.subplots()
-    y_range = max(float(y[data.index].max() - y[data.index].min()), 1e-6)
-    placed: list[tuple[float, float]] = []
+    points = []
     for name, (_, row) in zip(names, data.iterrows()):
         x, v = float(row[runtime]), float(row[metric])
         err = float(row[spread]) if spread is not None and pd.notna(row.get(spread)) else None
         ax.errorbar(x, v, yerr=err, fmt="o", markersize=7, color=colors[name], markeredgecolor="black",
                     capsize=3)
         text = name + (f" ({int(row[count])})" if count is not None and pd.notna(row.get(count)) else "")
-        # names of (nearly) coinciding points are stacked, not overprinted
-        near = sum(abs(np.log10(x / px)) < 0.1 and abs(v - pv) < 0.03 * y_range for px, pv in placed)
-        placed.append((x, v))
-        ax.annotate(text, (x, v), xytext=(6, 3 - 9 * near), textcoords="offset points", fontsize=7,
-                    color=colors[name] if near else "black")
+        points.append((name, text, x, v))
     ax.set_xscale("log")
     ax.set_xlabel("seconds per pair (median, log scale)")
     ax.set_ylabel(_title(metric.removesuffix("_mean")) + " (mean over pairs)")
     ax.set_title(title or f"{_title(metric.removesuffix('_mean'))} against time")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
+    _place_labels(ax, points, colors)  # after the layout: the names are placed where the points are drawn
     return save_figure(fig, out_base)
+
+
+def _place_labels(ax, points, colors) -> None:
+    """Name each point to its right; a name that would overlap one already placed moves down a line at a time
+    (drawn in its point's colour, so that it still reads as that point's)."""
+    fig = ax.figure
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    placed = []
+    for name, text, x, v in sorted(points, key=lambda p: -p[3]):
+        for line in range(12):
+            note = ax.annotate(text, (x, v), xytext=(6, 3 - 9 * line), textcoords="offset points", fontsize=7,
+                               color=colors[name] if line else "black")
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            note.remove()
+        placed.append(box)
 
 
 def plot_jacobian_slices(
