@@ -264,21 +264,22 @@ def plot_tradeoff(
     return save_figure(fig, out_base)
 
 
-def _place_labels(ax, points, colors) -> None:
-    """Name each point to its right; a name that would overlap one already placed moves down a line at a time
-    (drawn in its point's colour, so that it still reads as that point's)."""
-    fig = ax.figure
-    renderer = FigureCanvasAgg(fig).get_renderer()
+def _place_labels(ax, points, colors) -> list:
+    """Name each point to its right, highest first; a name that would overlap one already placed moves down a line
+    at a time, up to eleven lines (drawn in its point's colour, so that it still reads as that point's); returns
+    the names' boxes (display units)."""
+    renderer = FigureCanvasAgg(ax.figure).get_renderer()
     placed = []
     for name, text, x, v in sorted(points, key=lambda p: -p[3]):
         for line in range(12):
             note = ax.annotate(text, (x, v), xytext=(6, 3 - 9 * line), textcoords="offset points", fontsize=7,
                                color=colors[name] if line else "black")
             box = note.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
-                break
+            if line == 11 or not any(box.overlaps(other) for other in placed):
+                break  # the last line is kept even if crowded: a name is never dropped
             note.remove()
         placed.append(box)
+    return placed
 
 
 def plot_jacobian_slices(

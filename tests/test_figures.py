@@ -74,6 +74,26 @@ def test_tradeoff_labels_every_method_and_skips_rows_without_a_time(tmp_path):
         plot_tradeoff(summary.iloc[3:], tmp_path / "none")
 
 
+def test_tradeoff_names_of_crowded_points_do_not_overlap_and_none_is_dropped():
+    """Points a few pixels apart (HDAR presets in the benchmark) get names on separate lines."""
+    from matplotlib.figure import Figure
+
+    from hdar_pipeline.figures import _place_labels
+
+    fig = Figure(figsize=(7.0, 4.8))
+    ax = fig.subplots()
+    points = [(f"m{k}", f"method-{k} (20)", 5.0 + 0.3 * k, 0.730 - 0.001 * (k % 3)) for k in range(6)]
+    points.append(("far", "far (1)", 500.0, 0.60))
+    for _, _, x, v in points:
+        ax.plot(x, v, "o")
+    ax.set_xscale("log")
+    fig.tight_layout()
+    boxes = _place_labels(ax, points, {p[0]: (0, 0, 0, 1) for p in points})
+    assert len(boxes) == len(points) == len(ax.texts)
+    assert {t.get_text() for t in ax.texts} == {p[1] for p in points}
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
 def test_jacobian_slices(tmp_path):
     shape = (40, 48, 36)
     ii = np.indices(shape).astype(float)
