@@ -97,6 +97,27 @@ def test_grid_sample_3d_on_several_threads_is_grid_sample(threads, mode, padding
         torch.set_num_threads(previous)
 
 
+def test_sampling_locations_without_gradient_are_those_with_gradient_and_the_textbook_grid():
+    """Written in place (no gradient) or stacked (gradient): the same values, bit for bit, on a box of a larger
+    volume; both are the identity grid plus the flow in grid_sample's normalised (z, y, x) order; gradients reach
+    the flow."""
+    rng = np.random.default_rng(5)
+    shape, start = (21, 17, 13), (3, 2, 4)
+    flow = torch.tensor(rng.normal(scale=3.0, size=(1, 3, 11, 9, 7)), dtype=torch.float32)
+    with torch.no_grad():
+        fast = sampling_locations(flow, shape, start)
+    grad_flow = flow.clone().requires_grad_(True)
+    stacked = sampling_locations(grad_flow, shape, start)
+    assert stacked.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, stacked.detach())
+    idx = np.stack(np.meshgrid(*[np.arange(n) + s for n, s in zip(flow.shape[2:], start)], indexing="ij"), 0)
+    points = idx + flow[0].numpy()
+    textbook = np.stack([2.0 * points[c] / (shape[c] - 1) - 1.0 for c in (2, 1, 0)], -1)[None]
+    np.testing.assert_allclose(fast.numpy(), textbook, rtol=0, atol=1e-5)
+    (stacked.sum()).backward()
+    assert grad_flow.grad is not None and float(grad_flow.grad.abs().sum()) > 0
+
+
 def test_vecint_zero_and_constant_and_small_smooth():
     shape = (20, 18, 16)
     vi = VecInt(7)

@@ -116,17 +116,23 @@ def sampling_locations(flow: torch.Tensor, shape: Sequence[int], start: Sequence
     of a volume of ``shape``; ``flow`` ``(B, 3, x, y, z)`` in voxels.
 
     The identity grid is a 1-D ramp per axis, broadcast into each channel: no full-size identity grid,
-    permutation or flip is materialised (several full-volume passes fewer than the textbook recipe).
+    permutation or flip is materialised (several full-volume passes fewer than the textbook recipe). Where no
+    gradient flows, each channel is written straight into the output (no stacking pass).
     """
     n = tuple(int(v) for v in flow.shape[2:])
+    in_place = not (torch.is_grad_enabled() and flow.requires_grad)  # ``out=`` does not support autograd
+    locations = flow.new_empty((flow.shape[0], *n, 3)) if in_place else None
     channels = []
-    for c in (2, 1, 0):
+    for k, c in enumerate((2, 1, 0)):
         s = 2.0 / (int(shape[c]) - 1) if int(shape[c]) > 1 else 0.0
         ramp = (torch.arange(n[c], device=flow.device, dtype=flow.dtype) + float(start[c])) * s - 1.0
         view = [1, 1, 1]
         view[c] = n[c]
-        channels.append(torch.addcmul(ramp.view(1, *view), flow[:, c], flow.new_tensor(s)))
-    return torch.stack(channels, dim=-1)
+        if in_place:
+            torch.addcmul(ramp.view(1, *view), flow[:, c], flow.new_tensor(s), out=locations[..., k])
+        else:
+            channels.append(torch.addcmul(ramp.view(1, *view), flow[:, c], flow.new_tensor(s)))
+    return locations if in_place else torch.stack(channels, dim=-1)
 
 
 def sample_region(volume: torch.Tensor, flow: torch.Tensor, start: Sequence[int] = (0, 0, 0), *,

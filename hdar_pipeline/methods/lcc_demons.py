@@ -237,11 +237,13 @@ def lcc_demons_step(fixed, moving, velocity, *, sigma_lcc: float, sigma_fluid: f
     ``u = G_fluid * (u_f - u_b) / 2``, ``v <- G_diff * BCH(v, u)``. ``level``: the level's :class:`LCCLevel`
     for these images and sigmas (built here when not given; :func:`lcc_demons_velocity` builds one per level).
     """
+    from ..hdar.layers import sample_region
+
     if level is None:
         level = LCCLevel(fixed, moving, sigma_lcc=sigma_lcc, sigma_fluid=sigma_fluid, sigma_diff=sigma_diff)
     steps = squaring_steps(velocity)  # the same for -v
-    warped_moving = _sample(moving, exponential(velocity, steps), "border")
-    warped_fixed = _sample(fixed, exponential(-velocity, steps), "border")
+    warped_moving = sample_region(moving, exponential(velocity, steps), padding_mode="border")
+    warped_fixed = sample_region(fixed, exponential(-velocity, steps), padding_mode="border")
     u_forward, _ = lcc_update(fixed, warped_moving, sigma_lcc=sigma_lcc, sigma_i=sigma_i, window=level.window,
                               fixed_stats=level.fixed_stats)
     u_backward, _ = lcc_update(moving, warped_fixed, sigma_lcc=sigma_lcc, sigma_i=sigma_i, window=level.window,
@@ -603,32 +605,13 @@ def exponential(velocity, steps: int | None = None):
     """Displacement of ``exp(velocity)`` by scaling and squaring, ``(B, 3, X, Y, Z)`` voxels (edge-extended).
 
     :class:`~hdar_pipeline.hdar.layers.VecInt` (the same values), with fewer passes over the field."""
+    from ..hdar.layers import sample_region
+
     n = squaring_steps(velocity) if steps is None else int(steps)
     disp = velocity * (1.0 / (2 ** n))
     for _ in range(n):
-        disp = _sample(disp, disp, "border").add_(disp)
+        disp = sample_region(disp, disp, padding_mode="border").add_(disp)
     return disp
-
-
-def _sample(volume, displacement, padding_mode: str):
-    """``volume`` ``(1, C, X, Y, Z)`` trilinearly sampled at ``p + displacement(p)`` (voxels), as
-    :class:`~hdar_pipeline.hdar.layers.SpatialTransformer`.
-
-    The sampling locations are written straight into their ``(1, X, Y, Z, 3)`` tensor: the same values as
-    :func:`~hdar_pipeline.hdar.layers.sampling_locations`, without its stacking pass."""
-    import torch
-
-    from ..hdar.layers import grid_sample_3d
-
-    shape = tuple(int(n) for n in displacement.shape[2:])
-    locations = displacement.new_empty((displacement.shape[0], *shape, 3))
-    for k, c in enumerate((2, 1, 0)):  # grid_sample's last axis is ordered (z, y, x)
-        s = 2.0 / (shape[c] - 1) if shape[c] > 1 else 0.0
-        ramp = torch.arange(shape[c], device=displacement.device, dtype=displacement.dtype) * s - 1.0
-        view = [1, 1, 1]
-        view[c] = shape[c]
-        torch.addcmul(ramp.view(1, *view), displacement[:, c], displacement.new_tensor(s), out=locations[..., k])
-    return grid_sample_3d(volume, locations, mode="bilinear", padding_mode=padding_mode)
 
 
 def displacement_to_mm(displacement, grid: Grid) -> np.ndarray:
