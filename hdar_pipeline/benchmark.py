@@ -58,7 +58,12 @@ Outputs
     not run).
 ``OUT/benchmark.md``
     The table as markdown ("mean ± sd", pairs per variant), the machine (CPU, cores, torch/ANTs
-    versions), the exact command line and the notes.
+    versions), the exact command line and the notes; when the default HDAR (``hdar``) ran, every other method
+    against it pair by pair (:func:`paired_against`).
+``OUT/benchmark_paired.csv``
+    That comparison: per method, the pairs both registered, each one's mean Dice over them, HDAR's minus the
+    method's per pair (mean, min, max), the pairs where HDAR is higher, a Wilcoxon signed-rank p and the ratio of
+    their median seconds per pair.
 ``OUT/benchmark_dice_time.png`` (and ``.svg``)
     Mean Dice (SD bars) against the median seconds per pair (log scale), one labelled point per variant.
 """
@@ -873,8 +878,12 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
     if "commit" in table and table["commit"].notna().any():
         notes.append("rows measured at commit " + ", ".join(sorted(set(table["commit"].dropna().astype(str))))
                      + " (the Machine section's commit is the one that wrote this report).")
-    md = markdown_report(summary, config, notes, n_pairs=len(config.pairs))
+    paired = paired_against(table)
+    md = markdown_report(summary, config, notes, n_pairs=len(config.pairs), paired=paired)
     paths = write_results(output, "benchmark", table, summary, md)
+    if len(paired):
+        paths["paired"] = output / "benchmark_paired.csv"
+        paired.to_csv(paths["paired"], index=False)
     paths.update(_tradeoff_figure(summary, output / "benchmark_dice_time"))
     return BenchmarkResult(table, summary, md, notes, paths)
 
@@ -957,6 +966,75 @@ def variant_status(variant: str, n_ok: int, n_failed: int, unavailable: Mapping[
     if not n_ok:
         return "failed" if n_failed else "no pairs"
     return "ok" if not n_failed else f"ok ({n_failed} failed)"
+
+
+#: The variant every other is compared with pair by pair (:func:`paired_against`): the default HDAR.
+PAIRED_REFERENCE = "hdar"
+PAIRED_HEADER = ["method", "pairs", "Dice, method", f"Dice, {PAIRED_REFERENCE}", f"{PAIRED_REFERENCE} - method (mean)",
+                 "(min to max)", f"{PAIRED_REFERENCE} higher", "Wilcoxon p", f"time {PAIRED_REFERENCE} / method"]
+
+
+def paired_against(rows: pd.DataFrame, reference: str = PAIRED_REFERENCE) -> pd.DataFrame:
+    """Every variant against ``reference`` over the pairs both registered (status ``ok``), pair by pair.
+
+    Parameters
+    ----------
+    rows : DataFrame
+        One row per variant x pair (``benchmark_pairs.csv``): ``variant``, ``moving``, ``fixed``, ``status``,
+        ``mean_dice``, ``runtime_s``.
+    reference : str
+        The variant the others are compared with.
+
+    Returns
+    -------
+    DataFrame
+        One row per other variant with at least one pair in common: ``variant``, ``reference``, ``n_pairs``,
+        ``mean_dice`` and ``mean_dice_reference`` (over the common pairs), ``mean_difference``,
+        ``min_difference``, ``max_difference`` (``reference - variant`` mean Dice per pair), ``reference_higher``
+        (pairs where the reference's Dice is higher), ``wilcoxon_p`` (two-sided signed-rank,
+        :func:`hdar_pipeline.stats.paired_test`; NaN below two pairs), ``time_ratio`` (median seconds per pair of
+        the reference over the variant's, on the common pairs). Empty when ``reference`` has no ``ok`` row.
+    """
+    import pandas as pd
+
+    from .stats import paired_test
+
+    columns = ["variant", "reference", "n_pairs", "mean_dice", "mean_dice_reference", "mean_difference",
+               "min_difference", "max_difference", "reference_higher", "wilcoxon_p", "time_ratio"]
+    ok = rows[rows["status"] == "ok"]
+    ref = ok[ok["variant"] == reference].set_index(["moving", "fixed"])
+    out = []
+    if len(ref):
+        for variant in dict.fromkeys(ok["variant"]):
+            if variant == reference:
+                continue
+            other = ok[ok["variant"] == variant].set_index(["moving", "fixed"])
+            common = ref.index.intersection(other.index)
+            if not len(common):
+                continue
+            a = ref.loc[common, "mean_dice"].astype(float).to_numpy()
+            b = other.loc[common, "mean_dice"].astype(float).to_numpy()
+            diff = a - b
+            test = paired_test(b, a)
+            out.append({"variant": variant, "reference": reference, "n_pairs": len(common),
+                        "mean_dice": float(b.mean()), "mean_dice_reference": float(a.mean()),
+                        "mean_difference": float(diff.mean()), "min_difference": float(diff.min()),
+                        "max_difference": float(diff.max()), "reference_higher": int((diff > 0).sum()),
+                        "wilcoxon_p": test["wilcoxon_p"],
+                        "time_ratio": float(ref.loc[common, "runtime_s"].astype(float).median()
+                                            / other.loc[common, "runtime_s"].astype(float).median())})
+    return pd.DataFrame(out, columns=columns)
+
+
+def paired_table_rows(paired: pd.DataFrame) -> list[list[str]]:
+    """:data:`PAIRED_HEADER` cells for each row of :func:`paired_against`."""
+    cells = []
+    for r in paired.itertuples():
+        p = f"{r.wilcoxon_p:.2g}" if math.isfinite(r.wilcoxon_p) else ""
+        cells.append([r.variant, str(r.n_pairs), f"{r.mean_dice:.3f}", f"{r.mean_dice_reference:.3f}",
+                      f"{r.mean_difference:+.4f}", f"{r.min_difference:+.3f} to {r.max_difference:+.3f}",
+                      f"{r.reference_higher} of {r.n_pairs}", p, f"{r.time_ratio:.3g}"])
+    return cells
 
 
 def summarise(rows: pd.DataFrame, variants: Sequence[Variant], planned: Mapping[str, int],
@@ -1116,7 +1194,8 @@ def machine_description(device: str | None = None) -> list[str]:
     return lines
 
 
-def markdown_report(summary: pd.DataFrame, config: BenchmarkConfig, notes: Sequence[str], *, n_pairs: int) -> str:
+def markdown_report(summary: pd.DataFrame, config: BenchmarkConfig, notes: Sequence[str], *, n_pairs: int,
+                    paired: pd.DataFrame | None = None) -> str:
     names = ", ".join(p.name for p in config.pairs)
     lines = ["# Method comparison", "",
              f"{config.dataset or 'dataset'}: {n_pairs} pair{'s' if n_pairs != 1 else ''} (moving->fixed: {names}); "
@@ -1126,6 +1205,13 @@ def markdown_report(summary: pd.DataFrame, config: BenchmarkConfig, notes: Seque
              "then mean ± sd over pairs; % folded: voxels with det J <= 0, of the fixed image's brain "
              "(voxels above its background) and of the whole grid; seconds: registration only.", "",
              *markdown_table(TABLE_HEADER, table_rows(summary, n_pairs))]
+    if paired is not None and len(paired):
+        ref = paired["reference"].iloc[0]
+        lines += ["", f"## Against {ref}, pair by pair", "",
+                  f"Each method against {ref} on the pairs both registered: mean Dice of each over those pairs, "
+                  f"{ref}'s minus the method's per pair (mean, range), the pairs where {ref} is higher, a two-sided "
+                  f"Wilcoxon signed-rank test, and {ref}'s median seconds per pair over the method's.", "",
+                  *markdown_table(PAIRED_HEADER, paired_table_rows(paired))]
     lines += report_sections(config.device, config.command, notes)
     return "\n".join(lines) + "\n"
 
@@ -1330,8 +1416,8 @@ __all__ = [
     "SubjectFiles", "Variant", "VariantUnavailable", "add_benchmark_arguments", "bids_subjects", "build_method",
     "check_variants", "command_line", "config_from_args", "default_variants", "evaluate_pair", "failure_notes",
     "format_mean_sd", "git_commit", "load_pair_images", "lpba40_pairs", "lpba40_subjects", "machine_description",
-    "machine_summary", "make_pairs", "markdown_table", "measured_row", "one_line", "parse_max_pairs",
-    "parse_pair_specs", "print_table", "progress_bar", "report_sections", "rows_frame", "run_benchmark",
+    "machine_summary", "make_pairs", "markdown_table", "measured_row", "one_line", "paired_against",
+    "paired_table_rows", "parse_max_pairs", "parse_pair_specs", "print_table", "progress_bar", "report_sections", "rows_frame", "run_benchmark",
     "run_benchmark_cli", "run_console", "select_pairs", "summarise", "summary_stat", "variant_rows", "variant_status",
     "write_results",
 ]

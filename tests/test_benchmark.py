@@ -199,3 +199,40 @@ def test_compare_methods_script_on_one_lpba40_pair(lpba40_dir, tmp_path):
     assert rows.loc[0, "n_labels"] == 56 and rows.loc[0, "affine_stage"] == False  # noqa: E712
     assert 0.5 < rows.loc[0, "mean_dice"] < 0.7
     assert "no affine stage" in (out / "benchmark.md").read_text()
+
+
+def test_paired_against_compares_each_method_with_hdar_on_the_pairs_both_registered():
+    """Differences, ranges, wins, the Wilcoxon p and the time ratio over the common ok pairs only; a failed row,
+    a method on fewer pairs and one with no pair in common are handled; the report gets the section."""
+    from scipy.stats import wilcoxon
+
+    pairs = [(f"S{i}", f"S{i + 1}") for i in range(21, 27)]
+    hdar = [0.70, 0.72, 0.71, 0.69, 0.73, 0.70]
+    demons = [0.69, 0.70, 0.72, 0.66, 0.70, 0.69]
+    rows = []
+    for (m, f), a, b in zip(pairs, hdar, demons):
+        rows.append(dict(variant="hdar", moving=m, fixed=f, status="ok", mean_dice=a, runtime_s=7.0))
+        rows.append(dict(variant="demons", moving=m, fixed=f, status="ok", mean_dice=b, runtime_s=70.0))
+    rows.append(dict(variant="fireants", moving="S21", fixed="S22", status="ok", mean_dice=0.72, runtime_s=350.0))
+    rows.append(dict(variant="fireants", moving="S22", fixed="S23", status="failed", mean_dice=float("nan"),
+                     runtime_s=float("nan")))
+    rows.append(dict(variant="syn-quality", moving="S40", fixed="S41", status="ok", mean_dice=0.7, runtime_s=3000.0))
+    paired = bm.paired_against(pd.DataFrame(rows))
+    assert list(paired["variant"]) == ["demons", "fireants"]  # syn-quality shares no pair with hdar
+    d = paired.set_index("variant")
+    diff = [a - b for a, b in zip(hdar, demons)]
+    assert d.loc["demons", "n_pairs"] == 6 and d.loc["demons", "reference_higher"] == 5
+    assert math.isclose(d.loc["demons", "mean_difference"], sum(diff) / 6)
+    assert math.isclose(d.loc["demons", "min_difference"], min(diff))
+    assert math.isclose(d.loc["demons", "max_difference"], max(diff))
+    assert math.isclose(d.loc["demons", "wilcoxon_p"], wilcoxon(demons, hdar).pvalue)
+    assert math.isclose(d.loc["demons", "time_ratio"], 0.1)
+    assert d.loc["fireants", "n_pairs"] == 1 and math.isnan(d.loc["fireants", "wilcoxon_p"])
+    assert math.isclose(d.loc["fireants", "mean_difference"], 0.70 - 0.72)
+    cells = bm.paired_table_rows(paired)
+    assert cells[1][6] == "0 of 1" and cells[1][7] == ""
+    assert bm.paired_against(pd.DataFrame(rows).query("variant != 'hdar'")).empty
+    config = bm.BenchmarkConfig(pairs=[], dataset="x", command="pytest")
+    summary = pd.DataFrame(columns=["variant"])
+    md = bm.markdown_report(summary, config, [], n_pairs=6, paired=paired)
+    assert "## Against hdar, pair by pair" in md and "| demons | 6 |" in md
