@@ -343,3 +343,35 @@ def test_the_default_preset_is_the_same_everywhere():
     assert method.refine_full_resolution == 2
     row = default_variants()["hdar"]
     assert row.preset is None and build_method(row, seed=0, threads=1).preset == DEFAULT_PRESET
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_hdar_with_its_affine_stage_runs_on_cuda_and_gives_the_cpu_answer(trained, monkeypatch):
+    """The GPU path end to end: the fast affine stage, HDAR's pre-alignment, network and refinement (the default
+    preset) on CUDA give the CPU's registration, up to float32 summation order."""
+    from hdar_pipeline.methods import fast_affine
+
+    devices = []
+    original = fast_affine.FastAffineMethod._register
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        devices.append(self.device_used)
+        return out
+
+    monkeypatch.setattr(fast_affine.FastAffineMethod, "_register", spy)
+    results = {}
+    for device in ("cpu", "cuda"):
+        method = HDARMethod(weights=trained["pt"], device=device, seed=0)
+        results[device] = register_pair(trained["fixed"], trained["moving"], method, affine=True, seed=0)
+    (cpu, cpu_info), (gpu, gpu_info) = results["cpu"], results["cuda"]
+    assert cpu_info["device"] == "cpu" and gpu_info["device"].startswith("cuda")
+    assert devices[0] == "cpu" and devices[1].startswith("cuda")  # the affine stage ran where HDAR ran
+    assert np.abs(gpu.matrix - cpu.matrix).max() < 1e-2
+    assert float(np.abs(gpu.field - cpu.field).mean()) < 0.05  # mm, on 2 mm voxels
+    dice = [mean_dice(trained["fixed_labels"],
+                      np.asarray(t.apply(trained["moving_labels"], interpolation="nearest").dataobj))
+            for t in (cpu, gpu)]
+    assert abs(dice[0] - dice[1]) < 0.01
+    assert gpu.jacobian_determinant().min() > 0
