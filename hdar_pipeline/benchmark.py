@@ -1417,7 +1417,7 @@ __all__ = [
     "check_variants", "command_line", "config_from_args", "default_variants", "evaluate_pair", "failure_notes",
     "format_mean_sd", "git_commit", "load_pair_images", "lpba40_pairs", "lpba40_subjects", "machine_description",
     "machine_summary", "make_pairs", "markdown_table", "measured_row", "one_line", "paired_against",
-    "paired_table_rows", "parse_max_pairs", "parse_pair_specs", "print_table", "progress_bar", "report_sections", "rows_frame", "run_benchmark",
-    "run_benchmark_cli", "run_console", "select_pairs", "summarise", "summary_stat", "variant_rows", "variant_status",
-    "write_results",
+    "paired_table_rows", "parse_max_pairs", "parse_pair_specs", "print_table", "progress_bar", "report_sections",
+    "rows_frame", "run_benchmark", "run_benchmark_cli", "run_console", "select_pairs", "summarise", "summary_stat",
+    "variant_rows", "variant_status", "write_results",
 ]
