@@ -146,9 +146,10 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
                label="run wall / subjects")
     ax.set_xlabel("seconds per subject (median of each stage; one job's own time)")
     ax.invert_yaxis()
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    # beside the axes: below them it overprints the x label when there are few rows
+    ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
