@@ -35,31 +35,26 @@ from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
-import numpy as np
 import pandas as pd
 
-from hdar_pipeline.restoring import FRAMES, StorageFrame, restore
+from hdar_pipeline.restoring import StorageFrame, restore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from restored_cohort import write_cohort  # noqa: E402
 
 #: The targets of issue 16, seconds of wall per subject.
 TARGETS_S = {"skull-stripped": 30.0, "raw-head": 60.0}
 
 
-def _dataset(root: Path, subject: str, image: nib.Nifti1Image, labels: nib.Nifti1Image | None) -> tuple[Path, Path]:
-    raw, lab = root / "rawdata", root / "labels"
-    for folder, description in ((raw, {"Name": f"one subject ({subject})", "BIDSVersion": "1.9.0"}),
-                                (lab, {"Name": "labels", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-                                       "GeneratedBy": [{"Name": "LONI manual delineation"}]})):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
+def _head_dataset(raw: Path, subject: str, image: nib.Nifti1Image) -> None:
+    """A one-subject BIDS dataset at ``raw`` (no labels: the head's DLMUSE labels are another protocol)."""
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "dataset_description.json").write_text(
+        json.dumps({"Name": f"one raw head ({subject})", "BIDSVersion": "1.9.0"}, indent=2) + "\n")
     (raw / "participants.tsv").write_text(f"participant_id\nsub-{subject}\n")
     path = raw / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
-    if labels is not None:
-        lpath = lab / f"sub-{subject}" / "anat" / f"sub-{subject}_dseg.nii.gz"
-        lpath.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(labels, str(lpath))
-    return raw, lab
 
 
 def build(lpba40: Path, ixi: Path, work: Path) -> dict[str, dict]:
@@ -72,17 +67,14 @@ def build(lpba40: Path, ixi: Path, work: Path) -> dict[str, dict]:
     cases = {}
     root = work / "skull-stripped"
     if not (root / "rawdata" / "participants.tsv").is_file():
-        frame = FRAMES["ras-int16"]
-        src = lpba40 / "S02"
-        _dataset(root, "S02", restore(nib.load(str(src / "S02.delineation.skullstripped.nii.gz")), frame),
-                 restore(nib.load(str(src / "S02.delineation.structure.label.nii.gz")), frame, labels=True))
+        write_cohort(lpba40, root, ["S02"], frames=("ras-int16",))
     cases["skull-stripped"] = {"raw": root / "rawdata", "labels": root / "labels"}
     root = work / "raw-head"
     if not (root / "rawdata" / "participants.tsv").is_file():
         head = nib.load(str(next(iter(sorted((ixi / "nifti").glob("IXI034*_ds.nii.gz"))))))
         codes = "".join(nib.aff2axcodes(head.affine))
         frame = StorageFrame("head-1mm", codes, None, (1.0, 1.0, 1.0), dtype="int16")
-        _dataset(root, "IXI034", restore(head, frame), None)
+        _head_dataset(root / "rawdata", "IXI034", restore(head, frame))
     cases["raw-head"] = {"raw": root / "rawdata", "labels": None}
     for case in cases.values():
         case.update(atlas=atlas.image, atlas_labels=atlas.labels)

@@ -128,10 +128,8 @@ def sampling_locations(flow: torch.Tensor, shape: Sequence[int], start: Sequence
         ramp = (torch.arange(n[c], device=flow.device, dtype=flow.dtype) + float(start[c])) * s - 1.0
         view = [1, 1, 1]
         view[c] = n[c]
-        if in_place:
-            torch.addcmul(ramp.view(1, *view), flow[:, c], flow.new_tensor(s), out=locations[..., k])
-        else:
-            channels.append(torch.addcmul(ramp.view(1, *view), flow[:, c], flow.new_tensor(s)))
+        out = {"out": locations[..., k]} if in_place else {}
+        channels.append(torch.addcmul(ramp.view(1, *view), flow[:, c], flow.new_tensor(s), **out))
     return locations if in_place else torch.stack(channels, dim=-1)
 
 
