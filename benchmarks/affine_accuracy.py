@@ -7,7 +7,7 @@ Two kinds of pairs, as users meet them:
   each) and stored as another scanner would (ASL, 256x256x180 at 1 mm, off-centre, int16 with an offset). The
   moving labels go through the same pose and storage (nearest neighbour).
 - **IXI heads as the BIDS App prepares them**: each raw IXI head through the App's brain preparation
-  (:func:`hdar_pipeline.preprocess.prepare_brain`: N4, brain extraction, on its own grid), then the App's affine
+  (:func:`hdar_pipeline.pipeline.preprocess.prepare_brain`: N4, brain extraction, on its own grid), then the App's affine
   step: the first head's brain as the atlas (its DLMUSE labels as reference), each other brain cut to its mask
   plus 10 mm as the moving image, the atlas brain mask restricting the metric.
 
@@ -49,7 +49,7 @@ def _rotation(axis: int, deg: float) -> np.ndarray:
 
 def scanner_pose(image, labels, k: int, deg: float, mm: float):
     """``image`` and ``labels`` with the head moved and turned in the scanner (pose ``k``), stored ASL off-centre."""
-    from hdar_pipeline.restoring import StorageFrame, restore
+    from hdar_pipeline.core.restoring import StorageFrame, restore
 
     rng = np.random.default_rng(k)
     pose = _rotation(0, rng.uniform(-deg, deg)) @ _rotation(1, rng.uniform(-deg, deg)) @ _rotation(2, rng.uniform(-deg, deg))
@@ -70,7 +70,7 @@ def mean_dice(reference: np.ndarray, labels: np.ndarray) -> float:
 
 
 def lpba40_cases(root: Path, deg: float, mm: float):
-    from hdar_pipeline.images import load_image
+    from hdar_pipeline.core.images import load_image
 
     for k, (f, m) in enumerate(LPBA40_PAIRS):
         fixed = load_image(root / f / f"{f}.delineation.skullstripped.nii.gz")
@@ -82,8 +82,8 @@ def lpba40_cases(root: Path, deg: float, mm: float):
 
 
 def ixi_cases(root: Path, cache: Path, seed: int, threads: int):
-    from hdar_pipeline.images import crop_to_mask, load_image, save_image
-    from hdar_pipeline.preprocess import prepare_brain
+    from hdar_pipeline.core.images import crop_to_mask, load_image, save_image
+    from hdar_pipeline.pipeline.preprocess import prepare_brain
 
     heads = sorted((root / "nifti").glob("*.nii.gz"))
     brains = {}

@@ -53,7 +53,7 @@ def mean_dice(reference: np.ndarray, labels: np.ndarray) -> float:
 
 
 def run_one(variant: str, data: Path, fixed: str, moving: str, threads: int, seed: int) -> dict:
-    from hdar_pipeline.images import load_image
+    from hdar_pipeline.core.images import load_image
     from hdar_pipeline.methods import get_method, register_pair
 
     method_name, preset = VARIANTS[variant]
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baselines: LPBA40 data not found at {args.data} (subjects {', '.join(missing)}); "
               "set --data or HDAR_LPBA40_DIR", file=sys.stderr)
         return 2
-    from hdar_pipeline.runtime import configure_threads
+    from hdar_pipeline.core.runtime import configure_threads
 
     configure_threads(args.threads)
     rows_dir = args.out / "rows"

@@ -1,6 +1,6 @@
 """Method comparison on a dataset's pairs: affine, Demons, SyN fast/quality and HDAR in one table.
 
-A thin wrapper over :mod:`hdar_pipeline.benchmark` (the same as ``hdar benchmark``); see that module
+A thin wrapper over :mod:`hdar_pipeline.apps.benchmark.runner` (the same as ``hdar benchmark``); see that module
 for the variants, the pair sources, the caching and the outputs.
 
     python benchmarks/compare_methods.py --lpba40 ../shared/data/lpba40 --threads 2 -o benchmark-results
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hdar_pipeline.benchmark import __doc__ as BENCHMARK_DOC
-from hdar_pipeline.benchmark import add_benchmark_arguments, run_benchmark_cli
+from hdar_pipeline.apps.benchmark.runner import __doc__ as BENCHMARK_DOC
+from hdar_pipeline.apps.benchmark.runner import add_benchmark_arguments, run_benchmark_cli
 
 
 def main(argv: list[str] | None = None) -> int:

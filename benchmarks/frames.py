@@ -1,7 +1,7 @@
 """HDAR outside LPBA40's frame: held-out LPBA40 pairs re-stored as other scanners and datasets store brains.
 
 Each pair (moving:fixed, LPBA40 validation subjects) is re-stored in every frame of
-:data:`hdar_pipeline.restoring.FRAMES` (another axis order; the brain off-centre in a 256x256x180 field of
+:data:`hdar_pipeline.core.restoring.FRAMES` (another axis order; the brain off-centre in a 256x256x180 field of
 view; 0.9 and 1.3 mm voxels; int16 with another range and an offset) and registered there with every HDAR
 preset (and Demons, for scale). Dice is the mean over the fixed image's labels on that frame's own grid,
 with the labels warped by antspyx re-applying the transform files we write (what a user of that frame gets);
@@ -44,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
-    from hdar_pipeline.runtime import configure_threads
+    from hdar_pipeline.core.runtime import configure_threads
 
     configure_threads(args.threads)
     import ants
 
-    from hdar_pipeline.images import load_image, normalize_intensity, save_image
+    from hdar_pipeline.core.images import load_image, normalize_intensity, save_image
     from hdar_pipeline.methods import get_method
-    from hdar_pipeline.metrics import jacobian_statistics
-    from hdar_pipeline.restoring import FRAMES, restore
+    from hdar_pipeline.evaluation.metrics import jacobian_statistics
+    from hdar_pipeline.core.restoring import FRAMES, restore
 
     names = list(args.frames or FRAMES)
     # the native frame first: its transforms are re-applied in every other frame

@@ -66,13 +66,13 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import pandas as pd
 
-from hdar_pipeline.benchmark import (BenchmarkInputError, BenchmarkResult, PairImageCache, RowCache, RunStamp,
+from hdar_pipeline.apps.benchmark.runner import (BenchmarkInputError, BenchmarkResult, PairImageCache, RowCache, RunStamp,
                                      check_variants, command_line, default_lpba40_dir, evaluate_pair, failure_notes,
                                      format_mean_sd, lpba40_pairs, markdown_table, measured_row, print_table,
                                      progress_bar, report_sections, rows_frame, run_console, summary_stat,
                                      variant_rows, variant_status, write_results)
 from hdar_pipeline.methods.base import MethodBase
-from hdar_pipeline.methods.hdar import HDARMethod, register_with_model, unit_range
+from hdar_pipeline.methods.hdar_method import HDARMethod, register_with_model, unit_range
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ablations"
@@ -179,7 +179,7 @@ class AblationHDAR(MethodBase):
     """HDAR with an already loaded model (``hdar_pipeline.hdar.weights.LoadedWeights``, on its device) run
     as ``settings`` says: ``levels``, ``mode`` and ``selection`` at inference (the selection generator
     reseeded with ``selection_seed`` before each pair) after the affine pre-alignment, then ``refine`` steps
-    per level of :func:`~hdar_pipeline.hdar.instance.refine_flow` (as :class:`~hdar_pipeline.methods.hdar.HDARMethod`)."""
+    per level of :func:`~hdar_pipeline.hdar.instance.refine_flow` (as :class:`~hdar_pipeline.methods.hdar_method.HDARMethod`)."""
 
     name: ClassVar[str] = "hdar"
     settings: Settings = None  # type: ignore[assignment]
@@ -191,7 +191,7 @@ class AblationHDAR(MethodBase):
         return asdict(self.settings)
 
     def _register(self, fixed, moving, fixed_mask):
-        from hdar_pipeline.runtime import configure_threads, seed_everything
+        from hdar_pipeline.core.runtime import configure_threads, seed_everything
 
         cfg = self.settings
         configure_threads(cfg.threads)
@@ -234,7 +234,7 @@ def _warm_up(loaded, images: Mapping[str, Any]) -> None:
 class AblationConfig:
     """Everything one ablation run needs (see :func:`run_ablations`)."""
 
-    pairs: list  # of hdar_pipeline.benchmark.Pair
+    pairs: list  # of hdar_pipeline.apps.benchmark.runner.Pair
     weights: str = "default"
     weights_other: str | None = None
     weights_1level: str | None = None
@@ -252,7 +252,7 @@ class AblationConfig:
 
 @dataclass
 class AblationResult(BenchmarkResult):
-    """What :func:`run_ablations` wrote (the fields of :class:`~hdar_pipeline.benchmark.BenchmarkResult`)."""
+    """What :func:`run_ablations` wrote (the fields of :class:`~hdar_pipeline.apps.benchmark.runner.BenchmarkResult`)."""
 
 
 def _load(weights: str, device) -> Any:
@@ -316,7 +316,7 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
         No pairs, unknown variants, or weights that cannot be used (the library's message).
     """
     from hdar_pipeline.hdar.train import resolve_device
-    from hdar_pipeline.runtime import configure_threads
+    from hdar_pipeline.core.runtime import configure_threads
 
     console = run_console(console, 150)
     if not config.pairs:

@@ -1,6 +1,6 @@
 """Write LPBA40 subjects re-stored in scanner frames as a BIDS dataset with a labels derivatives dataset.
 
-Each subject is stored in one of :data:`hdar_pipeline.restoring.FRAMES` (other than ``native``) in turn: other axis
+Each subject is stored in one of :data:`hdar_pipeline.core.restoring.FRAMES` (other than ``native``) in turn: other axis
 orders, fields of view with the brain off-centre, voxel sizes of 0.9-1.3 mm, int16 with a scale and an intensity
 offset. The anatomy in world space is LPBA40's; the labels are re-stored with nearest neighbour into the same
 frame. The datasets are for local benchmarks only (LONI's terms forbid redistributing LPBA40): write them outside
@@ -26,7 +26,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from hdar_pipeline.restoring import FRAMES, restore
+from hdar_pipeline.core.restoring import FRAMES, restore
 
 #: The frames subjects are stored in, in turn (the first subject gets the first).
 COHORT_FRAMES = ("asl-offcentre", "ras-int16", "psr-0.9mm", "las-1.3mm")

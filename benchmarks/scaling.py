@@ -1,9 +1,9 @@
 """Scaling: registration time and peak memory against volume size, cohort wall time against cohort size.
 
 Part 1, volume size. For each size N (default 64 96 128 160 192, cubic N^3 grids) the embedded MNI
-ICBM152 2009a template (:func:`hdar_pipeline.demo.demo_atlas`) is resampled onto an N^3 grid covering the
+ICBM152 2009a template (:func:`hdar_pipeline.apps.demo_dataset.demo_atlas`) is resampled onto an N^3 grid covering the
 brain (isotropic voxels: the brain's largest extent / N, the other axes padded), and a synthetic subject
-is made from it (:func:`hdar_pipeline.synthetic.make_subject`, seed ``--seed``). The subject (moving) is
+is made from it (:func:`hdar_pipeline.core.synthetic.make_subject`, seed ``--seed``). The subject (moving) is
 registered onto the template (fixed) with each variant (``--variants``; names as in ``hdar benchmark``:
 affine, demons, syn-fast, syn-quality, hdar-fast, hdar-full, hdar-refined). The deformable methods run
 without an affine stage (the pair lies on one grid; ``--affine-stage`` adds it), so each row times the
@@ -11,13 +11,13 @@ method alone and the ``affine`` row times the affine stage. Each (size, variant)
 process (``scaling.py --one SIZE VARIANT --json FILE``) so that its peak memory is its own, not the
 high-water mark of the runs before it. Per row: ``runtime_s`` (registration only, median of
 ``--repeats`` processes), ``peak_memory_mb`` (resident set of that process sampled every 20 ms during
-the registration, by :func:`hdar_pipeline.runtime.measure`; it includes the interpreter, the libraries
+the registration, by :func:`hdar_pipeline.core.runtime.measure`; it includes the interpreter, the libraries
 and the two images), ``rss_before_mb`` (resident set just before the registration, with SimpleITK and
 antspyx, and torch for HDAR, already loaded), ``peak_added_mb`` (peak - before: what the registration
 itself allocated) and ``max_rss_mb`` (the process's whole-life high-water mark, ``VmHWM``). HDAR
 variants run only where trained weights exist; otherwise their rows say "not run: <reason>".
 
-Part 2, cohort size. The Pydra cohort workflow (:func:`hdar_pipeline.workflows.init_cohort_wf`, method
+Part 2, cohort size. The Pydra cohort workflow (:func:`hdar_pipeline.engine.init_cohort_wf`, method
 ``--cohort-method``, default demons, with its affine stage and evaluation) on synthetic cohorts of
 ``--cohort-sizes`` subjects at ``--cohort-size-voxels``^3 (default 64), with the ``cf`` worker and 1 and 2
 processes (``--workers``); each job gets ``--threads / workers`` threads, so every run uses the same
@@ -79,7 +79,7 @@ COHORT_COLUMNS = ["cohort_size", "workers", "threads_per_job", "method", "preset
 
 def brain_extent_mm() -> float:
     """The largest extent (mm) of the demo atlas's brain box (its 1 mm grid: an upper bound)."""
-    from hdar_pipeline.demo import demo_atlas
+    from hdar_pipeline.apps.demo_dataset import demo_atlas
 
     img, _ = demo_atlas(1.0)
     return float(max(img.shape[:3]))
@@ -93,8 +93,8 @@ def cubic_atlas(size: int, extent_mm: float):
     """
     import numpy as np
 
-    from hdar_pipeline.demo import demo_atlas
-    from hdar_pipeline.images import Grid, new_image
+    from hdar_pipeline.apps.demo_dataset import demo_atlas
+    from hdar_pipeline.core.images import Grid, new_image
 
     spacing = extent_mm / size
     img, lab = demo_atlas(spacing)
@@ -121,8 +121,8 @@ def prepare_pair(out: Path, size: int, seed: int) -> dict[str, Any]:
     meta_file = folder / "pair.json"
     if meta_file.exists():
         return json.loads(meta_file.read_text())
-    from hdar_pipeline.images import save_image
-    from hdar_pipeline.synthetic import make_subject
+    from hdar_pipeline.core.images import save_image
+    from hdar_pipeline.core.synthetic import make_subject
 
     folder.mkdir(parents=True, exist_ok=True)
     atlas, labels, spacing = cubic_atlas(size, brain_extent_mm())
@@ -142,7 +142,7 @@ def prepare_cohort(out: Path, size: int, n_subjects: int, seed: int) -> dict[str
     meta_file = folder / "cohort.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     if meta is None:
-        from hdar_pipeline.images import save_image
+        from hdar_pipeline.core.images import save_image
 
         folder.mkdir(parents=True, exist_ok=True)
         atlas, labels, spacing = cubic_atlas(size, brain_extent_mm())
@@ -150,8 +150,8 @@ def prepare_cohort(out: Path, size: int, n_subjects: int, seed: int) -> dict[str
                 "atlas": str(save_image(atlas, folder / "atlas_T1w.nii.gz")),
                 "atlas_labels": str(save_image(labels, folder / "atlas_dseg.nii.gz")), "subjects": []}
     if len(meta["subjects"]) < n_subjects:
-        from hdar_pipeline.images import load_image, save_image
-        from hdar_pipeline.synthetic import make_subject
+        from hdar_pipeline.core.images import load_image, save_image
+        from hdar_pipeline.core.synthetic import make_subject
 
         atlas, labels = load_image(meta["atlas"]), load_image(meta["atlas_labels"], labels=True)
         for i in range(len(meta["subjects"]), n_subjects):
@@ -168,15 +168,15 @@ def prepare_cohort(out: Path, size: int, n_subjects: int, seed: int) -> dict[str
 
 
 def variant_spec(name: str):
-    from hdar_pipeline.benchmark import default_variants
+    from hdar_pipeline.apps.benchmark.runner import default_variants
 
     return default_variants()[name]
 
 
 def variant_parameters(name: str, threads: int, seed: int) -> dict[str, Any]:
     """The method parameters of ``name`` (raises ``VariantUnavailable`` when it cannot run here)."""
-    from hdar_pipeline.benchmark import VariantUnavailable, build_method
-    from hdar_pipeline.provenance import json_default
+    from hdar_pipeline.apps.benchmark.runner import VariantUnavailable, build_method
+    from hdar_pipeline.core.provenance import json_default
 
     try:
         method = build_method(variant_spec(name), seed=seed, threads=threads, device="auto")
@@ -202,11 +202,11 @@ def max_rss_mb() -> float:
 
 def run_one(out: Path, size: int, variant: str, threads: int, seed: int, affine_stage: bool) -> dict[str, Any]:
     """One registration in this process (the ``--one`` child): its runtime and memory."""
-    from hdar_pipeline.runtime import configure_threads, measure
+    from hdar_pipeline.core.runtime import configure_threads, measure
 
     configure_threads(threads)
-    from hdar_pipeline.benchmark import build_method
-    from hdar_pipeline.images import load_image
+    from hdar_pipeline.apps.benchmark.runner import build_method
+    from hdar_pipeline.core.images import load_image
     from hdar_pipeline.methods import register_pair
 
     pair = prepare_pair(out, size, seed)
@@ -236,7 +236,7 @@ def run_cohort(out: Path, n_subjects: int, workers: int, threads_per_job: int, m
     import pandas as pd
     from pydra.engine.submitter import Submitter
 
-    from hdar_pipeline.workflows import init_cohort_wf
+    from hdar_pipeline.engine import init_cohort_wf
 
     cohort = prepare_cohort(out, size, n_subjects, seed)
     subjects = cohort["subjects"][:n_subjects]
@@ -305,7 +305,7 @@ def _cached(cache: Path, key: dict, use_cache: bool, tag: str) -> dict | None:
 def _stamp(row: dict) -> dict:
     import datetime as dt
 
-    from hdar_pipeline.benchmark import git_commit
+    from hdar_pipeline.apps.benchmark.runner import git_commit
 
     row["load_avg_1min"] = os.getloadavg()[0]
     row["finished_utc"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -317,7 +317,7 @@ def _stamp(row: dict) -> dict:
 def measure_sizes(args, rows_dir: Path) -> list[dict]:
     import statistics
 
-    from hdar_pipeline.benchmark import VariantUnavailable
+    from hdar_pipeline.apps.benchmark.runner import VariantUnavailable
 
     out_rows: list[dict] = []
     jobs = [(n, v) for v in args.variants for n in args.sizes]  # variant by variant, small sizes first
@@ -373,7 +373,7 @@ def measure_sizes(args, rows_dir: Path) -> list[dict]:
 
 
 def measure_cohorts(args, rows_dir: Path) -> list[dict]:
-    from hdar_pipeline.benchmark import one_line
+    from hdar_pipeline.apps.benchmark.runner import one_line
 
     out_rows: list[dict] = []
     jobs = [(n, k) for k in args.workers for n in args.cohort_sizes]
@@ -455,7 +455,7 @@ def cohort_table(cohort_df) -> list[str]:
 
 
 def markdown_report(args, size_df, cohort_df, command: str) -> str:
-    from hdar_pipeline.benchmark import machine_description
+    from hdar_pipeline.apps.benchmark.runner import machine_description
 
     lines = ["# Scaling", ""]
     stage = ("affine stage before each deformable method" if args.affine_stage else
@@ -548,7 +548,7 @@ def plot(size_df, cohort_df, path: Path) -> Path:
 
 
 def parse_args(argv: Sequence[str] | None):
-    from hdar_pipeline.benchmark import VARIANT_NAMES
+    from hdar_pipeline.apps.benchmark.runner import VARIANT_NAMES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=int, default=list(DEFAULT_SIZES), metavar="N",
@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import pandas as pd
 
-    from hdar_pipeline.benchmark import command_line
+    from hdar_pipeline.apps.benchmark.runner import command_line
 
     command = command_line([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     rows_dir = args.out / "rows"

@@ -5,11 +5,11 @@ option at its default (jobs, threads, preprocessing, evaluation, derivatives, re
 folder each time:
 
 - ``skull-stripped``: LPBA40 S02 re-stored as a scanner would store it (R-A-S, int16 with a scale and an offset:
-  :data:`hdar_pipeline.restoring.FRAMES` ``ras-int16``), with its manual labels, so the run evaluates it;
+  :data:`hdar_pipeline.core.restoring.FRAMES` ``ras-int16``), with its manual labels, so the run evaluates it;
 - ``raw-head``: the IXI034 development head (not skull-stripped, P-S-R) resampled to 1 mm, int16, so the run
   extracts its brain.
 
-The atlas is LPBA40 S01 prepared once beforehand (:func:`hdar_pipeline.cohort.prepare_atlas_files`, as the App
+The atlas is LPBA40 S01 prepared once beforehand (:func:`hdar_pipeline.pipeline.subject_steps.prepare_atlas_files`, as the App
 prepares an atlas participant once per work folder) and given as ``--atlas``/``--atlas-labels``: the time measured
 is one subject's, not the atlas'. Runs of the two datasets are interleaved (A B A B ...), so that a change of the
 host's speed during the benchmark shows in both.
@@ -37,7 +37,7 @@ from typing import Sequence
 import nibabel as nib
 import pandas as pd
 
-from hdar_pipeline.restoring import StorageFrame, restore
+from hdar_pipeline.core.restoring import StorageFrame, restore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from restored_cohort import write_cohort  # noqa: E402
@@ -59,7 +59,7 @@ def _head_dataset(raw: Path, subject: str, image: nib.Nifti1Image) -> None:
 
 def build(lpba40: Path, ixi: Path, work: Path) -> dict[str, dict]:
     """The two datasets and the prepared atlas (reused when present)."""
-    from hdar_pipeline.cohort import prepare_atlas_files
+    from hdar_pipeline.pipeline.subject_steps import prepare_atlas_files
 
     atlas = prepare_atlas_files(lpba40 / "S01" / "S01.delineation.skullstripped.nii.gz", work / "atlas",
                                 name="sub-S01", labels=lpba40 / "S01" / "S01.delineation.structure.label.nii.gz",

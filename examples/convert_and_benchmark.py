@@ -11,13 +11,13 @@
 
 Steps (the library behind ``hdar convert`` and ``hdar benchmark``):
 
-1. :func:`hdar_pipeline.convert.convert` reads SRC in its distribution's layout (``--preset``: ``lpba40``,
+1. :func:`hdar_pipeline.bids_io.convert.convert` reads SRC in its distribution's layout (``--preset``: ``lpba40``,
    ``ibsr18``, ``cumc12``, ``mgh10``, ``mindboggle101``, or ``folder`` with ``--images``/``--labels``
    globs) and writes DEST, a BIDS raw dataset, with the label maps as a derivatives dataset in
    ``DEST/derivatives/labels``. SRC is never written to; rerunning into the same DEST updates it.
-2. :func:`hdar_pipeline.benchmark.bids_subjects` and :func:`~hdar_pipeline.benchmark.make_pairs` pick
+2. :func:`hdar_pipeline.apps.benchmark.runner.bids_subjects` and :func:`~hdar_pipeline.apps.benchmark.runner.make_pairs` pick
    the subjects and pairs (``--pairs-from consecutive``: each subject onto the next), and
-   :func:`~hdar_pipeline.benchmark.run_benchmark` registers every pair with every variant (affine
+   :func:`~hdar_pipeline.apps.benchmark.runner.run_benchmark` registers every pair with every variant (affine
    stage first: converted subjects are not aligned) and writes ``BENCH_OUT/benchmark_pairs.csv``,
    ``benchmark_summary.csv`` and ``benchmark.md``. Rows are cached in ``BENCH_OUT/rows``, so an
    interrupted run resumes.
@@ -32,7 +32,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from hdar_pipeline.cli import non_negative_int, positive_int
+from hdar_pipeline.apps.cli import non_negative_int, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=non_negative_int, default=1)
     args = parser.parse_args(argv)
 
-    from hdar_pipeline.benchmark import BenchmarkConfig, bids_subjects, make_pairs, run_benchmark
-    from hdar_pipeline.convert import convert, format_summary
+    from hdar_pipeline.apps.benchmark.runner import BenchmarkConfig, bids_subjects, make_pairs, run_benchmark
+    from hdar_pipeline.bids_io.convert import convert, format_summary
 
     # 1. the dataset as BIDS
     converted = convert(args.preset, args.src, args.dest, images=args.images, labels=args.labels,

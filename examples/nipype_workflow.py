@@ -30,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-from hdar_pipeline.cli import non_negative_int, positive_int
+from hdar_pipeline.apps.cli import non_negative_int, positive_int
 
 os.environ.setdefault("NO_ET", "1")  # no telemetry look-ups (Nipype and Pydra)
 
@@ -44,7 +44,7 @@ def build_workflow(atlas: str, atlas_labels: str, t1w: list[str], labels: list[s
     from nipype.interfaces.io import DataSink
     from nipype.interfaces.utility import Function, IdentityInterface
 
-    from hdar_pipeline.interfaces import ApplyTransform, Evaluate, Register
+    from hdar_pipeline.engine.nipype_interfaces import ApplyTransform, Evaluate, Register
 
     if len(t1w) != len(labels):
         raise SystemExit(f"{len(t1w)} T1w images but {len(labels)} label maps")

@@ -7,7 +7,7 @@
         --t1w sub-01_T1w.nii.gz sub-02_T1w.nii.gz --labels sub-01_dseg.nii.gz sub-02_dseg.nii.gz \\
         --methods syn demons -o cohort-out --n-procs 2 --threads 1
 
-Builds :func:`hdar_pipeline.workflows.init_cohort_wf` (register every subject x method, evaluate
+Builds :func:`hdar_pipeline.engine.init_cohort_wf` (register every subject x method, evaluate
 against the atlas labels, collect the group tables), submits it with Pydra's
 ``Submitter(worker=..., cache_root=OUT/cache)``, copies the group tables to ``OUT/group.tsv`` (one row
 per subject x method) and ``OUT/group_labels.tsv`` (per label), tab-separated with ``n/a`` for missing
@@ -29,7 +29,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from hdar_pipeline.cli import non_negative_int, positive_int
+from hdar_pipeline.apps.cli import non_negative_int, positive_int
 
 os.environ.setdefault("NO_ET", "1")  # no telemetry look-ups (Pydra)
 
@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(subjects)) != len(subjects):
         parser.error(f"subject identifiers are not unique: {', '.join(subjects)}")
 
-    from hdar_pipeline.group_tables import read_group_table
+    from hdar_pipeline.evaluation.group_tables import read_group_table
     from pydra.engine.submitter import Submitter
 
-    from hdar_pipeline.workflows import init_cohort_wf
+    from hdar_pipeline.engine import init_cohort_wf
 
     # The factory's arguments become the workflow's input defaults (part of Pydra's cache key).
     CohortWf = init_cohort_wf(methods=args.methods, threads=args.threads, seed=args.seed,

@@ -8,10 +8,10 @@
 
 Steps (the public library API, as ``hdar register`` and ``hdar evaluate`` use it):
 
-1. :func:`hdar_pipeline.registration.register_files` registers MOVING onto FIXED and writes into ``-o``:
+1. :func:`hdar_pipeline.pipeline.registration.register_files` registers MOVING onto FIXED and writes into ``-o``:
    ``warped.nii.gz``, ``warped_labels.nii.gz`` (with ``--moving-labels``), the transform as ITK files
    (``transform_warp.nii.gz``, ``transform_affine.mat``; also ``transform.h5``) and ``registration.json``.
-2. With ``--fixed-labels``: :func:`hdar_pipeline.evaluate.evaluate_files` scores the warped labels
+2. With ``--fixed-labels``: :func:`hdar_pipeline.evaluation.evaluate.evaluate_files` scores the warped labels
    against the fixed labels (``evaluation.csv``: one row per label; ``evaluation_summary.csv``;
    ``evaluation_jacobian.csv``) and the mean Dice is printed.
 3. The transform files listed in ``registration.json`` are re-applied with plain
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hdar_pipeline.cli import non_negative_int, positive_int
+from hdar_pipeline.apps.cli import non_negative_int, positive_int
 
 
 def ants_reapply(fixed: Path, moving: Path, out: Path, record: dict, *, labels: bool):
@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="hdar: auto, cpu or cuda")
     args = parser.parse_args(argv)
 
-    from hdar_pipeline.runtime import configure_threads
+    from hdar_pipeline.core.runtime import configure_threads
 
     configure_threads(args.threads)  # before ITK starts its thread pool
     import nibabel as nib
 
-    from hdar_pipeline.evaluate import evaluate_files
-    from hdar_pipeline.registration import register_files
+    from hdar_pipeline.evaluation.evaluate import evaluate_files
+    from hdar_pipeline.pipeline.registration import register_files
 
     out = args.output
     # 1. register and write everything

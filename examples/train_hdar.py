@@ -20,7 +20,7 @@ Steps (the library API behind ``hdar train``):
    interrupted run resumes with ``--resume``).
 3. :func:`hdar_pipeline.hdar.train.export` writes ``OUT/NAME.pt`` and its model card ``OUT/NAME.json``
    (data, settings, validation, hardware, SHA-256 of the weights).
-4. :class:`hdar_pipeline.methods.hdar.HDARMethod` loads them (``weights=OUT/NAME.pt``; the SHA-256 is
+4. :class:`hdar_pipeline.methods.hdar_method.HDARMethod` loads them (``weights=OUT/NAME.pt``; the SHA-256 is
    checked) and registers one pair of held-out subjects; the warped labels, the transform and the
    Dice before and after are written to ``OUT/example_pair/``.
 
@@ -38,7 +38,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from hdar_pipeline.cli import non_negative_int, positive_int
+from hdar_pipeline.apps.cli import non_negative_int, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from hdar_pipeline import Transform, load_image
-    from hdar_pipeline.evaluate import evaluate
+    from hdar_pipeline.evaluation.evaluate import evaluate
     from hdar_pipeline.hdar.data import PairDataset, collect_subjects
     from hdar_pipeline.hdar.train import TrainConfig, export, train
-    from hdar_pipeline.images import normalize_intensity, save_image
-    from hdar_pipeline.methods.hdar import HDARMethod
+    from hdar_pipeline.core.images import normalize_intensity, save_image
+    from hdar_pipeline.methods.hdar_method import HDARMethod
 
     # 1. the cohort and the settings
     subjects = collect_subjects(images=args.images, labels=args.labels)

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hdar_pipeline.images import Grid, new_image
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.images import Grid, new_image
+from hdar_pipeline.core.transforms import Transform
 
 # strict_skips: with HDAR_STRICT_SKIPS=1 (.ci/run) a skip is a failure unless the machine explains it;
 # pytester: runs pytest on generated test files (tests/test_strict_skips.py)
@@ -126,11 +126,11 @@ def write_phantom_cohort(folder: Path, n_subjects: int, *, seed: int = 20) -> di
     """A 32^3 (3 mm) phantom atlas with labels and ``n_subjects`` deformed subjects, written as NIfTI files.
 
     Returns ``{"atlas", "atlas_labels", "t1w": [...], "labels": [...]}`` (paths); subject ``i`` is
-    :func:`hdar_pipeline.synthetic.make_subject` with seed ``seed + i`` (9 mm, 15 mm smoothness), named
+    :func:`hdar_pipeline.core.synthetic.make_subject` with seed ``seed + i`` (9 mm, 15 mm smoothness), named
     ``sub-0<i+1>_T1w.nii.gz`` / ``sub-0<i+1>_dseg.nii.gz``.
     """
-    from hdar_pipeline.images import save_image
-    from hdar_pipeline.synthetic import make_subject
+    from hdar_pipeline.core.images import save_image
+    from hdar_pipeline.core.synthetic import make_subject
 
     atlas = make_brain_phantom((32, 32, 32), 3.0)
     files = {"atlas": save_image(atlas.image, folder / "atlas_T1w.nii.gz"),
@@ -162,7 +162,7 @@ def warp_by(image: nib.spatialimages.SpatialImage, truth: Transform, *, labels: 
     """The moving image whose fixed-to-moving mapping is ``truth``: ``moving(truth(p)) = image(p)``.
 
     ``truth`` must be affine-only (its inverse is exact); deformable truths come from
-    :func:`hdar_pipeline.synthetic.make_subject`.
+    :func:`hdar_pipeline.core.synthetic.make_subject`.
     """
     inverse = Transform(truth.grid, affine=np.linalg.inv(truth.matrix))
     return inverse.apply(image, interpolation="nearest" if labels else "linear")
@@ -226,7 +226,7 @@ def phantom():
 @pytest.fixture(scope="module")
 def subject(phantom):
     """``phantom`` under a known smooth deformation of about 12 mm (``subject.truth``), no bias field."""
-    from hdar_pipeline.synthetic import make_subject
+    from hdar_pipeline.core.synthetic import make_subject
 
     return make_subject(phantom.image, phantom.labels, seed=2, magnitude_mm=12.0, smoothness_mm=18.0,
                         bias_strength=0.0, noise=0.01)

@@ -51,7 +51,7 @@ def pid_file_and_pid(path: str) -> tuple[str, int]:
 
 
 def image_error(source: str, problem: str) -> None:
-    from hdar_pipeline.images import ImageError
+    from hdar_pipeline.core.images import ImageError
 
     raise ImageError(source, problem)
 

@@ -16,7 +16,7 @@ os.environ.setdefault("NO_ET", "1")
 pytest.importorskip("pydra")
 pytest.importorskip("bids")
 
-from hdar_pipeline.workflows.bids_app import (  # noqa: E402
+from hdar_pipeline.apps.bids_app import (  # noqa: E402
     AppOptions,
     ProgressWatcher,
     _StageCount,

@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hdar_pipeline.cli import bids_app_main, main
-from hdar_pipeline.images import new_image, save_image
+from hdar_pipeline.apps.cli import bids_app_main, main
+from hdar_pipeline.core.images import new_image, save_image
 
 from test_input_guard import assert_one_line_refusal, digest, run_cli, zero_pixdim_copy
 from test_synthetic import ball_phantom

@@ -1,4 +1,4 @@
-"""`hdar benchmark` (hdar_pipeline.benchmark): the method comparison on a tiny BIDS dataset of phantoms.
+"""`hdar benchmark` (hdar_pipeline.apps.benchmark.runner): the method comparison on a tiny BIDS dataset of phantoms.
 
 Three deformed phantoms (32^3, 3 mm) with their labels; the cheap variants (affine, Demons) on two
 pairs, through the Python API and through ``run_benchmark_cli``; cached rows are reused; per-variant
@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 from conftest import make_brain_phantom
-from hdar_pipeline import benchmark as bm
-from hdar_pipeline.synthetic import make_subject
+from hdar_pipeline.apps.benchmark import runner as bm
+from hdar_pipeline.core.synthetic import make_subject
 
 pytest.importorskip("bids")
 

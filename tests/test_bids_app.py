@@ -23,10 +23,10 @@ pytest.importorskip("bids")
 
 from conftest import make_brain_phantom, unregistered_dice, write_json  # noqa: E402
 
-from hdar_pipeline.bids import BIDSError, check_label, derivative_path, query_cohort  # noqa: E402
-from hdar_pipeline.cli import bids_app_main  # noqa: E402
-from hdar_pipeline.images import save_image  # noqa: E402
-from hdar_pipeline.synthetic import make_subject  # noqa: E402
+from hdar_pipeline.bids_io.inputs import BIDSError, check_label, derivative_path, query_cohort  # noqa: E402
+from hdar_pipeline.apps.cli import bids_app_main  # noqa: E402
+from hdar_pipeline.core.images import save_image  # noqa: E402
+from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
 
 SPACE = "sub01"
 # Demons must beat the unregistered labels by this much on every phantom subject
@@ -261,7 +261,7 @@ def test_unknown_participant_and_output_inside_input(ds, tmp_path, capsys):
 def test_bids_filter_file(ds, tmp_path):
     good = tmp_path / "filter.json"
     good.write_text(json.dumps({"t1w": {"acquisition": "nothing"}}))
-    from hdar_pipeline.bids import load_bids_filter
+    from hdar_pipeline.bids_io.inputs import load_bids_filter
 
     cohort = query_cohort(ds["bids"], bids_filter=load_bids_filter(good))
     assert all(e.t1w is None for e in cohort)
@@ -299,7 +299,7 @@ def test_stop_on_first_crash(ds, participant_run, tmp_path, monkeypatch):
 def test_one_subject_gets_every_core_in_one_job(ds, tmp_path):
     """Without --nprocs the App runs no more processes than it has jobs: one subject x one method is one job
     with every usable core (before: as many one-thread processes as cores, all but one idle)."""
-    from hdar_pipeline.runtime import usable_cpus
+    from hdar_pipeline.core.runtime import usable_cpus
 
     args = app_args(ds, tmp_path / "out", tmp_path / "work", "participant", "--participant-label", "02")
     for option in ("--nprocs", "--omp-nthreads"):  # the option and its value
@@ -320,7 +320,7 @@ def test_reports_are_drawn_one_at_a_time_when_the_process_pool_breaks(ds, partic
     import concurrent.futures
     from concurrent.futures.process import BrokenProcessPool
 
-    from hdar_pipeline.workflows import bids_app
+    from hdar_pipeline.apps import bids_app
 
     class Broken:
         def __init__(self, *a, **k):

@@ -20,10 +20,10 @@ pytest.importorskip("bids")
 
 from conftest import make_brain_phantom, write_json  # noqa: E402
 
-from hdar_pipeline.cli import bids_app_main, build_bids_app_parser  # noqa: E402
-from hdar_pipeline.images import ImageError, new_image, save_image  # noqa: E402
-from hdar_pipeline.synthetic import make_subject  # noqa: E402
-from hdar_pipeline.workflows import bids_app  # noqa: E402
+from hdar_pipeline.apps.cli import bids_app_main, build_bids_app_parser  # noqa: E402
+from hdar_pipeline.core.images import ImageError, new_image, save_image  # noqa: E402
+from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
+from hdar_pipeline.apps import bids_app  # noqa: E402
 
 SPACE = "MNI152NLin2009cAsym"
 
@@ -178,7 +178,7 @@ def dataset(tmp_path_factory):
 
 
 def test_find_anat_derivatives_handles_sessions_spaces_and_entities(dataset):
-    from hdar_pipeline.derivatives import derivative_layouts, find_anat_derivatives
+    from hdar_pipeline.bids_io.anat_derivatives import derivative_layouts, find_anat_derivatives
 
     layouts = derivative_layouts([dataset["deriv"]])
     found = find_anat_derivatives(layouts, "01", t1w=dataset["t1w"], space=SPACE)
@@ -193,7 +193,7 @@ def test_find_anat_derivatives_handles_sessions_spaces_and_entities(dataset):
 
 
 def test_linear_part_is_the_composites_affine(dataset):
-    from hdar_pipeline.derivatives import linear_part
+    from hdar_pipeline.bids_io.anat_derivatives import linear_part
 
     assert np.allclose(linear_part(dataset["xfm"]), dataset["matrix"])
     with pytest.raises(ImageError, match="sub-01_desc-brain_mask.nii.gz: cannot be read as an ITK transform"):
@@ -201,7 +201,7 @@ def test_linear_part_is_the_composites_affine(dataset):
 
 
 def test_a_mask_on_another_grid_is_refused_naming_the_file(dataset, tmp_path):
-    from hdar_pipeline.cohort import preprocess_files
+    from hdar_pipeline.pipeline.subject_steps import preprocess_files
 
     img = nib.load(str(dataset["t1w"]))
     other = save_image(new_image(np.ones((16, 16, 16), np.uint8), nib.Nifti1Image(np.zeros((16, 16, 16)),
@@ -222,7 +222,7 @@ def app(dataset, out: Path, work: Path, *extra: str) -> list[str]:
 def test_derivatives_replace_brain_extraction_and_the_affine(dataset, tmp_path):
     """--skull-strip-t1w force would run brain extraction: with sMRIPrep's mask it does not, the mask written
     is the given one, the affine is the composite's linear part, and the records and methods text say so."""
-    from hdar_pipeline.transforms import Transform
+    from hdar_pipeline.core.transforms import Transform
 
     out, work = tmp_path / "out", tmp_path / "work"
     code = bids_app_main(app(dataset, out, work, "--derivatives", str(dataset["deriv"]), "--skull-strip-t1w",
@@ -257,7 +257,7 @@ def test_derivatives_replace_brain_extraction_and_the_affine(dataset, tmp_path):
 def test_the_given_mask_wins_over_the_skull_strip_setting(dataset):
     """On the library: with a mask, ``skull_stripped=False`` (force) runs no brain extraction and the mask is the
     given one; without it, the same (skull-stripped) T1w keeps its own non-zero voxels, another mask."""
-    from hdar_pipeline.preprocess import prepare_brain
+    from hdar_pipeline.pipeline.preprocess import prepare_brain
 
     with_mask = prepare_brain(dataset["t1w"], skull_stripped=False, n4=False, brain_mask=dataset["mask"])
     assert not any("registered (affine + SyN" in s for s in with_mask.steps)

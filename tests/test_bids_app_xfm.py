@@ -21,9 +21,9 @@ pytest.importorskip("bids")
 
 from conftest import make_brain_phantom, write_json  # noqa: E402
 
-from hdar_pipeline.cli import bids_app_main  # noqa: E402
-from hdar_pipeline.images import save_image  # noqa: E402
-from hdar_pipeline.synthetic import make_subject  # noqa: E402
+from hdar_pipeline.apps.cli import bids_app_main  # noqa: E402
+from hdar_pipeline.core.images import save_image  # noqa: E402
+from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
 
 SPACE = "sub01"
 
@@ -74,7 +74,7 @@ def test_xfm_h5_with_the_preprocessing_affine_is_what_ants_reapplies(tmp_path):
     rec = json.loads((anat / f"sub-02_space-{SPACE}_desc-demons_metrics.json").read_text())
     assert rec["status"] == "ok" and rec["metrics"]["mean_dice"] > 0.8
     # the Jacobian map beside it is that of the written transform, computed once by the registration
-    from hdar_pipeline.transforms import Transform
+    from hdar_pipeline.core.transforms import Transform
 
     jac = anat / f"sub-02_space-{SPACE}_desc-demons_jacobian.nii.gz"
     det = Transform.read(xfm, grid=nib.load(fixed)).jacobian_determinant()

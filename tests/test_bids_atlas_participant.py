@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hdar_pipeline.images import Grid, load_image, save_image
-from hdar_pipeline.preprocess import is_skull_stripped
-from hdar_pipeline.templates import mni_template
-from hdar_pipeline.workflows.bids_app import AppOptions, resolve_atlas
+from hdar_pipeline.core.images import Grid, load_image, save_image
+from hdar_pipeline.pipeline.preprocess import is_skull_stripped
+from hdar_pipeline.core.templates import mni_template
+from hdar_pipeline.apps.bids_app import AppOptions, resolve_atlas
 from test_preprocess import synthetic_head
 
 os.environ.setdefault("NO_ET", "1")

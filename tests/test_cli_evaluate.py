@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hdar_pipeline.cli import main
-from hdar_pipeline.evaluate import evaluate
-from hdar_pipeline.images import Grid, new_image, save_image
-from hdar_pipeline.stats import group_statistics
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.apps.cli import main
+from hdar_pipeline.evaluation.evaluate import evaluate
+from hdar_pipeline.core.images import Grid, new_image, save_image
+from hdar_pipeline.evaluation.stats import group_statistics
+from hdar_pipeline.core.transforms import Transform
 
 SPEC_COLUMNS = ["label", "name", "dice", "jaccard", "target_overlap", "mean_overlap", "false_negative",
                 "false_positive", "volume_similarity", "hd95_mm", "msd_mm", "reference_voxels", "labels_voxels"]

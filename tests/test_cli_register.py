@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hdar_pipeline.cli import main
-from hdar_pipeline.images import save_image
-from hdar_pipeline.synthetic import make_subject
+from hdar_pipeline.apps.cli import main
+from hdar_pipeline.core.images import save_image
+from hdar_pipeline.core.synthetic import make_subject
 
 from test_synthetic import ball_phantom
 
@@ -116,19 +116,19 @@ def test_register_labels_on_another_grid(tmp_path, pair, capsys):
 
 
 def _console(*argv: str, preload_torch: bool = False):
-    """The ``hdar`` console entry point (:func:`hdar_pipeline.cli.console_main`) in a fresh process."""
+    """The ``hdar`` console entry point (:func:`hdar_pipeline.apps.cli.console_main`) in a fresh process."""
     import subprocess
     import sys
 
     code = ("import sys\n" + ("import torch\n" if preload_torch else "")
-            + "from hdar_pipeline.cli import console_main\nsys.argv = ['hdar', *sys.argv[1:]]\nconsole_main()\n")
+            + "from hdar_pipeline.apps.cli import console_main\nsys.argv = ['hdar', *sys.argv[1:]]\nconsole_main()\n")
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
 
 
 def test_the_hdar_command_ends_without_teardown_and_loses_nothing(tmp_path, pair):
     """With torch loaded the command skips the interpreter's teardown (os._exit): its exit code, its last output
     lines and every file must still be there, complete."""
-    from hdar_pipeline.transforms import Transform
+    from hdar_pipeline.core.transforms import Transform
 
     out = tmp_path / "out"
     done = _console("register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--method", "hdar",

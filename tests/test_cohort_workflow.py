@@ -1,4 +1,4 @@
-"""The Pydra cohort workflow (hdar_pipeline.workflows.init_cohort_wf) on a 4-subject phantom cohort, cf worker."""
+"""The Pydra cohort workflow (hdar_pipeline.engine.init_cohort_wf) on a 4-subject phantom cohort, cf worker."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ pytest.importorskip("pydra")
 from conftest import make_brain_phantom, mean_dice, unregistered_dice  # noqa: E402
 from pydra.engine.submitter import Submitter  # noqa: E402
 
-from hdar_pipeline.group_tables import read_group_table  # noqa: E402
-from hdar_pipeline.images import save_image  # noqa: E402
-from hdar_pipeline.synthetic import make_subject  # noqa: E402
-from hdar_pipeline.workflows import init_cohort_wf  # noqa: E402
+from hdar_pipeline.evaluation.group_tables import read_group_table  # noqa: E402
+from hdar_pipeline.core.images import save_image  # noqa: E402
+from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
+from hdar_pipeline.engine import init_cohort_wf  # noqa: E402
 
 # HDAR with the shipped weights, and the two classical methods, through the workflow a cohort study uses
 METHODS = ["hdar", "syn", "demons"]
@@ -203,7 +203,7 @@ def test_the_hdar_weights_are_part_of_the_cache_key(cohort_files, tmp_path, monk
 
     from hdar_pipeline.hdar import weights as W
     from hdar_pipeline.methods import model_identity
-    from hdar_pipeline.tasks import RegisterSubject
+    from hdar_pipeline.engine.pydra_tasks import RegisterSubject
 
     shipped = model_identity("hdar")
     assert shipped == f"default@sha256:{W.file_sha256(W.WEIGHTS_DIR / 'default.pt')}"

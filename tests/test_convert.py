@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from hdar_pipeline import __version__
-from hdar_pipeline.cli import main
-from hdar_pipeline.convert import LPBA40_LABELS, ConvertError, assign_labels, convert, SubjectFiles
-from hdar_pipeline.images import ImageError, load_image
+from hdar_pipeline.apps.cli import main
+from hdar_pipeline.bids_io.convert import LPBA40_LABELS, ConvertError, assign_labels, convert, SubjectFiles
+from hdar_pipeline.core.images import ImageError, load_image
 
 SHAPE = (12, 14, 10)
 AFFINE = np.array([[-1.2, 0, 0, 7.0], [0, 1.1, 0, -8.0], [0, 0, 1.3, -6.0], [0, 0, 0, 1]])

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("NO_ET", "1")
 pytest.importorskip("pydra")
 
-from hdar_pipeline.cli import main  # noqa: E402
+from hdar_pipeline.apps.cli import main  # noqa: E402
 
 
 def test_demo_runs_the_bids_app_on_a_synthetic_cohort(tmp_path, capsys):
@@ -49,7 +49,7 @@ def test_demo_runs_the_bids_app_on_a_synthetic_cohort(tmp_path, capsys):
 def test_demo_exits_3_when_a_row_failed(tmp_path, monkeypatch, capsys):
     """A demo whose cohort run lost a subject x method row is not a working demo: exit 3 (the BIDS App's code
     for "finished, some subjects failed") and the count on stderr."""
-    import hdar_pipeline.workflows.demo as demo
+    import hdar_pipeline.apps.demo as demo
 
     group = tmp_path / "group.tsv"
     pd.DataFrame({"participant_id": ["sub-01", "sub-01"], "method": ["hdar", "demons"], "status": ["ok", "failed"],

@@ -1,7 +1,7 @@
 """The scripts in examples/: each one's main() on a tiny phantom cohort, so none of them rots.
 
 The cohort: a 32^3 phantom atlas at 3 mm with labels (conftest.make_brain_phantom) and four subjects
-made from it by known smooth diffeomorphisms (hdar_pipeline.synthetic.make_subject). The cheapest
+made from it by known smooth diffeomorphisms (hdar_pipeline.core.synthetic.make_subject). The cheapest
 methods run (affine, Demons), on one thread.
 """
 
@@ -197,7 +197,7 @@ def test_train_hdar(tmp_path, cohort, capsys):
     assert "with HDAR on cpu" in printed
     m = re.search(r"mean Dice ([0-9.]+) before, ([0-9.]+) after", printed)
     assert m and 0 < float(m.group(2)) <= 1
-    from hdar_pipeline.methods.hdar import HDARMethod
+    from hdar_pipeline.methods.hdar_method import HDARMethod
 
     method = HDARMethod(weights=out / "tiny.pt", device="cpu", threads=1)
     transform = method.register(nib.load(str(cohort["t1w"][0])), nib.load(str(cohort["t1w"][1])))
@@ -247,7 +247,7 @@ def test_nipype_workflow_docstring_command_on_the_demo_layout(tmp_path, capsys):
     import glob
     import shlex
 
-    from hdar_pipeline.demo import write_demo_dataset
+    from hdar_pipeline.apps.demo_dataset import write_demo_dataset
 
     example = load_example("nipype_workflow")
     demo = tmp_path / "demo"

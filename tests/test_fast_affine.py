@@ -8,8 +8,8 @@ import pytest
 from conftest import mapping_error_mm, rotation_scaling_affine, warp_by
 from hdar_pipeline.methods import AFFINE_METHODS, affine_stage, register_pair
 from hdar_pipeline.methods.fast_affine import FastAffineMethod
-from hdar_pipeline.restoring import StorageFrame, restore
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.restoring import StorageFrame, restore
+from hdar_pipeline.core.transforms import Transform
 
 pytest.importorskip("torch")
 
@@ -26,7 +26,7 @@ def test_fast_affine_recovers_a_known_affine(brain_phantom, frame, window):
     scanner would (ASL, anisotropic voxels, off-centre, int16 with another intensity range)."""
     import nibabel as nib
 
-    from hdar_pipeline.images import RAS_TO_LPS
+    from hdar_pipeline.core.images import RAS_TO_LPS
 
     grid = brain_phantom.grid
     small = Transform(grid, affine=rotation_scaling_affine(grid))

@@ -2,7 +2,7 @@
 out-of-memory killer does) still writes the others, records that subject as failed with the reason, and a
 rerun with the same work dir finishes it.
 
-Each registration runs in a child process of its own (:mod:`hdar_pipeline.isolation`), which writes its pid
+Each registration runs in a child process of its own (:mod:`hdar_pipeline.pipeline.isolation`), which writes its pid
 and label into its job folder; a watcher thread here kills the child registering the victim from outside,
 as the kernel would.
 """
@@ -23,8 +23,8 @@ os.environ.setdefault("NO_ET", "1")
 pytest.importorskip("pydra")
 pytest.importorskip("bids")
 
-from hdar_pipeline.cli import bids_app_main  # noqa: E402
-from hdar_pipeline.isolation import PID_FILE  # noqa: E402
+from hdar_pipeline.apps.cli import bids_app_main  # noqa: E402
+from hdar_pipeline.pipeline.isolation import PID_FILE  # noqa: E402
 
 from test_bids_app import MARGIN, before_dice, make_bids_dataset  # noqa: E402
 from test_input_guard import run_cli  # noqa: E402
@@ -155,8 +155,8 @@ def test_two_runs_never_share_a_work_dir(tmp_path, capsys):
 def test_a_run_keeps_its_work_dir_lock_so_a_second_run_is_refused(tmp_path):
     """The clean-up of stale Pydra locks at the start of a run must not delete the run's own lock file: a second
     run would then lock a new file and share the work dir."""
-    from hdar_pipeline import bids
-    from hdar_pipeline.workflows.bids_app import WORK_DIR_LOCK, claim_work_dir
+    from hdar_pipeline.bids_io import inputs as bids
+    from hdar_pipeline.apps.bids_app import WORK_DIR_LOCK, claim_work_dir
 
     cache = tmp_path / "work" / "pydra"
     cache.mkdir(parents=True)

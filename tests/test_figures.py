@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 from matplotlib import image as mpimg
 
-from hdar_pipeline.figures import (
+from hdar_pipeline.evaluation.figures import (
     plot_jacobian_slices,
     plot_label_boxplots,
     plot_method_boxplot,
     plot_metric_vs_runtime,
     plot_tradeoff,
 )
-from hdar_pipeline.images import Grid
+from hdar_pipeline.core.images import Grid
 
 
 def check_rendered(paths, min_png_bytes=8000):
@@ -78,7 +78,7 @@ def test_tradeoff_names_of_crowded_points_do_not_overlap_and_none_is_dropped():
     """Points a few pixels apart (HDAR presets in the benchmark) get names on separate lines."""
     from matplotlib.figure import Figure
 
-    from hdar_pipeline.figures import _place_labels
+    from hdar_pipeline.evaluation.figures import _place_labels
 
     fig = Figure(figsize=(7.0, 4.8))
     ax = fig.subplots()

@@ -5,7 +5,7 @@ FireANTs is an optional extra (``pip install -e '.[fireants]'`` then ``pip insta
 this module skips itself where it is absent, which ``HDAR_STRICT_SKIPS=1`` (.ci/run) turns into a failure.
 
 The phantom is conftest's brain-like volume on a 32^3 grid of 3 mm voxels, deformed by a smooth random
-diffeomorphism (:func:`hdar_pipeline.synthetic.make_subject`: mean 3.8 mm, i.e. 1.3 voxels, inside the brain). The
+diffeomorphism (:func:`hdar_pipeline.core.synthetic.make_subject`: mean 3.8 mm, i.e. 1.3 voxels, inside the brain). The
 fast tests run each algorithm with fewer iterations than its preset (FireANTs keeps every level at 32 voxels or
 more, so on 32^3 every level is the full grid); the presets themselves run in the slow tests.
 """
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import check_recovery, make_brain_phantom, mapping_error_mm, mean_dice
-from hdar_pipeline.images import Grid, new_image, save_image
-from hdar_pipeline.synthetic import make_subject
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.images import Grid, new_image, save_image
+from hdar_pipeline.core.synthetic import make_subject
+from hdar_pipeline.core.transforms import Transform
 
 pytestmark = pytest.mark.fireants
 
@@ -139,7 +139,7 @@ def test_the_field_is_fireants_own_ants_export(oblique, tmp_path, torch_one_thre
     field FireANTs' ``save_as_ants_transforms`` writes (physical LPS mm, on the fixed image's geometry)."""
     import SimpleITK as sitk
 
-    from hdar_pipeline.images import from_sitk
+    from hdar_pipeline.core.images import from_sitk
     from hdar_pipeline.methods.fireants import _batched, _import_fireants
 
     fa = _import_fireants()
@@ -284,15 +284,15 @@ def test_registry_builds_fireants_with_presets_and_options():
 
 def test_nipype_interface_accepts_fireants():
     pytest.importorskip("nipype")
-    from hdar_pipeline.interfaces import Register
+    from hdar_pipeline.engine.nipype_interfaces import Register
 
     assert Register(method="fireants", preset="syn").inputs.method == "fireants"
 
 
 def test_without_fireants_the_cli_says_how_to_install_it_and_the_benchmark_skips_it(monkeypatch, tmp_path, capsys):
-    import hdar_pipeline.benchmark as bm
+    import hdar_pipeline.apps.benchmark.runner as bm
     import hdar_pipeline.methods.fireants as module
-    from hdar_pipeline.cli import main
+    from hdar_pipeline.apps.cli import main
 
     monkeypatch.setattr(module, "fireants_available", lambda: False)
     with pytest.raises(bm.VariantUnavailable, match="--no-deps"):

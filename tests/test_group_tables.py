@@ -1,6 +1,6 @@
 """The BIDS App's group level on constructed participant-level results (no registration runs).
 
-The derivatives are written by :func:`hdar_pipeline.bids.write_subject_derivatives` from records whose
+The derivatives are written by :func:`hdar_pipeline.bids_io.inputs.write_subject_derivatives` from records whose
 metrics are chosen: six participants, methods hdar and syn, sub-03's syn folds 0.5 % of the brain,
 sub-06's hdar has a low Dice (an outlier), sub-05's demons failed. The input dataset's participants.tsv
 has age (integer), sex (string) and a group column with a missing value.
@@ -23,10 +23,10 @@ pytest.importorskip("pydra")
 
 from conftest import write_json  # noqa: E402
 
-from hdar_pipeline import bids  # noqa: E402
-from hdar_pipeline.cli import bids_app_main  # noqa: E402
-from hdar_pipeline.group_tables import qc_flags, read_group_table  # noqa: E402
-from hdar_pipeline.stats import read_group_table as stats_reader  # noqa: E402
+from hdar_pipeline.bids_io import inputs as bids  # noqa: E402
+from hdar_pipeline.apps.cli import bids_app_main  # noqa: E402
+from hdar_pipeline.evaluation.group_tables import qc_flags, read_group_table  # noqa: E402
+from hdar_pipeline.evaluation.stats import read_group_table as stats_reader  # noqa: E402
 
 SPACE = "test"
 SUBJECTS = ["01", "02", "03", "04", "05", "06"]

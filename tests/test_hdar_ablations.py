@@ -22,7 +22,7 @@ from conftest import REPO, make_brain_phantom
 from hdar_pipeline.hdar import weights as W
 from hdar_pipeline.hdar.cascade import build_cascade
 from hdar_pipeline.hdar.train import TrainConfig, export, train
-from hdar_pipeline.synthetic import make_subject
+from hdar_pipeline.core.synthetic import make_subject
 from test_hdar_train import pair_dataset
 
 TINY = dict(s2_patch=16, s2_input=8, s3_patch=8, s3_input=8, top_k=2, s1_scale=0.5)

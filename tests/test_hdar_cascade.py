@@ -214,7 +214,7 @@ def test_cascade_batches_and_checkpoint_round_trip():
 
 
 def test_register_arrays_and_transform_exit():
-    from hdar_pipeline.images import Grid
+    from hdar_pipeline.core.images import Grid
 
     torch.manual_seed(0)
     model = build_cascade("small", 2, seed=0, **TINY)

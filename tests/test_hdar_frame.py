@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hdar_pipeline.hdar.frame import brain_box, canonical_frame, normalise_in_frame
-from hdar_pipeline.images import Grid, new_image, robust_unit_range
-from hdar_pipeline.restoring import FRAMES, StorageFrame, restore, storage_grid
+from hdar_pipeline.core.images import Grid, new_image, robust_unit_range
+from hdar_pipeline.core.restoring import FRAMES, StorageFrame, restore, storage_grid
 
 
 def lps_brain(shape=(40, 48, 40), centre_shift=(3, -4, 2), seed=0) -> nib.Nifti1Image:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import mean_dice
-from hdar_pipeline.images import load_image
-from hdar_pipeline.methods.hdar import HDAR_PRESETS, HDARMethod
-from hdar_pipeline.restoring import FRAMES, restore
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.images import load_image
+from hdar_pipeline.methods.hdar_method import HDAR_PRESETS, HDARMethod
+from hdar_pipeline.core.restoring import FRAMES, restore
+from hdar_pipeline.core.transforms import Transform
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 

@@ -11,7 +11,7 @@ from hdar_pipeline.hdar.cascade import field_voxels_to_transform, transform_to_f
 from hdar_pipeline.hdar.layers import (ResizeFlow, SpatialTransformer, VecInt, add_patch_, compose_flows,
                                        crop_patch, crop_to, grid_sample_3d, pad_to_multiple, resize_volume,
                                        sampling_locations, smooth)
-from hdar_pipeline.images import Grid, new_image
+from hdar_pipeline.core.images import Grid, new_image
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

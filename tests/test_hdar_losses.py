@@ -119,7 +119,7 @@ def test_fold_term_is_zero_without_folds_and_positive_with_them():
 
 def test_jacobian_matches_transform_jacobian_on_an_isotropic_grid():
     from hdar_pipeline.hdar.cascade import field_voxels_to_transform
-    from hdar_pipeline.images import Grid
+    from hdar_pipeline.core.images import Grid
 
     rng = np.random.default_rng(5)
     flow = np.stack([ndimage.gaussian_filter(rng.normal(size=(20, 18, 16)), 3) for _ in range(3)])

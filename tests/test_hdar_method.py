@@ -13,10 +13,10 @@ from conftest import mean_dice
 from hdar_pipeline.hdar import weights as W
 from hdar_pipeline.hdar.losses import local_ncc
 from hdar_pipeline.hdar.train import TrainConfig, export, train
-from hdar_pipeline.images import Grid, new_image, normalize_intensity, resample_to
+from hdar_pipeline.core.images import Grid, new_image, normalize_intensity, resample_to
 from hdar_pipeline.methods import get_method, register_pair
-from hdar_pipeline.methods.hdar import HDARMethod
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.methods.hdar_method import HDARMethod
+from hdar_pipeline.core.transforms import Transform
 from test_hdar_train import pair_dataset
 
 TINY = dict(s2_patch=16, s2_input=8, s3_patch=8, s3_input=8, top_k=2, s1_scale=0.5)
@@ -146,7 +146,7 @@ def test_refine_improves_ncc_further(trained):
 
 def test_prealign_helps_when_the_pair_is_affinely_misaligned(trained):
     """The moving image scaled by 8 % about its centre: the pre-alignment takes the scaling out first."""
-    from hdar_pipeline.images import Grid as G
+    from hdar_pipeline.core.images import Grid as G
 
     grid = trained["grid"]
     scaled = G(grid.shape, grid.affine @ np.diag([1.08, 1.08, 1.08, 1.0]) @ np.r_[np.c_[np.eye(3), -(np.asarray(
@@ -202,8 +202,8 @@ def test_get_method_without_shipped_weights_gives_the_clear_message(tmp_path, mo
 def test_register_function_several_pairs_and_cli_weights(trained, tmp_path):
     """hdar_pipeline.register() with HDAR options and a list of moving images; `hdar register --weights --refine`."""
     import hdar_pipeline
-    from hdar_pipeline.cli import main
-    from hdar_pipeline.images import save_image
+    from hdar_pipeline.apps.cli import main
+    from hdar_pipeline.core.images import save_image
 
     transforms = hdar_pipeline.register(trained["fixed"], [trained["moving"], trained["moving"]], method="hdar",
                                         affine=False, weights=trained["pt"], device="cpu", seed=0)
@@ -258,7 +258,7 @@ def test_the_network_runs_in_the_orientation_of_its_training_data(trained, codes
 
     import nibabel as nib
 
-    from hdar_pipeline.methods.hdar import register_with_model
+    from hdar_pipeline.methods.hdar_method import register_with_model
 
     loaded = W.load_weights(trained["pt"])
     ras = dataclasses.replace(loaded, card={**loaded.card, "data": {"orientation": "RAS"}})
@@ -304,7 +304,7 @@ def test_every_preset_gives_the_same_answer_in_another_storage_frame(framed, pre
     """The same pair re-stored A-S-L, off-centre in a larger field of view, as int16 with an offset: the
     canonical frame gives the network the same arrays, so the warped labels agree (Dice 1 up to a few
     border voxels of the interpolated field) and the folding is the same."""
-    from hdar_pipeline.restoring import StorageFrame, restore
+    from hdar_pipeline.core.restoring import StorageFrame, restore
 
     frame = StorageFrame("asl", "ASL", (40, 44, 38), None, (6.0, -4.0, 8.0), "int16", 900.0, 25.0)
     method = HDARMethod(weights=framed["pt"], device="cpu", preset=preset, seed=0, threads=1, refine=5
@@ -328,14 +328,14 @@ def test_every_preset_gives_the_same_answer_in_another_storage_frame(framed, pre
 
 def test_the_default_preset_is_the_same_everywhere():
     """`hdar register`, the BIDS App, get_method and the benchmark's `hdar` row all mean DEFAULT_PRESET."""
-    from hdar_pipeline.benchmark import build_method, default_variants
-    from hdar_pipeline.cli import build_bids_app_parser
-    from hdar_pipeline.methods.hdar import DEFAULT_PRESET
+    from hdar_pipeline.apps.benchmark.runner import build_method, default_variants
+    from hdar_pipeline.apps.cli import build_bids_app_parser
+    from hdar_pipeline.methods.hdar_method import DEFAULT_PRESET
 
     assert DEFAULT_PRESET == "accurate"
     args = build_bids_app_parser().parse_args(["in", "out", "participant"])
     assert args.hdar_preset == DEFAULT_PRESET
-    from hdar_pipeline.workflows.bids_app import AppOptions
+    from hdar_pipeline.apps.bids_app import AppOptions
 
     assert AppOptions(bids_dir="in", output_dir="out", analysis_level="participant").hdar_preset == DEFAULT_PRESET
     method = get_method("hdar")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from hdar_pipeline.cli import main
+from hdar_pipeline.apps.cli import main
 from hdar_pipeline.hdar.cascade import build_cascade
 from hdar_pipeline.hdar.data import (Augmentation, DataError, PairDataset, Volume, collect_subjects,
                                      find_bids_images, match_labels)
@@ -25,7 +25,7 @@ from hdar_pipeline.hdar.layers import resize_volume
 from hdar_pipeline.hdar.losses import anti_folding_loss, local_ncc_loss
 from hdar_pipeline.hdar.train import (LowResCache, TrainConfig, level_loss_size, load_checkpoint, pair_loss, read_log,
                                       sample_region, set_stage, train, validate)
-from hdar_pipeline.images import Grid, ImageError, new_image, save_image
+from hdar_pipeline.core.images import Grid, ImageError, new_image, save_image
 
 #: Tiny cascade geometry: S2 patches of 16 voxels resized to 8, S3 patches of 8, K = 2.
 TINY = dict(s2_patch=16, s2_input=8, s3_patch=8, s3_input=8, top_k=2)

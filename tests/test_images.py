@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hdar_pipeline.images import (
+from hdar_pipeline.core.images import (
     Grid, ImageError, check_labels_match, from_ants, from_sitk, load_image, new_image, normalize_intensity,
     reorient_to, resample_to, to_ants, to_sitk,
 )
@@ -198,7 +198,7 @@ def test_sitk_and_ants_round_trips_keep_geometry(volume):
 def test_seed_zero_gives_a_nonzero_ants_seed(monkeypatch):
     import os
 
-    from hdar_pipeline.runtime import seed_everything
+    from hdar_pipeline.core.runtime import seed_everything
 
     monkeypatch.delenv("ANTS_RANDOM_SEED", raising=False)
     seed_everything(0)

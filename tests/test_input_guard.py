@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hdar_pipeline.cli import bids_app_main, main
-from hdar_pipeline.guard import InputError, InputGuard
-from hdar_pipeline.images import ImageError, load_image, new_image, save_image
-from hdar_pipeline.synthetic import make_subject
+from hdar_pipeline.apps.cli import bids_app_main, main
+from hdar_pipeline.core.input_guard import InputError, InputGuard
+from hdar_pipeline.core.images import ImageError, load_image, new_image, save_image
+from hdar_pipeline.core.synthetic import make_subject
 
 from test_synthetic import ball_phantom
 

@@ -1,4 +1,4 @@
-"""Nipype interfaces (hdar_pipeline.interfaces) in a tiny Nipype workflow, and the example script."""
+"""Nipype interfaces (hdar_pipeline.engine.nipype_interfaces) in a tiny Nipype workflow, and the example script."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ pytest.importorskip("nipype")
 from conftest import REPO, mean_dice, write_phantom_cohort  # noqa: E402
 from nipype import Node, Workflow  # noqa: E402
 
-from hdar_pipeline.images import Grid  # noqa: E402
-from hdar_pipeline.interfaces import ApplyTransform, Evaluate, Register  # noqa: E402
+from hdar_pipeline.core.images import Grid  # noqa: E402
+from hdar_pipeline.engine.nipype_interfaces import ApplyTransform, Evaluate, Register  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_register_interface_has_a_use_gpu_switch():
 
 
 def test_apply_transform_linear_output_name(tmp_path, data):
-    from hdar_pipeline.transforms import Transform
+    from hdar_pipeline.core.transforms import Transform
 
     xfm = Transform.identity(nib.load(data["atlas"])).write_composite(tmp_path / "identity.h5")
     node = Node(ApplyTransform(reference_image=str(data["atlas"]), input_image=str(data["t1w"][0]),

@@ -1,4 +1,4 @@
-"""The inverse of a registration (hdar_pipeline.inverse) and the regional volumes (hdar_pipeline.volumes)."""
+"""The inverse of a registration (hdar_pipeline.core.inverse) and the regional volumes (hdar_pipeline.core.volumes)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hdar_pipeline.images import Grid, save_image
-from hdar_pipeline.inverse import inverse_consistency, invert, invert_field
-from hdar_pipeline.transforms import Transform
-from hdar_pipeline.volumes import label_volumes
+from hdar_pipeline.core.images import Grid, save_image
+from hdar_pipeline.core.inverse import inverse_consistency, invert, invert_field
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.core.volumes import label_volumes
 
 
 def smooth_field(shape, sigma: float, amplitude_mm: float, seed: int = 0) -> np.ndarray:
@@ -107,8 +107,8 @@ def test_syn_keeps_its_own_inverse_and_register_files_writes_it(tmp_path):
     import ants
 
     from conftest import make_brain_phantom
-    from hdar_pipeline.registration import register_files
-    from hdar_pipeline.synthetic import make_subject
+    from hdar_pipeline.pipeline.registration import register_files
+    from hdar_pipeline.core.synthetic import make_subject
 
     atlas = make_brain_phantom((32, 32, 32), 3.0)
     s = make_subject(atlas.image, atlas.labels, seed=3, magnitude_mm=8.0, smoothness_mm=15.0)
@@ -136,7 +136,7 @@ def test_syn_keeps_its_own_inverse_and_register_files_writes_it(tmp_path):
 
 def test_fixed_labels_need_inverse_on(tmp_path):
     from conftest import make_brain_phantom
-    from hdar_pipeline.registration import register_files
+    from hdar_pipeline.pipeline.registration import register_files
 
     atlas = make_brain_phantom((16, 16, 16), 3.0)
     f = save_image(atlas.image, tmp_path / "f.nii.gz")

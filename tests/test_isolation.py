@@ -1,4 +1,4 @@
-"""hdar_pipeline.isolation: a job in a child process; its result, its exception, or the signal that killed it."""
+"""hdar_pipeline.pipeline.isolation: a job in a child process; its result, its exception, or the signal that killed it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from hdar_pipeline.cohort import register_subject
-from hdar_pipeline.isolation import PID_FILE, WorkerDied, describe_exit, run_isolated
+from hdar_pipeline.pipeline.subject_steps import register_subject
+from hdar_pipeline.pipeline.isolation import PID_FILE, WorkerDied, describe_exit, run_isolated
 
 import isolation_jobs as jobs
 
@@ -61,7 +61,7 @@ def test_a_killed_registration_is_a_transient_failure_record(tmp_path, monkeypat
     import time
 
     from conftest import make_brain_phantom
-    from hdar_pipeline.images import save_image
+    from hdar_pipeline.core.images import save_image
 
     ph = make_brain_phantom(shape=(32, 32, 32))
     atlas = save_image(ph.image, tmp_path / "atlas.nii.gz")
@@ -94,7 +94,7 @@ def test_a_killed_registration_is_a_transient_failure_record(tmp_path, monkeypat
 
 def test_an_image_error_travels_as_itself():
     """ImageError (two constructor arguments) comes back with its type, file and problem."""
-    from hdar_pipeline.images import ImageError
+    from hdar_pipeline.core.images import ImageError
 
     with pytest.raises(ImageError) as info:
         run_isolated(jobs.image_error, "/data/sub-04_T1w.nii.gz", "cannot be read")
@@ -107,7 +107,7 @@ import json, multiprocessing, os, sys
 from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, {tests!r})
 from multiprocessing import forkserver
-from hdar_pipeline.isolation import run_isolated, start_fork_server
+from hdar_pipeline.pipeline.isolation import run_isolated, start_fork_server
 import isolation_jobs as jobs
 
 def in_worker(_):

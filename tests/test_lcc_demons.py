@@ -2,7 +2,7 @@
 registry entry and presets, and the BIDS App's --methods lccdemons.
 
 The phantom is conftest's brain-like volume on a 32^3 grid of 3 mm voxels, deformed by a smooth random
-diffeomorphism (:func:`hdar_pipeline.synthetic.make_subject`: mean 3.8 mm, i.e. 1.3 voxels, inside the brain).
+diffeomorphism (:func:`hdar_pipeline.core.synthetic.make_subject`: mean 3.8 mm, i.e. 1.3 voxels, inside the brain).
 The ANTs round trip (``hdar register --method lccdemons`` then ``ants.apply_transforms``) is one case of
 tests/test_cli_register.py's parametrised round-trip test.
 """
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import check_recovery, mapping_error_mm
-from hdar_pipeline.images import new_image
+from hdar_pipeline.core.images import new_image
 from hdar_pipeline.methods import get_method
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.transforms import Transform
 
 torch = pytest.importorskip("torch")
 
@@ -52,8 +52,8 @@ def test_inverse_field_is_the_inverse_of_the_field(phantom, registered):
     moved = np.linalg.norm(q - p, axis=-1)
     assert moved.mean() > 2.0
     assert residual.mean() < 0.1 * 3.0 and residual.max() < 1.0, (residual.mean(), residual.max())
-    # the inverse is the method's own: hdar_pipeline.inverse takes it as given
-    from hdar_pipeline.inverse import invert
+    # the inverse is the method's own: hdar_pipeline.core.inverse takes it as given
+    from hdar_pipeline.core.inverse import invert
 
     result = invert(registered, phantom.grid, inverse_field=inverse)
     assert result.source == "method"
@@ -98,7 +98,7 @@ def test_three_bch_terms_and_the_fast_preset(phantom, subject, registered, torch
 
 def test_a_moving_image_on_another_grid_is_resampled_and_a_mask_is_ignored_with_a_warning(phantom, subject,
                                                                                           torch_one_thread):
-    from hdar_pipeline.images import Grid
+    from hdar_pipeline.core.images import Grid
 
     # the subject cropped to 32 x 32 x 30 voxels: another grid (the method resamples it onto the fixed one)
     other = new_image(_labels(subject.image)[:, :, :30], Grid((32, 32, 30), phantom.grid.affine))
@@ -202,7 +202,7 @@ def test_nipype_interface_accepts_lccdemons():
     pytest.importorskip("nipype")
     from traits.api import TraitError
 
-    from hdar_pipeline.interfaces import Register
+    from hdar_pipeline.engine.nipype_interfaces import Register
 
     assert Register(method="lccdemons", preset="fast").inputs.method == "lccdemons"
     with pytest.raises(TraitError):

@@ -1,7 +1,7 @@
 """Registration methods on phantoms with known truths; the registry; the two-stage runner; LPBA40.
 
 Truths: an affine (rotation, scaling, translation) and a smooth random diffeomorphism
-(:func:`hdar_pipeline.synthetic.make_subject`) applied to the brain-like phantom of ``conftest``
+(:func:`hdar_pipeline.core.synthetic.make_subject`) applied to the brain-like phantom of ``conftest``
 (48^3 voxels of 2 mm). A method passes when its fixed-to-moving mapping lies close to the truth
 inside the brain and the warped labels overlap the fixed labels better than before.
 """
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import mapping_error_mm, mean_dice, rotation_scaling_affine, warp_by
-from hdar_pipeline.images import load_image
+from hdar_pipeline.core.images import load_image
 from hdar_pipeline.methods import METHODS, MethodBase, RegistrationMethod, get_method, register_pair
-from hdar_pipeline.synthetic import make_subject, voxel_to_mm
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.synthetic import make_subject, voxel_to_mm
+from hdar_pipeline.core.transforms import Transform
 
 
 
@@ -220,7 +220,7 @@ def test_register_pair_affine_method_is_one_stage(brain_phantom):
 
 
 def test_register_pair_without_affine_needs_one_grid(brain_phantom):
-    from hdar_pipeline.images import new_image
+    from hdar_pipeline.core.images import new_image
     from conftest import phantom_grid
 
     other = new_image(np.zeros((40, 40, 40), np.float32), phantom_grid((40, 40, 40)))
@@ -284,8 +284,8 @@ def test_bids_app_and_register_accept_each_method_and_its_presets(tmp_path, meth
     """Every method with presets: in the App's --methods with its own --<method>-preset (default and choices), carried
     into the workflow's presets, and in hdar register --method/--preset."""
     pytest.importorskip("pydra")
-    from hdar_pipeline.cli import build_bids_app_parser, build_parser
-    from hdar_pipeline.workflows.bids_app import AppOptions, method_presets
+    from hdar_pipeline.apps.cli import build_bids_app_parser, build_parser
+    from hdar_pipeline.apps.bids_app import AppOptions, method_presets
 
     app = build_bids_app_parser()
     option = f"--{method}-preset"

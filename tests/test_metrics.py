@@ -10,9 +10,9 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from hdar_pipeline.images import Grid, to_sitk
-from hdar_pipeline.labels import LabelTableError, label_names, read_label_table, write_label_table
-from hdar_pipeline.metrics import (
+from hdar_pipeline.core.images import Grid, to_sitk
+from hdar_pipeline.core.labels import LabelTableError, label_names, read_label_table, write_label_table
+from hdar_pipeline.evaluation.metrics import (
     LABEL_COLUMNS,
     directed_surface_distances,
     jacobian_statistics,
@@ -22,7 +22,7 @@ from hdar_pipeline.metrics import (
     surface,
     surface_distances,
 )
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.transforms import Transform
 
 
 def two_boxes():

@@ -1,4 +1,4 @@
-"""hdar_pipeline.morphology: ball closing gives the voxels of the distance-transform definition."""
+"""hdar_pipeline.core.morphology: ball closing gives the voxels of the distance-transform definition."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hdar_pipeline.morphology import ball, close
+from hdar_pipeline.core.morphology import ball, close
 
 
 def _edt_close(mask, radius, spacing, pad):
@@ -41,7 +41,7 @@ def test_ball_holds_the_offsets_within_the_radius_in_mm():
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.9, 1.2, 2.0)])
 def test_ball_erosion_and_dilation_equal_the_distance_transform_thresholds(spacing):
-    from hdar_pipeline.morphology import dilate, erode
+    from hdar_pipeline.core.morphology import dilate, erode
 
     rng = np.random.default_rng(1)
     mask = ndimage.gaussian_filter(rng.random((28, 24, 20)), 1.5) > 0.5

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hdar_pipeline.cli import bids_app_main, main
-from hdar_pipeline.images import save_image
-from hdar_pipeline.synthetic import make_subject
+from hdar_pipeline.apps.cli import bids_app_main, main
+from hdar_pipeline.core.images import save_image
+from hdar_pipeline.core.synthetic import make_subject
 
 from test_input_guard import run_cli
 from test_synthetic import ball_phantom

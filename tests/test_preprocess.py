@@ -18,9 +18,9 @@ import pytest
 from conftest import rotation_scaling_affine, warp_by
 from scipy import ndimage
 
-from hdar_pipeline import templates
-from hdar_pipeline.images import Grid, ImageError, load_image, new_image, normalize_intensity
-from hdar_pipeline.preprocess import (
+from hdar_pipeline.core import templates
+from hdar_pipeline.core.images import Grid, ImageError, load_image, new_image, normalize_intensity
+from hdar_pipeline.pipeline.preprocess import (
     BRAIN_FLOOR,
     BrainExtractionInfo,
     PreprocessResult,
@@ -30,8 +30,8 @@ from hdar_pipeline.preprocess import (
     preprocess_t1w,
     skull_strip_evidence,
 )
-from hdar_pipeline.templates import mni_template
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.templates import mni_template
+from hdar_pipeline.core.transforms import Transform
 
 #: Default head layers: (thickness mm, intensity relative to the brain's 99th percentile).
 HEAD_LAYERS = ((2.5, 0.12), (6.0, 0.04), (2.5, 0.45), (3.5, 0.95))
@@ -157,7 +157,7 @@ def test_the_evidence_on_the_foreground_box_is_that_of_the_whole_field_of_view(m
     """The check runs on the foreground's box plus a voxel: the same numbers as on the whole volume (the box
     replaced by every voxel), for a brain off-centre in a large field of view, a head, a head whose air was zeroed
     and a brain cut by the volume's edge."""
-    from hdar_pipeline import preprocess as P
+    from hdar_pipeline.pipeline import preprocess as P
 
     t1, mask = mni3
     data = np.asarray(t1.dataobj, dtype=np.float32)
@@ -211,7 +211,7 @@ def test_n4_estimates_at_about_8_mm_by_default(monkeypatch, voxel_mm, shape, exp
     16 voxels per axis (a thin slab keeps a finer estimate); an explicit shrink_factor is used as given."""
     import ants
 
-    import hdar_pipeline.preprocess as prep
+    import hdar_pipeline.pipeline.preprocess as prep
 
     seen = []
 
@@ -397,8 +397,8 @@ def test_lpba40_synthetic_head_brain_mask(lpba40_dir):
 def test_an_atlas_taken_from_raw_heads_is_prepared_as_the_subjects(tmp_path, head3):
     """The BIDS App's --atlas-participant on a dataset of raw heads: the atlas is brain-extracted once (the
     subjects are; a head as atlas would align their brains to its skull), on its own grid, and reused."""
-    from hdar_pipeline.cohort import ATLAS_MARGIN_MM, prepare_atlas_files
-    from hdar_pipeline.images import new_image, save_image
+    from hdar_pipeline.pipeline.subject_steps import ATLAS_MARGIN_MM, prepare_atlas_files
+    from hdar_pipeline.core.images import new_image, save_image
 
     head, true_mask = head3
     source = save_image(head, tmp_path / "sub-01_T1w.nii.gz")

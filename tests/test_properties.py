@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-from hdar_pipeline.evaluate import evaluate  # noqa: E402
-from hdar_pipeline.images import Grid, ImageError, load_image, new_image  # noqa: E402
+from hdar_pipeline.evaluation.evaluate import evaluate  # noqa: E402
+from hdar_pipeline.core.images import Grid, ImageError, load_image, new_image  # noqa: E402
 
 VOXEL = st.one_of(st.sampled_from([0.0, -1.0, -0.5, float("nan"), float("inf"), 1e-30, 1.0, 2.0]),
                   st.floats(min_value=0.05, max_value=8.0))

@@ -13,10 +13,10 @@ import numpy as np
 from conftest import make_brain_phantom, mean_dice
 from test_bids_app_xfm import moved
 
-from hdar_pipeline.images import save_image
-from hdar_pipeline.registration import register_files
-from hdar_pipeline.synthetic import make_subject
-from hdar_pipeline.transforms import Transform, write_affine
+from hdar_pipeline.core.images import save_image
+from hdar_pipeline.pipeline.registration import register_files
+from hdar_pipeline.core.synthetic import make_subject
+from hdar_pipeline.core.transforms import Transform, write_affine
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -65,9 +65,9 @@ def test_then_composes_the_affine_and_warps_the_native_labels_once(tmp_path):
 def test_the_evaluation_takes_the_written_jacobian_map_instead_of_the_transform(tmp_path):
     import pytest
 
-    from hdar_pipeline.evaluate import evaluate
-    from hdar_pipeline.images import ImageError
-    from hdar_pipeline.metrics import JACOBIAN_COLUMNS
+    from hdar_pipeline.evaluation.evaluate import evaluate
+    from hdar_pipeline.core.images import ImageError
+    from hdar_pipeline.evaluation.metrics import JACOBIAN_COLUMNS
 
     atlas = make_brain_phantom((32, 32, 32), 3.0)
     fixed = save_image(atlas.image, tmp_path / "atlas.nii.gz")

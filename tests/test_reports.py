@@ -1,4 +1,4 @@
-"""The per-subject HTML QC report and the methods paragraph (hdar_pipeline.reports)."""
+"""The per-subject HTML QC report and the methods paragraph (hdar_pipeline.reports.subject_report)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 from matplotlib.image import imread
 
 from hdar_pipeline import __version__
-from hdar_pipeline.images import Grid, new_image
-from hdar_pipeline.metrics import jacobian_statistics
-from hdar_pipeline.reports import (
+from hdar_pipeline.core.images import Grid, new_image
+from hdar_pipeline.evaluation.metrics import jacobian_statistics
+from hdar_pipeline.reports.subject_report import (
     METRIC_LABELS,
     N_CUTS,
     REFERENCES,
@@ -29,7 +29,7 @@ from hdar_pipeline.reports import (
     write_methods,
     write_subject_report,
 )
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.core.transforms import Transform
 
 SHAPE = (24, 28, 20)
 SVG = "{http://www.w3.org/2000/svg}"
@@ -224,7 +224,7 @@ def test_rows_show_the_slices_in_ras_at_the_voxels_resolution_and_aspect():
     nilearn's layout (left on the left in the axial and coronal rows, anterior on the right in the sagittal one,
     superior and anterior up), each the voxel nearest its cut; drawn with the voxels' aspect ratio, its cut
     positions below it and its L/R sides above it."""
-    from hdar_pipeline.reports import _mosaic
+    from hdar_pipeline.reports.subject_report import _mosaic
 
     shape, affine = (20, 24, 16), np.diag([1.0, 1.0, 2.0, 1.0])
     affine[:3, 3] = [-10.0, -12.0, -16.0]
@@ -391,7 +391,7 @@ def test_drawing_the_report_needs_no_templateflow_no_nipype_and_no_nilearn(data,
     matplotlib's pyplot (global state)."""
     import subprocess
 
-    code = ("import sys; from hdar_pipeline.reports import write_subject_report, ReportEntry; "
+    code = ("import sys; from hdar_pipeline.reports.subject_report import write_subject_report, ReportEntry; "
             f"write_subject_report({str(tmp_path / 'r.html')!r}, subject='01', atlas={str(data['atlas'])!r}, "
             f"atlas_labels={str(data['labels'])!r}, entries=[ReportEntry('syn', warped={str(data['warped'])!r}, "
             f"affine={str(data['affine'])!r}, transform={str(data['folding'])!r})], t1w={str(data['t1w'])!r}, "

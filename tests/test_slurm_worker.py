@@ -14,8 +14,8 @@ pytest.importorskip("pydra")
 
 from pydra.workers.slurm import SlurmWorker  # noqa: E402
 
-from hdar_pipeline.workflows.bids_app import _workflow_errors, lost_subjects  # noqa: E402
-from hdar_pipeline.workflows.slurm_worker import BoundedRequeueSlurmWorker, SlurmJobLost  # noqa: E402
+from hdar_pipeline.apps.bids_app import _workflow_errors, lost_subjects  # noqa: E402
+from hdar_pipeline.engine.slurm_worker import BoundedRequeueSlurmWorker, SlurmJobLost  # noqa: E402
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from hdar_pipeline.cli import main
-from hdar_pipeline.stats import StatsError, bh_qvalues, group_statistics, paired_test, read_tables
+from hdar_pipeline.apps.cli import main
+from hdar_pipeline.evaluation.stats import StatsError, bh_qvalues, group_statistics, paired_test, read_tables
 
 SUBJECTS = [f"sub-{i:02d}" for i in range(1, 6)]
 METHODS = ["hdar", "syn", "demons"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from hdar_pipeline.images import Grid, new_image
-from hdar_pipeline.synthetic import integrate_velocity, make_subject, random_velocity
+from hdar_pipeline.core.images import Grid, new_image
+from hdar_pipeline.core.synthetic import integrate_velocity, make_subject, random_velocity
 
 
 def ball_phantom(shape=(40, 44, 36), spacing=2.0):

@@ -1,4 +1,4 @@
-"""Pydra tasks (hdar_pipeline.tasks) and the per-subject library wrappers (hdar_pipeline.cohort) on a tiny phantom."""
+"""Pydra tasks (hdar_pipeline.engine.pydra_tasks) and the per-subject library wrappers (hdar_pipeline.pipeline.subject_steps) on a tiny phantom."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ pytest.importorskip("pydra")
 from conftest import make_brain_phantom, mean_dice  # noqa: E402
 from pydra.engine.submitter import Submitter  # noqa: E402
 
-from hdar_pipeline import cohort  # noqa: E402
-from hdar_pipeline.images import Grid, save_image  # noqa: E402
-from hdar_pipeline.synthetic import make_subject  # noqa: E402
-from hdar_pipeline.tasks import (  # noqa: E402
+from hdar_pipeline.pipeline import subject_steps as cohort  # noqa: E402
+from hdar_pipeline.core.images import Grid, save_image  # noqa: E402
+from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
+from hdar_pipeline.engine.pydra_tasks import (  # noqa: E402
     ApplyTransform,
     CollectRecords,
     Evaluate,

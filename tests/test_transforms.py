@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hdar_pipeline.images import Grid, new_image, to_ants
-from hdar_pipeline.transforms import Transform, folding_fraction
+from hdar_pipeline.core.images import Grid, new_image, to_ants
+from hdar_pipeline.core.transforms import Transform, folding_fraction
 
 
 def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
@@ -187,8 +187,8 @@ def test_folding_over_the_brain_agrees_with_ants_composing_the_written_files(tmp
     files we wrote (as shared/tools/evaltool.py does) must count the same folded brain voxels."""
     import ants
 
-    from hdar_pipeline.images import save_image
-    from hdar_pipeline.metrics import jacobian_statistics
+    from hdar_pipeline.core.images import save_image
+    from hdar_pipeline.evaluation.metrics import jacobian_statistics
 
     grid = Grid((30, 34, 28), np.array([[-1.2, 0, 0, 10], [0, -1.0, 0, 5], [0, 0, 1.1, -3], [0, 0, 0, 1]]))
     idx = np.indices(grid.shape).astype(float)

@@ -4,7 +4,7 @@ registration of synthetic pairs with the `fast` and `refined` presets, the ANTs 
 CLI, App, benchmark, reports), and old HDAR cards still loading as HDAR.
 
 Weights are made here by a tiny training run on brain phantoms (32^3, 3 mm) deformed by
-:func:`hdar_pipeline.synthetic.make_subject`; nothing depends on shipped VoxelMorph weights.
+:func:`hdar_pipeline.core.synthetic.make_subject`; nothing depends on shipped VoxelMorph weights.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from hdar_pipeline.hdar.data import PairDataset, Volume
 from hdar_pipeline.hdar.layers import VecInt
 from hdar_pipeline.hdar.losses import diffusion_loss, jacobian_determinant
 from hdar_pipeline.hdar.train import TrainConfig, _check_resume_config, export, pair_loss, read_log, train
-from hdar_pipeline.hdar.voxelmorph import VoxelMorphUNet
-from hdar_pipeline.images import Grid, save_image
+from hdar_pipeline.hdar.voxelmorph_net import VoxelMorphUNet
+from hdar_pipeline.core.images import Grid, save_image
 from hdar_pipeline.methods import get_method, model_identity
-from hdar_pipeline.methods.hdar import HDARMethod, refine_smooth_weight_of
-from hdar_pipeline.methods.voxelmorph import DEFAULT_PRESET, VoxelMorphMethod
-from hdar_pipeline.synthetic import make_subject
-from hdar_pipeline.transforms import Transform
+from hdar_pipeline.methods.hdar_method import HDARMethod, refine_smooth_weight_of
+from hdar_pipeline.methods.voxelmorph_method import DEFAULT_PRESET, VoxelMorphMethod
+from hdar_pipeline.core.synthetic import make_subject
+from hdar_pipeline.core.transforms import Transform
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -230,7 +230,7 @@ def test_ants_reapplies_the_written_transform(trained, cohort, tmp_path):
     """`hdar register --method voxelmorph` then ants.apply_transforms: the same warped labels."""
     import ants
 
-    from hdar_pipeline.cli import main
+    from hdar_pipeline.apps.cli import main
 
     phantom, subjects = cohort
     fixed = save_image(phantom.image, tmp_path / "fixed.nii.gz")
@@ -302,11 +302,11 @@ def test_old_hdar_cards_load_as_hdar_and_the_networks_are_not_mixed_up(trained, 
 
 
 def test_the_default_preset_and_wiring_are_the_same_everywhere():
-    from hdar_pipeline.benchmark import default_variants
-    from hdar_pipeline.cli import build_bids_app_parser
-    from hdar_pipeline.interfaces import RegisterInputSpec
+    from hdar_pipeline.apps.benchmark.runner import default_variants
+    from hdar_pipeline.apps.cli import build_bids_app_parser
+    from hdar_pipeline.engine.nipype_interfaces import RegisterInputSpec
     from hdar_pipeline.methods import METHODS
-    from hdar_pipeline.workflows.bids_app import AppOptions, method_presets
+    from hdar_pipeline.apps.bids_app import AppOptions, method_presets
 
     assert "voxelmorph" in METHODS
     args = build_bids_app_parser().parse_args(["in", "out", "participant", "--methods", "voxelmorph"])
@@ -320,7 +320,7 @@ def test_the_default_preset_and_wiring_are_the_same_everywhere():
 
 
 def test_methods_text_cites_voxelmorph_with_bibtex():
-    from hdar_pipeline.reports import METHOD_TITLES, bibtex, cited_keys, methods_paragraph
+    from hdar_pipeline.reports.subject_report import METHOD_TITLES, bibtex, cited_keys, methods_paragraph
 
     params = {"preset": "refined", "prealign": True, "refine": 30, "refine_levels": (0.25, 0.5),
               "refine_full_resolution": 2, "refine_diffeomorphic": True, "weights": "voxelmorph",

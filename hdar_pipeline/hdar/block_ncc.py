@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import box_sum, ncc_from_sums, ncc_sum_gradients
+from hdar_pipeline.hdar.losses import box_sum, ncc_from_sums, ncc_sum_gradients
 
 __all__ = ["LinearisedBlockNCC", "block_product_sums", "block_sums", "image_gradient"]
 

@@ -38,7 +38,7 @@ Design decisions
   window over the brain mask (default ``fixed > 0``). ``levels`` 1, 2 or 3 (1 = a single VoxelMorph-like
   network, at ``s1_scale``).
 * **The S1 network** (``network``): HDAR's attention U-Net (``"hdar"``, the default) or VoxelMorph's U-Net
-  (``"voxelmorph"``, :mod:`~hdar_pipeline.hdar.voxelmorph`; one level only, no attention, so no patch selection).
+  (``"voxelmorph"``, :mod:`~hdar_pipeline.hdar.voxelmorph_net`; one level only, no attention, so no patch selection).
   Everything around the network (resizing to S1's grid, integration, training, weights, inference) is shared, so
   the two are compared like for like.
 * **Sizes** are configurable; the paper's are 56^3 network inputs, 112^3 S2 patches, 56^3 S3 patches.
@@ -63,13 +63,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..images import Grid
-from ..transforms import Transform
-from .layers import (SpatialTransformer, VecInt, as_triple, compose_flows, crop_patch, resize_flow,
+from hdar_pipeline.core.images import Grid
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.hdar.layers import (SpatialTransformer, VecInt, as_triple, compose_flows, crop_patch, resize_flow,
                      resize_volume)
-from .patches import Patch, PatchBlender, candidate_patches, select_patches, sliding_window_patches
-from .unet import AttentionUNet, count_parameters, resolve_widths
-from .voxelmorph import VoxelMorphUNet, check_variant
+from hdar_pipeline.hdar.patches import Patch, PatchBlender, candidate_patches, select_patches, sliding_window_patches
+from hdar_pipeline.hdar.unet import AttentionUNet, count_parameters, resolve_widths
+from hdar_pipeline.hdar.voxelmorph_net import VoxelMorphUNet, check_variant
 
 Mode = Literal["fast", "full"]
 Selection = Literal["attention", "random"]
@@ -87,7 +87,7 @@ class CascadeConfig:
     Attributes
     ----------
     network : "hdar" or "voxelmorph"
-        The S1 network: HDAR's attention U-Net or VoxelMorph's U-Net (:mod:`~hdar_pipeline.hdar.voxelmorph`;
+        The S1 network: HDAR's attention U-Net or VoxelMorph's U-Net (:mod:`~hdar_pipeline.hdar.voxelmorph_net`;
         ``levels`` must then be 1). Configurations and model cards without it are ``"hdar"``.
     levels : 1, 2 or 3
         Default: 3 for ``"hdar"``, 1 for ``"voxelmorph"``.
@@ -562,7 +562,7 @@ def scale_patch(patch: Patch, scale: float) -> Patch:
 
 
 def field_voxels_to_transform(flow: torch.Tensor | np.ndarray, grid: Grid, **metadata: Any) -> Transform:
-    """The shared :class:`~hdar_pipeline.transforms.Transform` of a voxel-unit field on the fixed grid.
+    """The shared :class:`~hdar_pipeline.core.transforms.Transform` of a voxel-unit field on the fixed grid.
 
     Parameters
     ----------

@@ -16,7 +16,7 @@ identifier (the file name up to its first ``.`` or ``_``: ``S01`` for ``S01.deli
 
 Loading
 -------
-Every image is intensity-normalised to [0, 1] (:func:`~hdar_pipeline.images.normalize_intensity`) and
+Every image is intensity-normalised to [0, 1] (:func:`~hdar_pipeline.core.images.normalize_intensity`) and
 must lie on the grid of the first image; an image on another grid is resampled onto it in world
 coordinates (labels with nearest neighbour), with a warning, or rejected with ``on_grid_mismatch="error"``.
 HDAR expects affinely aligned inputs, so resampling only makes sense for images that are already
@@ -42,7 +42,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..images import (SUPPORTED_SUFFIXES, Grid, ImageError, check_labels_match, load_image, normalize_intensity,
+from hdar_pipeline.core.images import (SUPPORTED_SUFFIXES, Grid, ImageError, check_labels_match, load_image, normalize_intensity,
                       resample_to)
 
 PathLike = str | os.PathLike
@@ -338,7 +338,7 @@ def load_volumes(
     grid : Grid, optional
         Target grid; default the first image's.
     normalize : bool
-        Rescale intensities to [0, 1] with :func:`~hdar_pipeline.images.normalize_intensity`.
+        Rescale intensities to [0, 1] with :func:`~hdar_pipeline.core.images.normalize_intensity`.
     on_grid_mismatch : "resample" or "error"
     names : optional names for in-memory subjects.
 
@@ -394,7 +394,7 @@ class IntensityAugmentation:
     In order: a Gaussian blur (a coarser acquisition resampled to the training voxel size), a smooth
     multiplicative bias field (a quadratic polynomial in the exponent), a gamma change of contrast, Gaussian
     noise inside the brain, and the robust rescaling to [0, 1] every image gets
-    (:func:`~hdar_pipeline.images.robust_unit_range`, as at inference). Voxels that are 0 (outside a
+    (:func:`~hdar_pipeline.core.images.robust_unit_range`, as at inference). Voxels that are 0 (outside a
     skull-stripped brain) stay 0.
 
     Attributes
@@ -440,7 +440,7 @@ class IntensityAugmentation:
             return arr
         from scipy.ndimage import gaussian_filter
 
-        from ..images import robust_unit_range
+        from hdar_pipeline.core.images import robust_unit_range
 
         x = np.asarray(arr, dtype=np.float32)
         brain = x > 0

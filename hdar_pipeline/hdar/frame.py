@@ -30,8 +30,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..images import RAS_TO_LPS, Grid, robust_unit_range
-from .layers import grid_sample_3d
+from hdar_pipeline.core.images import RAS_TO_LPS, Grid, robust_unit_range
+from hdar_pipeline.hdar.layers import grid_sample_3d
 
 __all__ = ["CanonicalFrame", "brain_box", "canonical_frame"]
 
@@ -169,7 +169,7 @@ class CanonicalFrame:
         -------
         ndarray ``(*fixed.shape, 3)`` float32
             The displacement at every fixed voxel centre in LPS millimetres (the layout of
-            :class:`~hdar_pipeline.transforms.Transform`). Outside the canonical box the field continues
+            :class:`~hdar_pipeline.core.transforms.Transform`). Outside the canonical box the field continues
             the box's border values (no step, so no folding at the box's faces).
         """
         lin = torch.as_tensor((RAS_TO_LPS @ self.grid.affine)[:3, :3], dtype=torch.float32, device=flow.device)
@@ -283,6 +283,6 @@ def canonical_frame(fixed: Grid, box: tuple[np.ndarray, np.ndarray] | None, *, o
 
 def normalise_in_frame(volume: torch.Tensor) -> torch.Tensor:
     """Intensities of a canonical volume ``(1, 1, X, Y, Z)`` rescaled to [0, 1] by
-    :func:`~hdar_pipeline.images.robust_unit_range` (the training data's normalisation)."""
+    :func:`~hdar_pipeline.core.images.robust_unit_range` (the training data's normalisation)."""
     arr = robust_unit_range(volume[0, 0].cpu().numpy())
     return torch.as_tensor(arr, device=volume.device)[None, None]

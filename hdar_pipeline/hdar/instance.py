@@ -19,10 +19,10 @@ from typing import Sequence, Union
 
 import torch
 
-from .adam import Adam
-from .layers import (SpatialTransformer, compose_flows, identity_grid, resize_flow, resize_volume,
+from hdar_pipeline.hdar.adam import Adam
+from hdar_pipeline.hdar.layers import (SpatialTransformer, compose_flows, identity_grid, resize_flow, resize_volume,
                      sample_region, smooth)
-from .losses import LocalNCC, _crop_common, anti_folding_loss, spatial_gradients
+from hdar_pipeline.hdar.losses import LocalNCC, _crop_common, anti_folding_loss, spatial_gradients
 
 __all__ = ["ImagePyramid", "RefineLevel", "affine_displacement", "affine_prealign", "default_refine_levels",
            "exponential", "refine_flow", "scaled_shape"]
@@ -413,7 +413,7 @@ def _refine_full_similarity(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
     varies; elsewhere the correlation is exactly zero. Volumes whose size is not a multiple of ``b`` are padded at the high end (images
     with zeros, the field by replication) and cropped back.
     """
-    from .block_ncc import LinearisedBlockNCC
+    from hdar_pipeline.hdar.block_ncc import LinearisedBlockNCC
 
     shape = fp.shape
     b = level.block
@@ -488,7 +488,7 @@ def _refine_full_resolution(fp: ImagePyramid, mp: ImagePyramid, flow: torch.Tens
 
     Returns the field ``(1, 3, *fp.shape)`` in full-resolution voxels.
     """
-    from .block_ncc import LinearisedBlockNCC
+    from hdar_pipeline.hdar.block_ncc import LinearisedBlockNCC
 
     shape = fp.shape
     fixed, moving = fp.image.float(), mp.image.float()

@@ -62,7 +62,7 @@ class SpatialTransformer(nn.Module):
     ``align_corners=True``: voxel centres are the sampling positions, voxel ``0`` maps to ``-1`` and
     voxel ``n - 1`` to ``+1``. With ``"zeros"`` a point between ``-1`` and ``0`` voxels blends with
     zero, which differs slightly from ITK's clamp-then-fill at the outermost half voxel
-    (:func:`hdar_pipeline.transforms.sample`); the two agree everywhere else.
+    (:func:`hdar_pipeline.core.transforms.sample`); the two agree everywhere else.
     """
 
     def __init__(self, mode: Literal["bilinear", "nearest"] = "bilinear",

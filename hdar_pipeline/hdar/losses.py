@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .layers import as_triple
+from hdar_pipeline.hdar.layers import as_triple
 
 
 def box_sum(x: torch.Tensor, window: int | Sequence[int], *, transpose: bool = False) -> torch.Tensor:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import add_patch_, as_triple
+from hdar_pipeline.hdar.layers import add_patch_, as_triple
 
 Shape3 = tuple[int, int, int]
 

@@ -67,11 +67,11 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from ..runtime import configure_threads, seed_everything
-from .cascade import CascadeConfig, HDARCascade, build_cascade
-from .data import Pair, PairDataset
-from .layers import SpatialTransformer, resize_flow, resize_volume, sample_region
-from .losses import anti_folding_loss, diffusion_loss, jacobian_determinant, local_ncc_loss, one_hot, soft_dice_loss
+from hdar_pipeline.core.runtime import configure_threads, seed_everything
+from hdar_pipeline.hdar.cascade import CascadeConfig, HDARCascade, build_cascade
+from hdar_pipeline.hdar.data import Pair, PairDataset
+from hdar_pipeline.hdar.layers import SpatialTransformer, resize_flow, resize_volume, sample_region
+from hdar_pipeline.hdar.losses import anti_folding_loss, diffusion_loss, jacobian_determinant, local_ncc_loss, one_hot, soft_dice_loss
 
 PathLike = str | os.PathLike
 
@@ -354,7 +354,7 @@ def hardware_description(device: torch.device) -> dict[str, Any]:
 
 def git_commit() -> str:
     """The git commit of the hdar-pipeline source tree (``+dirty`` when modified), or ``"unknown"``."""
-    from ..provenance import git_commit as commit
+    from hdar_pipeline.core.provenance import git_commit as commit
 
     return commit()
 
@@ -873,7 +873,7 @@ def train(
 def build_model_card(result: TrainResult, *, name: str, command: str | None = None,
                      data_description: dict[str, Any] | None = None) -> dict[str, Any]:
     """Model-card fields of a finished run (see :mod:`hdar_pipeline.hdar.weights`)."""
-    from ..provenance import library_versions
+    from hdar_pipeline.core.provenance import library_versions
 
     levels = finished_levels(result)
     final = result.final_validation or {}
@@ -912,8 +912,8 @@ def export(result: TrainResult, name: str, directory: PathLike | None = None, *,
     A run stopped early (``max_steps``) exports only the levels whose stage finished, as a cascade with
     that many levels (a half-trained or untrained deeper level would only damage the field); the card's
     ``levels_exported`` and ``completed`` say so. Stopping inside stage 1 is an error."""
-    from .cascade import CascadeConfig, HDARCascade
-    from .weights import save_weights
+    from hdar_pipeline.hdar.cascade import CascadeConfig, HDARCascade
+    from hdar_pipeline.hdar.weights import save_weights
 
     directory = Path(directory) if directory is not None else result.out_dir
     levels = finished_levels(result)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import crop_to, pad_to_multiple
+from hdar_pipeline.hdar.layers import crop_to, pad_to_multiple
 
 WIDTHS: dict[str, tuple[int, int, int, int]] = {
     "paper": (32, 64, 128, 256),

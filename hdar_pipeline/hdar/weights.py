@@ -3,7 +3,7 @@
 Layout
 ------
 Weights live in ``hdar_pipeline/hdar/weights/`` (installed as package data) as ``<name>.pt`` plus
-``<name>.json``. ``name="default"`` is what :class:`~hdar_pipeline.methods.hdar.HDARMethod` loads
+``<name>.json``. ``name="default"`` is what :class:`~hdar_pipeline.methods.hdar_method.HDARMethod` loads
 unless told otherwise; a path to a ``.pt`` (or its ``.json``) outside the package works the same way.
 
 ``<name>.pt`` holds only tensors and plain values (loadable with ``torch.load(weights_only=True)``)::
@@ -11,8 +11,8 @@ unless told otherwise; a path to a ``.pt`` (or its ``.json``) outside the packag
     {"format": "hdar-weights/1", "config": CascadeConfig.to_dict(), "state_dict": {...}}
 
 The network is HDAR's cascade or, with ``config.network == "voxelmorph"``, VoxelMorph's U-Net as its only level
-(:mod:`hdar_pipeline.hdar.voxelmorph`); :func:`card_network` reads which from the card. Shipped VoxelMorph weights
-are named ``voxelmorph`` (:class:`~hdar_pipeline.methods.voxelmorph.VoxelMorphMethod` loads them).
+(:mod:`hdar_pipeline.hdar.voxelmorph_net`); :func:`card_network` reads which from the card. Shipped VoxelMorph weights
+are named ``voxelmorph`` (:class:`~hdar_pipeline.methods.voxelmorph_method.VoxelMorphMethod` loads them).
 
 ``<name>.json`` is the model card::
 
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and the network are imported where weights are loaded or saved: resolving, hashing
     import torch   # and reading cards (a workflow's cache keys) do not pay for them
 
-    from .cascade import CascadeConfig, HDARCascade
+    from hdar_pipeline.hdar.cascade import CascadeConfig, HDARCascade
 
 PathLike = str | os.PathLike
 
@@ -221,7 +221,7 @@ def load_weights(name: PathLike = "default", device: str | torch.device = "cpu",
         raise WeightsError(f"{pt}: not an HDAR weights file (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, "
                            f"expected {WEIGHTS_FORMAT})")
     try:
-        from .cascade import HDARCascade
+        from hdar_pipeline.hdar.cascade import HDARCascade
 
         model = HDARCascade.from_checkpoint({"config": payload["config"], "state_dict": payload["state_dict"]},
                                             **overrides)
@@ -258,7 +258,7 @@ def save_weights(model: HDARCascade, config: CascadeConfig | dict[str, Any] | No
     pt.parent.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from .cascade import CascadeConfig
+    from hdar_pipeline.hdar.cascade import CascadeConfig
 
     cfg = config.to_dict() if isinstance(config, CascadeConfig) else dict(config or model.config.to_dict())
     state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).clone()

@@ -7,8 +7,8 @@ from typing import Any
 
 import nibabel as nib
 
-from ..transforms import Transform
-from .base import MethodBase, RegistrationMethod
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.methods.base import MethodBase, RegistrationMethod
 
 METHODS = ("affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph")
 
@@ -49,7 +49,7 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     ValueError
         Unknown method or preset.
     NotImplementedError
-        ``"hdar"`` while :mod:`hdar_pipeline.methods.hdar` is not part of the installation; ``"fireants"`` while
+        ``"hdar"`` while :mod:`hdar_pipeline.methods.hdar_method` is not part of the installation; ``"fireants"`` while
         FireANTs is not installed (:class:`~hdar_pipeline.methods.fireants.FireANTsNotInstalled`, also an
         ``ImportError``).
     """
@@ -60,23 +60,23 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
         return _with_options(get_method(name, preset=preset, seed=seed, threads=threads, device=device)
                              if name not in LEARNED_METHODS else None, name, preset, seed, threads, device, opts)
     if name == "affine":
-        from .affine import AffineMethod
+        from hdar_pipeline.methods.affine import AffineMethod
 
         return AffineMethod(seed=seed, threads=threads)
     if name == "syn":
-        from .syn import SyNMethod
+        from hdar_pipeline.methods.syn import SyNMethod
 
         return SyNMethod(preset=preset or "fast", seed=seed, threads=threads)
     if name == "demons":
-        from .demons import DemonsMethod
+        from hdar_pipeline.methods.demons import DemonsMethod
 
         return DemonsMethod(threads=threads, seed=seed)
     if name == "lccdemons":
-        from .lcc_demons import DEFAULT_PRESET as LCC_DEFAULT, LCCDemonsMethod
+        from hdar_pipeline.methods.lcc_demons import DEFAULT_PRESET as LCC_DEFAULT, LCCDemonsMethod
 
         return LCCDemonsMethod(preset=preset or LCC_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     if name == "fireants":
-        from .fireants import DEFAULT_PRESET as FIREANTS_DEFAULT, FireANTsMethod
+        from hdar_pipeline.methods.fireants import DEFAULT_PRESET as FIREANTS_DEFAULT, FireANTsMethod
 
         return FireANTsMethod(preset=preset or FIREANTS_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     if name == "hdar":
@@ -84,11 +84,11 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
             raise NotImplementedError(
                 "the HDAR method is not available in this version: the network and its trained weights "
                 "arrive with the HDAR issue; use --method syn or demons")
-        from .hdar import DEFAULT_PRESET, HDARMethod
+        from hdar_pipeline.methods.hdar_method import DEFAULT_PRESET, HDARMethod
 
         return HDARMethod(preset=preset or DEFAULT_PRESET, seed=seed, threads=threads, device=device or "auto")
     if name == "voxelmorph":
-        from .voxelmorph import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod
+        from hdar_pipeline.methods.voxelmorph_method import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod
 
         return VoxelMorphMethod(preset=preset or VXM_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -99,11 +99,11 @@ def _with_options(method, name, preset, seed, threads, device, opts: dict[str, A
     import dataclasses
 
     if name == "hdar":
-        from .hdar import DEFAULT_PRESET, HDARMethod as cls
+        from hdar_pipeline.methods.hdar_method import DEFAULT_PRESET, HDARMethod as cls
 
         base = dict(preset=preset or DEFAULT_PRESET, seed=seed, threads=threads, device=device or "auto")
     elif name == "voxelmorph":
-        from .voxelmorph import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod as cls  # type: ignore[assignment]
+        from hdar_pipeline.methods.voxelmorph_method import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod as cls  # type: ignore[assignment]
 
         base = dict(preset=preset or VXM_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     else:
@@ -127,11 +127,11 @@ def affine_stage(name: str = "fast", *, seed: int | None = None, threads: int | 
     as the ANTs affine or more on LPBA40 pairs in scanner poses and on the IXI heads, in a sixth of its time at
     1 mm: benchmarks/affine_accuracy.py) or ``"ants"`` (:class:`~.affine.AffineMethod`: rigid then affine, Mattes MI)."""
     if name == "fast":
-        from .fast_affine import FastAffineMethod
+        from hdar_pipeline.methods.fast_affine import FastAffineMethod
 
         return FastAffineMethod(seed=seed, threads=threads, device=device)
     if name == "ants":
-        from .affine import AffineMethod  # imports antspyx (seconds): only when it runs
+        from hdar_pipeline.methods.affine import AffineMethod  # imports antspyx (seconds): only when it runs
 
         return AffineMethod(seed=seed, threads=threads)
     raise ValueError(f"unknown affine method {name!r}; choose from {', '.join(AFFINE_METHODS)}")
@@ -208,7 +208,7 @@ def model_identity(method: str) -> str:
     cached results follow the weights."""
     if method not in LEARNED_METHODS:
         return ""
-    from ..hdar.weights import weights_identity
+    from hdar_pipeline.hdar.weights import weights_identity
 
     return weights_identity("voxelmorph" if method == "voxelmorph" else "default")
 
@@ -220,7 +220,7 @@ def _stage(method: MethodBase) -> dict[str, Any]:
 
 
 def _same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage) -> bool:
-    from ..images import Grid
+    from hdar_pipeline.core.images import Grid
 
     return Grid.of(a).same_as(Grid.of(b), atol=1e-3)
 

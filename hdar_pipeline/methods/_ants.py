@@ -10,9 +10,9 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-from ..images import Grid, to_ants
-from ..runtime import configure_threads, seed_everything
-from ..transforms import Transform
+from hdar_pipeline.core.images import Grid, to_ants
+from hdar_pipeline.core.runtime import configure_threads, seed_everything
+from hdar_pipeline.core.transforms import Transform
 
 
 @contextmanager

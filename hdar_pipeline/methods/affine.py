@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import ants
 
-from ..transforms import Transform
-from ._ants import ants_workdir, as_ants_float, as_ants_mask, transform_from_ants
-from .base import MethodBase
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.methods._ants import ants_workdir, as_ants_float, as_ants_mask, transform_from_ants
+from hdar_pipeline.methods.base import MethodBase
 
 
 #: The fewest voxels along any axis a resolution level may keep. Below it the level has too few samples for the

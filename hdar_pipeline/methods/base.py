@@ -7,15 +7,15 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import nibabel as nib
 
-from ..runtime import RunInfo, measure
-from ..transforms import Transform
+from hdar_pipeline.core.runtime import RunInfo, measure
+from hdar_pipeline.core.transforms import Transform
 
 
 @runtime_checkable
 class RegistrationMethod(Protocol):
     """A registration method.
 
-    ``register(fixed, moving)`` returns the :class:`~hdar_pipeline.transforms.Transform` that maps
+    ``register(fixed, moving)`` returns the :class:`~hdar_pipeline.core.transforms.Transform` that maps
     fixed-space points to moving-space points on the fixed grid; both images are nibabel images.
     ``last_run`` holds the runtime and peak memory of the latest call.
     """

@@ -23,10 +23,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..images import Grid, to_sitk
-from ..runtime import configure_threads
-from ..transforms import Transform
-from .base import MethodBase
+from hdar_pipeline.core.images import Grid, to_sitk
+from hdar_pipeline.core.runtime import configure_threads
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.methods.base import MethodBase
 
 
 @dataclass

@@ -15,18 +15,18 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..images import Grid, crop_to_mask, new_image, resample_to, robust_unit_range
-from ..runtime import configure_threads, seed_everything
-from ..templates import isotropic_grid
-from ..transforms import Transform
-from .base import MethodBase
+from hdar_pipeline.core.images import Grid, crop_to_mask, new_image, resample_to, robust_unit_range
+from hdar_pipeline.core.runtime import configure_threads, seed_everything
+from hdar_pipeline.core.templates import isotropic_grid
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.methods.base import MethodBase
 
 
 @dataclass
 class FastAffineMethod(MethodBase):
     """Rigid then affine registration by Adam on local NCC, in PyTorch (CPU or CUDA).
 
-    Both images are rescaled with :func:`~hdar_pipeline.images.robust_unit_range` and smoothed for each of
+    Both images are rescaled with :func:`~hdar_pipeline.core.images.robust_unit_range` and smoothed for each of
     ``levels_mm`` (coarse to fine); the fixed image is resampled onto an isotropic grid of that voxel size. The map starts from the alignment of the
     intensity-weighted centres of mass (as antsRegistration's default initialisation); the coarsest level fits
     a rigid map (rotation vector and translation), then every level fits the 12 affine parameters, each level
@@ -58,7 +58,7 @@ class FastAffineMethod(MethodBase):
     Notes
     -----
     The result maps fixed-space LPS points to moving-space LPS points, like every method
-    (:class:`~hdar_pipeline.transforms.Transform` with an affine and no field).
+    (:class:`~hdar_pipeline.core.transforms.Transform` with an affine and no field).
     """
 
     name: ClassVar[str] = "affine-fast"
@@ -87,8 +87,8 @@ class FastAffineMethod(MethodBase):
     def _register(self, fixed, moving, fixed_mask) -> Transform:
         import torch
 
-        from ..hdar.losses import LocalNCC
-        from ..hdar.train import resolve_device
+        from hdar_pipeline.hdar.losses import LocalNCC
+        from hdar_pipeline.hdar.train import resolve_device
 
         configure_threads(self.threads)
         seed_everything(self.seed)

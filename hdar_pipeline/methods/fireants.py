@@ -7,7 +7,7 @@ The adapter feeds FireANTs the pair as its ``Image``/``BatchedImages`` (built fr
 grid's LPS geometry), runs its deformable stage (``GreedyRegistration`` or ``SyNRegistration``: compositive warps,
 its Riemannian Adam, local normalised cross-correlation) with no initial affine, since our images are already
 affinely aligned on the fixed grid (:func:`hdar_pipeline.methods.register_pair`), and converts its result to the
-shared :class:`~hdar_pipeline.transforms.Transform` on the fixed grid.
+shared :class:`~hdar_pipeline.core.transforms.Transform` on the fixed grid.
 
 Presets (:data:`FIREANTS_PRESETS`)
 ----------------------------------
@@ -67,10 +67,10 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
-from ..images import Grid, to_sitk
-from ..runtime import configure_threads, seed_everything
-from ..transforms import Transform
-from .base import MethodBase
+from hdar_pipeline.core.images import Grid, to_sitk
+from hdar_pipeline.core.runtime import configure_threads, seed_everything
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.methods.base import MethodBase
 
 #: The FireANTs release the adapter is tested with (the install instructions pin it).
 TESTED_FIREANTS_VERSION = "1.5.0"
@@ -198,7 +198,7 @@ class FireANTsMethod(MethodBase):
     def _register(self, fixed, moving, fixed_mask) -> Transform:
         import torch
 
-        from ..hdar.train import resolve_device
+        from hdar_pipeline.hdar.train import resolve_device
 
         if fixed_mask is not None:
             warnings.warn("FireANTsMethod ignores fixed_mask (its cross-correlation runs on the whole grid); "
@@ -241,7 +241,7 @@ class FireANTsMethod(MethodBase):
 
 
 def warp_to_mm(affine, displacement, grid: Grid, *, atol: float = 1e-3) -> np.ndarray:
-    """FireANTs' warp parameters on the fixed grid as the LPS-mm field of :class:`~hdar_pipeline.transforms.Transform`.
+    """FireANTs' warp parameters on the fixed grid as the LPS-mm field of :class:`~hdar_pipeline.core.transforms.Transform`.
 
     Parameters
     ----------

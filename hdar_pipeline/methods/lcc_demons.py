@@ -51,8 +51,8 @@ faster on a CPU than shifted sums. The same arithmetic as the straightforward co
 iterations amplify: on an LPBA40 pair the same Dice, and a few voxels differ by up to ~0.1 mm, the size of the
 differences a one-ulp change of the input image makes.
 
-The output :class:`~hdar_pipeline.transforms.Transform` holds ``exp(v) - id`` on the fixed grid in LPS mm, and its
-``metadata["inverse_field"]`` ``exp(-v) - id`` (the method's own inverse, used by :mod:`hdar_pipeline.inverse`).
+The output :class:`~hdar_pipeline.core.transforms.Transform` holds ``exp(v) - id`` on the fixed grid in LPS mm, and its
+``metadata["inverse_field"]`` ``exp(-v) - id`` (the method's own inverse, used by :mod:`hdar_pipeline.core.inverse`).
 """
 
 from __future__ import annotations
@@ -64,10 +64,10 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from ..images import Grid
-from ..runtime import configure_threads
-from ..transforms import Transform
-from .base import MethodBase
+from hdar_pipeline.core.images import Grid
+from hdar_pipeline.core.runtime import configure_threads
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.methods.base import MethodBase
 
 #: Parameters of each preset (see the module docstring).
 LCC_DEMONS_PRESETS: dict[str, dict[str, Any]] = {
@@ -159,7 +159,7 @@ class LCCDemonsMethod(MethodBase):
     def _register(self, fixed, moving, fixed_mask) -> Transform:
         import torch
 
-        from ..hdar.train import resolve_device
+        from hdar_pipeline.hdar.train import resolve_device
 
         if fixed_mask is not None:
             warnings.warn("LCCDemonsMethod ignores fixed_mask (the local correlation is computed on the whole grid); "
@@ -207,7 +207,7 @@ def lcc_demons_velocity(fixed, moving, *, shrink_factors: Sequence[int] = (4, 2,
         ``v`` in voxels of the full grid (channel ``c`` along array axis ``c``): ``exp(v)`` maps fixed voxels to
         moving voxels, ``M o exp(v)`` matches ``F``.
     """
-    from ..hdar.layers import resize_flow, resize_volume
+    from hdar_pipeline.hdar.layers import resize_flow, resize_volume
 
     if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[:2] != (1, 1):
         raise ValueError(f"expected two (1, 1, X, Y, Z) images of one shape, got {tuple(fixed.shape)} "
@@ -237,7 +237,7 @@ def lcc_demons_step(fixed, moving, velocity, *, sigma_lcc: float, sigma_fluid: f
     ``u = G_fluid * (u_f - u_b) / 2``, ``v <- G_diff * BCH(v, u)``. ``level``: the level's :class:`LCCLevel`
     for these images and sigmas (built here when not given; :func:`lcc_demons_velocity` builds one per level).
     """
-    from ..hdar.layers import sample_region
+    from hdar_pipeline.hdar.layers import sample_region
 
     if level is None:
         level = LCCLevel(fixed, moving, sigma_lcc=sigma_lcc, sigma_fluid=sigma_fluid, sigma_diff=sigma_diff)
@@ -468,7 +468,7 @@ class GaussianBlur:
                  device=None, dtype=None) -> None:
         import torch
 
-        from ..hdar.layers import as_triple, gaussian_kernel1d
+        from hdar_pipeline.hdar.layers import as_triple, gaussian_kernel1d
 
         dtype = dtype or torch.float32
         if padding not in ("replicate", "zeros"):
@@ -529,7 +529,7 @@ def window_mass(shape: Sequence[int], sigma: float, *, device=None, dtype=None):
     import torch
     import torch.nn.functional as F
 
-    from ..hdar.layers import gaussian_kernel1d
+    from hdar_pipeline.hdar.layers import gaussian_kernel1d
 
     out = None
     for axis, n in enumerate(int(v) for v in shape):
@@ -605,7 +605,7 @@ def exponential(velocity, steps: int | None = None):
     """Displacement of ``exp(velocity)`` by scaling and squaring, ``(B, 3, X, Y, Z)`` voxels (edge-extended).
 
     :class:`~hdar_pipeline.hdar.layers.VecInt` (the same values), with fewer passes over the field."""
-    from ..hdar.layers import sample_region
+    from hdar_pipeline.hdar.layers import sample_region
 
     n = squaring_steps(velocity) if steps is None else int(steps)
     disp = velocity * (1.0 / (2 ** n))
@@ -616,7 +616,7 @@ def exponential(velocity, steps: int | None = None):
 
 def displacement_to_mm(displacement, grid: Grid) -> np.ndarray:
     """A displacement ``(1, 3, *grid.shape)`` in voxels (channel ``c`` along array axis ``c``) as the LPS-mm field
-    ``(*grid.shape, 3)`` of :class:`~hdar_pipeline.transforms.Transform`: ``L d`` with ``L`` the linear part of the
+    ``(*grid.shape, 3)`` of :class:`~hdar_pipeline.core.transforms.Transform`: ``L d`` with ``L`` the linear part of the
     grid's voxel-to-LPS affine."""
     import torch
 

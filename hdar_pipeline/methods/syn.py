@@ -21,9 +21,9 @@ from typing import ClassVar
 import ants
 import numpy as np
 
-from ..transforms import Transform
-from ._ants import ants_workdir, as_ants_float, as_ants_mask, transform_from_ants
-from .base import MethodBase
+from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.methods._ants import ants_workdir, as_ants_float, as_ants_mask, transform_from_ants
+from hdar_pipeline.methods.base import MethodBase
 
 SYN_PRESETS: dict[str, dict] = {
     "fast": dict(syn_metric="mattes", syn_sampling=32, reg_iterations=(40, 20, 0), grad_step=0.2,
@@ -65,7 +65,7 @@ class SyNMethod(MethodBase):
                                     outprefix=prefix, mask=as_ants_mask(fixed_mask),
                                     **SYN_PRESETS[self.preset])
             # fwdtransforms: [warp, identity affine] (SyNOnly starts from the identity); invtransforms end
-            # with SyN's own inverse warp on the same grid, kept for hdar_pipeline.inverse
+            # with SyN's own inverse warp on the same grid, kept for hdar_pipeline.core.inverse
             transform = transform_from_ants(out["fwdtransforms"], fixed)
             inverse = [p for p in out["invtransforms"] if str(p).endswith("InverseWarp.nii.gz")]
             if inverse and transform.field is not None:

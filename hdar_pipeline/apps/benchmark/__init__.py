@@ -1,0 +1,2 @@
+"""``hdar benchmark``: registration methods compared on a dataset's pairs.
+"""
