@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def stage_table(summary: pd.DataFrame) -> list[str]:
     """Markdown: one row per stage (median seconds per subject), one column per configuration x kind of input."""
-    from hdar_pipeline.apps.benchmark.runner import markdown_table
+    from hdar_pipeline.apps.benchmark.tables import markdown_table
 
     shown = [c for c in STAGE_LABELS if c in summary and summary[c].max() > 0.05]
     header = ["stage (median s per subject)", *[f"{r.config}, {r.kind} ({r.ok}/{r.subjects} ok)"

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hdar_pipeline.apps.benchmark.runner import __doc__ as BENCHMARK_DOC
-from hdar_pipeline.apps.benchmark.runner import add_benchmark_arguments, run_benchmark_cli
+from hdar_pipeline.apps.benchmark import __doc__ as BENCHMARK_DOC
+from hdar_pipeline.apps.benchmark.benchmark_cli import add_benchmark_arguments, run_benchmark_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,11 +66,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import pandas as pd
 
-from hdar_pipeline.apps.benchmark.runner import (BenchmarkInputError, BenchmarkResult, PairImageCache, RowCache, RunStamp,
-                                     check_variants, command_line, default_lpba40_dir, evaluate_pair, failure_notes,
-                                     format_mean_sd, lpba40_pairs, markdown_table, measured_row, print_table,
-                                     progress_bar, report_sections, rows_frame, run_console, summary_stat,
-                                     variant_rows, variant_status, write_results)
+from hdar_pipeline.apps.benchmark.pairs import BenchmarkInputError, default_lpba40_dir, lpba40_pairs
+from hdar_pipeline.apps.benchmark.runner import (BenchmarkResult, PairImageCache, RowCache, RunStamp,
+
+      check_variants, evaluate_pair, measured_row, progress_bar, write_results)
+
+from hdar_pipeline.apps.benchmark.benchmark_cli import command_line
+from hdar_pipeline.apps.benchmark.tables import (failure_notes, format_mean_sd, markdown_table, print_table,
+
+      report_sections, rows_frame, run_console, summary_stat, variant_rows, variant_status)
 from hdar_pipeline.methods.base import MethodBase
 from hdar_pipeline.methods.hdar_method import HDARMethod, register_with_model, unit_range
 

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hdar_pipeline.apps.benchmark.runner import markdown_table  # noqa: E402
+from hdar_pipeline.apps.benchmark.tables import markdown_table  # noqa: E402
 
 ATLAS = "IXI034"
 

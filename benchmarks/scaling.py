@@ -305,7 +305,7 @@ def _cached(cache: Path, key: dict, use_cache: bool, tag: str) -> dict | None:
 def _stamp(row: dict) -> dict:
     import datetime as dt
 
-    from hdar_pipeline.apps.benchmark.runner import git_commit
+    from hdar_pipeline.apps.benchmark.tables import git_commit
 
     row["load_avg_1min"] = os.getloadavg()[0]
     row["finished_utc"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -455,7 +455,7 @@ def cohort_table(cohort_df) -> list[str]:
 
 
 def markdown_report(args, size_df, cohort_df, command: str) -> str:
-    from hdar_pipeline.apps.benchmark.runner import machine_description
+    from hdar_pipeline.apps.benchmark.tables import machine_description
 
     lines = ["# Scaling", ""]
     stage = ("affine stage before each deformable method" if args.affine_stage else
@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import pandas as pd
 
-    from hdar_pipeline.apps.benchmark.runner import command_line
+    from hdar_pipeline.apps.benchmark.benchmark_cli import command_line
 
     command = command_line([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     rows_dir = args.out / "rows"

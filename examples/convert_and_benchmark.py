@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=non_negative_int, default=1)
     args = parser.parse_args(argv)
 
-    from hdar_pipeline.apps.benchmark.runner import BenchmarkConfig, bids_subjects, make_pairs, run_benchmark
+    from hdar_pipeline.apps.benchmark.runner import BenchmarkConfig, run_benchmark
+    from hdar_pipeline.apps.benchmark.pairs import bids_subjects, make_pairs
     from hdar_pipeline.bids_io.convert import convert, format_summary
 
     # 1. the dataset as BIDS

@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hdar_pipeline.apps.cli import bids_app_main, main
+from hdar_pipeline.apps.bids_app_cli import bids_app_main
+from hdar_pipeline.apps.cli import main
 from hdar_pipeline.core.images import new_image, save_image
 
 from test_input_guard import assert_one_line_refusal, digest, run_cli, zero_pixdim_copy

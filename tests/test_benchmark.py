@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_brain_phantom
-from hdar_pipeline.apps.benchmark import runner as bm
+from hdar_pipeline.apps import benchmark as bm
 from hdar_pipeline.core.synthetic import make_subject
 
 pytest.importorskip("bids")

@@ -23,8 +23,9 @@ pytest.importorskip("bids")
 
 from conftest import make_brain_phantom, unregistered_dice, write_json  # noqa: E402
 
-from hdar_pipeline.bids_io.inputs import BIDSError, check_label, derivative_path, query_cohort  # noqa: E402
-from hdar_pipeline.apps.cli import bids_app_main  # noqa: E402
+from hdar_pipeline.bids_io.inputs import BIDSError, check_label, query_cohort  # noqa: E402
+from hdar_pipeline.bids_io.outputs import derivative_path
+from hdar_pipeline.apps.bids_app_cli import bids_app_main  # noqa: E402
 from hdar_pipeline.core.images import save_image  # noqa: E402
 from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
 

@@ -20,7 +20,7 @@ pytest.importorskip("bids")
 
 from conftest import make_brain_phantom, write_json  # noqa: E402
 
-from hdar_pipeline.apps.cli import bids_app_main, build_bids_app_parser  # noqa: E402
+from hdar_pipeline.apps.bids_app_cli import bids_app_main, build_bids_app_parser  # noqa: E402
 from hdar_pipeline.core.images import ImageError, new_image, save_image  # noqa: E402
 from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
 from hdar_pipeline.apps import bids_app  # noqa: E402

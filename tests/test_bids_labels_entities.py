@@ -21,7 +21,7 @@ pytest.importorskip("bids")
 from conftest import make_brain_phantom, write_json  # noqa: E402
 
 from hdar_pipeline.bids_io.inputs import load_bids_filter, query_cohort  # noqa: E402
-from hdar_pipeline.apps.cli import bids_app_main  # noqa: E402
+from hdar_pipeline.apps.bids_app_cli import bids_app_main  # noqa: E402
 from hdar_pipeline.core.images import save_image  # noqa: E402
 from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
 

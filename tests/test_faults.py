@@ -23,7 +23,7 @@ os.environ.setdefault("NO_ET", "1")
 pytest.importorskip("pydra")
 pytest.importorskip("bids")
 
-from hdar_pipeline.apps.cli import bids_app_main  # noqa: E402
+from hdar_pipeline.apps.bids_app_cli import bids_app_main  # noqa: E402
 from hdar_pipeline.pipeline.isolation import PID_FILE  # noqa: E402
 
 from test_bids_app import MARGIN, before_dice, make_bids_dataset  # noqa: E402

@@ -1,6 +1,6 @@
 """The BIDS App's group level on constructed participant-level results (no registration runs).
 
-The derivatives are written by :func:`hdar_pipeline.bids_io.inputs.write_subject_derivatives` from records whose
+The derivatives are written by :func:`hdar_pipeline.bids_io.outputs.write_subject_derivatives` from records whose
 metrics are chosen: six participants, methods hdar and syn, sub-03's syn folds 0.5 % of the brain,
 sub-06's hdar has a low Dice (an outlier), sub-05's demons failed. The input dataset's participants.tsv
 has age (integer), sex (string) and a group column with a missing value.
@@ -23,8 +23,9 @@ pytest.importorskip("pydra")
 
 from conftest import write_json  # noqa: E402
 
-from hdar_pipeline.bids_io import inputs as bids  # noqa: E402
-from hdar_pipeline.apps.cli import bids_app_main  # noqa: E402
+
+from hdar_pipeline.bids_io import outputs as bids_out  # noqa: E402
+from hdar_pipeline.apps.bids_app_cli import bids_app_main  # noqa: E402
 from hdar_pipeline.evaluation.group_tables import qc_flags, read_group_table  # noqa: E402
 from hdar_pipeline.evaluation.stats import read_group_table as stats_reader  # noqa: E402
 
@@ -59,12 +60,12 @@ def make_dataset(root: Path, *, names: bool = True) -> tuple[Path, Path]:
                           "dice": [dice - 0.02, dice, dice + 0.02], "hd95_mm": [2.0, 3.0, float("nan")],
                           "flag": "", "runtime_s": 10.0}).to_csv(table, index=False)
             folded = 0.5 if (sub, method) == ("03", "syn") else 0.01
-            bids.write_subject_derivatives(
+            bids_out.write_subject_derivatives(
                 {"subject": sub, "session": "", "method": method, "status": "ok", "evaluated": True,
                  "labels_csv": str(table), "runtime_s": 10.0, "folded_percent": folded / 2,
                  "metrics": {"mean_dice": dice, "mean_hd95_mm": 2.5, "folded_percent": folded / 2,
                              "folded_percent_mask": folded}}, out, space=SPACE)
-    bids.write_subject_derivatives({"subject": "05", "session": "", "method": "demons", "status": "error",
+    bids_out.write_subject_derivatives({"subject": "05", "session": "", "method": "demons", "status": "error",
                                     "error": "sub-05_T1w.nii.gz:\tcannot be read\nsecond line",
                                     "failed_step": "register"}, out, space=SPACE)
     for sub in SUBJECTS[:-1]:  # sub-06 has no report

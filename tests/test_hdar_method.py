@@ -329,7 +329,7 @@ def test_every_preset_gives_the_same_answer_in_another_storage_frame(framed, pre
 def test_the_default_preset_is_the_same_everywhere():
     """`hdar register`, the BIDS App, get_method and the benchmark's `hdar` row all mean DEFAULT_PRESET."""
     from hdar_pipeline.apps.benchmark.runner import build_method, default_variants
-    from hdar_pipeline.apps.cli import build_bids_app_parser
+    from hdar_pipeline.apps.bids_app_cli import build_bids_app_parser
     from hdar_pipeline.methods.hdar_method import DEFAULT_PRESET
 
     assert DEFAULT_PRESET == "accurate"

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hdar_pipeline.apps.cli import bids_app_main, main
+from hdar_pipeline.apps.bids_app_cli import bids_app_main
+from hdar_pipeline.apps.cli import main
 from hdar_pipeline.core.input_guard import InputError, InputGuard
 from hdar_pipeline.core.images import ImageError, load_image, new_image, save_image
 from hdar_pipeline.core.synthetic import make_subject

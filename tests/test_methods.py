@@ -284,7 +284,8 @@ def test_bids_app_and_register_accept_each_method_and_its_presets(tmp_path, meth
     """Every method with presets: in the App's --methods with its own --<method>-preset (default and choices), carried
     into the workflow's presets, and in hdar register --method/--preset."""
     pytest.importorskip("pydra")
-    from hdar_pipeline.apps.cli import build_bids_app_parser, build_parser
+    from hdar_pipeline.apps.bids_app_cli import build_bids_app_parser
+    from hdar_pipeline.apps.cli import build_parser
     from hdar_pipeline.apps.bids_app import AppOptions, method_presets
 
     app = build_bids_app_parser()

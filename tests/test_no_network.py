@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hdar_pipeline.apps.cli import bids_app_main, main
+from hdar_pipeline.apps.bids_app_cli import bids_app_main
+from hdar_pipeline.apps.cli import main
 from hdar_pipeline.core.images import save_image
 from hdar_pipeline.core.synthetic import make_subject
 

@@ -1,4 +1,4 @@
-"""The per-subject HTML QC report and the methods paragraph (hdar_pipeline.reports.subject_report)."""
+"""The per-subject HTML QC report and the methods paragraph (hdar_pipeline.reports)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,8 @@ from matplotlib.image import imread
 from hdar_pipeline import __version__
 from hdar_pipeline.core.images import Grid, new_image
 from hdar_pipeline.evaluation.metrics import jacobian_statistics
-from hdar_pipeline.reports.subject_report import (
-    METRIC_LABELS,
-    N_CUTS,
-    REFERENCES,
-    ReportEntry,
-    cited_keys,
-    methods_paragraph,
-    write_methods,
-    write_subject_report,
-)
+from hdar_pipeline.reports.methods_text import REFERENCES, cited_keys, methods_paragraph, write_methods
+from hdar_pipeline.reports.subject_report import METRIC_LABELS, N_CUTS, ReportEntry, write_subject_report
 from hdar_pipeline.core.transforms import Transform
 
 SHAPE = (24, 28, 20)

@@ -149,7 +149,7 @@ def test_bids_app_participant_level_through_slurm(slurm_cluster, tmp_path):
     failed subject's row, every step submitted as a SLURM job."""
     from test_bids_app import MARGIN, app_args, before_dice, make_bids_dataset
 
-    from hdar_pipeline.apps.cli import bids_app_main
+    from hdar_pipeline.apps.bids_app_cli import bids_app_main
 
     bids_dir, labels_dir = make_bids_dataset(tmp_path)
     ds = {"bids": bids_dir, "labels": labels_dir}
@@ -199,7 +199,7 @@ def test_a_registration_killed_inside_its_slurm_job_fails_that_subject_only_and_
     from test_faults import Killer, statuses
     from test_input_guard import run_cli
 
-    from hdar_pipeline.apps.cli import bids_app_main
+    from hdar_pipeline.apps.bids_app_cli import bids_app_main
 
     bids_dir, labels_dir = make_bids_dataset(tmp_path)
     with Killer(tmp_path / "work", "sub-03", once=True) as killer:
@@ -230,7 +230,7 @@ def test_a_slurm_job_cancelled_once_is_requeued_and_the_cohort_completes(slurm_c
     from test_faults import Killer, statuses
     from test_input_guard import run_cli
 
-    from hdar_pipeline.apps.cli import bids_app_main
+    from hdar_pipeline.apps.bids_app_cli import bids_app_main
 
     bids_dir, labels_dir = make_bids_dataset(tmp_path)
     with Killer(tmp_path / "work", "sub-03", once=True, kill=cancel_slurm_job) as canceller:
@@ -250,7 +250,7 @@ def test_a_slurm_job_cancelled_every_time_fails_that_subject_after_one_requeue(s
     from test_faults import Killer, statuses
     from test_input_guard import run_cli
 
-    from hdar_pipeline.apps.cli import bids_app_main
+    from hdar_pipeline.apps.bids_app_cli import bids_app_main
 
     bids_dir, labels_dir = make_bids_dataset(tmp_path)
     start = time.monotonic()

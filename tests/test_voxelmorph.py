@@ -303,7 +303,7 @@ def test_old_hdar_cards_load_as_hdar_and_the_networks_are_not_mixed_up(trained, 
 
 def test_the_default_preset_and_wiring_are_the_same_everywhere():
     from hdar_pipeline.apps.benchmark.runner import default_variants
-    from hdar_pipeline.apps.cli import build_bids_app_parser
+    from hdar_pipeline.apps.bids_app_cli import build_bids_app_parser
     from hdar_pipeline.engine.nipype_interfaces import RegisterInputSpec
     from hdar_pipeline.methods import METHODS
     from hdar_pipeline.apps.bids_app import AppOptions, method_presets
@@ -320,7 +320,7 @@ def test_the_default_preset_and_wiring_are_the_same_everywhere():
 
 
 def test_methods_text_cites_voxelmorph_with_bibtex():
-    from hdar_pipeline.reports.subject_report import METHOD_TITLES, bibtex, cited_keys, methods_paragraph
+    from hdar_pipeline.reports.methods_text import METHOD_TITLES, bibtex, cited_keys, methods_paragraph
 
     params = {"preset": "refined", "prealign": True, "refine": 30, "refine_levels": (0.25, 0.5),
               "refine_full_resolution": 2, "refine_diffeomorphic": True, "weights": "voxelmorph",

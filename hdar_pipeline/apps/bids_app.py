@@ -5,7 +5,7 @@
     (files, a participant of the dataset, or the embedded MNI template), runs the cohort workflow
     (:func:`hdar_pipeline.engine.init_cohort_wf`) through Pydra's ``cf`` or ``slurm`` worker with
     ``--work-dir`` as its cache (a rerun resumes and skips finished work), then writes the
-    derivatives (:func:`hdar_pipeline.bids_io.inputs.write_subject_derivatives`), one HTML report per subject
+    derivatives (:func:`hdar_pipeline.bids_io.outputs.write_subject_derivatives`), one HTML report per subject
     and the methods paragraph (``logs/CITATION.md``).
 ``group``
     Pools every ``*_metrics.json``/``*_metrics.tsv`` of the output dataset into ``group/group.tsv``
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hdar_pipeline.bids_io import inputs as bids
+from hdar_pipeline.bids_io import outputs as bids_out
 from hdar_pipeline._version import __version__
 from hdar_pipeline.core.input_guard import InputError, InputGuard
 
@@ -728,7 +729,6 @@ def run_participant(opts: AppOptions) -> int:
 
     from hdar_pipeline.pipeline.isolation import start_fork_server
     from hdar_pipeline.core.runtime import configure_threads, usable_cpus
-
     from hdar_pipeline.engine.cohort_workflow import init_cohort_wf
 
     if opts.worker == "cf":  # the jobs' process server imports torch and ANTs while the dataset is read
@@ -882,14 +882,14 @@ def run_participant(opts: AppOptions) -> int:
     extra = {"Seed": opts.seed, "Threads": threads, "Worker": opts.worker}
     t1 = time.perf_counter()
     datasets = input_datasets(opts)
-    template = bids.write_atlas(out, atlas.space, atlas.image, labels=atlas.labels, label_table=atlas.label_table,
+    template = bids_out.write_atlas(out, atlas.space, atlas.image, labels=atlas.labels, label_table=atlas.label_table,
                                 description=atlas.description, datasets=datasets,
                                 sources=atlas.sources)
     for rec in records:
-        bids.write_subject_derivatives(rec, out, space=atlas.space, atlas=atlas.image, extra=extra, datasets=datasets,
+        bids_out.write_subject_derivatives(rec, out, space=atlas.space, atlas=atlas.image, extra=extra, datasets=datasets,
                                        spatial_reference=template["T1w"], label_table=atlas.label_table)
-    bids.write_dataset_description(out, source=opts.bids_dir, links=datasets)
-    bids.write_bidsignore(out)
+    bids_out.write_dataset_description(out, source=opts.bids_dir, links=datasets)
+    bids_out.write_bidsignore(out)
     timings["derivatives"], t1 = time.perf_counter() - t1, time.perf_counter()
     ok = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
     reused = {kind: sum(getattr(e, attr) is not None and (e.subject, e.session) in ok for e in cohort)
@@ -901,7 +901,7 @@ def run_participant(opts: AppOptions) -> int:
     timings["reports"] = time.perf_counter() - t1
     log.info("after the workflow: derivatives %.1f s, reports %.1f s, methods text %.1f s",
              timings["derivatives"], timings["reports"], timings["citation"])
-    bids.write_json(out / "logs" / "participant_timings.json",
+    bids_out.write_json(out / "logs" / "participant_timings.json",
                     {"seconds": timings, "subjects": len(cohort), "methods": list(opts.methods),
                      "worker": opts.worker, "nprocs": nprocs, "threads_per_job": threads})
     failed = [r for r in records if r.get("status") != "ok"]
@@ -1097,16 +1097,16 @@ def _report_entries(out: Path, subject: str, session: str, space: str, affine: s
     from hdar_pipeline.reports.subject_report import ReportEntry
 
     entries = []
-    folder = bids.subject_dir(out, subject, session)
-    prefix = bids.entity_prefix(subject, session)
+    folder = bids_out.subject_dir(out, subject, session)
+    prefix = bids_out.entity_prefix(subject, session)
     for path in sorted(folder.glob(f"{prefix}_space-{space}_desc-*_metrics.json")):
         rec = json.loads(path.read_text())
         method = rec["method"]
-        warped = bids.derivative_path(out, subject, session, space=space, desc=method, suffix="T1w",
+        warped = bids_out.derivative_path(out, subject, session, space=space, desc=method, suffix="T1w",
                                       extension=".nii.gz")
-        xfm = bids.derivative_path(out, subject, session, from_="T1w", to=space, mode="image", desc=method,
+        xfm = bids_out.derivative_path(out, subject, session, from_="T1w", to=space, mode="image", desc=method,
                                    suffix="xfm", extension=".h5")
-        jacobian = bids.derivative_path(out, subject, session, space=space, desc=method, suffix="jacobian",
+        jacobian = bids_out.derivative_path(out, subject, session, space=space, desc=method, suffix="jacobian",
                                         extension=".nii.gz")
         metrics = dict(rec.get("metrics") or {})
         if rec.get("folded_percent") is not None:
@@ -1146,17 +1146,17 @@ def _affine_images(opts: AppOptions, records: Sequence[dict] | None) -> dict[tup
 def _native_t1w(out: Path, opts: AppOptions, subject: str, session: str, space: str) -> tuple[Path | None, Path | None]:
     """The subject's T1w as given (the ``Sources`` of its metrics, in BIDS_DIR; else the ``desc-preproc_T1w``) and
     its ``desc-brain_mask``, for the brain-mask view; ``(None, None)`` without a mask (``--no-preprocess``)."""
-    mask = bids.derivative_path(out, subject, session, desc="brain", suffix="mask", extension=".nii.gz")
+    mask = bids_out.derivative_path(out, subject, session, desc="brain", suffix="mask", extension=".nii.gz")
     if not mask.is_file():
         return None, None
     datasets = input_datasets(opts)
-    folder = bids.subject_dir(out, subject, session)
-    for path in sorted(folder.glob(f"{bids.entity_prefix(subject, session)}_space-{space}_desc-*_metrics.json")):
+    folder = bids_out.subject_dir(out, subject, session)
+    for path in sorted(folder.glob(f"{bids_out.entity_prefix(subject, session)}_space-{space}_desc-*_metrics.json")):
         for uri in json.loads(path.read_text()).get("Sources") or []:
             name, _, rel = str(uri).removeprefix("bids:").partition(":")
             if str(uri).startswith("bids:") and name in datasets and (datasets[name] / rel).is_file():
                 return datasets[name] / rel, mask
-    preproc = bids.derivative_path(out, subject, session, desc="preproc", suffix="T1w", extension=".nii.gz")
+    preproc = bids_out.derivative_path(out, subject, session, desc="preproc", suffix="T1w", extension=".nii.gz")
     return (preproc if preproc.is_file() else None), mask
 
 
@@ -1194,7 +1194,7 @@ def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1,
     keys = set()
     for path in out.glob("sub-*/**/sub-*_metrics.json"):
         rec = json.loads(path.read_text())
-        if bids.record_space(rec) not in (None, atlas.space):
+        if bids_out.record_space(rec) not in (None, atlas.space):
             continue
         if opts.participant_label and rec["subject"] not in {bids.check_label(p) for p in opts.participant_label}:
             continue
@@ -1204,15 +1204,15 @@ def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1,
     methods_file = out / "logs" / "CITATION.md"
     written, todo = [], []
     for subject, session in sorted(keys):
-        html = out / f"{bids.entity_prefix(subject, session)}.html"
-        folder = bids.subject_dir(out, subject, session)
+        html = out / f"{bids_out.entity_prefix(subject, session)}.html"
+        folder = bids_out.subject_dir(out, subject, session)
         t1w, mask = _native_t1w(out, opts, subject, session, atlas.space)
         digest = hashlib.sha256(__version__.encode())
         for part in (atlas.image, affine.get((subject, session)), t1w, mask, provenance.get("command")):
             digest.update(f"{part}\n".encode())
         if methods_file.is_file():
             digest.update(methods_file.read_bytes())
-        for p in sorted(folder.glob(f"{bids.entity_prefix(subject, session)}_space-{atlas.space}_*metrics.json")):
+        for p in sorted(folder.glob(f"{bids_out.entity_prefix(subject, session)}_space-{atlas.space}_*metrics.json")):
             digest.update(p.read_bytes())
         stamp = f"<!-- hdar-pipeline report inputs {digest.hexdigest()} -->"
         if html.is_file() and stamp in html.read_text(errors="replace"):
@@ -1294,7 +1294,7 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
     The devices named are those the records say each method ran on, not the requested ``--device`` (``auto``
     is a request); without records the text says how ``auto`` chooses.
     """
-    from hdar_pipeline.reports.subject_report import write_methods
+    from hdar_pipeline.reports.methods_text import write_methods
 
     parameters: dict[str, dict] = {}
     presets: dict[str, str] = {}
@@ -1406,15 +1406,15 @@ def run_group(opts: AppOptions) -> int:
     from hdar_pipeline.evaluation.stats import STATS_OUTPUTS
 
     out = Path(opts.output_dir)
-    records = bids.read_subject_metrics(out, participants=opts.participant_label or None)
+    records = bids_out.read_subject_metrics(out, participants=opts.participant_label or None)
     if not records:
         raise bids.BIDSError(f"{out}: no participant-level results (*_metrics.json); run the participant level first")
-    spaces = {bids.record_space(r) for r in records}
+    spaces = {bids_out.record_space(r) for r in records}
     if len(spaces) > 1:
         space = opts.atlas_space or sorted(s for s in spaces if s)[0]
         log.warning("results in several atlas spaces (%s); pooling space-%s (set --atlas-space)",
                     ", ".join(sorted(map(str, spaces))), space)
-        records = [r for r in records if bids.record_space(r) == space]
+        records = [r for r in records if bids_out.record_space(r) == space]
     methods = sorted({r["method"] for r in records})
     reference = opts.reference or ("hdar" if "hdar" in methods else methods[0])
     if reference not in methods:
@@ -1435,7 +1435,7 @@ def run_group(opts: AppOptions) -> int:
     reports = {}
     for pid, ses in group[["participant_id", "session_id"]].drop_duplicates().itertuples(index=False):
         ses = ses if isinstance(ses, str) else ""
-        html = out / f"{bids.entity_prefix(pid[4:], ses[4:])}.html"
+        html = out / f"{bids_out.entity_prefix(pid[4:], ses[4:])}.html"
         if html.is_file():
             reports[(pid, ses)] = html
         else:
@@ -1445,7 +1445,7 @@ def run_group(opts: AppOptions) -> int:
                             methods_text=out / "logs" / "CITATION.md", reference=reference,
                             warnings=list(paths["warnings"]), notes=notes,
                             folding_threshold=opts.qc_folding_threshold)
-    bids.write_dataset_description(out, source=opts.bids_dir)
+    bids_out.write_dataset_description(out, source=opts.bids_dir)
     n_failed = sum(r.get("status") != "ok" for r in records)
     flagged = int(group["qc_folding"].sum() + group["qc_dice_outlier"].sum())
     print(f"hdar-pipeline group: {len(records)} subject x method rows ({n_failed} failed, {flagged} QC flag(s)); "

@@ -760,7 +760,7 @@ def convert(preset: str, src: PathLike, dest: PathLike, *, images: str | Sequenc
 
 
 def _write_descriptions(p: Preset, layout: Layout, src: Path, dest: Path, use_heads: bool) -> None:
-    from hdar_pipeline.bids_io.inputs import code_url
+    from hdar_pipeline.bids_io.outputs import code_url
 
     url = code_url()  # the package's Project-URL; none (no machine path) until its metadata names one
     generated = [{"Name": GENERATOR, "Version": __version__, **({"CodeURL": url} if url else {}),
