@@ -80,7 +80,7 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
 
         return FireANTsMethod(preset=preset or FIREANTS_DEFAULT, seed=seed, threads=threads, device=device or "auto")
     if name == "hdar":
-        if importlib.util.find_spec(f"{__name__}.hdar") is None:
+        if importlib.util.find_spec(f"{__name__}.hdar_method") is None:
             raise NotImplementedError(
                 "the HDAR method is not available in this version: the network and its trained weights "
                 "arrive with the HDAR issue; use --method syn or demons")

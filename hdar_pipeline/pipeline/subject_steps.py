@@ -825,7 +825,7 @@ def report_subject(
     ValueError
         The records belong to more than one subject (x session).
     """
-    from hdar_pipeline.reports.subject_report.subject_report import ReportEntry, write_subject_report
+    from hdar_pipeline.reports.subject_report import ReportEntry, write_subject_report
 
     recs = [read_record(r) for r in records]
     ids = {(str(r.get("subject", "")), str(r.get("session") or "")) for r in recs}
