@@ -287,12 +287,12 @@ def test_check_label():
             check_label(bad)
 
 
-def test_stop_on_first_crash(ds, participant_run, tmp_path, monkeypatch):
-    monkeypatch.delenv("HDAR_STOP_ON_FIRST_CRASH", raising=False)
+def test_stop_on_first_crash(ds, participant_run, tmp_path):
+    env = dict(os.environ)
     for work in (tmp_path / "work", participant_run["work"]):  # a fresh run, and a failure cached earlier
         code = bids_app_main(app_args(ds, tmp_path / "out", work, "participant", "--participant-label", "04",
                                       "--stop-on-first-crash"))
-        os.environ.pop("HDAR_STOP_ON_FIRST_CRASH", None)
+        assert dict(os.environ) == env  # the flag reaches the jobs as a task input, not through the environment
         assert code == 1
         assert not (tmp_path / "out" / "sub-04").exists()
 

@@ -84,12 +84,12 @@ def test_a_killed_registration_is_a_transient_failure_record(tmp_path, monkeypat
     finally:
         stop.set()
         thread.join()
-    assert rec["status"] == "error" and rec["failed_step"] == "register" and rec["transient"] is True
-    assert "WorkerDied: sub-01 demons: the worker process was killed by SIGKILL" in rec["error"]
-    assert json.loads((out / "register_record.json").read_text())["error"] == rec["error"]
+    assert rec.status == "error" and rec.failed_step == "register" and rec.transient is True
+    assert "WorkerDied: sub-01 demons: the worker process was killed by SIGKILL" in rec.error
+    assert json.loads((out / "register_record.json").read_text())["error"] == rec.error
     # the same job again, not killed: it finishes
     again = register_subject("01", t1w, atlas, out, method="demons", seed=1, threads=1)
-    assert again["status"] == "ok" and not again.get("transient")
+    assert again.ok and not again.transient
 
 
 def test_an_image_error_travels_as_itself():

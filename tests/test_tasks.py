@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,6 +18,7 @@ pytest.importorskip("pydra")
 from conftest import make_brain_phantom, mean_dice  # noqa: E402
 from pydra.engine.submitter import Submitter  # noqa: E402
 
+from hdar_pipeline.core.subject_record import SubjectRecord  # noqa: E402
 from hdar_pipeline.pipeline import subject_steps as cohort  # noqa: E402
 from hdar_pipeline.core.images import Grid, save_image  # noqa: E402
 from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
@@ -178,7 +180,7 @@ def test_cohort_tasks_turn_a_bad_subject_into_an_error_row(data):
 
 def test_register_subject_reports_a_missing_t1w_without_raising(tmp_path, data):
     record = cohort.register_subject("03", None, data["atlas"], tmp_path, method="syn")
-    assert record["status"] == "error" and "no T1w" in record["error"]
+    assert record.status == "error" and "no T1w" in record.error
     assert json.loads((tmp_path / "register_record.json").read_text())["status"] == "error"
 
 
@@ -186,16 +188,16 @@ def test_evaluate_subject_without_atlas_labels_is_ok_and_unevaluated(tmp_path, d
     reg = {"subject": "01", "session": "", "method": "syn", "status": "ok", "error": "",
            "warped_labels": str(registered.warped_labels.fspath), "transform": str(registered.transform.fspath)}
     record = cohort.evaluate_subject(reg, tmp_path)
-    assert record["status"] == "ok" and record["evaluated"] is False and "metrics" not in record
+    assert record.ok and record.evaluated is False and record.metrics is None
+    assert "metrics" not in json.loads(Path(record.record_file).read_text())
 
 
 def test_subject_report_task_shows_every_method(data):
     good = run(RegisterSubject(subject="01", t1w=data["t1w"], labels=data["labels"], atlas=data["atlas"],
                                method="affine", seed=1, threads=1), data["cache"])
-    failed = cohort.write_record({"subject": "01", "session": "", "method": "demons", "status": "error",
-                                  "error": "ImageError: x.nii.gz: <broken>", "failed_step": "register"},
-                                 data["cache"].parent / "failed_record.json")
-    out = run(SubjectReport(records=[good.record, failed["record_file"]], atlas=data["atlas"],
+    failed = SubjectRecord("01", method="demons").failed("register", "ImageError: x.nii.gz: <broken>").write(
+        data["cache"].parent / "failed_record.json")
+    out = run(SubjectReport(records=[good.record, failed.record_file], atlas=data["atlas"],
                             atlas_labels=data["atlas_labels"], atlas_name="phantom"), data["cache"])
     html = out.report.fspath.read_text()
     assert "affine" in html and "demons" in html and "&lt;broken&gt;" in html and "<broken>" not in html
@@ -203,5 +205,5 @@ def test_subject_report_task_shows_every_method(data):
     assert svgs == ["sub-01_space-phantom_desc-affine_flicker.svg", "sub-01_space-phantom_desc-affine_jacobian.svg"]
     assert "at the <strong>register</strong> step" in html
     with pytest.raises(ValueError, match="one subject"):
-        cohort.report_subject([good.record.fspath, {**failed, "subject": "02"}], data["cache"].parent / "x.html",
+        cohort.report_subject([good.record.fspath, failed.updated(subject="02")], data["cache"].parent / "x.html",
                               atlas=data["atlas"])

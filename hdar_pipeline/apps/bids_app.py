@@ -33,6 +33,7 @@ from hdar_pipeline.bids_io import inputs as bids
 from hdar_pipeline.bids_io import outputs as bids_out
 from hdar_pipeline._version import __version__
 from hdar_pipeline.core.input_guard import InputError, InputGuard
+from hdar_pipeline.core.subject_record import RecordError, SubjectRecord
 
 log = logging.getLogger("hdar_pipeline.app")
 
@@ -362,18 +363,18 @@ def _same_input(a: Any, b: Any) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _cached_record_is_this_job(rec: dict[str, Any], job: dict[str, Any] | None) -> bool:
+def _cached_record_is_this_job(rec: SubjectRecord, job: dict[str, Any] | None) -> bool:
     """Whether a record found in the cache before the run is this run's job (its T1w, atlas, preset and, where
     it wrote a ``registration.json``, its seed); with no job described, any record is."""
     if job is None:
         return True
-    if not (_same_input(rec.get("t1w"), job.get("t1w")) and _same_input(rec.get("atlas"), job.get("atlas"))):
+    if not (_same_input(rec.t1w, job.get("t1w")) and _same_input(rec.atlas, job.get("atlas"))):
         return False
-    if job.get("preset") and rec.get("preset") and rec["preset"] != job["preset"]:
+    if job.get("preset") and rec.preset and rec.preset != job["preset"]:
         return False
-    if rec.get("registration_json") and "seed" in job:
+    if rec.registration_json and "seed" in job:
         try:
-            return json.loads(Path(rec["registration_json"]).read_text()).get("seed") == job["seed"]
+            return json.loads(Path(rec.registration_json).read_text()).get("seed") == job["seed"]
         except (OSError, json.JSONDecodeError):
             return False
     return True
@@ -445,7 +446,7 @@ class ProgressWatcher:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
-        self._deferred: list[tuple[_StageCount, tuple[str, str, str], dict[str, Any]]] = []
+        self._deferred: list[tuple[_StageCount, tuple[str, str, str], SubjectRecord]] = []
         self._count_cached(jobs)
 
     # -- the cache
@@ -459,12 +460,11 @@ class ProgressWatcher:
             if self._seen.get(path) == mtime:
                 continue
             try:
-                rec = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):  # being written: read again at the next poll
+                rec = SubjectRecord.read(path)
+            except RecordError:  # being written: read again at the next poll
                 continue
             self._seen[path] = mtime
-            key = (str(rec.get("subject", "")), str(rec.get("session") or ""),
-                   str(rec.get("method") or "") if stage.name != "preprocess" else "")
+            key = (rec.subject, rec.session, rec.method if stage.name != "preprocess" else "")
             if key in stage.expected and key not in stage.done:
                 yield path, mtime, key, rec
 
@@ -486,11 +486,11 @@ class ProgressWatcher:
                     continue
                 self._count(stage, key, rec, cached=True)
 
-    def _count(self, stage: _StageCount, key: tuple[str, str, str], rec: dict[str, Any], *, cached: bool) -> None:
+    def _count(self, stage: _StageCount, key: tuple[str, str, str], rec: SubjectRecord, *, cached: bool) -> None:
         stage.done.add(key)
         if cached:
             stage.cached.add(key)
-        if rec.get("status", "ok") != "ok":
+        if not rec.ok:
             stage.failed.add(key)
 
     def poll(self) -> int:
@@ -506,13 +506,12 @@ class ProgressWatcher:
 
     # -- reporting
 
-    def _finished(self, stage: _StageCount, key: tuple[str, str, str], rec: dict[str, Any], mtime: float) -> None:
+    def _finished(self, stage: _StageCount, key: tuple[str, str, str], rec: SubjectRecord, mtime: float) -> None:
         self._count(stage, key, rec, cached=False)
         stage.times.append(mtime)
-        status = rec.get("status", "ok")
         who = f"sub-{key[0]}" + (f" ses-{key[1]}" if key[1] else "") + (f" {key[2]}" if key[2] else "")
-        what = "ok" if status == "ok" else f"failed at {rec.get('failed_step') or stage.name}"
-        seconds = (rec.get("stage_wall_s") or {}).get(stage.name)
+        what = "ok" if rec.ok else f"failed at {rec.failed_step or stage.name}"
+        seconds = (rec.stage_wall_s or {}).get(stage.name)
         line = f"[{len(stage.done)}/{len(stage.expected)} {stage.name}] {who} {what}"
         if isinstance(seconds, (int, float)):
             line += f" ({seconds:.1f} s)"
@@ -778,14 +777,12 @@ def run_participant(opts: AppOptions) -> int:
     configure_threads(threads)
     if opts.preprocess and not opts.affine:
         raise bids.BIDSError("--no-affine needs --no-preprocess (preprocessing includes the affine to the atlas)")
-    if opts.stop_on_first_crash:
-        os.environ["HDAR_STOP_ON_FIRST_CRASH"] = "1"  # read by hdar_pipeline.pipeline.subject_steps in every job
 
     presets = method_presets(opts)
     Wf = init_cohort_wf(methods=opts.methods, presets={m: p for m, p in presets.items() if m in opts.methods},
                         preprocess=opts.preprocess, skull_stripped=opts.skull_stripped, n4=opts.n4,
                         affine=opts.affine, affine_method=opts.affine_method, seed=opts.seed, threads=threads,
-                        device=opts.device, name="hdar_participant_wf")
+                        device=opts.device, stop_on_first_crash=opts.stop_on_first_crash, name="hdar_participant_wf")
 
     def workflow(entries: list) -> Any:
         return Wf(atlas=atlas.image, atlas_labels=atlas.labels, label_table=atlas.label_table,
@@ -863,20 +860,19 @@ def run_participant(opts: AppOptions) -> int:
         # reason; a rerun with the same --work-dir finishes them (finished jobs come from the cache).
         records = salvage_records(cache_root, expected, since=started, reason=msg, jobs=jobs)
     else:
-        records = [json.loads(Path(r.fspath if hasattr(r, "fspath") else r).read_text())
-                   for r in result.outputs.records]
+        records = [SubjectRecord.read(r.fspath if hasattr(r, "fspath") else r) for r in result.outputs.records]
         if lost:  # what the lost subjects finished (their other methods), the rest failed with SLURM's reason
             records += salvage_records(cache_root, {k for k in expected if k[:2] in lost}, since=started)
-    for rec in records:
-        why = lost.get((str(rec.get("subject", "")), str(rec.get("session") or "")))
-        if why and rec.get("error") == UNFINISHED:
-            rec["error"] = f"did not finish: {why}; rerun with the same --work-dir to try it again"
-            rec["traceback"] = why
-    if opts.stop_on_first_crash and any(r.get("status") != "ok" for r in records):
+    for i, rec in enumerate(records):
+        why = lost.get((rec.subject, rec.session))
+        if why and rec.error == UNFINISHED:
+            records[i] = rec.updated(error=f"did not finish: {why}; rerun with the same --work-dir to try it again",
+                                     traceback=why)
+    if opts.stop_on_first_crash and any(not r.ok for r in records):
         # a failure cached by an earlier run without the flag: stop here, as a fresh run would have
-        first = next(r for r in records if r.get("status") != "ok")
-        log.error("stopping on the first crash: sub-%s %s failed at %s: %s", first["subject"], first["method"],
-                  first.get("failed_step"), first.get("error"))
+        first = next(r for r in records if not r.ok)
+        log.error("stopping on the first crash: sub-%s %s failed at %s: %s", first.subject, first.method,
+                  first.failed_step, first.error)
         return EXIT_ERROR
     timings = {"workflow": time.perf_counter() - t0}
     extra = {"Seed": opts.seed, "Threads": threads, "Worker": opts.worker}
@@ -891,7 +887,7 @@ def run_participant(opts: AppOptions) -> int:
     bids_out.write_dataset_description(out, source=opts.bids_dir, links=datasets)
     bids_out.write_bidsignore(out)
     timings["derivatives"], t1 = time.perf_counter() - t1, time.perf_counter()
-    ok = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
+    ok = {(r.subject, r.session) for r in records if r.ok}
     reused = {kind: sum(getattr(e, attr) is not None and (e.subject, e.session) in ok for e in cohort)
               for kind, attr in (("brain_mask", "brain_mask"), ("affine", "anat_xfm"))}
     # the methods text first: every report shows it
@@ -904,10 +900,10 @@ def run_participant(opts: AppOptions) -> int:
     bids_out.write_json(out / "logs" / "participant_timings.json",
                     {"seconds": timings, "subjects": len(cohort), "methods": list(opts.methods),
                      "worker": opts.worker, "nprocs": nprocs, "threads_per_job": threads})
-    failed = [r for r in records if r.get("status") != "ok"]
+    failed = [r for r in records if not r.ok]
     for r in failed:
-        log.error("sub-%s%s %s failed at %s: %s", r["subject"], f" ses-{r['session']}" if r.get("session") else "",
-                  r["method"], r.get("failed_step"), r.get("error"))
+        log.error("sub-%s%s %s failed at %s: %s", r.subject, f" ses-{r.session}" if r.session else "",
+                  r.method, r.failed_step, r.error)
     print(f"hdar-pipeline participant: {len(records) - len(failed)}/{len(records)} subject x method ok; "
           f"derivatives in {out}")
     return EXIT_FAILED_SUBJECTS if failed else EXIT_OK
@@ -960,17 +956,17 @@ def clear_stale_pydra_state(cache_root: Path) -> None:
     for name in ("preprocess_record.json", "register_record.json"):
         for path in sorted(cache_root.glob(f"*/{name}")):
             try:
-                rec = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                rec = SubjectRecord.read(path)
+            except RecordError:
                 continue
-            if rec.get("transient"):
+            if rec.transient:
                 killed.append((path.parent, rec))
     if killed:
         import shutil
 
         for folder, rec in killed:
-            log.info("running sub-%s %s again: its process was killed in an earlier run (%s)", rec.get("subject", ""),
-                     rec.get("method") or rec.get("failed_step", ""), rec.get("error", ""))
+            log.info("running sub-%s %s again: its process was killed in an earlier run (%s)", rec.subject,
+                     rec.method or rec.failed_step, rec.error)
             shutil.rmtree(folder, ignore_errors=True)
         for result in sorted(cache_root.glob("workflow-*/_result.pklz")):
             result.unlink(missing_ok=True)
@@ -988,7 +984,7 @@ UNFINISHED = ("did not finish: the workflow stopped when a job died (its process
 
 def salvage_records(cache_root: Path, expected: set[tuple[str, str, str]], *, since: float,
                     reason: str = "", jobs: dict[tuple[str, str, str], dict[str, Any]] | None = None
-                    ) -> list[dict[str, Any]]:
+                    ) -> list[SubjectRecord]:
     """The records of a run whose workflow stopped: each subject x method's evaluation record where it has one,
     else a failed record that says why (:data:`UNFINISHED`, and the workflow's error in ``traceback``).
 
@@ -996,21 +992,21 @@ def salvage_records(cache_root: Path, expected: set[tuple[str, str, str]], *, si
     earlier), when it is this run's job: ``jobs`` gives, per subject x session x method, the T1w, atlas, preset
     and seed this run registers with, and a cached record must match them all (the seed as its
     ``registration.json`` records it). Without ``jobs`` only this run's records count."""
-    found: dict[tuple[str, str, str], dict[str, Any]] = {}
+    found: dict[tuple[str, str, str], SubjectRecord] = {}
     registered: set[tuple[str, str, str]] = set()
     for name in ("register_record.json", "evaluate_record.json"):  # an evaluation record wins
         for path in cache_root.glob(f"*/{name}"):
             try:
                 recent = path.stat().st_mtime >= since - 1
-                rec = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                rec = SubjectRecord.read(path)
+            except (OSError, RecordError):
                 continue
-            key = (str(rec.get("subject", "")), str(rec.get("session") or ""), str(rec.get("method", "")))
+            key = rec.key
             if key not in expected:
                 continue
-            if not recent and not (rec.get("status") == "ok" and _same_job(rec, (jobs or {}).get(key))):
+            if not recent and not (rec.ok and _same_job(rec, (jobs or {}).get(key))):
                 continue
-            if name == "evaluate_record.json" or rec.get("status") != "ok":
+            if name == "evaluate_record.json" or not rec.ok:
                 found[key] = rec
             else:
                 registered.add(key)
@@ -1018,14 +1014,13 @@ def salvage_records(cache_root: Path, expected: set[tuple[str, str, str]], *, si
     for key in sorted(expected):
         rec = found.get(key)
         if rec is None:
-            rec = {"subject": key[0], "session": key[1], "method": key[2], "status": "error",
-                   "failed_step": "evaluate" if key in registered else "register", "error": UNFINISHED,
-                   "traceback": reason[:4000]}
+            rec = SubjectRecord(*key).failed("evaluate" if key in registered else "register", UNFINISHED,
+                                             traceback=reason[:4000])
         records.append(rec)
     return records
 
 
-def _same_job(rec: dict[str, Any], job: dict[str, Any] | None) -> bool:
+def _same_job(rec: SubjectRecord, job: dict[str, Any] | None) -> bool:
     """Whether a cached record is the job described by ``job`` (see :func:`salvage_records`)."""
     if not job:
         return False
@@ -1033,12 +1028,12 @@ def _same_job(rec: dict[str, Any], job: dict[str, Any] | None) -> bool:
     def same_path(a: Any, b: Any) -> bool:
         return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
-    if not (same_path(rec.get("t1w"), job.get("t1w")) and same_path(rec.get("atlas"), job.get("atlas"))):
+    if not (same_path(rec.t1w, job.get("t1w")) and same_path(rec.atlas, job.get("atlas"))):
         return False
-    if job.get("preset") and rec.get("preset") != job["preset"]:
+    if job.get("preset") and rec.preset != job["preset"]:
         return False
     try:
-        registration = json.loads(Path(rec["registration_json"]).read_text())
+        registration = json.loads(Path(rec.registration_json).read_text())
     except (KeyError, TypeError, OSError, json.JSONDecodeError):
         return False
     return registration.get("seed") == job.get("seed")
@@ -1079,9 +1074,9 @@ def lost_subjects(lost: Sequence[tuple[Any, str]]) -> dict[tuple[str, str], str]
             if subject:
                 break
             try:
-                rec = json.loads(Path(str(getattr(task, name))).read_text())
-                subject, session = str(rec.get("subject", "")), str(rec.get("session") or "")
-            except (AttributeError, TypeError, OSError, ValueError):
+                rec = SubjectRecord.read(str(getattr(task, name)))
+                subject, session = rec.subject, rec.session
+            except (AttributeError, TypeError, RecordError):
                 continue
         if subject:
             out[(subject, session)] = message
@@ -1123,7 +1118,7 @@ def _report_entries(out: Path, subject: str, session: str, space: str, affine: s
     return entries
 
 
-def _affine_images(opts: AppOptions, records: Sequence[dict] | None) -> dict[tuple[str, str], str]:
+def _affine_images(opts: AppOptions, records: Sequence[SubjectRecord] | None) -> dict[tuple[str, str], str]:
     """Per subject (x session), its image on the atlas grid after the affine alone (the preprocessing's
     ``preproc_T1w``, which register records carry as ``preproc``): from ``records``, or without them
     (``--reports-only``) from the newest register records in the work dir's cache."""
@@ -1133,13 +1128,13 @@ def _affine_images(opts: AppOptions, records: Sequence[dict] | None) -> dict[tup
         candidates = []
         for path in cache_root.glob("*/register_record.json") if cache_root.is_dir() else []:
             try:
-                candidates.append((path.stat().st_mtime, json.loads(path.read_text())))
-            except (OSError, json.JSONDecodeError):
+                candidates.append((path.stat().st_mtime, SubjectRecord.read(path)))
+            except (OSError, RecordError):
                 continue
         records = [rec for _, rec in sorted(candidates, key=lambda c: c[0])]  # the newest last: it wins
     for rec in records:
-        if rec.get("status") == "ok" and rec.get("preproc") and Path(rec["preproc"]).is_file():
-            found[(str(rec.get("subject", "")), str(rec.get("session") or ""))] = str(rec["preproc"])
+        if rec.ok and rec.preproc and Path(rec.preproc).is_file():
+            found[(rec.subject, rec.session)] = str(rec.preproc)
     return found
 
 
@@ -1176,7 +1171,7 @@ def _run_provenance(out: Path) -> dict[str, Any]:
 
 
 def write_reports(out: Path, atlas: Atlas, opts: AppOptions, *, jobs: int = 1,
-                  records: Sequence[dict] | None = None) -> list[Path]:
+                  records: Sequence[SubjectRecord] | None = None) -> list[Path]:
     """One HTML report per subject (x session) found in the derivatives: ``OUTPUT/sub-<l>[_ses-<s>].html``, its
     SVG reportlets in ``OUTPUT/sub-<l>/figures/`` (:func:`hdar_pipeline.reports.subject_report.write_subject_report`).
 
@@ -1264,7 +1259,7 @@ def _draw_report(job: dict[str, Any]) -> str | None:
     return None
 
 
-def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[dict], *,
+def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[SubjectRecord], *,
                    reused: Mapping[str, int] | None = None) -> list[Path]:
     """The methods paragraph of what ran (``OUTPUT/logs/CITATION.md``, ``.html`` and ``.bib``).
 
@@ -1276,7 +1271,7 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
         The run's atlas (its description).
     opts : AppOptions
         The options.
-    records : sequence of dict
+    records : sequence of SubjectRecord
         The subject x method records. Without any (``--boilerplate-only``) the text describes what the options
         would run: each method's parameters from its preset (:func:`hdar_pipeline.methods.get_method`), no
         number of images.
@@ -1302,24 +1297,24 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
     versions: dict[str, str] = {}
     devices: dict[str, set[str]] = {}
     for rec in records:
-        if rec.get("status") == "ok" and rec.get("device"):
-            devices.setdefault(rec["method"], set()).add(str(rec["device"]))
+        if rec.ok and rec.device:
+            devices.setdefault(rec.method, set()).add(str(rec.device))
         reg = {}
-        if rec.get("registration_json") and Path(rec["registration_json"]).is_file():
-            reg = json.loads(Path(rec["registration_json"]).read_text())
-        params = reg.get("parameters") or rec.get("Parameters") or {}
-        if params and rec["method"] not in parameters:
-            parameters[rec["method"]] = params
-            presets[rec["method"]] = rec.get("preset") or reg.get("preset") or ""
-        versions = versions or reg.get("versions") or rec.get("Versions") or {}
-        sha = reg.get("weights_sha256") or rec.get("WeightsSHA256")
-        if sha and rec["method"] == "hdar":  # the paragraph's `weights` are HDAR's
+        if rec.registration_json and Path(rec.registration_json).is_file():
+            reg = json.loads(Path(rec.registration_json).read_text())
+        params = reg.get("parameters") or {}
+        if params and rec.method not in parameters:
+            parameters[rec.method] = params
+            presets[rec.method] = rec.preset or reg.get("preset") or ""
+        versions = versions or reg.get("versions") or {}
+        sha = reg.get("weights_sha256")
+        if sha and rec.method == "hdar":  # the paragraph's `weights` are HDAR's
             weights["sha256"] = sha
-        elif sha and rec["method"] in parameters:  # VoxelMorph's: its own sentence names them from its parameters
-            parameters[rec["method"]].setdefault("weights_sha256", sha)
+        elif sha and rec.method in parameters:  # VoxelMorph's: its own sentence names them from its parameters
+            parameters[rec.method].setdefault("weights_sha256", sha)
     if not records:  # --boilerplate-only: what these options would run
         parameters, presets = _planned_parameters(opts)
-    subjects = {(r["subject"], r.get("session") or "") for r in records if r.get("status") == "ok"}
+    subjects = {(r.subject, r.session) for r in records if r.ok}
     preprocessing = {"n4": opts.n4, "brain_extraction": "atlas-based", "skull_stripped": opts.skull_stripped,
                      "affine": True} if opts.preprocess else {"affine": opts.affine}
     preprocessing["affine_method"] = opts.affine_method
@@ -1329,7 +1324,7 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
                                                "of": len(subjects) if reused is not None else None}
         if reused is not None and subjects and reused.get("brain_mask", 0) >= len(subjects):
             del preprocessing["brain_extraction"], preprocessing["skull_stripped"]  # no subject's brain extracted
-    kwargs = dict(methods=[m for m in opts.methods if m in {r["method"] for r in records}] or opts.methods,
+    kwargs = dict(methods=[m for m in opts.methods if m in {r.method for r in records}] or opts.methods,
                   parameters=parameters, presets=presets, preprocessing=preprocessing,
                   atlas_description=atlas.description, n_subjects=len(subjects) if records else None, seed=opts.seed,
                   weights=weights or None, engine="pydra",
@@ -1425,7 +1420,7 @@ def run_group(opts: AppOptions) -> int:
     for legacy in ["group.csv", "group_labels.csv", *(n for n in STATS_OUTPUTS if n.endswith(".csv"))]:
         if (group_dir / legacy).is_file():  # one format: an earlier version's CSVs would contradict the TSVs
             (group_dir / legacy).unlink()
-    paths = collect_records(records, group_dir, participants=opts.bids_dir,
+    paths = collect_records([bids_out.metrics_record(r) for r in records], group_dir, participants=opts.bids_dir,
                             qc_folding_threshold=opts.qc_folding_threshold)
     files, notes = group_statistics_files(paths["labels"], group_dir, reference=reference, figures=True,
                                           group=paths["group"])

@@ -30,6 +30,7 @@ from hdar_pipeline.bids_io.inputs import BIDS_VERSION, BIDSError, check_label
 
 PathLike = str | os.PathLike
 from hdar_pipeline.core.provenance import json_default
+from hdar_pipeline.core.subject_record import SubjectRecord, as_record
 
 
 def check_output_dir(output_dir: PathLike, bids_dir: PathLike | None = None, *, what: str = "output folder") -> Path:
@@ -257,7 +258,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def write_subject_derivatives(
-    record: Mapping[str, Any],
+    record: SubjectRecord | Mapping[str, Any],
     output_dir: PathLike,
     *,
     space: str,
@@ -278,7 +279,7 @@ def write_subject_derivatives(
 
     Parameters
     ----------
-    record : mapping
+    record : SubjectRecord or its JSON mapping
         An evaluate (or register) record of :mod:`hdar_pipeline.pipeline.subject_steps`: ids, ``status``, and when ok
         ``warped``, ``warped_labels``, ``transform`` (atlas -> native subject ``.h5``),
         ``registration_json``, ``labels_csv`` and ``metrics``.
@@ -307,60 +308,61 @@ def write_subject_derivatives(
         metrics, run facts); when ok ``T1w``, ``xfm``, ``dseg`` (if labels) and ``metrics_tsv`` (if
         evaluated), each with a JSON sidecar.
     """
-    sub, ses, method = str(record["subject"]), str(record.get("session") or ""), str(record["method"])
+    record = as_record(record)
+    sub, ses, method = record.subject, record.session, record.method
     check_label(sub)
     if ses:
         check_label(ses, "session")
     reg = {}
-    if record.get("registration_json") and Path(record["registration_json"]).is_file():
-        reg = json.loads(Path(record["registration_json"]).read_text())
+    if record.registration_json and Path(record.registration_json).is_file():
+        reg = json.loads(Path(record.registration_json).read_text())
     common = {
         "Method": method,
-        "Preset": record.get("preset") or reg.get("preset") or "",
+        "Preset": record.preset or reg.get("preset") or "",
         "Parameters": reg.get("parameters", {}),
         "Seed": reg.get("seed"),
-        "RuntimeSeconds": record.get("runtime_s"),
-        "PeakMemoryMB": record.get("peak_memory_mb"),
-        "Device": record.get("device", ""),
+        "RuntimeSeconds": record.runtime_s,
+        "PeakMemoryMB": record.peak_memory_mb,
+        "Device": record.device or "",
         "Versions": reg.get("versions", {}),
         "Atlas": space,
-        "SpatialReference": spatial_reference or bids_uri(atlas if atlas is not None else record.get("atlas"),
+        "SpatialReference": spatial_reference or bids_uri(atlas if atlas is not None else record.atlas,
                                                           datasets) or space,
-        "Sources": [bids_uri(s, datasets) for s in (record.get("t1w"),) if s],
+        "Sources": [bids_uri(s, datasets) for s in (record.t1w,) if s],
         **({"WeightsSHA256": reg["weights_sha256"]} if reg.get("weights_sha256") else {}),
         **dict(extra or {}),
     }
     written: dict[str, Path] = {}
-    ok = record.get("status") == "ok"
-    if ok and record.get("warped"):
-        p = _copy(record["warped"], derivative_path(output_dir, sub, ses, space=space, desc=method, suffix="T1w",
+    ok = record.status == "ok"
+    if ok and record.warped:
+        p = _copy(record.warped, derivative_path(output_dir, sub, ses, space=space, desc=method, suffix="T1w",
                                                     extension=".nii.gz"))
         write_json(sidecar_path(p), {**common, "Description": f"T1w image warped onto {space} by {method} (linear)"})
         written["T1w"] = p
-    if ok and record.get("transform"):
-        p = _copy(record["transform"], derivative_path(output_dir, sub, ses, from_="T1w", to=space, mode="image",
+    if ok and record.transform:
+        p = _copy(record.transform, derivative_path(output_dir, sub, ses, from_="T1w", to=space, mode="image",
                                                        desc=method, suffix="xfm", extension=".h5"))
         write_json(sidecar_path(p), {
             **common, "Description": f"ITK composite transform from T1w to {space} ({method})",
             "Convention": "maps atlas points to native T1w points (ITK/ANTs); "
                           "ants.apply_transforms(fixed=atlas, moving=T1w, transformlist=[this file]) "
                           "resamples the T1w into atlas space",
-            "FoldedPercent": record.get("folded_percent")})
+            "FoldedPercent": record.folded_percent})
         written["xfm"] = p
-    if ok and record.get("jacobian_map"):
-        p = _copy(record["jacobian_map"], derivative_path(output_dir, sub, ses, space=space, desc=method,
+    if ok and record.jacobian_map:
+        p = _copy(record.jacobian_map, derivative_path(output_dir, sub, ses, space=space, desc=method,
                                                           suffix="jacobian", extension=".nii.gz"))
         write_json(sidecar_path(p), {**common, "Description": f"Jacobian determinant of the {method} transform at "
                                                               f"every {space} voxel (the atlas -> T1w mapping, "
                                                               "preprocessing affine included; <= 0: folded)",
                                      "Units": "dimensionless (volume ratio)"})
         written["jacobian"] = p
-    if ok and record.get("warped_labels"):
-        p = _copy(record["warped_labels"], derivative_path(output_dir, sub, ses, space=space, desc=method,
+    if ok and record.warped_labels:
+        p = _copy(record.warped_labels, derivative_path(output_dir, sub, ses, space=space, desc=method,
                                                            suffix="dseg", extension=".nii.gz"))
         write_json(sidecar_path(p), {**common, "Description": f"subject labels warped onto {space} by {method} "
                                                                 "(nearest neighbour)",
-                                     "Sources": [bids_uri(s, datasets) for s in (record.get("labels"),) if s]})
+                                     "Sources": [bids_uri(s, datasets) for s in (record.labels,) if s]})
         written["dseg"] = p
     if ok:
         written.update(_native_derivatives(record, output_dir, sub, ses, method, space=space, common=common,
@@ -369,22 +371,22 @@ def write_subject_derivatives(
     legacy_csv = tsv_path.with_suffix(".csv")
     if legacy_csv.exists():
         legacy_csv.unlink()  # the table of an earlier version, now written as .tsv
-    if ok and record.get("labels_csv"):
-        written["metrics_tsv"] = _write_tsv(record["labels_csv"], tsv_path)
+    if ok and record.labels_csv:
+        written["metrics_tsv"] = _write_tsv(record.labels_csv, tsv_path)
     elif tsv_path.exists():
         tsv_path.unlink()  # a stale table of an earlier, now failed, run must not be pooled
     summary = {
         "subject": sub, "session": ses, "method": method, "space": space, "preset": common["Preset"],
-        "status": record.get("status", ""), "error": record.get("error", ""),
-        "failed_step": record.get("failed_step", ""),
-        "runtime_s": record.get("runtime_s"), "peak_memory_mb": record.get("peak_memory_mb"),
-        "device": record.get("device", ""), "evaluated": bool(record.get("evaluated", False)),
-        "folded_percent": record.get("folded_percent"), "metrics": record.get("metrics") or {},
-        "inverse": record.get("inverse"),
+        "status": record.status, "error": record.error, "failed_step": record.failed_step,
+        "runtime_s": record.runtime_s, "peak_memory_mb": record.peak_memory_mb,
+        "device": record.device or "", "evaluated": bool(record.evaluated),
+        "folded_percent": record.folded_percent, "metrics": record.metrics or {},
+        "inverse": record.inverse,
         # wall seconds of each step this subject x method went through (preprocess, register, evaluate) and of
         # the parts of the preprocessing and the registration
-        "timing_s": {k: record[key] for k, key in (("steps", "stage_wall_s"), ("preprocess", "preprocess_steps_s"),
-                                                   ("register", "register_steps_s")) if record.get(key)},
+        "timing_s": {k: getattr(record, key) for k, key in (
+            ("steps", "stage_wall_s"), ("preprocess", "preprocess_steps_s"), ("register", "register_steps_s"))
+            if getattr(record, key)},
         "files": {k: v.name for k, v in written.items()},
         **{k: v for k, v in common.items() if k in ("Parameters", "Seed", "Versions", "Atlas", "SpatialReference",
                                                    "Sources", "WeightsSHA256")},
@@ -394,7 +396,7 @@ def write_subject_derivatives(
     return written
 
 
-def _native_derivatives(record: Mapping[str, Any], output_dir: PathLike, sub: str, ses: str, method: str, *,
+def _native_derivatives(record: SubjectRecord, output_dir: PathLike, sub: str, ses: str, method: str, *,
                         space: str, common: Mapping[str, Any], datasets: Mapping[str, PathLike] | None,
                         label_table: PathLike | None) -> dict[str, Path]:
     """The subject-space outputs of one ok record: the preprocessed T1w and brain mask, the inverse transform, the
@@ -403,29 +405,29 @@ def _native_derivatives(record: Mapping[str, Any], output_dir: PathLike, sub: st
     from hdar_pipeline.core.volumes import label_volumes
 
     written: dict[str, Path] = {}
-    t1w_uri = bids_uri(record.get("t1w"), datasets)
+    t1w_uri = bids_uri(record.t1w, datasets)
     native = {"SpatialReference": t1w_uri, "Sources": [t1w_uri]}
     # a brain mask (and affine) reused from another pipeline's derivatives (--derivatives) is a source too
-    reused = [bids_uri(p, datasets) for p in (record.get("reused_derivatives") or {}).values() if p]
+    reused = [bids_uri(p, datasets) for p in (record.reused_derivatives or {}).values() if p]
     preprocessing = {"SkullStripped": True,
-                     "Steps": list(record.get("preprocess_steps") or []),
-                     "SkullStrippedInput": record.get("skull_stripped_input")}
-    if record.get("native_brain"):
-        p = _copy(record["native_brain"], derivative_path(output_dir, sub, ses, desc="preproc", suffix="T1w",
+                     "Steps": list(record.preprocess_steps or []),
+                     "SkullStrippedInput": record.skull_stripped_input}
+    if record.native_brain:
+        p = _copy(record.native_brain, derivative_path(output_dir, sub, ses, desc="preproc", suffix="T1w",
                                                           extension=".nii.gz"))
         write_json(sidecar_path(p), {**preprocessing, **native, "Sources": [t1w_uri, *reused], "Description": (
             "the T1w on its own grid after the preprocessing (Steps); non-brain voxels are 0")})
         written["preproc_T1w"] = p
-    if record.get("native_mask"):
-        p = _copy(record["native_mask"], derivative_path(output_dir, sub, ses, desc="brain", suffix="mask",
+    if record.native_mask:
+        p = _copy(record.native_mask, derivative_path(output_dir, sub, ses, desc="brain", suffix="mask",
                                                          extension=".nii.gz"))
         write_json(sidecar_path(p), {**native, "Sources": [t1w_uri, *reused], "Type": "Brain",
                                      "Steps": preprocessing["Steps"],
                                      "Description": "brain mask of the T1w on its own grid"})
         written["brain_mask"] = p
-    inverse = record.get("inverse") or {}
-    if record.get("inverse_transform"):
-        p = _copy(record["inverse_transform"], derivative_path(output_dir, sub, ses, from_=space, to="T1w",
+    inverse = record.inverse or {}
+    if record.inverse_transform:
+        p = _copy(record.inverse_transform, derivative_path(output_dir, sub, ses, from_=space, to="T1w",
                                                                mode="image", desc=method, suffix="xfm",
                                                                extension=".h5"))
         write_json(sidecar_path(p), {
@@ -440,16 +442,16 @@ def _native_derivatives(record: Mapping[str, Any], output_dir: PathLike, sub: st
             "InverseConsistencyMM": {**(inverse.get("consistency_mm") or {}),
                                      "Description": "|inverse(forward(p)) - p| over the atlas brain voxels p, mm"}})
         written["inverse_xfm"] = p
-    if record.get("atlas_labels_native"):
-        p = _copy(record["atlas_labels_native"], derivative_path(output_dir, sub, ses, space="T1w", seg=space,
+    if record.atlas_labels_native:
+        p = _copy(record.atlas_labels_native, derivative_path(output_dir, sub, ses, space="T1w", seg=space,
                                                                  desc=method, suffix="dseg", extension=".nii.gz"))
         names = read_label_table(label_table) if label_table else {}
         write_json(sidecar_path(p), {**common, **native,
                                      "Description": f"the atlas {space}'s labels on the native T1w, brought by the "
                                                     f"inverse of the {method} transform (nearest neighbour)",
-                                     "Sources": [t1w_uri, bids_uri(record.get("atlas_labels"), datasets)]})
+                                     "Sources": [t1w_uri, bids_uri(record.atlas_labels, datasets)]})
         written["native_dseg"] = p
-        volumes = label_volumes(p, atlas_labels=record.get("atlas_labels"), jacobian=record.get("jacobian_map"),
+        volumes = label_volumes(p, atlas_labels=record.atlas_labels, jacobian=record.jacobian_map,
                                 names=names)
         # every atlas label, named where the atlas has a table (n/a where not: the group level warns)
         written["native_dseg_tsv"] = _write_dseg_tsv(dict(zip(volumes["index"], volumes["name"])),
@@ -475,6 +477,17 @@ def record_space(record: Mapping[str, Any]) -> str | None:
     """The atlas space (``space-<label>``) of a ``*_metrics.json`` record: its ``space``, or the
     ``SpatialReference`` that held the bare name before it became a URI."""
     return record.get("space") or record.get("SpatialReference")
+
+
+def metrics_record(summary: Mapping[str, Any]) -> SubjectRecord:
+    """The :class:`~hdar_pipeline.core.subject_record.SubjectRecord` of a ``*_metrics.json`` summary (as
+    :func:`read_subject_metrics` returns it): the fields the summary keeps of the record it was written from (ids,
+    status, run facts, ``evaluated``, ``folded_percent``, ``metrics``, ``inverse``, the per-label table as
+    ``labels_csv``), for the group level's tables."""
+    fields = ("subject", "session", "method", "preset", "status", "error", "failed_step", "runtime_s", "peak_memory_mb",
+              "device", "evaluated", "folded_percent", "metrics", "inverse", "labels_csv")
+    return SubjectRecord.from_json({k: summary[k] for k in fields if summary.get(k) is not None},
+                                   source=str(summary.get("metrics_json") or "metrics summary"))
 
 
 def read_subject_metrics(output_dir: PathLike, *, space: str | None = None,

@@ -38,6 +38,7 @@ def init_cohort_wf(
     seed: int | None = None,
     threads: int | None = None,
     device: str = "auto",
+    stop_on_first_crash: bool = False,
     name: str = "cohort_wf",
 ):
     """Build the cohort workflow: register each subject to the atlas with each method, evaluate, tabulate.
@@ -98,6 +99,9 @@ def init_cohort_wf(
         exceed the cores.
     device : str
         ``auto``, ``cpu`` or ``cuda[:N]`` (HDAR).
+    stop_on_first_crash : bool
+        Let a subject's failure stop the workflow (the BIDS App's ``--stop-on-first-crash``) instead of recording
+        it and going on.
     name : str
         Name of the workflow class.
 
@@ -136,7 +140,7 @@ def init_cohort_wf(
         part replaces the affine registration (:func:`hdar_pipeline.pipeline.subject_steps.preprocess_files`); ``None`` where
         absent.
     methods, presets, preprocess, skull_stripped, n4, affine, affine_method, reference, figures, distances, seed,
-    threads, device
+    threads, device, stop_on_first_crash
         As above (defaults from the factory).
     models : dict of str
         Method -> identity of its trained model (default, from the factory:
@@ -197,6 +201,7 @@ def init_cohort_wf(
         seed: int | None = seed,
         threads: int | None = threads,
         device: str = device,
+        stop_on_first_crash: bool = stop_on_first_crash,
         models: dict[str, str] = default_models,
     ) -> tuple[File, File, list[File], int, list[File]]:
         n = len(subjects)
@@ -217,20 +222,21 @@ def init_cohort_wf(
         if preprocess:
             prep = workflow.add(
                 PreprocessSubject(atlas=atlas, skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
-                                  affine_method=affine_method)
+                                  affine_method=affine_method, stop_on_first_crash=stop_on_first_crash)
                 .split(("subject", "session", "t1w", "labels", "brain_mask", "anat_xfm"), subject=subjects,
                        session=sessions, t1w=t1w, labels=labels, brain_mask=brain_masks, anat_xfm=anat_xfms),
                 name="preprocess")
             register = workflow.add(
                 RegisterSubject(atlas=atlas, atlas_labels=atlas_labels, preprocessed=prep.record,
-                                affine=False, seed=seed, threads=threads, device=device)
+                                affine=False, seed=seed, threads=threads, device=device,
+                                stop_on_first_crash=stop_on_first_crash)
                 .split(("method", "preset", "model"), method=method_list, preset=preset_list, model=model_list),
                 name="register")
             subject_state = "preprocess.subject"
         else:
             register = workflow.add(
                 RegisterSubject(atlas=atlas, atlas_labels=atlas_labels, affine=affine, affine_method=affine_method,
-                                seed=seed, threads=threads, device=device)
+                                seed=seed, threads=threads, device=device, stop_on_first_crash=stop_on_first_crash)
                 .split([("subject", "session", "t1w", "labels"), ("method", "preset", "model")], subject=subjects,
                        session=sessions, t1w=t1w, labels=labels, method=method_list, preset=preset_list,
                        model=model_list),
@@ -239,7 +245,8 @@ def init_cohort_wf(
 
         evaluate = workflow.add(
             EvaluateSubject(record=register.record, atlas_labels=atlas_labels, warped_labels=register.warped_labels,
-                            transform=register.transform, label_table=label_table, distances=distances)
+                            transform=register.transform, label_table=label_table, distances=distances,
+                            stop_on_first_crash=stop_on_first_crash)
             .combine([subject_state, "register.method"]),
             name="evaluate")
         collect = workflow.add(CollectRecords(records=evaluate.record), name="collect")

@@ -264,6 +264,7 @@ def PreprocessSubject(
     affine_method: str = "fast",
     brain_mask: File | None = None,
     anat_xfm: File | None = None,
+    stop_on_first_crash: bool = False,
 ) -> tuple[File, File | None, File | None]:
     """Preprocess one subject; failure becomes a status record (hdar_pipeline.pipeline.subject_steps.preprocess_subject).
 
@@ -281,6 +282,7 @@ def PreprocessSubject(
         brain_mask: A native-space brain mask to reuse (sMRIPrep's desc-brain_mask): no brain extraction.
         anat_xfm: sMRIPrep's T1w-to-atlas-space composite transform: its affine part replaces the affine
             registration to the atlas.
+        stop_on_first_crash: Raise instead of recording a failure (the BIDS App's --stop-on-first-crash).
 
     Returns:
         record: preprocess_record.json (status, error, output paths).
@@ -289,8 +291,9 @@ def PreprocessSubject(
     """
     rec = cohort.preprocess_subject(subject, t1w, atlas, Path.cwd(), session=session, labels=labels,
                                     skull_stripped=skull_stripped, n4=n4, seed=seed, threads=threads,
-                                    affine_method=affine_method, brain_mask=brain_mask, anat_xfm=anat_xfm)
-    return File(rec["record_file"]), _file(rec.get("preproc")), _file(rec.get("preproc_labels"))
+                                    affine_method=affine_method, brain_mask=brain_mask, anat_xfm=anat_xfm,
+                                    stop_on_first_crash=stop_on_first_crash)
+    return File(rec.record_file), _file(rec.preproc), _file(rec.preproc_labels)
 
 
 @python.define(outputs=["record", "warped", "warped_labels", "transform"])
@@ -310,6 +313,7 @@ def RegisterSubject(
     model: str = "",
     affine_method: str = "fast",
     atlas_labels: File | None = None,
+    stop_on_first_crash: bool = False,
 ) -> tuple[File, File | None, File | None, File | None]:
     """Register one subject with one method; failure becomes a status record
     (hdar_pipeline.pipeline.subject_steps.register_subject).
@@ -332,6 +336,7 @@ def RegisterSubject(
             so results cached with other weights are recomputed.
         affine_method: The affine stage: fast (PyTorch) or ants (ignored with preprocessed input).
         atlas_labels: Atlas labels, brought onto the native T1w by the inverse transform.
+        stop_on_first_crash: Raise instead of recording a failure (the BIDS App's --stop-on-first-crash).
 
     Returns:
         record: register_record.json (status, error, paths, runtime).
@@ -342,9 +347,8 @@ def RegisterSubject(
     rec = cohort.register_subject(subject, t1w, atlas, Path.cwd(), method=method, session=session, labels=labels,
                                   preprocessed=preprocessed, preset=preset, affine=affine, seed=seed,
                                   threads=threads, device=device, affine_method=affine_method,
-                                  atlas_labels=atlas_labels)
-    return (File(rec["record_file"]), _file(rec.get("warped")), _file(rec.get("warped_labels")),
-            _file(rec.get("transform")))
+                                  atlas_labels=atlas_labels, stop_on_first_crash=stop_on_first_crash)
+    return File(rec.record_file), _file(rec.warped), _file(rec.warped_labels), _file(rec.transform)
 
 
 @python.define(outputs=["record"])
@@ -355,6 +359,7 @@ def EvaluateSubject(
     transform: File | None = None,
     label_table: File | None = None,
     distances: bool = True,
+    stop_on_first_crash: bool = False,
 ) -> File:
     """Evaluate one subject x method; failure becomes a status record
     (hdar_pipeline.pipeline.subject_steps.evaluate_subject).
@@ -366,13 +371,15 @@ def EvaluateSubject(
         transform: RegisterSubject's transform.
         label_table: BIDS dseg.tsv or FreeSurfer LUT with the label names.
         distances: Compute surface distances.
+        stop_on_first_crash: Raise instead of recording a failure (the BIDS App's --stop-on-first-crash).
 
     Returns:
         record: evaluate_record.json (status, error, metrics, per-label CSV path).
     """
     rec = cohort.evaluate_subject(record, Path.cwd(), atlas_labels=atlas_labels, warped_labels=warped_labels,
-                                  transform=transform, label_table=label_table, distances=distances)
-    return File(rec["record_file"])
+                                  transform=transform, label_table=label_table, distances=distances,
+                                  stop_on_first_crash=stop_on_first_crash)
+    return File(rec.record_file)
 
 
 @python.define(outputs=["group_csv", "labels_csv", "n_failed"])

@@ -10,20 +10,13 @@ Two kinds of functions live here:
   (:func:`hdar_pipeline.pipeline.preprocess.preprocess_t1w` from and to files);
 * **per-subject wrappers that never raise** for a problem with one subject:
   :func:`preprocess_subject`, :func:`register_subject` and :func:`evaluate_subject` catch the
-  exception of the step they run and return a *record* (a JSON-serialisable dict, also written as a
-  JSON file) whose ``status`` is ``"error"`` and whose ``error`` holds the message (which names the
-  file and the problem, see :class:`hdar_pipeline.core.images.ImageError`). A wrapper handed a failed
+  exception of the step they run and return a :class:`~hdar_pipeline.core.subject_record.SubjectRecord`
+  (also written as a JSON file) whose ``status`` is ``"error"`` and whose ``error`` holds the message (which
+  names the file and the problem, see :class:`hdar_pipeline.core.images.ImageError`). A wrapper handed a failed
   upstream record passes the failure on unchanged, so one bad subject becomes one ``status="error"``
-  row of the group tables (:func:`collect_records`) and never stops the others.
-
-Record fields (every record)
-----------------------------
-``subject``, ``session``, ``method`` (empty before registration), ``status`` (``"ok"`` or ``"error"``),
-``error`` (``""`` when ok), ``failed_step`` (``"preprocess"``, ``"register"`` or ``"evaluate"``),
-``record_file`` (the JSON file the record was written to). A failure also keeps ``traceback``.
-With the environment variable ``HDAR_STOP_ON_FIRST_CRASH=1`` the wrappers re-raise instead (the
-BIDS App's ``--stop-on-first-crash``).
-Step outputs are absolute paths (see each wrapper).
+  row of the group tables (:func:`collect_records`) and never stops the others. With
+  ``stop_on_first_crash=True`` (the BIDS App's ``--stop-on-first-crash``, an input of every task so that
+  Pydra's cache key sees it) the wrappers re-raise instead.
 """
 
 from __future__ import annotations
@@ -39,22 +32,16 @@ from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, Sequen
 import numpy as np
 import pandas as pd
 
-from hdar_pipeline.core.provenance import json_default
+from hdar_pipeline.core.subject_record import STATUS_ERROR, STATUS_OK, SubjectRecord, as_record
 
 PathLike = str | os.PathLike
 
 _log = logging.getLogger(__name__)
 
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-
 #: Leading columns of the group tables, in this order.
 GROUP_ID_COLUMNS = ["subject", "session", "method", "preset", "status", "error", "failed_step"]
 #: Whole-registration columns carried from the records into the group table (when present).
 GROUP_RUN_COLUMNS = ["runtime_s", "peak_memory_mb", "device", "evaluated"]
-
-#: Set to 1 (the BIDS App's ``--stop-on-first-crash``) to make the per-subject wrappers raise.
-STOP_ON_FIRST_CRASH_ENV = "HDAR_STOP_ON_FIRST_CRASH"
 
 RECORD_NAMES = {"preprocess": "preprocess_record.json", "register": "register_record.json",
                 "evaluate": "evaluate_record.json"}
@@ -303,35 +290,22 @@ def skull_stripped_flag(value: str | bool) -> Literal["auto"] | bool:
         raise ValueError(f"skull_stripped must be auto, yes or no, got {value!r}") from None
 
 
-def count_failed(records: Iterable[PathLike | Mapping[str, Any]]) -> int:
+def count_failed(records: Iterable[PathLike | Mapping[str, Any] | SubjectRecord]) -> int:
     """Number of records whose ``status`` is not ``"ok"``."""
-    return sum(not is_ok(read_record(r)) for r in records)
+    return sum(not as_record(r).ok for r in records)
 
 
 # ----------------------------------------------------------------------------- records
 
 
-def read_record(record: PathLike | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A record as a dict: a mapping is copied, a path is read as JSON, ``None`` stays ``None``."""
-    if record is None:
-        return None
-    if isinstance(record, Mapping):
-        return dict(record)
-    return json.loads(Path(record).read_text())
+def read_record(record: PathLike | Mapping[str, Any] | SubjectRecord | None) -> SubjectRecord | None:
+    """A record (:func:`~hdar_pipeline.core.subject_record.as_record`); ``None`` stays ``None``."""
+    return None if record is None else as_record(record)
 
 
-def write_record(record: Mapping[str, Any], path: PathLike) -> dict[str, Any]:
-    """Write ``record`` (plus its own ``record_file``) as JSON and return it."""
-    path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = {**record, "record_file": str(path)}
-    path.write_text(json.dumps(out, indent=2, default=json_default))
-    return out
-
-
-def is_ok(record: Mapping[str, Any] | None) -> bool:
+def is_ok(record: SubjectRecord | None) -> bool:
     """True when ``record`` is absent or its ``status`` is ``"ok"``."""
-    return record is None or record.get("status", STATUS_OK) == STATUS_OK
+    return record is None or record.ok
 
 
 def error_message(exc: BaseException) -> str:
@@ -341,28 +315,25 @@ def error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _ids(subject: str, session: str | None, method: str | None, preset: str | None = None) -> dict[str, Any]:
-    return {"subject": str(subject), "session": session or "", "method": method or "", "preset": preset or ""}
-
-
-def _run_step(step: str, base: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``fn``; on an exception return ``base`` marked as failed at ``step`` (never raises
-    ``Exception``; ``KeyboardInterrupt`` and ``SystemExit`` still propagate)."""
+def _run_step(step: str, base: SubjectRecord, fn: Callable[[], dict[str, Any]], *,
+              stop_on_first_crash: bool = False) -> SubjectRecord:
+    """Run ``fn`` (it returns the step's fields); on an exception return ``base`` marked as failed at ``step``
+    (never raises ``Exception`` unless ``stop_on_first_crash``; ``KeyboardInterrupt`` and ``SystemExit`` still
+    propagate)."""
     t0 = time.perf_counter()
     try:
-        out = {**base, **fn(), "status": STATUS_OK, "error": "", "failed_step": ""}
+        out = base.updated(**fn(), status=STATUS_OK, error="", failed_step="")
         # the wall time of each step the record went through: the earlier steps' come with ``base``
-        out["stage_wall_s"] = {**(out.get("stage_wall_s") or {}), step: time.perf_counter() - t0}
-        return out
+        return out.updated(stage_wall_s={**(out.stage_wall_s or {}), step: time.perf_counter() - t0})
     except Exception as exc:  # noqa: BLE001 - one subject's failure must not stop the cohort
-        if os.environ.get(STOP_ON_FIRST_CRASH_ENV, "") not in ("", "0"):
+        if stop_on_first_crash:
             raise
         from hdar_pipeline.pipeline.isolation import WorkerDied
 
-        return {**base, "status": STATUS_ERROR, "error": error_message(exc), "failed_step": step,
-                "traceback": getattr(exc, "child_traceback", None) or traceback.format_exc(),
-                # a process killed from outside (out of memory, kill -9): may not happen again on a rerun
-                "transient": isinstance(exc, WorkerDied)}
+        # a process killed from outside (out of memory, kill -9): may not happen again on a rerun
+        return base.failed(step, error_message(exc),
+                           traceback=getattr(exc, "child_traceback", None) or traceback.format_exc(),
+                           transient=isinstance(exc, WorkerDied))
 
 
 def _call(isolate: bool, fn: Callable[..., dict[str, Any]], *args: Any, job_dir: Path, label: str,
@@ -379,10 +350,10 @@ def _same_file(a: PathLike | None, b: PathLike | None) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def _passed_on(upstream: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+def _passed_on(upstream: SubjectRecord, base: SubjectRecord) -> SubjectRecord:
     """A failed upstream record carried into the next step (its error and failed step kept)."""
-    keep = {k: upstream.get(k, "") for k in ("status", "error", "failed_step", "traceback")}
-    return {**base, **keep}
+    return base.updated(status=upstream.status, error=upstream.error, failed_step=upstream.failed_step,
+                        traceback=upstream.traceback)
 
 
 # ----------------------------------------------------------------------------- per-subject wrappers (never raise)
@@ -405,16 +376,18 @@ def preprocess_subject(
     affine_method: str = "fast",
     brain_mask: PathLike | None = None,
     anat_xfm: PathLike | None = None,
-) -> dict[str, Any]:
+    stop_on_first_crash: bool = False,
+) -> SubjectRecord:
     """:func:`preprocess_files` for one subject, as a record that reports failure instead of raising
-    (``brain_mask``, ``anat_xfm``: reused sMRIPrep/fMRIPrep derivatives, see :func:`preprocess_files`).
+    (``brain_mask``, ``anat_xfm``: reused sMRIPrep/fMRIPrep derivatives, see :func:`preprocess_files`;
+    ``stop_on_first_crash``: raise instead).
 
     With ``isolate`` (default) the work runs in a child process (:func:`~hdar_pipeline.pipeline.isolation.run_isolated`):
     a kill by a signal or by the out-of-memory killer fails this subject only, with the signal in ``error``.
 
     Returns
     -------
-    dict
+    SubjectRecord
         The record (also written to ``out_dir/preprocess_record.json``): the ids, ``status``,
         ``error``, ``failed_step``, ``t1w``, ``labels`` (the native inputs) and, when ok,
         ``preproc`` (image on the atlas grid), ``preproc_labels``, ``mask``, ``to_atlas`` (ITK
@@ -423,10 +396,9 @@ def preprocess_subject(
         (``{"brain_mask": path, "anat_xfm": path}``, those given).
     """
     out = Path(out_dir)
-    base = {**_ids(subject, session, None), "t1w": _abs(t1w), "labels": _abs(labels), "atlas": _abs(atlas)}
     reused = {k: _abs(v) for k, v in (("brain_mask", brain_mask), ("anat_xfm", anat_xfm)) if v is not None}
-    if reused:
-        base["reused_derivatives"] = reused
+    base = SubjectRecord(str(subject), session or "", t1w=_abs(t1w), labels=_abs(labels), atlas=_abs(atlas),
+                         reused_derivatives=reused or None)
 
     def step() -> dict[str, Any]:
         if t1w is None:
@@ -442,7 +414,8 @@ def preprocess_subject(
                 "preprocess_runtime_s": float(sum(rec["runtime_s"].values())),
                 "preprocess_steps_s": {k: float(v) for k, v in rec["runtime_s"].items()}}
 
-    return write_record(_run_step("preprocess", base, step), out / RECORD_NAMES["preprocess"])
+    return _run_step("preprocess", base, step, stop_on_first_crash=stop_on_first_crash).write(
+        out / RECORD_NAMES["preprocess"])
 
 
 def register_subject(
@@ -464,7 +437,8 @@ def register_subject(
     affine_method: str = "fast",
     atlas_labels: PathLike | None = None,
     inverse: bool = True,
-) -> dict[str, Any]:
+    stop_on_first_crash: bool = False,
+) -> SubjectRecord:
     """Register one subject to the atlas with one method, as a record that reports failure.
 
     With ``isolate`` (default) the registration runs in a child process
@@ -484,11 +458,12 @@ def register_subject(
 
     With ``inverse`` (default) the inverse transform (native T1w points -> atlas points, on the T1w's grid) is
     written too, with its inverse consistency, and ``atlas_labels`` are brought onto the native T1w with it
-    (``register_files``' ``inverse_on``/``fixed_labels``).
+    (``register_files``' ``inverse_on``/``fixed_labels``). ``stop_on_first_crash``: raise instead of recording
+    a failure.
 
     Returns
     -------
-    dict
+    SubjectRecord
         The record (also ``out_dir/register_record.json``): ids, ``status``, ``error``,
         ``failed_step``, and when ok ``registration_json``, ``warped`` (image on the atlas grid),
         ``warped_labels`` (or ``None``), ``transform`` (ITK composite ``.h5``, atlas -> native
@@ -500,18 +475,18 @@ def register_subject(
     out = Path(out_dir)
     upstream = read_record(preprocessed)
     if upstream is not None:  # identifiers and native inputs travel with the preprocessing record
-        subject = subject or upstream.get("subject", "")
-        session = session or upstream.get("session", "")
-        t1w = t1w if t1w is not None else upstream.get("t1w")
-        labels = labels if labels is not None else upstream.get("labels")
-    base = {**_ids(subject, session, method, preset), "t1w": _abs(t1w), "labels": _abs(labels),
-            "atlas": _abs(atlas)}
-    if upstream is not None:  # the preprocessing's times travel on with the record
-        base.update({k: upstream[k] for k in ("stage_wall_s", "preprocess_steps_s", "native_brain", "native_mask",
-                                              "preprocess_steps", "skull_stripped_input", "reused_derivatives",
-                                              "preproc") if k in upstream})
-    if upstream is not None and not is_ok(upstream):
-        return write_record(_passed_on(upstream, base), out / RECORD_NAMES["register"])
+        subject = subject or upstream.subject
+        session = session or upstream.session
+        t1w = t1w if t1w is not None else upstream.t1w
+        labels = labels if labels is not None else upstream.labels
+    base = SubjectRecord(str(subject), session or "", method or "", preset or "", t1w=_abs(t1w), labels=_abs(labels),
+                         atlas=_abs(atlas))
+    if upstream is not None:  # the preprocessing's times and native outputs travel on with the record
+        base = base.updated(**{k: getattr(upstream, k) for k in (
+            "stage_wall_s", "preprocess_steps_s", "native_brain", "native_mask", "preprocess_steps",
+            "skull_stripped_input", "reused_derivatives", "preproc")})
+    if upstream is not None and not upstream.ok:
+        return _passed_on(upstream, base).write(out / RECORD_NAMES["register"])
 
     def step() -> dict[str, Any]:
         from hdar_pipeline.pipeline.registration import register_files
@@ -521,7 +496,7 @@ def register_subject(
                 raise ValueError(f"subject {subject}: no T1w image given")
             moving, then, use_affine = t1w, None, affine
         else:  # the preprocessed image is on the atlas grid already; the preprocessing's affine follows
-            moving, then, use_affine = upstream["preproc"], upstream["to_atlas"], False
+            moving, then, use_affine = upstream.preproc, upstream.to_atlas, False
         rec = _call(isolate, register_files, atlas, moving, out, method=method, preset=preset, moving_labels=labels,
                     affine=use_affine, affine_method=affine_method, seed=seed, threads=threads, device=device,
                     then=then, separate_files=False, jacobian_map=True, inverse_on=t1w if inverse else None,
@@ -541,7 +516,8 @@ def register_subject(
                 "register_steps_s": {k: float(v) for k, v in rec.get("wall_s", {}).items()},
                 **_inverse_outputs(rec, out, atlas_labels)}
 
-    return write_record(_run_step("register", base, step), out / RECORD_NAMES["register"])
+    return _run_step("register", base, step, stop_on_first_crash=stop_on_first_crash).write(
+        out / RECORD_NAMES["register"])
 
 
 def _inverse_outputs(rec: Mapping[str, Any], out: Path, atlas_labels: PathLike | None) -> dict[str, Any]:
@@ -563,7 +539,8 @@ def evaluate_subject(
     transform: PathLike | None = None,
     label_table: PathLike | None = None,
     distances: bool = True,
-) -> dict[str, Any]:
+    stop_on_first_crash: bool = False,
+) -> SubjectRecord:
     """Evaluate one registration record against the atlas labels, as a record that reports failure.
 
     The subject's warped labels are compared with ``atlas_labels`` by
@@ -573,34 +550,34 @@ def evaluate_subject(
     passed on.
 
     ``warped_labels`` and ``transform`` default to the record's own (a workflow passes them as
-    files so that their content takes part in its cache keys).
+    files so that their content takes part in its cache keys). ``stop_on_first_crash``: raise instead of
+    recording a failure.
 
     Returns
     -------
-    dict
+    SubjectRecord
         The registration record plus ``evaluated``, and when evaluated ``labels_csv`` (one row per
         label), ``summary_csv``, ``jacobian_csv`` and ``metrics`` (the one-row summary: ``mean_dice``
         ... and the Jacobian statistics). Also written to ``out_dir/evaluate_record.json``.
     """
     out = Path(out_dir)
-    reg = read_record(record)
-    base = {k: v for k, v in reg.items() if k not in ("record_file",)}
-    base["evaluated"] = False
-    if not is_ok(reg):
-        return write_record(base, out / RECORD_NAMES["evaluate"])
+    reg = as_record(record)
+    base = reg.updated(evaluated=False, record_file=None)
+    if not reg.ok:
+        return base.write(out / RECORD_NAMES["evaluate"])
 
     def step() -> dict[str, Any]:
         from hdar_pipeline.evaluation.evaluate import evaluate_files
 
-        labels = warped_labels if warped_labels is not None else reg.get("warped_labels")
-        xfm = transform if transform is not None else reg.get("transform")
+        labels = warped_labels if warped_labels is not None else reg.warped_labels
+        xfm = transform if transform is not None else reg.transform
         if atlas_labels is None or not labels:
             return {}
-        ids = {"subject": reg["subject"], "session": reg.get("session", ""), "method": reg["method"]}
-        extra = {k: reg[k] for k in ("runtime_s", "peak_memory_mb") if k in reg}
+        ids = {"subject": reg.subject, "session": reg.session, "method": reg.method}
+        extra = {k: getattr(reg, k) for k in ("runtime_s", "peak_memory_mb") if getattr(reg, k) is not None}
         # the registration's own Jacobian map when it wrote one (computed once), else from the transform
-        jac = reg.get("jacobian_map")
-        if jac and not (Path(jac).is_file() and (transform is None or _same_file(transform, reg.get("transform")))):
+        jac = reg.jacobian_map
+        if jac and not (Path(jac).is_file() and (transform is None or _same_file(transform, reg.transform))):
             jac = None
         result, written = evaluate_files(atlas_labels, labels, out / "evaluation.csv",
                                          transform=None if jac else xfm, jacobian=jac,
@@ -614,7 +591,8 @@ def evaluate_subject(
                 "jacobian_csv": str(Path(written["jacobian"]).resolve()) if "jacobian" in written else None,
                 "metrics": metrics, "evaluation_notes": list(result.notes)}
 
-    return write_record(_run_step("evaluate", base, step), out / RECORD_NAMES["evaluate"])
+    return _run_step("evaluate", base, step, stop_on_first_crash=stop_on_first_crash).write(
+        out / RECORD_NAMES["evaluate"])
 
 
 # ----------------------------------------------------------------------------- group tables
@@ -676,21 +654,21 @@ def collect_records(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    recs = [read_record(r) for r in records]
+    recs = [as_record(r) for r in records]
     rows, label_frames = [], []
     for r in recs:
-        row = {c: r.get(c, "") for c in GROUP_ID_COLUMNS}
-        row.update({c: r.get(c) for c in GROUP_RUN_COLUMNS})
-        row["evaluated"] = bool(r.get("evaluated", False))
-        if r.get("status") == STATUS_OK and "folded_percent" in r:
-            row["folded_percent"] = r["folded_percent"]
-            if r.get("folded_percent_mask") is not None:
-                row["folded_percent_mask"] = r["folded_percent_mask"]
-        row.update(r.get("metrics") or {})
+        row = {c: getattr(r, c) for c in GROUP_ID_COLUMNS}
+        row.update({c: getattr(r, c) for c in GROUP_RUN_COLUMNS})
+        row["evaluated"] = bool(r.evaluated)
+        if r.ok and r.folded_percent is not None:
+            row["folded_percent"] = r.folded_percent
+            if r.folded_percent_mask is not None:
+                row["folded_percent_mask"] = r.folded_percent_mask
+        row.update(r.metrics or {})
         rows.append(row)
         status_cols = {c: row[c] for c in ("status", "error", "failed_step")}
-        if r.get("labels_csv"):
-            table = Path(r["labels_csv"])
+        if r.labels_csv:
+            table = Path(r.labels_csv)
             frame = pd.read_csv(table, sep="\t" if table.suffix.lower() == ".tsv" else ",", na_values=[gt.NA, ""],
                                 keep_default_na=False, dtype={"subject": str, "session": str, "method": str,
                                                               "name": str, "flag": str})
@@ -827,30 +805,26 @@ def report_subject(
     """
     from hdar_pipeline.reports.subject_report import ReportEntry, write_subject_report
 
-    recs = [read_record(r) for r in records]
-    ids = {(str(r.get("subject", "")), str(r.get("session") or "")) for r in recs}
+    recs = [as_record(r) for r in records]
+    ids = {(r.subject, r.session) for r in recs}
     if len(ids) != 1:
         raise ValueError(f"report_subject needs the records of one subject, got {sorted(ids)}")
     subject, session = ids.pop()
     entries = []
     for r in recs:
-        metrics = dict(r.get("metrics") or {})
-        if r.get("folded_percent") is not None:
-            metrics.setdefault("folded_percent", r["folded_percent"])
-        if r.get("folded_percent_mask") is not None:
-            metrics.setdefault("folded_percent_mask", r["folded_percent_mask"])
-        entries.append(ReportEntry(method=str(r.get("method", "")), status=str(r.get("status", "")),
-                                   error=str(r.get("error") or ""), failed_step=str(r.get("failed_step") or ""),
-                                   preset=str(r.get("preset") or ""),
-                                   warped=r.get("warped") if is_ok(r) else None,
-                                   affine=r.get("preproc") if is_ok(r) else None,
-                                   transform=r.get("transform") if is_ok(r) else None,
-                                   jacobian=r["jacobian_map"] if is_ok(r) and r.get("jacobian_map")
-                                   and Path(r["jacobian_map"]).is_file() else None, metrics=metrics,
-                                   runtime_s=r.get("runtime_s"), peak_memory_mb=r.get("peak_memory_mb"),
-                                   device=str(r.get("device") or "")))
-    native = next(((r.get("t1w"), r.get("native_mask")) for r in recs if r.get("t1w") and r.get("native_mask")),
-                  (None, None))
+        metrics = dict(r.metrics or {})
+        if r.folded_percent is not None:
+            metrics.setdefault("folded_percent", r.folded_percent)
+        if r.folded_percent_mask is not None:
+            metrics.setdefault("folded_percent_mask", r.folded_percent_mask)
+        entries.append(ReportEntry(method=r.method, status=r.status, error=r.error or "",
+                                   failed_step=r.failed_step or "", preset=r.preset or "",
+                                   warped=r.warped if r.ok else None, affine=r.preproc if r.ok else None,
+                                   transform=r.transform if r.ok else None,
+                                   jacobian=r.jacobian_map if r.ok and r.jacobian_map
+                                   and Path(r.jacobian_map).is_file() else None, metrics=metrics,
+                                   runtime_s=r.runtime_s, peak_memory_mb=r.peak_memory_mb, device=r.device or ""))
+    native = next(((r.t1w, r.native_mask) for r in recs if r.t1w and r.native_mask), (None, None))
     return write_subject_report(out_html, subject=subject, session=session, atlas=atlas, atlas_labels=atlas_labels,
                                 entries=entries, atlas_name=atlas_name, figures_dir=figures_dir, t1w=native[0],
                                 brain_mask=native[1])
@@ -892,5 +866,4 @@ __all__ = [
     "PreparedAtlas",
     "prepare_atlas_files",
     "skull_stripped_flag",
-    "write_record",
 ]
