@@ -73,7 +73,7 @@ Outputs
 """
 
 from hdar_pipeline.apps.benchmark.pairs import (  # noqa: E402
-    LPBA40_VALIDATION, PAIR_MODES, SubjectFiles, Pair, BenchmarkInputError, default_lpba40_dir, lpba40_label,
+    LPBA40_VALIDATION, PAIR_MODES, Pair, BenchmarkInputError, default_lpba40_dir, lpba40_label,
     lpba40_files, lpba40_subjects, bids_subjects, make_pairs, parse_pair_specs, select_pairs, lpba40_pairs,
 )
 from hdar_pipeline.apps.benchmark.runner import (  # noqa: E402

@@ -256,7 +256,7 @@ def load_pair_images(pair: Pair) -> dict[str, Any]:
     """
     from hdar_pipeline.core.images import load_image
 
-    return {"fixed": load_image(pair.fixed.image), "moving": load_image(pair.moving.image),
+    return {"fixed": load_image(pair.fixed.t1w), "moving": load_image(pair.moving.t1w),
             "fixed_labels": load_image(pair.fixed.labels, labels=True),
             "moving_labels": load_image(pair.moving.labels, labels=True)}
 
@@ -522,7 +522,7 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
             expect = {
                 "parameters": _jsonable(method.parameters), "threads": config.threads, "seed": config.seed,
                 "affine_stage": bool(config.affine and v.method != "affine"),
-                "fixed_image": str(pair.fixed.image), "moving_image": str(pair.moving.image),
+                "fixed_image": str(pair.fixed.t1w), "moving_image": str(pair.moving.t1w),
                 "fixed_labels": str(pair.fixed.labels), "moving_labels": str(pair.moving.labels),
             }
             name = f"{v.name}_{pair.key}"
@@ -540,7 +540,7 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
                 progress.console.print(f"{tag}: cached row is stale ({why}), rerunning", highlight=False,
                                        markup=False)
             row: dict[str, Any] = {"variant": v.name, "method": v.method, "preset": v.preset or "",
-                                   "moving": pair.moving.subject, "fixed": pair.fixed.subject, **expect}
+                                   "moving": pair.moving.id, "fixed": pair.fixed.id, **expect}
             row.update(measured_row(lambda: evaluate_pair(images.get(pair), method, affine=config.affine,
                                                           seed=config.seed, threads=config.threads)))
             row.update(stamp.row_fields(cached=False))
