@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from hdar_pipeline.apps.benchmark.pairs import REPO, BenchmarkInputError, Pair
+from hdar_pipeline.core.provenance import git_commit, machine_summary
 from hdar_pipeline.apps.benchmark.tables import (
     _tradeoff_figure,
     failure_notes,
-    git_commit,
-    machine_summary,
     markdown_report,
     paired_against,
     rows_frame,
@@ -339,9 +338,9 @@ class RunStamp:
     Attributes
     ----------
     machine : str
-        :func:`machine_summary`.
+        :func:`hdar_pipeline.core.provenance.machine_summary`.
     commit : str
-        :func:`git_commit`.
+        :func:`hdar_pipeline.core.provenance.git_commit` (short form).
     started : float
         ``time.time()`` at the start.
     load_start : float
@@ -356,7 +355,7 @@ class RunStamp:
     @classmethod
     def now(cls) -> "RunStamp":
         """The stamp of a run starting now."""
-        return cls(machine_summary(), git_commit(), time.time(), os.getloadavg()[0])
+        return cls(machine_summary(), git_commit(short=True), time.time(), os.getloadavg()[0])
 
     def elapsed(self) -> float:
         """Seconds since the start."""
