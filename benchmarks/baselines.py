@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -119,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baselines: LPBA40 data not found at {args.data} (subjects {', '.join(missing)}); "
               "set --data or HDAR_LPBA40_DIR", file=sys.stderr)
         return 2
+    from hdar_pipeline.core.provenance import git_commit
     from hdar_pipeline.core.runtime import configure_threads
 
     configure_threads(args.threads)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tag} ...", end=" ", flush=True)
         row = run_one(variant, args.data, fixed, moving, args.threads, args.seed)
         row["load_avg_1min"] = os.getloadavg()[0]
-        row["commit"] = _git_commit()
+        row["commit"] = git_commit(short=True)
         row["machine"] = f"{platform.node()} {os.cpu_count()} cores"
         cache.write_text(json.dumps(row, indent=2, default=str))
         print(f"Dice {row['mean_dice']:.3f} (before {row['mean_dice_before']:.3f}), folded "
@@ -206,14 +206,6 @@ def print_table(summary: pd.DataFrame, header: str) -> None:
     if not console.is_terminal:  # a log file: do not wrap the table at 80 columns
         console = Console(width=130)
     console.print(table)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

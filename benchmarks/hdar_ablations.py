@@ -377,17 +377,17 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
                                  refine_similarity=a.refine_similarity, device=str(device),
                                  seed=config.seed, threads=config.threads)
             spec = {**asdict(settings), "weights": loaded.sha256,
-                    "fixed_image": str(pair.fixed.image), "moving_image": str(pair.moving.image),
+                    "fixed_image": str(pair.fixed.t1w), "moving_image": str(pair.moving.t1w),
                     "fixed_labels": str(pair.fixed.labels), "moving_labels": str(pair.moving.labels)}
             key = _key(spec)
             name = f"{label}_{pair.key}_{loaded.sha256[:12]}_{key[:12]}"
-            base = {"variant": a.name, "group": a.group, "weights_role": a.weights, "moving": pair.moving.subject,
-                    "fixed": pair.fixed.subject, "selection_seed": sel_seed, "levels": levels, "mode": a.mode,
+            base = {"variant": a.name, "group": a.group, "weights_role": a.weights, "moving": pair.moving.id,
+                    "fixed": pair.fixed.id, "selection_seed": sel_seed, "levels": levels, "mode": a.mode,
                     "selection": a.selection, "refine": a.refine, "refine_similarity": a.refine_similarity,
                     "diffeomorphic": bool(loaded.model.config.diffeomorphic),
                     "weights": str(loaded.path), "weights_sha256": loaded.sha256, "threads": config.threads,
-                    "seed": config.seed, "key": key, "fixed_image": str(pair.fixed.image),
-                    "moving_image": str(pair.moving.image)}
+                    "seed": config.seed, "key": key, "fixed_image": str(pair.fixed.t1w),
+                    "moving_image": str(pair.moving.t1w)}
             row: dict[str, Any] | None = None
             cached, why = cache.load(name)
             if cached is not None and cached.get("status") == "ok" and cached.get("key") == key:

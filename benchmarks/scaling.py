@@ -305,11 +305,11 @@ def _cached(cache: Path, key: dict, use_cache: bool, tag: str) -> dict | None:
 def _stamp(row: dict) -> dict:
     import datetime as dt
 
-    from hdar_pipeline.apps.benchmark.tables import git_commit
+    from hdar_pipeline.core.provenance import git_commit
 
     row["load_avg_1min"] = os.getloadavg()[0]
     row["finished_utc"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    row["commit"] = git_commit()
+    row["commit"] = git_commit(short=True)
     row["machine"] = f"{platform.node()} {os.cpu_count()} cores"
     return row
 
@@ -455,7 +455,7 @@ def cohort_table(cohort_df) -> list[str]:
 
 
 def markdown_report(args, size_df, cohort_df, command: str) -> str:
-    from hdar_pipeline.apps.benchmark.tables import machine_description
+    from hdar_pipeline.core.provenance import machine_description
 
     lines = ["# Scaling", ""]
     stage = ("affine stage before each deformable method" if args.affine_stage else

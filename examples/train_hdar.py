@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {s.name: s for s in subjects}
     fixed_files, moving_files = by_name[names[0]], by_name[names[1]]
     method = HDARMethod(weights=pt, device=args.device, threads=args.threads, seed=args.seed)
-    fixed = normalize_intensity(load_image(fixed_files.image))
-    moving = normalize_intensity(load_image(moving_files.image))
+    fixed = normalize_intensity(load_image(fixed_files.t1w))
+    moving = normalize_intensity(load_image(moving_files.t1w))
     transform = method.register(fixed, moving)  # fixed-grid points -> moving-space points
     pair_dir = args.output / "example_pair"
     written = transform.write(pair_dir, prefix="transform_")

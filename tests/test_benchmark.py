@@ -21,6 +21,7 @@ import pytest
 from conftest import make_brain_phantom
 from hdar_pipeline.apps import benchmark as bm
 from hdar_pipeline.core.synthetic import make_subject
+from hdar_pipeline.core.subject import Subject
 
 pytest.importorskip("bids")
 
@@ -49,7 +50,7 @@ def phantom_bids(tmp_path_factory) -> tuple[Path, Path]:
 def _config(phantom_bids, out: Path, **kw) -> bm.BenchmarkConfig:
     raw, labels = phantom_bids
     subjects, notes = bm.bids_subjects(raw, labels)
-    assert [s.subject for s in subjects] == ["01", "02", "03"] and not notes
+    assert [s.id for s in subjects] == ["01", "02", "03"] and not notes
     pairs = bm.make_pairs(subjects, "onto-first")
     assert [p.name for p in pairs] == ["02->01", "03->01"]
     defaults = dict(pairs=pairs, output=out, variants=["affine", "demons", "hdar-fast"], affine=False,
@@ -59,14 +60,14 @@ def _config(phantom_bids, out: Path, **kw) -> bm.BenchmarkConfig:
 
 
 def test_pair_modes_and_specs():
-    subs = [bm.SubjectFiles(s, Path(s), Path(s)) for s in ("S21", "S22", "S23")]
+    subs = [Subject(s, t1w=Path(s), labels=Path(s)) for s in ("S21", "S22", "S23")]
     assert [p.name for p in bm.make_pairs(subs, "consecutive")] == ["S21->S22", "S22->S23", "S23->S21"]
     assert [p.name for p in bm.make_pairs(subs, "onto-first")] == ["S22->S21", "S23->S21"]
     assert len(bm.make_pairs(subs, "all")) == 6
     assert len(bm.make_pairs(subs, "all", n_pairs=2)) == 2
-    lookup = {s.subject: s for s in subs}
-    pairs = bm.parse_pair_specs(["22:21", "S23:S21"], lambda x: lookup[bm.lpba40_label(x)])
-    assert [p.name for p in pairs] == ["S22->S21", "S23->S21"]
+    lookup = {s.id: s for s in subs}
+    pairs = bm.parse_pair_specs(["22:21", "S23:S21", "S22:21"], lambda x: lookup[bm.lpba40_label(x)])
+    assert [p.name for p in pairs] == ["S22->S21", "S23->S21"]  # a pair asked for twice runs once
     with pytest.raises(bm.BenchmarkInputError, match="MOVING:FIXED"):
         bm.parse_pair_specs(["22"], lambda x: lookup[x])
     assert bm.parse_max_pairs(["demons=2"]) == {"syn-quality": 1, "fireants": 2, "fireants-syn": 2, "demons": 2}

@@ -23,7 +23,7 @@ pytest.importorskip("bids")
 
 from conftest import make_brain_phantom, unregistered_dice, write_json  # noqa: E402
 
-from hdar_pipeline.bids_io.inputs import BIDSError, check_label, query_cohort  # noqa: E402
+from hdar_pipeline.bids_io.inputs import BIDSError, check_label, find_bids_subjects  # noqa: E402
 from hdar_pipeline.bids_io.outputs import derivative_path
 from hdar_pipeline.apps.bids_app_cli import bids_app_main  # noqa: E402
 from hdar_pipeline.core.images import save_image  # noqa: E402
@@ -264,7 +264,7 @@ def test_bids_filter_file(ds, tmp_path):
     good.write_text(json.dumps({"t1w": {"acquisition": "nothing"}}))
     from hdar_pipeline.bids_io.inputs import load_bids_filter
 
-    cohort = query_cohort(ds["bids"], bids_filter=load_bids_filter(good))
+    cohort = find_bids_subjects(ds["bids"], bids_filter=load_bids_filter(good))
     assert all(e.t1w is None for e in cohort)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"bold": {}}))
@@ -272,9 +272,9 @@ def test_bids_filter_file(ds, tmp_path):
         load_bids_filter(bad)
 
 
-def test_query_cohort_finds_images_and_labels(ds):
-    cohort = query_cohort(ds["bids"], labels_dir=ds["labels"], exclude=["01"])
-    assert [e.subject for e in cohort] == ["02", "03", "04"]
+def test_find_bids_subjects_finds_images_and_labels(ds):
+    cohort = find_bids_subjects(ds["bids"], labels_dir=ds["labels"], exclude=["01"])
+    assert [e.id for e in cohort] == ["02", "03", "04"]
     assert all(e.t1w is not None for e in cohort)
     assert [e.labels is not None for e in cohort] == [True, True, False]
 

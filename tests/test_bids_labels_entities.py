@@ -20,7 +20,7 @@ pytest.importorskip("bids")
 
 from conftest import make_brain_phantom, write_json  # noqa: E402
 
-from hdar_pipeline.bids_io.inputs import load_bids_filter, query_cohort  # noqa: E402
+from hdar_pipeline.bids_io.inputs import load_bids_filter, find_bids_subjects  # noqa: E402
 from hdar_pipeline.apps.bids_app_cli import bids_app_main  # noqa: E402
 from hdar_pipeline.core.images import save_image  # noqa: E402
 from hdar_pipeline.core.synthetic import make_subject  # noqa: E402
@@ -47,9 +47,10 @@ def two_runs(tmp_path_factory):
 
 def test_query_pairs_each_run_with_its_own_labels(two_runs):
     for run in (1, 2):
-        cohort = query_cohort(two_runs["bids"], participant_labels=["02"], labels_dir=two_runs["labels"],
-                              bids_filter={"run": run}, validate=False)
+        cohort = find_bids_subjects(two_runs["bids"], participant_labels=["02"], labels_dir=two_runs["labels"],
+                                    bids_filter={"run": run}, validate=False)
         assert [e.t1w.name for e in cohort] == [f"sub-02_run-{run}_T1w.nii.gz"]
+        assert cohort[0].entities == {"subject": "02", "run": str(run)}
         assert cohort[0].labels.name == f"sub-02_run-{run}_dseg.nii.gz"
 
 
@@ -62,13 +63,13 @@ def test_labels_without_the_run_entity_are_not_guessed(two_runs, tmp_path):
     for run in (1, 2):
         (labels / "sub-02" / "anat" / f"sub-02_run-{run}_dseg.nii.gz").rename(
             labels / "sub-02" / "anat" / "sub-02_dseg.nii.gz")
-    cohort = query_cohort(two_runs["bids"], participant_labels=["02"], labels_dir=labels,
-                          bids_filter={"run": 2}, validate=False)
+    cohort = find_bids_subjects(two_runs["bids"], participant_labels=["02"], labels_dir=labels,
+                                bids_filter={"run": 2}, validate=False)
     assert cohort[0].labels is None
     assert any("does not say which T1w" in n for n in cohort[0].notes)
     # ... while the atlas participant, with one T1w, still gets its plain sub-01_dseg
-    assert query_cohort(two_runs["bids"], participant_labels=["01"], labels_dir=labels,
-                        validate=False)[0].labels.name == "sub-01_dseg.nii.gz"
+    assert find_bids_subjects(two_runs["bids"], participant_labels=["01"], labels_dir=labels,
+                              validate=False)[0].labels.name == "sub-01_dseg.nii.gz"
 
 
 def test_app_evaluates_run_2_against_run_2_labels(two_runs):

@@ -201,12 +201,13 @@ def test_the_hdar_weights_are_part_of_the_cache_key(cohort_files, tmp_path, monk
     the classical methods' model identity is empty."""
     import shutil
 
+    from hdar_pipeline.core.provenance import sha256
     from hdar_pipeline.hdar import weights as W
     from hdar_pipeline.methods import model_identity
     from hdar_pipeline.engine.pydra_tasks import RegisterSubject
 
     shipped = model_identity("hdar")
-    assert shipped == f"default@sha256:{W.file_sha256(W.WEIGHTS_DIR / 'default.pt')}"
+    assert shipped == f"default@sha256:{sha256(W.WEIGHTS_DIR / 'default.pt')}"
     assert model_identity("syn") == model_identity("demons") == ""
 
     def wf():

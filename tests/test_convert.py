@@ -20,7 +20,7 @@ import pytest
 
 from hdar_pipeline import __version__
 from hdar_pipeline.apps.cli import main
-from hdar_pipeline.bids_io.convert import LPBA40_LABELS, ConvertError, assign_labels, convert, SubjectFiles
+from hdar_pipeline.bids_io.convert import LPBA40_LABELS, ConvertError, bids_labels, convert
 from hdar_pipeline.core.images import ImageError, load_image
 
 SHAPE = (12, 14, 10)
@@ -416,9 +416,7 @@ def test_destination_rules(tmp_path):
 
 def test_subject_labels_rules():
     def labels(ids, style="auto"):
-        subjects = [SubjectFiles(i) for i in ids]
-        assign_labels(subjects, style)
-        return [s.label for s in subjects]
+        return bids_labels(ids, style)
 
     assert labels(["S01", "S02", "S40"]) == ["01", "02", "40"]
     assert labels(["m1", "m12"]) == ["01", "12"]

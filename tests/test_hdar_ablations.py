@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, make_brain_phantom
+from hdar_pipeline.core.provenance import sha256
 from hdar_pipeline.hdar import weights as W
 from hdar_pipeline.hdar.cascade import build_cascade
 from hdar_pipeline.hdar.train import TrainConfig, export, train
@@ -120,7 +121,7 @@ def test_every_variant_on_two_pairs_then_cached(script, tiny_weights, lpba_like,
     assert "HDAR ablations" in printed and "| group | variant |" in printed and "levels-1" in printed
     assert len(list((out / "rows").glob("*.json"))) == len(rows)
     row = json.loads(next((out / "rows").glob("refine-2_S21-to-S22_*.json")).read_text())
-    assert row["weights_sha256"] == W.file_sha256(tiny_weights["pt"]) and row["key"]
+    assert row["weights_sha256"] == sha256(tiny_weights["pt"]) and row["key"]
 
     # rerun: every row from the cache; then only the changed variant reruns
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import mean_dice
+from hdar_pipeline.core.provenance import sha256
 from hdar_pipeline.hdar import weights as W
 from hdar_pipeline.hdar.losses import local_ncc
 from hdar_pipeline.hdar.train import TrainConfig, export, train
@@ -58,7 +59,7 @@ def test_hdar_method_with_trained_weights_improves_dice(trained):
     assert after > before + 0.01
     assert transform.jacobian_determinant().min() > 0
     assert method.device_used == "cpu"
-    assert transform.metadata["weights_sha256"] == trained["card"]["sha256"] == W.file_sha256(trained["pt"])
+    assert transform.metadata["weights_sha256"] == trained["card"]["sha256"] == sha256(trained["pt"])
     assert transform.metadata["method"] == "hdar" and transform.metadata["refine_steps"] == 0
     params = method.parameters
     assert params["weights"] == str(trained["pt"]) and params["mode"] == "fast" and "device_used" not in params

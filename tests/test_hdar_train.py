@@ -84,13 +84,14 @@ def test_folder_images_and_labels_matched_by_identifier(tmp_path):
     save_image(_labels_like(_blob()), tmp_path / "img" / "S01_label.nii.gz")  # label-like: skipped
     subjects = collect_subjects(folder=tmp_path / "img", labels=tmp_path / "lab")
     assert [s.name for s in subjects] == ["S01.skullstripped", "S02.skullstripped", "S03.skullstripped"]
+    assert [s.id for s in subjects] == [s.name for s in subjects] and not any(s.entities for s in subjects)
     assert [s.labels.name for s in subjects] == [f"S0{k}.structure.label.nii.gz" for k in (1, 2, 3)]
     assert collect_subjects(folder=tmp_path / "img", labels=None)[0].labels is None
     # explicit files, in image order
     files = [s.labels for s in subjects]
-    assert [s.labels for s in collect_subjects(images=[s.image for s in subjects], labels=files)] == files
+    assert [s.labels for s in collect_subjects(images=[s.t1w for s in subjects], labels=files)] == files
     with pytest.raises(DataError, match="2 label files for 3 images"):
-        collect_subjects(images=[s.image for s in subjects], labels=files[:2])
+        collect_subjects(images=[s.t1w for s in subjects], labels=files[:2])
     # a missing label map is a clear error naming the image
     (tmp_path / "lab" / "S03" / "S03.structure.label.nii.gz").unlink()
     with pytest.raises(DataError, match=r"S03\.skullstripped\.nii\.gz: no label map"):
@@ -137,6 +138,7 @@ def test_bids_dataset_with_dseg_derivatives(tmp_path, monkeypatch, pybids):
     with pytest.warns(UserWarning, match="1 of 3 subjects"):
         subjects = collect_subjects(bids=tmp_path)
     assert [s.name for s in subjects] == ["sub-01", "sub-02_ses-1", "sub-02_ses-2"]
+    assert [(s.id, s.session) for s in subjects] == [("01", ""), ("02", "1"), ("02", "2")]
     assert [s.labels.name if s.labels else None for s in subjects] == [
         "sub-01_desc-aseg_dseg.nii.gz", "sub-02_ses-1_desc-aseg_dseg.nii.gz", None]  # MNI-space dseg ignored
     data = PairDataset.from_subjects(subjects)

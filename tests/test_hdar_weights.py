@@ -9,6 +9,7 @@ import socket
 import pytest
 import torch
 
+from hdar_pipeline.core.provenance import sha256
 from hdar_pipeline.hdar import weights as W
 from hdar_pipeline.hdar.cascade import build_cascade
 
@@ -46,7 +47,7 @@ def test_save_writes_pt_and_card_and_load_reproduces_the_model(model, saved):
     pt, card_path = saved
     assert pt.name == "mymodel.pt" and card_path.name == "mymodel.json"
     card = json.loads(card_path.read_text())
-    assert card["sha256"] == W.file_sha256(pt) and card["name"] == "mymodel" and card["format"] == W.WEIGHTS_FORMAT
+    assert card["sha256"] == sha256(pt) and card["name"] == "mymodel" and card["format"] == W.WEIGHTS_FORMAT
     for key in ("data", "command", "seed", "commit", "hardware", "training_time_s", "validation", "created"):
         assert key in card
     assert card["config"]["cascade"]["levels"] == 2 and card["config"]["training"] == {"lr": 1e-4}
@@ -84,7 +85,7 @@ class _Evil:
 def test_a_pickle_with_code_is_refused_even_with_a_matching_hash(tmp_path):
     pt = tmp_path / "evil.pt"
     torch.save({"format": W.WEIGHTS_FORMAT, "config": {}, "state_dict": {}, "x": _Evil()}, pt)
-    (tmp_path / "evil.json").write_text(json.dumps({"sha256": W.file_sha256(pt)}))
+    (tmp_path / "evil.json").write_text(json.dumps({"sha256": sha256(pt)}))
     with pytest.raises(W.WeightsError, match="cannot be loaded"):
         W.load_weights(pt)
 
@@ -132,7 +133,7 @@ def test_shipped_name_resolution_and_no_network(model, saved, no_shipped, monkey
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     loaded = W.load_weights("default")
-    assert loaded.path == no_shipped / "default.pt" and loaded.sha256 == W.file_sha256(pt)
+    assert loaded.path == no_shipped / "default.pt" and loaded.sha256 == sha256(pt)
     with pytest.raises(W.NoWeightsError, match="no shipped HDAR weights named 'other'; shipped: default"):
         W.load_weights("other")
 

@@ -19,6 +19,7 @@ import torch
 
 from conftest import make_brain_phantom, mean_dice
 from test_hdar_method import ncc_after
+from hdar_pipeline.core.provenance import sha256
 from hdar_pipeline.hdar import weights as W
 from hdar_pipeline.hdar.cascade import CascadeConfig, build_cascade, transform_to_field_voxels
 from hdar_pipeline.hdar.data import PairDataset, Volume
@@ -183,7 +184,7 @@ def test_export_writes_a_voxelmorph_card(trained):
     training = card["config"]["training"]
     assert (training["network"], training["smoothness"], training["smooth_weight"], training["smooth_on"]) == \
         ("voxelmorph", "diffusion", 1.0, "velocity")
-    assert W.card_network(card) == "voxelmorph" and card["sha256"] == W.file_sha256(trained["pt"])
+    assert W.card_network(card) == "voxelmorph" and card["sha256"] == sha256(trained["pt"])
     loaded = W.load_weights(trained["pt"])
     assert isinstance(loaded.model.nets[0], VoxelMorphUNet)
     # the refinement keeps HDAR's anti-folding weight: VoxelMorph's diffusion weight does not carry over

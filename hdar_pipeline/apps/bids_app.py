@@ -1,7 +1,7 @@
 """The ``hdar-pipeline`` BIDS App: participant and group levels over a BIDS dataset.
 
 ``participant``
-    Reads the cohort with pybids (:func:`hdar_pipeline.bids_io.inputs.query_cohort`), resolves the atlas
+    Reads the cohort with pybids (:func:`hdar_pipeline.bids_io.inputs.find_bids_subjects`), resolves the atlas
     (files, a participant of the dataset, or the embedded MNI template), runs the cohort workflow
     (:func:`hdar_pipeline.engine.init_cohort_wf`) through Pydra's ``cf`` or ``slurm`` worker with
     ``--work-dir`` as its cache (a rerun resumes and skips finished work), then writes the
@@ -33,6 +33,7 @@ from hdar_pipeline.bids_io import inputs as bids
 from hdar_pipeline.bids_io import outputs as bids_out
 from hdar_pipeline._version import __version__
 from hdar_pipeline.core.input_guard import InputError, InputGuard
+from hdar_pipeline.core.subject import Subject
 from hdar_pipeline.core.subject_record import RecordError, SubjectRecord
 
 log = logging.getLogger("hdar_pipeline.app")
@@ -251,8 +252,8 @@ def resolve_atlas(opts: AppOptions, *, write: bool = True) -> Atlas:
                      label_table=bids.label_table(opts.labels_dir), sources=[atlas.resolve()])
     if opts.atlas_participant:
         label = bids.check_label(opts.atlas_participant)
-        entry = bids.participant_files(opts.bids_dir, label, labels_dir=opts.labels_dir,
-                                       validate=not opts.skip_bids_validation)
+        entry = bids.find_bids_participant(opts.bids_dir, label, labels_dir=opts.labels_dir,
+                                           validate=not opts.skip_bids_validation)
         labels = Path(opts.atlas_labels) if opts.atlas_labels else entry.labels
         space = opts.atlas_space or f"sub{label}"
         image = entry.t1w.resolve()
@@ -693,7 +694,7 @@ def slurm_sbatch_args(slurm_args: str, mem_mb: int | None) -> str:
     return f"{args} --mem={mem_mb}M".strip()
 
 
-def _attach_derivatives(opts: AppOptions, cohort: Sequence[bids.SubjectInputs], atlas: Atlas) -> None:
+def _attach_derivatives(opts: AppOptions, cohort: Sequence[Subject], atlas: Atlas) -> None:
     """Set each subject's ``brain_mask`` and ``anat_xfm`` from the ``--derivatives`` datasets
     (:func:`hdar_pipeline.bids_io.anat_derivatives.find_anat_derivatives`; the transform only where its ``to-`` space is the
     atlas's space name) and log what was found."""
@@ -708,7 +709,7 @@ def _attach_derivatives(opts: AppOptions, cohort: Sequence[bids.SubjectInputs], 
     for entry in cohort:
         if entry.t1w is None:
             continue
-        found = find_anat_derivatives(layouts, entry.subject, entry.session, t1w=entry.t1w, space=atlas.space)
+        found = find_anat_derivatives(layouts, entry.id, entry.session, t1w=entry.t1w, space=atlas.space)
         entry.brain_mask, entry.anat_xfm = found.brain_mask, found.xfm
         for note in found.notes:
             log.warning("%s: --derivatives: %s", entry.key, note)
@@ -736,11 +737,11 @@ def run_participant(opts: AppOptions) -> int:
     # the cohort first (a wrong --participant-label or --session-label is refused before any work), then the
     # atlas (an atlas participant is prepared: N4, brain extraction)
     exclude = [bids.check_label(opts.atlas_participant)] if opts.atlas_participant and not opts.atlas else []
-    cohort = bids.query_cohort(opts.bids_dir, participant_labels=opts.participant_label or None,
-                               session_labels=opts.session_label or None,
-                               bids_filter=bids.load_bids_filter(opts.bids_filter_file),
-                               labels_dir=opts.labels_dir, validate=not opts.skip_bids_validation,
-                               exclude=exclude)
+    cohort = bids.find_bids_subjects(opts.bids_dir, participant_labels=opts.participant_label or None,
+                                     session_labels=opts.session_label or None,
+                                     bids_filter=bids.load_bids_filter(opts.bids_filter_file),
+                                     labels_dir=opts.labels_dir, validate=not opts.skip_bids_validation,
+                                     exclude=exclude)
     atlas = resolve_atlas(opts)
     if not cohort:
         raise bids.BIDSError(f"{opts.bids_dir}: no participants to process"
@@ -786,7 +787,7 @@ def run_participant(opts: AppOptions) -> int:
 
     def workflow(entries: list) -> Any:
         return Wf(atlas=atlas.image, atlas_labels=atlas.labels, label_table=atlas.label_table,
-                  subjects=[e.subject for e in entries], sessions=[e.session for e in entries],
+                  subjects=[e.id for e in entries], sessions=[e.session for e in entries],
                   t1w=[e.t1w for e in entries], labels=[e.labels for e in entries],
                   **({"brain_masks": [e.brain_mask for e in entries], "anat_xfms": [e.anat_xfm for e in entries]}
                      if any(e.brain_mask or e.anat_xfm for e in entries) else {}))
@@ -807,9 +808,9 @@ def run_participant(opts: AppOptions) -> int:
             log.info("SLURM jobs submitted with sbatch %s", worker_kwargs["sbatch_args"])
     else:
         raise bids.BIDSError(f"unknown worker {opts.worker!r}; choose cf or slurm")
-    expected = {(e.subject, e.session, m) for e in cohort for m in opts.methods}
+    expected = {(e.id, e.session, m) for e in cohort for m in opts.methods}
     # what each subject x method's job is (a record found in the cache must match it to count as this run's)
-    jobs = {(e.subject, e.session, m): {"t1w": e.t1w, "atlas": atlas.image, "preset": presets.get(m),
+    jobs = {(e.id, e.session, m): {"t1w": e.t1w, "atlas": atlas.image, "preset": presets.get(m),
                                         "seed": opts.seed} for e in cohort for m in opts.methods}
     work_lock = claim_work_dir(cache_root)  # held until the run ends; released by the OS if it is killed
     t0, started = time.perf_counter(), time.time()
@@ -826,14 +827,14 @@ def run_participant(opts: AppOptions) -> int:
                     lost_now = lost_subjects(getattr(sub.worker, "lost", []))
             if not result.errored or opts.stop_on_first_crash or attempt == 3:
                 break
-            if lost_now and set(lost_now) <= {(e.subject, e.session) for e in active}:
+            if lost_now and set(lost_now) <= {(e.id, e.session) for e in active}:
                 # SLURM lost a job for good (cancelled or timed out past its requeue): Pydra then holds back
                 # every later step, of every subject; run the others' steps once more without that subject
                 # (what finished comes from the cache)
                 lost.update(lost_now)
                 for (subject, session), why in lost_now.items():
                     log.error("sub-%s%s: %s", subject, f" ses-{session}" if session else "", why)
-                active = [e for e in active if (e.subject, e.session) not in lost]
+                active = [e for e in active if (e.id, e.session) not in lost]
                 if not active:
                     break
                 log.warning("running the other subjects' remaining steps once more")
@@ -888,7 +889,7 @@ def run_participant(opts: AppOptions) -> int:
     bids_out.write_bidsignore(out)
     timings["derivatives"], t1 = time.perf_counter() - t1, time.perf_counter()
     ok = {(r.subject, r.session) for r in records if r.ok}
-    reused = {kind: sum(getattr(e, attr) is not None and (e.subject, e.session) in ok for e in cohort)
+    reused = {kind: sum(getattr(e, attr) is not None and (e.id, e.session) in ok for e in cohort)
               for kind, attr in (("brain_mask", "brain_mask"), ("affine", "anat_xfm"))}
     # the methods text first: every report shows it
     write_citation(out, atlas, opts, records, reused=reused if opts.derivatives and opts.preprocess else None)

@@ -22,7 +22,10 @@ ignore).
 
 Layouts each preset expects
 ---------------------------
-``SRC`` may be the dataset folder itself or its parent (e.g. ``SRC/CUMC12/Brains/...``). File names are
+The finder is :func:`hdar_pipeline.core.subject.find_dataset_subjects` (the layouts:
+:data:`~hdar_pipeline.core.subject.DATASET_LAYOUTS`); it gives each subject as a
+:class:`~hdar_pipeline.core.subject.Subject`, and a subject with a note (a missing or ambiguous file) is not
+converted. ``SRC`` may be the dataset folder itself or its parent (e.g. ``SRC/CUMC12/Brains/...``). File names are
 matched by glob patterns relative to the dataset folder; ``images=``/``labels=`` (``--images``/``--labels``)
 replace a preset's patterns and ``subject_regex=`` (``--subject-regex``) its way of reading the subject id.
 Every pattern accepts Analyze ``.img``/``.hdr`` pairs (also ``.img.gz`` beside a plain ``.hdr``), ``.nii``,
@@ -87,9 +90,9 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -97,6 +100,8 @@ import numpy as np
 from hdar_pipeline._version import __version__
 from hdar_pipeline.core.images import ImageError, check_labels_match, load_image
 from hdar_pipeline.core.labels import LabelTableError, read_label_table
+from hdar_pipeline.core.subject import (DATASET_LAYOUTS, DatasetError, DatasetLayout, Layout, Subject,
+                                        find_dataset_subjects, natural_key)
 
 PathLike = str | os.PathLike
 
@@ -104,11 +109,6 @@ BIDS_VERSION = "1.9.0"
 GENERATOR = "hdar-pipeline convert"
 MARKER = ".hdar-convert.json"
 LABELS_SUBDIR = Path("derivatives") / "labels"
-
-#: Image file suffixes a pattern may match (an Analyze ``.hdr`` is read through its ``.img``).
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".img.gz", ".img", ".mgz", ".mgh")
-#: Which file wins when one subject has the same file in several formats.
-_SUFFIX_PRIORITY = {s: i for i, s in enumerate((".nii.gz", ".nii", ".img", ".img.gz", ".mgz", ".mgh"))}
 
 #: The 56 structures of the LPBA40 atlas (Shattuck et al., NeuroImage 2008), label value -> name, as LONI
 #: lists them.
@@ -153,49 +153,29 @@ class ConvertError(ValueError):
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One way a distribution lays out its files (patterns relative to the dataset folder)."""
-
-    name: str
-    images: tuple[str, ...]
-    labels: tuple[str, ...]
-    heads: tuple[str, ...] | None = None
-    #: regex searched in the file name (group ``id``, else group 1); None: the name without its extension
-    subject_regex: str | None = None
-    #: ``"name"``: the id comes from the file name; ``"parent"``: from the file's folder name
-    id_from: str = "name"
-
-
-@dataclass(frozen=True)
 class Preset:
-    name: str
-    title: str
-    layouts: tuple[Layout, ...]
-    #: sub-folders of SRC tried as the dataset folder (besides SRC itself), compared case-insensitively
-    roots: tuple[str, ...] = ()
+    """A dataset ``hdar convert`` reads: where its files are (:class:`~hdar_pipeline.core.subject.DatasetLayout`)
+    and what the converted dataset says about it."""
+
+    dataset: DatasetLayout
     #: label tables looked for in the dataset folder and SRC (glob patterns, first match wins)
     tables: tuple[str, ...] = ("*dseg.tsv", "*labels*.tsv", "FreeSurferColorLUT.txt", "*LUT*.txt")
     builtin_labels: Mapping[int, str] | None = None
     references: tuple[str, ...] = ()
     notice: str = ""
 
+    @property
+    def name(self) -> str:
+        return self.dataset.name
 
-def _klein_layout() -> Layout:
-    return Layout("Klein et al. 2009 archive (Brains/, Heads/, Atlases/)", images=("Brains/*",),
-                  labels=("Atlases/*",), heads=("Heads/*",))
+    @property
+    def title(self) -> str:
+        return self.dataset.title
 
 
 PRESETS: dict[str, Preset] = {
     "lpba40": Preset(
-        "lpba40", "LPBA40",
-        layouts=(
-            Layout("LONI LPBA40, delineation space",
-                   images=("**/*.delineation.skullstripped.*",),
-                   labels=("**/*.delineation.structure.label.*",),
-                   subject_regex=r"^(?P<id>[^.]+)\.delineation\."),
-            _klein_layout(),
-        ),
-        roots=("LPBA40", "LPBA40_Subjects_Delineation_Space"),
+        DATASET_LAYOUTS["lpba40"],
         tables=("lpba40_labels.tsv", "*dseg.tsv", "*labels*.tsv"),
         builtin_labels=LPBA40_LABELS,
         references=("Shattuck DW, Mirza M, Adisetiyo V, et al. Construction of a 3D probabilistic atlas of human "
@@ -203,50 +183,19 @@ PRESETS: dict[str, Preset] = {
                     _KLEIN_2009),
         notice="LONI's LPBA40 terms allow use, not redistribution: do not publish or share this converted copy."),
     "ibsr18": Preset(
-        "ibsr18", "IBSR18",
-        layouts=(
-            _klein_layout(),
-            Layout("IBSR v2.0 (NITRC): IBSR_XX/IBSR_XX_ana_strip, _ana, _seg_ana",
-                   images=("**/IBSR_[0-9][0-9]_ana_strip.*",), labels=("**/IBSR_[0-9][0-9]_seg_ana.*",),
-                   heads=("**/IBSR_[0-9][0-9]_ana.*",), subject_regex=r"^(?P<id>IBSR_\d+)_"),
-        ),
-        roots=("IBSR18",),
+        DATASET_LAYOUTS["ibsr18"],
         references=("Internet Brain Segmentation Repository (IBSR), Center for Morphometric Analysis, "
                     "Massachusetts General Hospital; https://www.nitrc.org/projects/ibsr", _KLEIN_2009)),
-    "cumc12": Preset("cumc12", "CUMC12", layouts=(_klein_layout(),), roots=("CUMC12",),
-                     references=(_KLEIN_2009,)),
-    "mgh10": Preset("mgh10", "MGH10", layouts=(_klein_layout(),), roots=("MGH10",), references=(_KLEIN_2009,)),
+    "cumc12": Preset(DATASET_LAYOUTS["cumc12"], references=(_KLEIN_2009,)),
+    "mgh10": Preset(DATASET_LAYOUTS["mgh10"], references=(_KLEIN_2009,)),
     "mindboggle101": Preset(
-        "mindboggle101", "Mindboggle-101",
-        layouts=(
-            Layout("Mindboggle-101 volumes (<group>_volumes/<subject>/)",
-                   images=("*_volumes/*/t1weighted_brain.nii.gz", "*/t1weighted_brain.nii.gz"),
-                   labels=("*_volumes/*/labels.DKT31.manual+aseg.nii.gz", "*/labels.DKT31.manual+aseg.nii.gz"),
-                   heads=("*_volumes/*/t1weighted.nii.gz", "*/t1weighted.nii.gz"), id_from="parent"),
-        ),
-        roots=("mindboggle101", "Mindboggle-101", "volumes"),
+        DATASET_LAYOUTS["mindboggle101"],
         references=("Klein A, Tourville J. 101 labeled brain images and a consistent human cortical labeling "
                     "protocol. Frontiers in Neuroscience 6:171, 2012. doi:10.3389/fnins.2012.00171",),
         notice="Mindboggle-101 data are shared under a Creative Commons licence (see mindboggle.info); cite "
                "Klein & Tourville 2012."),
-    "folder": Preset("folder", "folder of images and label maps",
-                     layouts=(Layout("user patterns", images=(), labels=()),)),
+    "folder": Preset(DATASET_LAYOUTS["folder"]),
 }
-
-
-@dataclass
-class SubjectFiles:
-    """The files found for one subject."""
-
-    source_id: str
-    image: Path | None = None
-    labels: Path | None = None
-    problems: list[str] = field(default_factory=list)
-    label: str = ""  # BIDS label, set by assign_labels
-
-    @property
-    def participant_id(self) -> str:
-        return f"sub-{self.label}"
 
 
 @dataclass
@@ -270,167 +219,12 @@ class ConvertResult:
         return self.dest / LABELS_SUBDIR
 
 
-# ----------------------------------------------------------------------------- finding the files
+# ----------------------------------------------------------------------------- BIDS labels
 
 
-def split_suffix(name: str) -> tuple[str, str]:
-    """``("S01.delineation.skullstripped", ".img.gz")`` from a file name (suffix lower-cased)."""
-    low = name.lower()
-    for suffix in IMAGE_SUFFIXES + (".hdr.gz", ".hdr"):
-        if low.endswith(suffix):
-            return name[: -len(suffix)], suffix
-    return name, ""
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and split_suffix(path.name)[1] in IMAGE_SUFFIXES
-
-
-def default_subject_id(name: str) -> str | None:
-    """The first run of letters and digits of a file name without its extension."""
-    m = re.search(r"[A-Za-z0-9]+", split_suffix(name)[0])
-    return m.group(0) if m else None
-
-
-def _id_getter(layout: Layout, subject_regex: str | None, root: Path) -> Callable[[Path], str | None]:
-    """How a file's subject id is read: a user regex (file name, then the path under ``root``), else the
-    layout's regex or rule, else (``folder``) the first run of letters and digits of the file name."""
-    regex = subject_regex if subject_regex is not None else layout.subject_regex
-    compiled = re.compile(regex) if regex else None
-
-    def from_match(m: re.Match | None) -> str | None:
-        if not m:
-            return None
-        if "id" in compiled.groupindex:
-            return m.group("id")
-        return m.group(1) if compiled.groups else m.group(0)
-
-    def get(path: Path) -> str | None:
-        if subject_regex is not None:
-            found = from_match(compiled.search(path.name))
-            if found is None:
-                rel = path.relative_to(root).as_posix() if root in path.parents else path.as_posix()
-                found = from_match(compiled.search(rel))
-            return found
-        text = path.parent.name if layout.id_from == "parent" else path.name
-        if compiled is not None:
-            return from_match(compiled.search(text))
-        if layout.id_from == "parent":
-            return text
-        if not layout.images:  # the folder preset
-            return default_subject_id(text)
-        return split_suffix(text)[0]
-
-    return get
-
-
-def _glob(root: Path, patterns: Iterable[str]) -> list[Path]:
-    found: dict[Path, None] = {}
-    for pattern in patterns:
-        for p in sorted(root.glob(pattern)):
-            if _is_image(p):
-                found.setdefault(p, None)
-    return list(found)
-
-
-def _candidate_roots(src: Path, preset: Preset) -> list[Path]:
-    roots = [src]
-    wanted = {r.lower() for r in preset.roots}
-    if wanted and src.is_dir():
-        roots += sorted(p for p in src.iterdir() if p.is_dir() and p.name.lower() in wanted)
-    return roots
-
-
-def _natural_key(text: str):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
-
-
-def find_subjects(preset: str | Preset, src: PathLike, *, images: str | Sequence[str] | None = None,
-                  labels: str | Sequence[str] | None = None, subject_regex: str | None = None,
-                  use_heads: bool = False) -> tuple[Path, Layout, list[SubjectFiles]]:
-    """Find each subject's image and label map in ``src``.
-
-    Returns the dataset folder used, the layout that matched and the subjects (natural order). A subject with a
-    missing or ambiguous file carries the problem in ``problems`` (it is reported, not dropped).
-
-    Raises
-    ------
-    ConvertError
-        No image matches any layout of the preset.
-    """
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    src = Path(src)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: source folder not found")
-    as_tuple = (lambda v: None if v is None else (v,) if isinstance(v, str) else tuple(v))
-    images, labels = as_tuple(images), as_tuple(labels)
-    if p.name == "folder" and (not images or not labels):
-        raise ConvertError("the folder preset needs both --images GLOB and --labels GLOB (relative to SRC)")
-    looked = []
-    for root in _candidate_roots(src, p):
-        for layout in p.layouts:
-            if images:
-                image_globs = images
-            elif use_heads:
-                if layout.heads is None:
-                    looked.append(f"{layout.name}: has no head images (drop --use-heads)")
-                    continue
-                image_globs = layout.heads
-            else:
-                image_globs = layout.images
-            label_globs = labels or layout.labels
-            label_files = _glob(root, label_globs)
-            found = [f for f in _glob(root, image_globs) if f not in set(label_files)]
-            looked.append(f"{root}/{{{','.join(image_globs)}}}")
-            if not found:
-                continue
-            return root, layout, _pair(root, found, label_files, layout, subject_regex, label_globs)
-    raise ConvertError(f"{src}: no {p.title} images found; looked for " + "; ".join(dict.fromkeys(looked)))
-
-
-def _pair(root: Path, image_files: list[Path], label_files: list[Path], layout: Layout,
-          subject_regex: str | None, label_globs: Sequence[str]) -> list[SubjectFiles]:
-    get_id = _id_getter(layout, subject_regex, root)
-    subjects: dict[str, SubjectFiles] = {}
-    orphans: list[SubjectFiles] = []
-
-    def add(path: Path, kind: str) -> None:
-        sid = get_id(path)
-        if not sid:
-            orphans.append(SubjectFiles(path.name, problems=[f"{path}: cannot read a subject id from this "
-                                                             f"{kind} file name (see --subject-regex)"]))
-            return
-        s = subjects.setdefault(sid, SubjectFiles(sid))
-        current = getattr(s, kind)
-        if current is None:
-            setattr(s, kind, path)
-            return
-        # the same file in two formats (S01.img and S01.nii.gz): keep the preferred one; else ambiguous
-        a, b = split_suffix(current.name), split_suffix(path.name)
-        if a[0] == b[0] and current.parent == path.parent:
-            if _SUFFIX_PRIORITY[b[1]] < _SUFFIX_PRIORITY[a[1]]:
-                setattr(s, kind, path)
-        else:
-            s.problems.append(f"two {kind} files for subject {sid}: {current} and {path} "
-                              "(narrow --images/--labels or --subject-regex)")
-
-    for f in image_files:
-        add(f, "image")
-    for f in label_files:
-        add(f, "labels")
-    for s in subjects.values():
-        if s.image is None:
-            s.problems.append(f"{s.labels}: label map of subject {s.source_id} has no image "
-                              f"(no matching image file in {root})")
-        elif s.labels is None:
-            s.problems.append(f"{s.image}: no label map found for subject {s.source_id} (looked for "
-                              f"{', '.join(str(root / g) for g in label_globs)})")
-    return sorted(subjects.values(), key=lambda s: _natural_key(s.source_id)) + orphans
-
-
-def assign_labels(subjects: Sequence[SubjectFiles], style: str = "auto") -> None:
-    """Set each subject's BIDS label (see the module docstring); raises ConvertError on a clash."""
-    ids = [s.source_id for s in subjects]
+def bids_labels(ids: Sequence[str], style: str = "auto") -> list[str]:
+    """The BIDS participant label (without ``sub-``) of each source id, in order (rules in the module
+    docstring); raises ConvertError on a clash."""
     labels: list[str] | None = None
     if style == "auto" and ids:
         matches = [re.fullmatch(r"([A-Za-z_\-. ]*?)(\d+)", i) for i in ids]
@@ -451,8 +245,7 @@ def assign_labels(subjects: Sequence[SubjectFiles], style: str = "auto") -> None
                 raise ConvertError(f"subject ids {seen[lab]!r} and {i!r} both become sub-{lab}; "
                                    "use --subject-regex to read distinct ids")
             seen[lab] = i
-    for s, lab in zip(subjects, labels):
-        s.label = lab
+    return labels
 
 
 # ----------------------------------------------------------------------------- label tables
@@ -578,28 +371,30 @@ def _nifti(arr: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
-def _convert_subject(s: SubjectFiles, dest: Path, root: Path) -> tuple[dict, set[int]]:
-    if s.problems:
-        raise ConvertError("; ".join(s.problems))
-    image = load_image(s.image, dtype=None)
+def _convert_subject(s: Subject, label: str, dest: Path, root: Path) -> tuple[dict, set[int]]:
+    """Write one subject (BIDS participant label ``label``); a subject with notes is refused with them."""
+    if s.notes:
+        raise ConvertError("; ".join(s.notes))
+    participant_id = f"sub-{label}"
+    image = load_image(s.t1w, dtype=None)
     labels = load_image(s.labels, labels=True)
-    check_labels_match(image, labels, image_source=s.image, labels_source=s.labels)
+    check_labels_match(image, labels, image_source=s.t1w, labels_source=s.labels)
     affine = np.asarray(image.affine, dtype=np.float64)
     lab = _label_array(labels)
     present = {int(v) for v in np.unique(lab)}
-    anat = dest / s.participant_id / "anat"
+    anat = dest / participant_id / "anat"
     anat.mkdir(parents=True, exist_ok=True)
-    t1w = anat / f"{s.participant_id}_T1w.nii.gz"
+    t1w = anat / f"{participant_id}_T1w.nii.gz"
     nib.save(_nifti(_image_array(image), affine), str(t1w))
-    lab_dir = dest / LABELS_SUBDIR / s.participant_id / "anat"
+    lab_dir = dest / LABELS_SUBDIR / participant_id / "anat"
     lab_dir.mkdir(parents=True, exist_ok=True)
-    dseg = lab_dir / f"{s.participant_id}_dseg.nii.gz"
+    dseg = lab_dir / f"{participant_id}_dseg.nii.gz"
     nib.save(_nifti(lab, affine), str(dseg))
     rel = (lambda p: p.relative_to(root).as_posix() if root in p.parents else str(p))
-    _write_json(dseg.with_name(f"{s.participant_id}_dseg.json"),
-                {"Description": f"label map of {s.source_id}, converted from the distribution's file {rel(s.labels)}",
-                 "Sources": [f"bids:raw:{s.participant_id}/anat/{t1w.name}"]})
-    return ({"participant_id": s.participant_id, "source_id": s.source_id, "image": str(s.image),
+    _write_json(dseg.with_name(f"{participant_id}_dseg.json"),
+                {"Description": f"label map of {s.id}, converted from the distribution's file {rel(s.labels)}",
+                 "Sources": [f"bids:raw:{participant_id}/anat/{t1w.name}"]})
+    return ({"participant_id": participant_id, "source_id": s.id, "image": str(s.t1w),
              "labels": str(s.labels), "t1w": str(t1w), "dseg": str(dseg)}, present)
 
 
@@ -689,21 +484,25 @@ def convert(preset: str, src: PathLike, dest: PathLike, *, images: str | Sequenc
         raise ConvertError(f"unknown preset {preset!r} (one of {', '.join(PRESETS)})")
     p = PRESETS[preset]
     src, dest = Path(src), Path(dest)
-    root, layout, found = find_subjects(p, src, images=images, labels=labels, subject_regex=subject_regex,
-                                        use_heads=use_heads)
-    named = [s for s in found if s.image is not None or s.labels is not None]
-    assign_labels(named, subject_labels)
-    orphans = [s for s in found if s not in named]
+    try:
+        root, layout, found = find_dataset_subjects(p.dataset, src, images=images, labels=labels,
+                                                    subject_regex=subject_regex, use_heads=use_heads)
+    except DatasetError as exc:
+        raise ConvertError(str(exc)) from None
+    # (subject, BIDS label): subjects with files, and files whose name gives no subject id (no label)
+    named = [s for s in found if s.t1w is not None or s.labels is not None]
+    planned = list(zip(named, bids_labels([s.id for s in named], subject_labels)))
+    orphans = [(s, "") for s in found if s.t1w is None and s.labels is None]
     if subjects:
         wanted = {str(x) for x in subjects}
         wanted |= {x[len("sub-"):] for x in wanted if x.startswith("sub-")}
-        chosen = [s for s in named if s.source_id in wanted or s.label in wanted]
-        matched = {s.source_id for s in chosen} | {s.label for s in chosen}
+        chosen = [(s, lab) for s, lab in planned if s.id in wanted or lab in wanted]
+        matched = {s.id for s, _ in chosen} | {lab for _, lab in chosen}
         unknown = sorted(x for x in map(str, subjects) if x not in matched and x.removeprefix("sub-") not in matched)
         if unknown:
             raise ConvertError(f"{root}: subject(s) {', '.join(unknown)} not found; available: "
-                               f"{', '.join(s.source_id for s in named)}")
-        named, orphans = chosen, []
+                               f"{', '.join(s.id for s in named)}")
+        planned, orphans = chosen, []
     updating = _check_dest(src, dest, preset, use_heads, overwrite)
     from hdar_pipeline.core.input_guard import InputGuard
 
@@ -722,22 +521,22 @@ def convert(preset: str, src: PathLike, dest: PathLike, *, images: str | Sequenc
     converted: list[dict] = []
     skipped: list[tuple[str, str]] = []
     present: set[int] = set()
-    for s in orphans + named:
+    for s, label in orphans + planned:
         try:
-            row, values = _convert_subject(s, dest, root)
+            row, values = _convert_subject(s, label, dest, root)
         except (ConvertError, ImageError) as exc:
             if not skip_bad:
                 raise
-            skipped.append((s.source_id, str(exc)))
+            skipped.append((s.id, str(exc)))
             if log:
-                log(f"skipped {s.source_id}: {exc}")
+                log(f"skipped {s.id}: {exc}")
             continue
         if preset == "mindboggle101":
-            row["group"] = s.source_id.rsplit("-", 1)[0]
+            row["group"] = s.id.rsplit("-", 1)[0]
         converted.append(row)
         present |= values
         if log:
-            log(f"{s.source_id} -> {row['participant_id']}")
+            log(f"{s.id} -> {row['participant_id']}")
     if not converted:
         raise ConvertError(f"{src}: no subject could be converted" +
                            (f" ({len(skipped)} skipped: " + "; ".join(m for _, m in skipped) + ")" if skipped else ""))
@@ -748,7 +547,7 @@ def convert(preset: str, src: PathLike, dest: PathLike, *, images: str | Sequenc
             if (dest / r.get("participant_id", "") / "anat").is_dir()}
     for r in converted:
         rows[r["participant_id"]] = {c: r.get(c, "n/a") for c in columns}
-    _write_participants(dest, [rows[k] for k in sorted(rows, key=_natural_key)], columns)
+    _write_participants(dest, [rows[k] for k in sorted(rows, key=natural_key)], columns)
     dseg_tsv = dest / LABELS_SUBDIR / "dseg.tsv"
     if updating:
         present |= set(_read_dseg(dseg_tsv))

@@ -1,9 +1,10 @@
-"""BIDS in: the cohort of a BIDS dataset (pybids), one :class:`SubjectInputs` per subject (x session).
+"""BIDS in: the cohort of a BIDS dataset (pybids), one :class:`~hdar_pipeline.core.subject.Subject` per subject
+(x session).
 
-:func:`query_cohort` reads a BIDS dataset with pybids and returns one :class:`SubjectInputs` per subject
-(x session): its T1w image and, from a labels derivatives dataset (``--labels-dir``), its ``*_dseg.nii.gz`` in T1w
-space. Participant and session labels are checked against BIDS's alphanumeric rule (:func:`check_label`) before
-they ever become part of a path.
+:func:`find_bids_subjects` reads a BIDS dataset with pybids and returns one
+:class:`~hdar_pipeline.core.subject.Subject` per subject (x session): its T1w image and, from a labels derivatives
+dataset (``--labels-dir``), its ``*_dseg.nii.gz`` in T1w space. Participant and session labels are checked
+against BIDS's alphanumeric rule (:func:`check_label`) before they ever become part of a path.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hdar_pipeline.core.subject import Subject
 
 PathLike = str | os.PathLike
 
@@ -68,30 +69,6 @@ def load_bids_filter(path: PathLike | None) -> dict[str, Any]:
     return {k: v for k, v in query.items() if k not in ("subject", "session", "suffix", "extension", "datatype")}
 
 
-@dataclass
-class SubjectInputs:
-    """One subject (x session) of the cohort.
-
-    ``t1w`` is ``None`` when the subject has no T1w image (it then fails alone in the workflow);
-    ``labels`` is the subject's ``dseg`` in T1w space from the labels dataset, or ``None``;
-    ``notes`` say what was chosen when the query was ambiguous. ``brain_mask`` and ``anat_xfm`` are the
-    sMRIPrep/fMRIPrep derivatives the BIDS App reuses (``--derivatives``, see
-    :func:`hdar_pipeline.bids_io.anat_derivatives.find_anat_derivatives`), or ``None``.
-    """
-
-    subject: str
-    session: str = ""
-    t1w: Path | None = None
-    labels: Path | None = None
-    notes: list[str] = field(default_factory=list)
-    brain_mask: Path | None = None
-    anat_xfm: Path | None = None
-
-    @property
-    def key(self) -> str:
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
-
-
 def _layout(root: PathLike, *, validate: bool, derivative: bool = False):
     import bids
 
@@ -108,7 +85,7 @@ def _layout(root: PathLike, *, validate: bool, derivative: bool = False):
         raise BIDSError(f"{root}: pybids cannot index this dataset ({type(exc).__name__}: {exc})") from None
 
 
-def query_cohort(
+def find_bids_subjects(
     bids_dir: PathLike,
     *,
     participant_labels: Sequence[str] | None = None,
@@ -117,7 +94,7 @@ def query_cohort(
     labels_dir: PathLike | None = None,
     validate: bool = True,
     exclude: Sequence[str] = (),
-) -> list[SubjectInputs]:
+) -> list[Subject]:
     """The cohort of a BIDS dataset: each subject (x session) with its T1w and optional labels.
 
     Parameters
@@ -141,9 +118,13 @@ def query_cohort(
 
     Returns
     -------
-    list of SubjectInputs
-        Sorted by subject and session; where several T1w images match, the first (sorted by name)
-        is used and a note says so.
+    list of Subject
+        Sorted by subject and session. ``t1w`` is ``None`` when the subject (x session) has no T1w image (it
+        then fails alone in the workflow); where several T1w images match, the first (sorted by name) is
+        used and a note says so. ``labels`` is the ``dseg`` in T1w space of that image from ``labels_dir``,
+        or ``None`` (notes say why when a label map was found but not used). ``entities`` are the chosen
+        T1w's BIDS entities (``subject``, ``session``, ``run``, ...; just the subject and session without a
+        T1w).
     """
     layout = _layout(bids_dir, validate=validate)
     all_subjects = sorted(layout.get_subjects())
@@ -171,13 +152,13 @@ def query_cohort(
     filters = dict(bids_filter or {})
     labels_layout = _layout(labels_dir, validate=False, derivative=True) if labels_dir is not None else None
 
-    cohort: list[SubjectInputs] = []
+    cohort: list[Subject] = []
     for sub in subjects:
         sessions = sorted(layout.get_sessions(subject=sub)) or [""]
         if sessions_wanted is not None:
             sessions = [s for s in sessions if s in sessions_wanted]
         for ses in sessions:
-            entry = SubjectInputs(subject=sub, session=ses)
+            entry = Subject(sub, session=ses, entities={"subject": sub, **({"session": ses} if ses else {})})
             query = {"subject": sub, "suffix": "T1w", "extension": [".nii", ".nii.gz"], "datatype": "anat",
                      **filters}
             if ses:
@@ -185,6 +166,8 @@ def query_cohort(
             found = sorted(layout.get(**query), key=lambda f: f.path)
             if found:
                 entry.t1w = Path(found[0].path)
+                entry.entities = {k: str(v) for k, v in found[0].get_entities().items()
+                                  if k not in _NOT_ENTITIES}
                 if len(found) > 1:
                     entry.notes.append(f"{len(found)} T1w images match; using {entry.t1w.name}")
             if labels_layout is not None:
@@ -203,9 +186,11 @@ SOURCE_ENTITIES = ("task", "acquisition", "ceagent", "reconstruction", "directio
 
 
 _NOT_COMPARED = ("subject", "session", "suffix", "extension", "datatype")
+#: What pybids lists among a file's entities that BIDS does not call entities
+_NOT_ENTITIES = ("suffix", "extension", "datatype")
 
 
-def _find_labels(layout, subject: str, session: str, entry: SubjectInputs, *, t1w=None,
+def _find_labels(layout, subject: str, session: str, entry: Subject, *, t1w=None,
                  siblings: Sequence = ()) -> Path | None:
     """The label map (``dseg``, in T1w space) of one subject's chosen T1w in the labels dataset.
 
@@ -249,13 +234,13 @@ def _find_labels(layout, subject: str, session: str, entry: SubjectInputs, *, t1
     return Path(files[0])
 
 
-def participant_files(bids_dir: PathLike, label: str, *, labels_dir: PathLike | None = None,
-                      validate: bool = True) -> SubjectInputs:
+def find_bids_participant(bids_dir: PathLike, label: str, *, labels_dir: PathLike | None = None,
+                          validate: bool = True) -> Subject:
     """One participant's T1w (and labels), e.g. for ``--atlas-participant``; raises when it has no T1w."""
-    entries = query_cohort(bids_dir, participant_labels=[label], labels_dir=labels_dir, validate=validate)
-    entry = entries[0] if entries else SubjectInputs(check_label(label))
+    entries = find_bids_subjects(bids_dir, participant_labels=[label], labels_dir=labels_dir, validate=validate)
+    entry = entries[0] if entries else Subject(check_label(label))
     if entry.t1w is None:
-        raise BIDSError(f"{bids_dir}: participant sub-{entry.subject} has no T1w image")
+        raise BIDSError(f"{bids_dir}: participant sub-{entry.id} has no T1w image")
     return entry
 
 

@@ -44,6 +44,7 @@ import torch
 
 from hdar_pipeline.core.images import (SUPPORTED_SUFFIXES, Grid, ImageError, check_labels_match, load_image, normalize_intensity,
                       resample_to)
+from hdar_pipeline.core.subject import Subject
 
 PathLike = str | os.PathLike
 
@@ -54,15 +55,6 @@ _NATIVE_SPACES = {"T1w", "orig", "native", "individual"}
 
 class DataError(ValueError):
     """The training data cannot be assembled (no images, unmatched labels, ...)."""
-
-
-@dataclass(frozen=True)
-class SubjectFiles:
-    """One training subject on disk: its image, optional label map, and a display name."""
-
-    image: Path
-    labels: Path | None = None
-    name: str = ""
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -227,7 +219,7 @@ def collect_subjects(
     labels: PathLike | Sequence[PathLike] | Literal["auto"] | None = "auto",
     labels_pattern: str | None = None,
     labels_desc: str | None = None,
-) -> list[SubjectFiles]:
+) -> list[Subject]:
     """The training subjects from exactly one source, with their label maps.
 
     Parameters
@@ -245,7 +237,10 @@ def collect_subjects(
 
     Returns
     -------
-    list of SubjectFiles, sorted as found.
+    list of Subject
+        Sorted as found: ``t1w`` the image, ``labels`` its label map or None, ``name`` ``sub-01[_ses-1]`` for a
+        BIDS file name (the file stem when two images share it), else the file stem; ``id`` and ``session``
+        (and ``entities``) from the file name's ``sub-``/``ses-`` entities, else the name.
     """
     given = [x is not None for x in (images, folder, bids)]
     if sum(given) != 1:
@@ -291,7 +286,15 @@ def collect_subjects(
     names = [subject_name(p) for p in paths]
     if len(set(names)) != len(names):  # e.g. two runs of one subject: fall back to full stems
         names = [_stem(p) for p in paths]
-    return [SubjectFiles(p, lab, n) for p, lab, n in zip(paths, label_paths, names)]
+    return [_subject(p, lab, n) for p, lab, n in zip(paths, label_paths, names)]
+
+
+def _subject(image: Path, labels: Path | None, name: str) -> Subject:
+    ents = dict(_ENTITY.findall(_stem(image)))
+    if "sub" not in ents:
+        return Subject(name, t1w=image, labels=labels, name=name)
+    entities = {"subject": ents["sub"], **({"session": ents["ses"]} if "ses" in ents else {})}
+    return Subject(ents["sub"], session=ents.get("ses", ""), t1w=image, labels=labels, entities=entities, name=name)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -323,7 +326,7 @@ def _compact_labels(arr: np.ndarray) -> np.ndarray:
 
 
 def load_volumes(
-    subjects: Sequence[SubjectFiles | tuple[nib.spatialimages.SpatialImage, nib.spatialimages.SpatialImage | None]],
+    subjects: Sequence[Subject | tuple[nib.spatialimages.SpatialImage, nib.spatialimages.SpatialImage | None]],
     *,
     grid: Grid | None = None,
     normalize: bool = True,
@@ -334,7 +337,7 @@ def load_volumes(
 
     Parameters
     ----------
-    subjects : SubjectFiles, or ``(image, labels_or_None)`` nibabel pairs
+    subjects : Subject (its ``t1w`` and ``labels``), or ``(image, labels_or_None)`` nibabel pairs
     grid : Grid, optional
         Target grid; default the first image's.
     normalize : bool
@@ -349,12 +352,12 @@ def load_volumes(
     volumes: list[Volume] = []
     first_source = None
     for index, subj in enumerate(subjects):
-        if isinstance(subj, SubjectFiles):
-            img = load_image(subj.image)
+        if isinstance(subj, Subject):
+            img = load_image(subj.t1w)
             lab = load_image(subj.labels, labels=True) if subj.labels is not None else None
             if lab is not None:
-                check_labels_match(img, lab, image_source=subj.image, labels_source=subj.labels)
-            name, source, lsource = subj.name or subject_name(subj.image), subj.image, subj.labels
+                check_labels_match(img, lab, image_source=subj.t1w, labels_source=subj.labels)
+            name, source, lsource = subj.name or subject_name(subj.t1w), subj.t1w, subj.labels
         else:
             img, lab = subj
             name = names[index] if names is not None else f"subject{index:03d}"
@@ -558,9 +561,9 @@ class PairDataset:
         self.grid = grid
 
     @classmethod
-    def from_subjects(cls, subjects: Sequence[SubjectFiles], *, grid: Grid | None = None, normalize: bool = True,
+    def from_subjects(cls, subjects: Sequence[Subject], *, grid: Grid | None = None, normalize: bool = True,
                       on_grid_mismatch: Literal["resample", "error"] = "resample") -> "PairDataset":
-        """Load :class:`SubjectFiles` (see :func:`load_volumes`)."""
+        """Load :class:`~hdar_pipeline.core.subject.Subject` files (see :func:`load_volumes`)."""
         volumes, grid = load_volumes(subjects, grid=grid, normalize=normalize, on_grid_mismatch=on_grid_mismatch)
         return cls(volumes, grid)
 

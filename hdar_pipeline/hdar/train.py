@@ -55,7 +55,6 @@ import csv
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -328,35 +327,6 @@ def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     if config.amp == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
-
-
-def hardware_description(device: torch.device) -> dict[str, Any]:
-    """Device, CPU model, core and thread counts, load average (for model cards and logs)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    out: dict[str, Any] = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(),
-                           "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        out["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        pass
-    return out
-
-
-def git_commit() -> str:
-    """The git commit of the hdar-pipeline source tree (``+dirty`` when modified), or ``"unknown"``."""
-    from hdar_pipeline.core.provenance import git_commit as commit
-
-    return commit()
 
 
 # ------------------------------------------------------------------------------------------- one step
@@ -873,7 +843,7 @@ def train(
 def build_model_card(result: TrainResult, *, name: str, command: str | None = None,
                      data_description: dict[str, Any] | None = None) -> dict[str, Any]:
     """Model-card fields of a finished run (see :mod:`hdar_pipeline.hdar.weights`)."""
-    from hdar_pipeline.core.provenance import library_versions
+    from hdar_pipeline.core.provenance import git_commit, hardware_description, library_versions
 
     levels = finished_levels(result)
     final = result.final_validation or {}

@@ -28,12 +28,13 @@ compared with the card's, and only then is the file unpickled (``weights_only=Tr
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from hdar_pipeline.core.provenance import sha256
 
 if TYPE_CHECKING:  # torch and the network are imported where weights are loaded or saved: resolving, hashing
     import torch   # and reading cards (a workflow's cache keys) do not pay for them
@@ -79,15 +80,6 @@ class LoadedWeights:
     @property
     def name(self) -> str:
         return str(self.card.get("name", self.path.stem))
-
-
-def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def available_weights(directory: PathLike | None = None) -> list[str]:
@@ -147,7 +139,7 @@ def weights_identity(weights: PathLike = "default") -> str:
         pt, _ = resolve_weights(weights)
     except WeightsError:
         return ""
-    return f"{pt.stem}@sha256:{file_sha256(pt)}"
+    return f"{pt.stem}@sha256:{sha256(pt)}"
 
 
 def read_card(path: PathLike) -> dict[str, Any]:
@@ -180,7 +172,7 @@ def verify_weights(pt: PathLike, card: dict[str, Any] | PathLike) -> str:
         When the hashes differ (the file is corrupt, truncated or was modified).
     """
     card_dict = card if isinstance(card, dict) else read_card(card)
-    actual = file_sha256(pt)
+    actual = sha256(pt)
     expected = str(card_dict["sha256"]).lower()
     if actual != expected:
         raise WeightsError(f"{pt}: SHA-256 mismatch (model card says {expected}, the file has {actual}); the "
@@ -271,7 +263,7 @@ def save_weights(model: HDARCascade, config: CascadeConfig | dict[str, Any] | No
         "format": WEIGHTS_FORMAT,
         "name": full.get("name", pt.stem),
         "file": pt.name,
-        "sha256": file_sha256(pt),
+        "sha256": sha256(pt),
         "size_bytes": pt.stat().st_size,
         "created": full.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "parameters": model.parameter_counts(),

@@ -73,7 +73,7 @@ Outputs
 """
 
 from hdar_pipeline.apps.benchmark.pairs import (  # noqa: E402
-    LPBA40_VALIDATION, PAIR_MODES, SubjectFiles, Pair, BenchmarkInputError, default_lpba40_dir, lpba40_label,
+    LPBA40_VALIDATION, PAIR_MODES, Pair, BenchmarkInputError, default_lpba40_dir, lpba40_label,
     lpba40_files, lpba40_subjects, bids_subjects, make_pairs, parse_pair_specs, select_pairs, lpba40_pairs,
 )
 from hdar_pipeline.apps.benchmark.runner import (  # noqa: E402
@@ -85,8 +85,8 @@ from hdar_pipeline.apps.benchmark.runner import (  # noqa: E402
 from hdar_pipeline.apps.benchmark.tables import (  # noqa: E402
     REFERENCE_VARIANT, SUMMARY_COLUMNS, rows_frame, failure_notes, wall_time_note, variant_rows, summary_stat,
     variant_status, PAIRED_REFERENCE, PAIRED_HEADER, paired_against, paired_table_rows, summarise,
-    format_mean_sd, TABLE_HEADER, table_rows, markdown_table, report_sections, print_table, machine_summary,
-    machine_description, markdown_report, print_summary, git_commit, run_console,
+    format_mean_sd, TABLE_HEADER, table_rows, markdown_table, report_sections, print_table, markdown_report,
+    print_summary, run_console,
 )
 from hdar_pipeline.apps.benchmark.benchmark_cli import (  # noqa: E402
     add_benchmark_arguments, config_from_args, command_line, run_benchmark_cli, main,

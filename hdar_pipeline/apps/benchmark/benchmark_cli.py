@@ -94,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
             subjects, notes = bids_subjects(bids_dir, labels_dir, subjects_arg)
         from hdar_pipeline.bids_io.inputs import check_label
 
-        by_label = {s.subject: s for s in subjects}
+        by_label = {s.id: s for s in subjects}
         pairs = select_pairs(subjects, lambda label: by_label[check_label(label)], pair_specs, pairs_from, n_pairs)
         dataset = f"BIDS dataset {bids_dir} (labels {labels_dir})"
         affine_default = True
@@ -145,7 +145,7 @@ def run_benchmark_cli(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         # the pairs' images and labels are never written: -o may not hold them (it belongs to the run)
-        files = sorted({str(f) for pair in config.pairs for s in (pair.moving, pair.fixed) for f in (s.image, s.labels)
+        files = sorted({str(f) for pair in config.pairs for s in (pair.moving, pair.fixed) for f in (s.t1w, s.labels)
                         if f is not None})
         bids_dir = getattr(args, "bids_dir", None)
         lpba40 = None if bids_dir is not None else (getattr(args, "lpba40", None) or default_lpba40_dir())

@@ -1,5 +1,5 @@
-"""The pairs a benchmark registers: the subjects of a dataset (LPBA40's folder layout or a BIDS dataset with labels)
-and the moving -> fixed pairs made from them.
+"""The pairs a benchmark registers: the subjects of a dataset (LPBA40's folder layout or a BIDS dataset with labels,
+as :class:`~hdar_pipeline.core.subject.Subject`) and the moving -> fixed pairs made from them.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from hdar_pipeline.core.subject import DatasetError, Subject, find_lpba40_subjects, lpba40_subject
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -21,28 +22,20 @@ PAIR_MODES = ("consecutive", "onto-first", "all")
 
 
 @dataclass(frozen=True)
-class SubjectFiles:
-    """One subject: its skull-stripped T1w image and its label map (same grid)."""
-
-    subject: str
-    image: Path
-    labels: Path
-
-
-@dataclass(frozen=True)
 class Pair:
-    """A moving subject registered onto a fixed one."""
+    """A moving subject registered onto a fixed one (each with its skull-stripped ``t1w`` and ``labels`` on the
+    same grid)."""
 
-    moving: SubjectFiles
-    fixed: SubjectFiles
+    moving: Subject
+    fixed: Subject
 
     @property
     def name(self) -> str:
-        return f"{self.moving.subject}->{self.fixed.subject}"
+        return f"{self.moving.id}->{self.fixed.id}"
 
     @property
     def key(self) -> str:
-        return f"{self.moving.subject}-to-{self.fixed.subject}"
+        return f"{self.moving.id}-to-{self.fixed.id}"
 
 
 class BenchmarkInputError(ValueError):
@@ -65,59 +58,56 @@ def lpba40_label(value: str) -> str:
     return f"S{int(v):02d}"
 
 
-def lpba40_files(data_dir: str | os.PathLike, subject: str) -> SubjectFiles:
-    s = lpba40_label(subject)
-    d = Path(data_dir) / s
-    return SubjectFiles(s, d / f"{s}.delineation.skullstripped.nii.gz", d / f"{s}.delineation.structure.label.nii.gz")
+def lpba40_files(data_dir: str | os.PathLike, subject: str) -> Subject:
+    """The files of one LPBA40 subject (``"S21"`` or ``"21"``) in ``data_dir``, whether they exist or not."""
+    return lpba40_subject(data_dir, lpba40_label(subject))
 
 
-def lpba40_subjects(data_dir: str | os.PathLike, subjects: Sequence[str] | None = None) -> list[SubjectFiles]:
+def lpba40_subjects(data_dir: str | os.PathLike, subjects: Sequence[str] | None = None) -> list[Subject]:
     """LPBA40 subjects (default: the validation subjects S21-S30); raises when a file is missing."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise BenchmarkInputError(f"{data_dir}: LPBA40 folder not found (give --lpba40 DIR or set HDAR_LPBA40_DIR)")
     names = [lpba40_label(s) for s in subjects] if subjects else list(LPBA40_VALIDATION)
-    out = [lpba40_files(data_dir, s) for s in dict.fromkeys(names)]
-    missing = [str(p) for s in out for p in (s.image, s.labels) if not p.is_file()]
-    if missing:
-        raise BenchmarkInputError(f"{data_dir}: LPBA40 files missing: {', '.join(missing[:4])}"
-                                  f"{' ...' if len(missing) > 4 else ''}")
-    return out
+    try:
+        return find_lpba40_subjects(data_dir, names)
+    except DatasetError as exc:
+        raise BenchmarkInputError(str(exc)) from None
 
 
 def bids_subjects(bids_dir: str | os.PathLike, labels_dir: str | os.PathLike,
-                  subjects: Sequence[str] | None = None) -> tuple[list[SubjectFiles], list[str]]:
+                  subjects: Sequence[str] | None = None) -> tuple[list[Subject], list[str]]:
     """Subjects of a BIDS dataset with their labels: ``(subjects, notes)``.
 
     Without ``subjects``, participants lacking a T1w or a label map are skipped with a note; a requested
     participant lacking one is an error. Sessions: the first session of each subject.
     """
-    from hdar_pipeline.bids_io.inputs import BIDSError, check_label, query_cohort
+    from hdar_pipeline.bids_io.inputs import BIDSError, check_label, find_bids_subjects
 
     wanted = [check_label(s) for s in subjects] if subjects else None
     try:
-        cohort = query_cohort(bids_dir, participant_labels=wanted, labels_dir=labels_dir, validate=False)
+        cohort = find_bids_subjects(bids_dir, participant_labels=wanted, labels_dir=labels_dir, validate=False)
     except BIDSError as exc:
         raise BenchmarkInputError(str(exc)) from None
-    out: list[SubjectFiles] = []
+    out: list[Subject] = []
     notes: list[str] = []
     seen: set[str] = set()
     for entry in cohort:
-        if entry.subject in seen:
+        if entry.id in seen:
             continue
         problem = ("no T1w image" if entry.t1w is None else
                    f"no label map in {labels_dir}" if entry.labels is None else "")
         if problem:
             if wanted:
-                raise BenchmarkInputError(f"{bids_dir}: sub-{entry.subject} has {problem}")
-            notes.append(f"sub-{entry.subject} skipped: {problem}")
+                raise BenchmarkInputError(f"{bids_dir}: sub-{entry.id} has {problem}")
+            notes.append(f"sub-{entry.id} skipped: {problem}")
             continue
-        seen.add(entry.subject)
-        out.append(SubjectFiles(entry.subject, Path(entry.t1w), Path(entry.labels)))
+        seen.add(entry.id)
+        out.append(entry)
     return out, notes
 
 
-def make_pairs(subjects: Sequence[SubjectFiles], mode: str = "consecutive", n_pairs: int | None = None) -> list[Pair]:
+def make_pairs(subjects: Sequence[Subject], mode: str = "consecutive", n_pairs: int | None = None) -> list[Pair]:
     """Pairs from subjects: ``consecutive`` (each onto the next, cyclic), ``onto-first``, or ``all``."""
     subs = list(subjects)
     if len(subs) < 2:
@@ -127,7 +117,7 @@ def make_pairs(subjects: Sequence[SubjectFiles], mode: str = "consecutive", n_pa
     elif mode == "onto-first":
         pairs = [Pair(s, subs[0]) for s in subs[1:]]
     elif mode == "all":
-        pairs = [Pair(m, f) for m in subs for f in subs if m.subject != f.subject]
+        pairs = [Pair(m, f) for m in subs for f in subs if m.id != f.id]
     else:
         raise BenchmarkInputError(f"unknown pair mode {mode!r}; choose from {', '.join(PAIR_MODES)}")
     if n_pairs is not None:
@@ -137,7 +127,7 @@ def make_pairs(subjects: Sequence[SubjectFiles], mode: str = "consecutive", n_pa
     return pairs
 
 
-def parse_pair_specs(specs: Sequence[str], lookup: Callable[[str], SubjectFiles]) -> list[Pair]:
+def parse_pair_specs(specs: Sequence[str], lookup: Callable[[str], Subject]) -> list[Pair]:
     """``["02:01", ...]`` (MOVING:FIXED) -> pairs, with ``lookup(label)`` giving a subject's files."""
     pairs = []
     for spec in specs:
@@ -145,20 +135,23 @@ def parse_pair_specs(specs: Sequence[str], lookup: Callable[[str], SubjectFiles]
             raise BenchmarkInputError(f"--pairs takes MOVING:FIXED (e.g. 02:01), got {spec!r}")
         moving, fixed = spec.split(":")
         m, f = lookup(moving), lookup(fixed)
-        if m.subject == f.subject:
+        if m.id == f.id:
             raise BenchmarkInputError(f"pair {spec!r} registers a subject to itself")
         pairs.append(Pair(m, f))
-    return list(dict.fromkeys(pairs))
+    unique: dict[str, Pair] = {}
+    for pair in pairs:  # a pair asked for twice runs once
+        unique.setdefault(pair.key, pair)
+    return list(unique.values())
 
 
-def select_pairs(subjects: Sequence[SubjectFiles], lookup: Callable[[str], SubjectFiles],
+def select_pairs(subjects: Sequence[Subject], lookup: Callable[[str], Subject],
                  pair_specs: Sequence[str] | None = None, mode: str = "consecutive",
                  n_pairs: int | None = None) -> list[Pair]:
     """The pairs a run registers: the explicit ``pair_specs``, else pairs made from ``subjects``.
 
     Parameters
     ----------
-    subjects : sequence of SubjectFiles
+    subjects : sequence of Subject
         The subjects to pair when no ``pair_specs`` are given.
     lookup : callable
         ``lookup(label)`` gives a subject's files (for ``pair_specs``).
@@ -210,5 +203,5 @@ def lpba40_pairs(data_dir: str | os.PathLike, subjects: Sequence[str] | None = N
         found = lpba40_subjects(data_dir, list(dict.fromkeys(wanted)))
     else:
         found = lpba40_subjects(data_dir, subjects)
-    by_label = {s.subject: s for s in found}
+    by_label = {s.id: s for s in found}
     return select_pairs(found, lambda label: by_label[lpba40_label(label)], pair_specs, mode, n_pairs)

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from hdar_pipeline.apps.benchmark.pairs import REPO, BenchmarkInputError, Pair
+from hdar_pipeline.core.provenance import git_commit, machine_summary
 from hdar_pipeline.apps.benchmark.tables import (
     _tradeoff_figure,
     failure_notes,
-    git_commit,
-    machine_summary,
     markdown_report,
     paired_against,
     rows_frame,
@@ -256,7 +255,7 @@ def load_pair_images(pair: Pair) -> dict[str, Any]:
     """
     from hdar_pipeline.core.images import load_image
 
-    return {"fixed": load_image(pair.fixed.image), "moving": load_image(pair.moving.image),
+    return {"fixed": load_image(pair.fixed.t1w), "moving": load_image(pair.moving.t1w),
             "fixed_labels": load_image(pair.fixed.labels, labels=True),
             "moving_labels": load_image(pair.moving.labels, labels=True)}
 
@@ -339,9 +338,9 @@ class RunStamp:
     Attributes
     ----------
     machine : str
-        :func:`machine_summary`.
+        :func:`hdar_pipeline.core.provenance.machine_summary`.
     commit : str
-        :func:`git_commit`.
+        :func:`hdar_pipeline.core.provenance.git_commit` (short form).
     started : float
         ``time.time()`` at the start.
     load_start : float
@@ -356,7 +355,7 @@ class RunStamp:
     @classmethod
     def now(cls) -> "RunStamp":
         """The stamp of a run starting now."""
-        return cls(machine_summary(), git_commit(), time.time(), os.getloadavg()[0])
+        return cls(machine_summary(), git_commit(short=True), time.time(), os.getloadavg()[0])
 
     def elapsed(self) -> float:
         """Seconds since the start."""
@@ -522,7 +521,7 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
             expect = {
                 "parameters": _jsonable(method.parameters), "threads": config.threads, "seed": config.seed,
                 "affine_stage": bool(config.affine and v.method != "affine"),
-                "fixed_image": str(pair.fixed.image), "moving_image": str(pair.moving.image),
+                "fixed_image": str(pair.fixed.t1w), "moving_image": str(pair.moving.t1w),
                 "fixed_labels": str(pair.fixed.labels), "moving_labels": str(pair.moving.labels),
             }
             name = f"{v.name}_{pair.key}"
@@ -540,7 +539,7 @@ def run_benchmark(config: BenchmarkConfig, *, console=None, show_progress: bool 
                 progress.console.print(f"{tag}: cached row is stale ({why}), rerunning", highlight=False,
                                        markup=False)
             row: dict[str, Any] = {"variant": v.name, "method": v.method, "preset": v.preset or "",
-                                   "moving": pair.moving.subject, "fixed": pair.fixed.subject, **expect}
+                                   "moving": pair.moving.id, "fixed": pair.fixed.id, **expect}
             row.update(measured_row(lambda: evaluate_pair(images.get(pair), method, affine=config.affine,
                                                           seed=config.seed, threads=config.threads)))
             row.update(stamp.row_fields(cached=False))

@@ -5,13 +5,13 @@ markdown report and the console tables, the machine they ran on.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from hdar_pipeline.core.provenance import machine_description
 
 if TYPE_CHECKING:  # pragma: no cover (pandas is imported where tables are built: `hdar register`
     import pandas as pd  # never needs it, and it costs 0.15 s of start-up)
@@ -295,7 +295,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], left_co
 
 
 def report_sections(device: str | None, command: str, notes: Sequence[str]) -> list[str]:
-    """The closing sections of a markdown report: ``## Machine`` (:func:`machine_description`),
+    """The closing sections of a markdown report: ``## Machine`` (:func:`hdar_pipeline.core.provenance.machine_description`),
     ``## Command`` (``command``, or "(Python API)") and ``## Notes`` (when there are notes)."""
     lines = ["", "## Machine", ""] + [f"- {s}" for s in machine_description(device)]
     lines += ["", "## Command", "", "```", command or "(Python API)", "```"]
@@ -329,29 +329,6 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], console=No
     console.print(table)
 
 
-def machine_summary() -> str:
-    """The machine in one line: ``"<host> (<CPU model>, <N> cores)"`` (each result row records it)."""
-    return f"{platform.node()} ({_cpu_model()}, {os.cpu_count()} cores)"
-
-
-def machine_description(device: str | None = None) -> list[str]:
-    """Lines describing the machine and the library versions."""
-    from hdar_pipeline.core.provenance import library_versions
-    from hdar_pipeline.core.runtime import usable_cpus
-
-    versions = library_versions()
-    lines = [f"CPU: {_cpu_model()}, {os.cpu_count()} cores ({usable_cpus()} usable by this process); "
-             f"host {platform.node()}, {platform.system()} {platform.release()}"]
-    gpu = _gpu_name()
-    if gpu:
-        lines.append(f"GPU: {gpu}")
-    lines.append("versions: " + ", ".join(f"{k} {versions[k]}" for k in
-                                          ("hdar-pipeline", "torch", "antspyx", "SimpleITK", "numpy", "python")
-                                          if k in versions))
-    lines.append(f"commit: {git_commit()}")
-    return lines
-
-
 def markdown_report(summary: pd.DataFrame, config: BenchmarkConfig, notes: Sequence[str], *, n_pairs: int,
                     paired: pd.DataFrame | None = None) -> str:
     names = ", ".join(p.name for p in config.pairs)
@@ -377,34 +354,6 @@ def markdown_report(summary: pd.DataFrame, config: BenchmarkConfig, notes: Seque
 def print_summary(summary: pd.DataFrame, n_pairs: int, console=None, title: str = "") -> None:
     """The summary table on the console (rich)."""
     print_table(TABLE_HEADER, table_rows(summary, n_pairs), console, title)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover - non-Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpu_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    except Exception:  # pragma: no cover
-        pass
-    return ""
-
-
-def git_commit() -> str:
-    """The repository's short commit hash (``+dirty`` when modified), ``"unknown"`` when git cannot tell."""
-    from hdar_pipeline.core.provenance import git_commit as commit
-
-    return commit(short=True)
 
 
 def run_console(console=None, width: int = 160):
