@@ -61,11 +61,11 @@ class HDARMethod(MethodBase):
     ----------
     preset : {"fast", "full", "refined", "accurate"}
         Default :data:`DEFAULT_PRESET`.
-    prealign : bool
     refine : int, optional
         Instance-optimisation steps on each refinement level after the network (0: none); default: the
         preset's (:data:`REFINED_STEPS` for ``refined``, :data:`ACCURATE_STEPS` for ``accurate``, 0 for the others).
-    refine_levels, refine_lr, refine_similarity, refine_diffeomorphic, refine_smooth_weight, refine_gradient_sigma
+    prealign, refine_levels, refine_lr, refine_similarity, refine_diffeomorphic, refine_smooth_weight, \
+refine_gradient_sigma
         Pre-alignment and refinement settings, with their meaning, units and defaults in
         :class:`~hdar_pipeline.hdar.inference.InferenceSettings` (``prealign``: the affine map on local NCC
         before the network; ``refine_levels``: resolutions relative to the image, coarse to fine;
