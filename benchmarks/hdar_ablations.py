@@ -36,8 +36,9 @@ diffeomorphic/displacement row of ``--weights``) are one registration, reported 
 Caching
 -------
 Each (variant, pair[, seed]) row is one JSON file in ``OUT/rows/``, named by the variant, the pair, the
-weights' SHA-256 and a hash of every setting (levels, mode, selection, seed, refine, threads, device,
-input files): an interrupted run resumes, a run with other weights or settings never reuses a row.
+weights' SHA-256 and a hash of every setting (the inference settings: levels, mode, selection, refine and the
+rest of :class:`~hdar_pipeline.hdar.inference.InferenceSettings`; seed, threads, device, input files): an
+interrupted run resumes, a run with other weights or settings never reuses a row.
 ``--no-cache`` reruns everything.
 
 Outputs
@@ -75,8 +76,8 @@ from hdar_pipeline.apps.benchmark.benchmark_cli import command_line
 from hdar_pipeline.apps.benchmark.tables import (failure_notes, format_mean_sd, markdown_table, print_table,
 
       report_sections, rows_frame, run_console, summary_stat, variant_rows, variant_status)
+from hdar_pipeline.hdar.inference import InferenceSettings, register_with_model, unit_range
 from hdar_pipeline.methods.base import MethodBase
-from hdar_pipeline.methods.hdar_method import HDARMethod, register_with_model, unit_range
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ablations"
@@ -158,21 +159,15 @@ def ablations(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Ablation]:
 
 @dataclass
 class Settings:
-    """How one variant runs (also the cache key, with the weights' SHA-256 and the input files)."""
+    """How one variant runs (also the cache key, with the weights' SHA-256 and the input files): the inference
+    settings (``levels``, ``mode``, ``selection``, ``refine`` and ``refine_similarity`` from the variant, the
+    others :class:`~hdar_pipeline.hdar.inference.InferenceSettings`' defaults, which are HDAR's) and the run's
+    selection seed, seed, threads and device."""
 
     weights: str
     weights_sha256: str
-    levels: int = 3
-    mode: str = "fast"
-    selection: str = "attention"
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
     selection_seed: int | None = None
-    prealign: bool = HDARMethod.prealign
-    refine: int = 0
-    refine_levels: tuple[float, ...] = HDARMethod.refine_levels
-    refine_lr: float = HDARMethod.refine_lr
-    refine_similarity: str = HDARMethod.refine_similarity
-    refine_diffeomorphic: bool = HDARMethod.refine_diffeomorphic
-    refine_gradient_sigma: float = HDARMethod.refine_gradient_sigma
     device: str = "auto"
     seed: int | None = None
     threads: int | None = None
@@ -181,9 +176,10 @@ class Settings:
 @dataclass
 class AblationHDAR(MethodBase):
     """HDAR with an already loaded model (``hdar_pipeline.hdar.weights.LoadedWeights``, on its device) run
-    as ``settings`` says: ``levels``, ``mode`` and ``selection`` at inference (the selection generator
-    reseeded with ``selection_seed`` before each pair) after the affine pre-alignment, then ``refine`` steps
-    per level of :func:`~hdar_pipeline.hdar.instance.refine_flow` (as :class:`~hdar_pipeline.methods.hdar_method.HDARMethod`)."""
+    as ``settings`` says: :func:`~hdar_pipeline.hdar.inference.register_with_model` with ``settings.inference``
+    (``levels``, ``mode`` and ``selection`` at inference after the affine pre-alignment, then ``refine`` steps
+    per level of :func:`~hdar_pipeline.hdar.instance.refine_flow`), the selection generator reseeded with
+    ``selection_seed`` before each pair."""
 
     name: ClassVar[str] = "hdar"
     settings: Settings = None  # type: ignore[assignment]
@@ -201,11 +197,8 @@ class AblationHDAR(MethodBase):
         configure_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.loaded.model.seed_selection(cfg.selection_seed if cfg.selection_seed is not None else cfg.seed)
-        transform, self.device_used = register_with_model(
-            self.loaded, fixed, moving, fixed_mask, mode=cfg.mode, levels=cfg.levels, selection=cfg.selection,
-            prealign=cfg.prealign, refine=cfg.refine, refine_levels=tuple(cfg.refine_levels),
-            refine_lr=cfg.refine_lr, refine_similarity=cfg.refine_similarity,
-            refine_diffeomorphic=cfg.refine_diffeomorphic, refine_gradient_sigma=cfg.refine_gradient_sigma)
+        transform, self.device_used = register_with_model(self.loaded, fixed, moving, fixed_mask,
+                                                           settings=cfg.inference)
         return transform
 
 
@@ -319,8 +312,7 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
     AblationInputError
         No pairs, unknown variants, or weights that cannot be used (the library's message).
     """
-    from hdar_pipeline.hdar.train import resolve_device
-    from hdar_pipeline.core.runtime import configure_threads
+    from hdar_pipeline.core.runtime import configure_threads, resolve_device
 
     console = run_console(console, 150)
     if not config.pairs:
@@ -372,10 +364,10 @@ def run_ablations(config: AblationConfig, *, console=None, show_progress: bool =
             tag = f"[{n}/{len(jobs)}] {label:<16} {pair.name}"
             progress.update(task, description=f"{label} {pair.name}")
             levels = min(a.levels, loaded.model.config.levels)
-            settings = Settings(weights=str(loaded.path), weights_sha256=loaded.sha256, levels=levels, mode=a.mode,
-                                 selection=a.selection, selection_seed=sel_seed, refine=a.refine,
-                                 refine_similarity=a.refine_similarity, device=str(device),
-                                 seed=config.seed, threads=config.threads)
+            inference = InferenceSettings(levels=levels, mode=a.mode, selection=a.selection, refine=a.refine,
+                                          refine_similarity=a.refine_similarity)
+            settings = Settings(weights=str(loaded.path), weights_sha256=loaded.sha256, inference=inference,
+                                selection_seed=sel_seed, device=str(device), seed=config.seed, threads=config.threads)
             spec = {**asdict(settings), "weights": loaded.sha256,
                     "fixed_image": str(pair.fixed.t1w), "moving_image": str(pair.moving.t1w),
                     "fixed_labels": str(pair.fixed.labels), "moving_labels": str(pair.moving.labels)}

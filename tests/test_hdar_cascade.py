@@ -9,8 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from hdar_pipeline.hdar.cascade import (CascadeConfig, HDARCascade, build_cascade, field_voxels_to_transform,
-                                        register_arrays)
+from hdar_pipeline.hdar.cascade import CascadeConfig, HDARCascade, build_cascade, field_voxels_to_transform
 from hdar_pipeline.hdar.layers import SpatialTransformer
 from hdar_pipeline.hdar.losses import anti_folding_loss, jacobian_determinant, local_ncc_loss
 from hdar_pipeline.hdar.unet import AttentionUNet, count_parameters
@@ -213,13 +212,14 @@ def test_cascade_batches_and_checkpoint_round_trip():
         CascadeConfig(levels=4)
 
 
-def test_register_arrays_and_transform_exit():
+def test_cascade_flow_and_transform_exit():
     from hdar_pipeline.core.images import Grid
 
     torch.manual_seed(0)
-    model = build_cascade("small", 2, seed=0, **TINY)
+    model = build_cascade("small", 2, seed=0, **TINY).eval()
     f, m, _, _ = phantom((24, 28, 20))
-    flow, out = register_arrays(model, f[0, 0].numpy(), m[0, 0].numpy())
+    with torch.no_grad():
+        flow = model(f, m).flow[0].float().numpy()
     assert flow.shape == (3, 24, 28, 20) and flow.dtype == np.float32
     transform = field_voxels_to_transform(flow, Grid((24, 28, 20), np.diag([2.0, 2.0, 2.0, 1.0])))
     assert transform.field.shape == (24, 28, 20, 3)

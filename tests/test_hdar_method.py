@@ -259,7 +259,7 @@ def test_the_network_runs_in_the_orientation_of_its_training_data(trained, codes
 
     import nibabel as nib
 
-    from hdar_pipeline.methods.hdar_method import register_with_model
+    from hdar_pipeline.hdar.inference import register_with_model
 
     loaded = W.load_weights(trained["pt"])
     ras = dataclasses.replace(loaded, card={**loaded.card, "data": {"orientation": "RAS"}})

@@ -23,13 +23,14 @@ from hdar_pipeline.core.provenance import sha256
 from hdar_pipeline.hdar import weights as W
 from hdar_pipeline.hdar.cascade import CascadeConfig, build_cascade, transform_to_field_voxels
 from hdar_pipeline.hdar.data import PairDataset, Volume
+from hdar_pipeline.hdar.inference import refine_smooth_weight_of
 from hdar_pipeline.hdar.layers import VecInt
 from hdar_pipeline.hdar.losses import diffusion_loss, jacobian_determinant
 from hdar_pipeline.hdar.train import TrainConfig, _check_resume_config, export, pair_loss, read_log, train
 from hdar_pipeline.hdar.voxelmorph_net import VoxelMorphUNet
 from hdar_pipeline.core.images import Grid, save_image
 from hdar_pipeline.methods import get_method, model_identity
-from hdar_pipeline.methods.hdar_method import HDARMethod, refine_smooth_weight_of
+from hdar_pipeline.methods.hdar_method import HDARMethod
 from hdar_pipeline.methods.voxelmorph_method import DEFAULT_PRESET, VoxelMorphMethod
 from hdar_pipeline.core.synthetic import make_subject
 from hdar_pipeline.core.transforms import Transform

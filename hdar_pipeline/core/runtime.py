@@ -1,4 +1,5 @@
-"""Reproducibility and resource accounting shared by every method: seeds, threads, runtime, peak memory."""
+"""Reproducibility and resource accounting shared by every method: seeds, threads, the torch device, runtime,
+peak memory."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def usable_cpus() -> int:
@@ -78,6 +82,34 @@ def ants_seed(seed: int) -> int:
     if seed < 0:
         raise ValueError(f"seeds must be >= 0, got {seed}")
     return int(seed) + 1
+
+
+def resolve_device(device: "str | torch.device | None" = "auto") -> "torch.device":
+    """The torch device a method or training run uses.
+
+    Parameters
+    ----------
+    device : str, torch.device or None
+        ``"auto"`` or ``None``: CUDA when available, else the CPU; otherwise ``torch.device(device)``
+        (``"cpu"``, ``"cuda"``, ``"cuda:N"``). Torch is imported here, when called, not with this module.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        A CUDA device is requested but CUDA is not available.
+    """
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+    return dev
 
 
 @dataclass

@@ -620,19 +620,3 @@ def build_cascade(width: str | Sequence[int] | None = "small", levels: int | Non
     widths = width if width is None or isinstance(width, str) else tuple(width)
     return HDARCascade(CascadeConfig(width=widths, levels=levels, **settings))  # type: ignore[arg-type]
 
-
-@torch.no_grad()
-def register_arrays(model: HDARCascade, fixed: np.ndarray, moving: np.ndarray, *,
-                    mask: np.ndarray | None = None, device: str | torch.device = "cpu",
-                    mode: Mode | None = None) -> tuple[np.ndarray, CascadeOutput]:
-    """Inference on numpy volumes ``(X, Y, Z)`` in [0, 1] on the same grid.
-
-    Returns the displacement ``(3, X, Y, Z)`` float32 in voxels and the full :class:`CascadeOutput`
-    (tensors on ``device``).
-    """
-    model = model.to(device).eval()
-    f = torch.as_tensor(np.asarray(fixed, np.float32), device=device)[None, None]
-    m = torch.as_tensor(np.asarray(moving, np.float32), device=device)[None, None]
-    mk = None if mask is None else torch.as_tensor(np.asarray(mask, bool), device=device)[None, None]
-    out = model(f, m, mask=mk, mode=mode)
-    return out.flow[0].float().cpu().numpy(), out

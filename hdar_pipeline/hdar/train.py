@@ -66,7 +66,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from hdar_pipeline.core.runtime import configure_threads, seed_everything
+from hdar_pipeline.core.runtime import configure_threads, resolve_device, seed_everything
 from hdar_pipeline.hdar.cascade import CascadeConfig, HDARCascade, build_cascade
 from hdar_pipeline.hdar.data import Pair, PairDataset
 from hdar_pipeline.hdar.layers import SpatialTransformer, resize_flow, resize_volume, sample_region
@@ -306,16 +306,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------- devices
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None: CUDA when available, else the CPU; otherwise ``torch.device(device)``."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
-    return dev
 
 
 def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from hdar_pipeline.core.images import Grid, crop_to_mask, new_image, resample_to, robust_unit_range
-from hdar_pipeline.core.runtime import configure_threads, seed_everything
+from hdar_pipeline.core.runtime import configure_threads, resolve_device, seed_everything
 from hdar_pipeline.core.templates import isotropic_grid
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods.base import MethodBase
@@ -88,7 +88,6 @@ class FastAffineMethod(MethodBase):
         import torch
 
         from hdar_pipeline.hdar.losses import LocalNCC
-        from hdar_pipeline.hdar.train import resolve_device
 
         configure_threads(self.threads)
         seed_everything(self.seed)

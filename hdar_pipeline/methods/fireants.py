@@ -68,7 +68,7 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 
 from hdar_pipeline.core.images import Grid, to_sitk
-from hdar_pipeline.core.runtime import configure_threads, seed_everything
+from hdar_pipeline.core.runtime import configure_threads, resolve_device, seed_everything
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods.base import MethodBase
 
@@ -197,8 +197,6 @@ class FireANTsMethod(MethodBase):
 
     def _register(self, fixed, moving, fixed_mask) -> Transform:
         import torch
-
-        from hdar_pipeline.hdar.train import resolve_device
 
         if fixed_mask is not None:
             warnings.warn("FireANTsMethod ignores fixed_mask (its cross-correlation runs on the whole grid); "

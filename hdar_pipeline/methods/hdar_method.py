@@ -14,23 +14,12 @@ Presets
     full-resolution grid (:data:`ACCURATE_FULL_RESOLUTION_STEPS`): the most accurate HDAR, about 1.6 times
     ``refined``'s time (0.197 of SyN fast's, mean Dice 0.7301) and the default.
 
-Before the network, ``prealign`` (default on) fits a 12-parameter affine map of the moving image on the same
-local NCC at 1/4 resolution (under a second on a CPU): the network was trained on LPBA40's rigidly aligned
-space, and the affine residual between two subjects (scale, shear) costs it accuracy.
-
-``refine=N`` adds instance optimisation after the network: a pyramid of corrections (``refine_levels``,
-default 1/4 then 1/2 of the image size), each optimised by N Adam steps on the training loss (local NCC +
-anti-folding smoothness, weight from the model card, default 1.5) and added to the field
-(:func:`hdar_pipeline.hdar.instance.refine_flow`). The coarse level's loss is on the images downsampled to
-it; the finest level's (``refine_similarity="full"``) on the full-resolution images, linearised around the
-warp (:mod:`hdar_pipeline.hdar.block_ncc`), which is where the fine anatomical detail is.
-``refine_diffeomorphic`` composes ``exp(v)`` corrections on the downsampled levels instead.
+How a pair is registered (the affine pre-alignment, the network in the canonical frame of its training data,
+the refinement) is :mod:`hdar_pipeline.hdar.inference`; the method turns its preset and options into one
+:class:`~hdar_pipeline.hdar.inference.InferenceSettings` and loads the weights.
 
 The inputs are expected affinely aligned on the fixed grid (as :func:`~hdar_pipeline.methods.register_pair`
-provides them); a moving image on another grid is resampled onto the fixed grid first. The pair is then
-taken into the canonical frame of the training data (:mod:`hdar_pipeline.hdar.frame`) and rescaled there
-with :func:`~hdar_pipeline.core.images.robust_unit_range`, the function the training data went through, whatever
-intensity range the inputs have.
+provides them); a moving image on another grid is resampled onto the fixed grid first.
 """
 
 from __future__ import annotations
@@ -39,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-
-from hdar_pipeline.core.images import Grid, resample_to, robust_unit_range
-from hdar_pipeline.core.runtime import configure_threads, seed_everything
+from hdar_pipeline.core.images import Grid, resample_to
+from hdar_pipeline.core.runtime import configure_threads, resolve_device, seed_everything
 from hdar_pipeline.core.transforms import Transform
+from hdar_pipeline.hdar.inference import InferenceSettings, register_with_model
 from hdar_pipeline.methods.base import MethodBase
 
 #: Instance-optimisation steps per refinement level of the ``refined`` preset: the most that keep it within a fifth
@@ -64,10 +52,6 @@ DEFAULT_PRESET = "accurate"
 HDAR_PRESETS: dict[str, dict[str, Any]] = {"fast": {"mode": "fast"}, "full": {"mode": "full"},
                                            "refined": {"mode": "fast"}, "accurate": {"mode": "fast"}}
 
-#: Anti-folding smoothness weight of the refinement when the model card names none that applies (HDAR's training
-#: weight; also what a model trained with another smoothness term, e.g. VoxelMorph's diffusion, is refined with).
-REFINE_SMOOTH_WEIGHT = 1.5
-
 
 @dataclass
 class HDARMethod(MethodBase):
@@ -77,41 +61,25 @@ class HDARMethod(MethodBase):
     ----------
     preset : {"fast", "full", "refined", "accurate"}
         Default :data:`DEFAULT_PRESET`.
-    prealign : bool
-        Fit an affine map on local NCC before the network (:func:`hdar_pipeline.hdar.instance.affine_prealign`).
     refine : int, optional
         Instance-optimisation steps on each refinement level after the network (0: none); default: the
         preset's (:data:`REFINED_STEPS` for ``refined``, :data:`ACCURATE_STEPS` for ``accurate``, 0 for the others).
-    refine_levels : tuple of float
-        Resolutions of the refinement levels relative to the image, coarse to fine.
-    refine_lr : float
-        Adam learning rate of the correction, in voxels of each level's grid per step.
-    refine_similarity : {"full", "level"}
-        The finest refinement level's loss: ``"full"`` (default) the local NCC of the full-resolution
-        images, linearised around the warp (:class:`~hdar_pipeline.hdar.block_ncc.LinearisedBlockNCC`;
-        re-warped every 5 steps, windows of 3 correction voxels); ``"level"`` the images downsampled to
-        the level, like the coarser levels.
-    refine_diffeomorphic : bool
-        Compose corrections integrated from stationary velocity fields, ``u o exp(v)``, on every refinement
-        level including the full-resolution one (default), instead of adding displacements ``u + c``. With a
-        diffeomorphic network (stationary-velocity output) the whole chain is then a composition of
-        diffeomorphisms: no folded voxels by construction. Forced on for a diffeomorphic model.
-    refine_smooth_weight : float, optional
-        Weight of the anti-folding smoothness in the refinement loss; default: the model's training weight
-        (model card ``config.training.smooth_weight``, 1.5 when absent or when the model was trained with another
-        smoothness term; :func:`refine_smooth_weight_of`).
-    refine_gradient_sigma : float
-        Gaussian smoothing (sigma, voxels of the level's grid) of the correction's gradient on every refinement
-        level but the finest (:class:`~hdar_pipeline.hdar.instance.RefineLevel`); 0 turns it off. Default 1:
-        +0.0024 mean Dice on three held-out LPBA40 pairs (0.7291 -> 0.7315, each pair better) for about 1 % of
-        the time.
+    prealign, refine_levels, refine_lr, refine_similarity, refine_diffeomorphic, refine_smooth_weight, \
+refine_gradient_sigma
+        Pre-alignment and refinement settings, with their meaning, units and defaults in
+        :class:`~hdar_pipeline.hdar.inference.InferenceSettings` (``prealign``: the affine map on local NCC
+        before the network; ``refine_levels``: resolutions relative to the image, coarse to fine;
+        ``refine_lr``: voxels of each level's grid per step; ``refine_similarity``: ``"full"`` or ``"level"``,
+        the finest level's loss; ``refine_diffeomorphic``: ``exp(v)`` corrections, forced on for a
+        diffeomorphic model; ``refine_smooth_weight``: default the model card's training weight;
+        ``refine_gradient_sigma``: voxels of the level's grid).
     refine_full_resolution : int, optional
         Steps of a last refinement level on the full-resolution grid, after ``refine_levels`` (0: none; default:
-        the preset's, :data:`ACCURATE_FULL_RESOLUTION_STEPS` for ``accurate``, 0 for the others). The
-        correction lives on the fixed brain's box at 1 voxel and is composed as ``exp(v)`` like the others
-        (:func:`~hdar_pipeline.hdar.instance.default_refine_levels`); about 1 s per step plus 1 s once (warping,
-        linearising, integrating) on 2 CPU cores for a 160 x 192 x 160 pair. Needs ``refine > 0`` and
-        ``refine_similarity="full"``.
+        the preset's, :data:`ACCURATE_FULL_RESOLUTION_STEPS` for ``accurate``, 0 for the others, and 0 where
+        the other options leave no room for it: no refinement, ``refine_similarity="level"`` or a finest
+        refinement level already at full resolution). About 1 s per step plus 1 s once on 2 CPU cores for a
+        160 x 192 x 160 pair (:class:`~hdar_pipeline.hdar.inference.InferenceSettings`). Needs ``refine > 0``
+        and ``refine_similarity="full"``.
     weights : str or Path
         A shipped name (``"default"``) or the path of an exported ``.pt`` (model card beside it).
     device : str
@@ -125,6 +93,9 @@ class HDARMethod(MethodBase):
 
     Raises
     ------
+    ValueError
+        At construction, for an unknown preset or settings that
+        :class:`~hdar_pipeline.hdar.inference.InferenceSettings` refuses.
     hdar_pipeline.hdar.weights.NoWeightsError
         At construction, when the requested weights do not exist.
     """
@@ -139,14 +110,14 @@ class HDARMethod(MethodBase):
     preset_refine: ClassVar[dict[str, int]] = {"refined": REFINED_STEPS, "accurate": ACCURATE_STEPS}
     preset_full_resolution: ClassVar[dict[str, int]] = {"accurate": ACCURATE_FULL_RESOLUTION_STEPS}
     preset: str = DEFAULT_PRESET
-    prealign: bool = True
+    prealign: bool = InferenceSettings.prealign
     refine: int | None = None
-    refine_levels: tuple[float, ...] = (0.25, 0.5)
-    refine_lr: float = 0.2
-    refine_similarity: str = "full"
-    refine_diffeomorphic: bool = True
-    refine_smooth_weight: float | None = None
-    refine_gradient_sigma: float = 1.0
+    refine_levels: tuple[float, ...] = InferenceSettings.refine_levels
+    refine_lr: float = InferenceSettings.refine_lr
+    refine_similarity: str = InferenceSettings.refine_similarity
+    refine_diffeomorphic: bool = InferenceSettings.refine_diffeomorphic
+    refine_smooth_weight: float | None = InferenceSettings.refine_smooth_weight
+    refine_gradient_sigma: float = InferenceSettings.refine_gradient_sigma
     refine_full_resolution: int | None = None
     weights: str | Path = "default"
     device: str = "auto"
@@ -159,30 +130,16 @@ class HDARMethod(MethodBase):
             raise ValueError(f"unknown {self.title} preset {self.preset!r}; choose from {sorted(self.presets)}")
         if self.refine is None:
             self.refine = self.preset_refine.get(self.preset, 0)
-        self.refine = int(self.refine)
-        if self.refine < 0:
-            raise ValueError("refine must be >= 0")
         if self.refine_full_resolution is None:
             # the preset's, where the other options leave room for it (a refinement whose finest level is
             # already at full resolution, or on the downsampled images, gets none rather than an error)
-            fits = (self.refine and self.refine_similarity == "full"
-                    and max(float(x) for x in self.refine_levels) < 1.0)
+            fits = (int(self.refine) and self.refine_similarity == "full"
+                    and max((float(x) for x in self.refine_levels), default=1.0) < 1.0)
             self.refine_full_resolution = self.preset_full_resolution.get(self.preset, 0) if fits else 0
-        self.refine_full_resolution = int(self.refine_full_resolution)
-        if self.refine_full_resolution < 0:
-            raise ValueError("refine_full_resolution must be >= 0")
-        if self.refine_full_resolution and not (self.refine and self.refine_similarity == "full"):
-            raise ValueError("refine_full_resolution needs refine > 0 and refine_similarity='full'")
-        self.refine_levels = tuple(float(x) for x in self.refine_levels)
-        if not self.refine_levels or not all(0 < x <= 1 for x in self.refine_levels):
-            raise ValueError(f"refine_levels must be scales in (0, 1], got {self.refine_levels}")
-        if self.refine_similarity not in ("full", "level"):
-            raise ValueError(f"refine_similarity must be 'full' or 'level', got {self.refine_similarity!r}")
-        if self.refine and self.refine_similarity == "full":
-            from hdar_pipeline.hdar.instance import default_refine_levels
-
-            # checks: a finest scale of 1/b, b whole; below 1 when a full-resolution level follows
-            default_refine_levels(self.refine, self.refine_levels, full_resolution_steps=self.refine_full_resolution)
+        settings = self.inference_settings  # checks the settings, once
+        self.refine = settings.refine
+        self.refine_full_resolution = settings.refine_full_resolution
+        self.refine_levels = settings.refine_levels
         self._check_weights()
         self._loaded: Any = None
 
@@ -216,194 +173,23 @@ class HDARMethod(MethodBase):
             self._loaded = (key, load_weights(self.weights, device=device))
         return self._loaded[1]
 
-    def _register(self, fixed, moving, fixed_mask) -> Transform:
-        from hdar_pipeline.hdar.train import resolve_device
+    @property
+    def inference_settings(self) -> InferenceSettings:
+        """The preset's cascade settings and this method's options, as :func:`register_with_model` takes them."""
+        return InferenceSettings(
+            mode=self.presets[self.preset].get("mode", "fast"), prealign=self.prealign, refine=self.refine,
+            refine_levels=self.refine_levels, refine_lr=self.refine_lr, refine_similarity=self.refine_similarity,
+            refine_diffeomorphic=self.refine_diffeomorphic, refine_smooth_weight=self.refine_smooth_weight,
+            refine_gradient_sigma=self.refine_gradient_sigma, refine_full_resolution=self.refine_full_resolution)
 
+    def _register(self, fixed, moving, fixed_mask) -> Transform:
         configure_threads(self.threads)
         seed_everything(self.seed)
         grid = Grid.of(fixed)
         if not Grid.of(moving).same_as(grid, atol=1e-3):
             moving = resample_to(moving, grid, interpolation="linear")
         dev = resolve_device(self.device)
-        transform, self.device_used = register_with_model(
-            self._model(dev), fixed, moving, fixed_mask, mode=self.presets[self.preset].get("mode", "fast"),
-            prealign=self.prealign, refine=self.refine, refine_levels=self.refine_levels, refine_lr=self.refine_lr,
-            refine_similarity=self.refine_similarity, refine_diffeomorphic=self.refine_diffeomorphic,
-            refine_smooth_weight=self.refine_smooth_weight, refine_gradient_sigma=self.refine_gradient_sigma,
-            refine_full_resolution=self.refine_full_resolution, device=dev)
+        transform, self.device_used = register_with_model(self._model(dev), fixed, moving, fixed_mask,
+                                                           settings=self.inference_settings, device=dev)
         return transform
 
-
-def unit_range(img) -> np.ndarray:
-    """An image's intensities as a contiguous float32 array in [0, 1], rescaled by
-    :func:`~hdar_pipeline.core.images.robust_unit_range` (HDAR's one normalisation; idempotent, so an image
-    normalised before is unchanged).
-
-    Parameters
-    ----------
-    img : nibabel image
-
-    Returns
-    -------
-    numpy.ndarray
-        ``float32``, C-contiguous, the image's shape.
-    """
-    return np.ascontiguousarray(robust_unit_range(np.asarray(img.dataobj, dtype=np.float32)))
-
-
-def register_with_model(loaded: Any, fixed, moving, fixed_mask=None, *, mode: str = "fast",
-                        levels: int | None = None, selection: str | None = None, prealign: bool = True,
-                        refine: int = 0, refine_levels: tuple[float, ...] = (0.25, 0.5), refine_lr: float = 0.2,
-                        refine_similarity: str = "full", refine_diffeomorphic: bool = True,
-                        refine_smooth_weight: float | None = None, refine_gradient_sigma: float = 1.0,
-                        refine_full_resolution: int = 0, device: Any = None) -> tuple[Transform, str]:
-    """Register an aligned pair with an already loaded HDAR model (the core of :class:`HDARMethod`).
-
-    An affine pre-alignment (``prealign``, :func:`~hdar_pipeline.hdar.instance.affine_prealign`) comes
-    first; the network runs without gradients on the pre-aligned moving image, its fields on its finest
-    level's grid (``resolution="level"``); ``refine`` steps per level of
-    :func:`~hdar_pipeline.hdar.instance.refine_flow` follow (smoothness weight from the model card's
-    training config, default 1.5). One :class:`~hdar_pipeline.hdar.instance.ImagePyramid` per image feeds
-    all of them. All run in the canonical frame of the training data (:func:`frame_for`,
-    :mod:`hdar_pipeline.hdar.frame`: the card's axis order, e.g. ``"LPS"``, voxel size and box, centred on the
-    fixed brain), and the field is mapped back onto the fixed image's grid once.
-    Threads, seeds and the random-selection generator are left as the caller set them.
-
-    Parameters
-    ----------
-    loaded : hdar_pipeline.hdar.weights.LoadedWeights
-        The model (on its device), its card, name and SHA-256.
-    fixed, moving : nibabel image
-        On the same grid (the moving image already resampled onto the fixed grid).
-    fixed_mask : nibabel image, optional
-        Brain mask on the fixed grid for patch placement.
-    mode : {"fast", "full"}
-        The cascade's inference mode.
-    levels : int, optional
-        Run only the first ``levels`` sub-networks (default: all).
-    selection : {"attention", "random"}, optional
-        Fast mode's patch ranking (default: the model's).
-    prealign : bool
-        Fit an affine map on local NCC before the network.
-    refine : int
-        Instance-optimisation steps per refinement level (0: none).
-    refine_levels : tuple of float
-        The levels' resolutions relative to the image, coarse to fine.
-    refine_lr : float
-        Adam's learning rate on every level.
-    refine_similarity : {"full", "level"}
-        The finest refinement level's loss (see :class:`HDARMethod`).
-    refine_diffeomorphic : bool
-        Compose ``exp(v)`` corrections (forced for a diffeomorphic model) instead of adding them.
-    refine_smooth_weight : float, optional
-        The refinement's anti-folding smoothness weight (default :func:`refine_smooth_weight_of` the model card:
-        its training weight when it trained with the anti-folding term, else 1.5).
-    refine_gradient_sigma : float
-        Gradient smoothing on the refinement levels coarser than the finest (see :class:`HDARMethod`).
-    refine_full_resolution : int
-        Steps of a last refinement level on the full-resolution grid (0: none; see :class:`HDARMethod`).
-    device : torch.device, optional
-        Where the model is (default: the device of its parameters).
-
-    Returns
-    -------
-    (Transform, str)
-        The transform (weights' name, SHA-256, device and refine steps in its metadata) and the device used
-        (``"cpu"``, ``"cuda:N"``).
-
-    Raises
-    ------
-    ValueError
-        ``fixed_mask`` is not on the fixed image's grid.
-    """
-    import torch
-
-    from hdar_pipeline.hdar.frame import brain_box, normalise_in_frame
-    from hdar_pipeline.hdar.instance import ImagePyramid, affine_prealign, default_refine_levels, refine_flow
-    from hdar_pipeline.hdar.layers import SpatialTransformer, compose_flows, resize_flow
-
-    model = loaded.model
-    dev = next(model.parameters()).device if device is None else device
-    grid = Grid.of(fixed)
-    if not Grid.of(moving).same_as(grid, atol=1e-3):
-        raise ValueError("register_with_model: the moving image must lie on the fixed grid")
-    fixed_arr = np.asarray(fixed.dataobj, dtype=np.float32)
-    mask = None
-    if fixed_mask is not None:
-        mask = np.asarray(fixed_mask.dataobj) > 0
-        if mask.shape != grid.shape:
-            raise ValueError(f"fixed_mask shape {mask.shape} does not match the fixed image {grid.shape}")
-    # The network and the refinement run in the canonical frame of the training data (model card):
-    # its axis order and voxel size, a box of its shape centred on the fixed brain. The field comes back
-    # onto the fixed grid once, at the end.
-    frame = frame_for(loaded.card, grid, brain_box(fixed_arr, mask))
-    ft = normalise_in_frame(frame.to_canonical(fixed_arr, device=dev))
-    mt = normalise_in_frame(frame.to_canonical(np.asarray(moving.dataobj, dtype=np.float32), device=dev))
-    mk = None if mask is None else frame.to_canonical(mask.astype(np.float32), interpolation="nearest",
-                                                      device=dev) > 0.5
-    shape = tuple(ft.shape[2:])
-    fp, mp = ImagePyramid(ft), ImagePyramid(mt)
-    # The cascade keeps its fields on its finest level's grid (S1's alone, 1/2 with S2) and the refinement
-    # carries them on, so the only full-resolution field operation is the final upsampling.
-    work = model.work_grid(shape, levels)
-    s1 = model.config.s1_size(shape)
-    with torch.no_grad():
-        pre = affine_prealign(fp, mp, out_shape=work) if prealign else None
-        inputs = {size: mp.at(size) for size in (s1, work)}
-        if pre is not None:
-            # The pre-aligned moving image at the network's two input resolutions. (Handing the network
-            # the original image and the affine map as a starting field, i.e. one interpolation instead
-            # of two, measured 0.01 lower Dice on LPBA40 pairs with the shipped weights.)
-            warp = SpatialTransformer("bilinear", "zeros")
-            inputs = {size: warp(image, resize_flow(pre, size)) for size, image in inputs.items()}
-        out = model(ft, mt, mask=mk, mode=mode, levels=levels, selection=selection, resolution="level",
-                    s1_inputs=(fp.at(s1), inputs[s1]), work_inputs=(fp.at(work), inputs[work]))
-        flow = out.levels[-1].flow.float()
-        if pre is not None:
-            flow = compose_flows(pre, flow)
-    if refine:
-        pyramid = default_refine_levels(refine, refine_levels, lr=refine_lr, similarity=refine_similarity,
-                                        coarse_gradient_sigma=refine_gradient_sigma,
-                                        full_resolution_steps=refine_full_resolution)
-        weight = refine_smooth_weight if refine_smooth_weight is not None else refine_smooth_weight_of(loaded.card)
-        flow = refine_flow(fp, mp, flow, pyramid, smooth_weight=float(weight),
-                           diffeomorphic=bool(refine_diffeomorphic or model.config.diffeomorphic), out_shape=shape)
-    with torch.no_grad():
-        field = frame.field_to_fixed(resize_flow(flow, shape))
-    device_used = str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}"
-    return Transform(grid, field=field, metadata=dict(
-        weights_sha256=loaded.sha256, weights=loaded.name, device=device_used, refine_steps=int(refine),
-        refine_full_resolution_steps=int(refine_full_resolution),
-        prealign=bool(prealign), frame={"shape": list(frame.grid.shape), "exact": frame.exact,
-                                        "voxel_size_mm": [float(v) for v in frame.grid.spacing]})), device_used
-
-
-def refine_smooth_weight_of(card: dict) -> float:
-    """The refinement's default anti-folding smoothness weight for a model card: the weight the model was trained
-    with when its training used the anti-folding term (HDAR's cards; cards without ``smoothness`` did), else
-    :data:`REFINE_SMOOTH_WEIGHT` (a weight of another term, such as VoxelMorph's diffusion weight of 1, does not
-    carry over)."""
-    config = card.get("config") if isinstance(card.get("config"), dict) else {}
-    training = config.get("training") if isinstance(config.get("training"), dict) else {}
-    if (training.get("smoothness") or "anti_folding") != "anti_folding":
-        return REFINE_SMOOTH_WEIGHT
-    return float(training.get("smooth_weight", REFINE_SMOOTH_WEIGHT))
-
-
-def frame_for(card: dict, grid: Grid, box) -> Any:
-    """The canonical frame (:func:`~hdar_pipeline.hdar.frame.canonical_frame`) of the model card's training
-    data (``data.orientation``, ``data.voxel_size_mm``, ``data.grid_shape``) for a fixed ``grid`` and its
-    brain ``box``. What the card does not say is taken from the fixed grid (its own axis order, voxel size
-    or shape), so a card that describes no training data runs the network on the fixed grid as it is."""
-    import nibabel as nib
-
-    from hdar_pipeline.hdar.frame import canonical_frame
-
-    data = card.get("data") if isinstance(card.get("data"), dict) else {}
-    own = nib.orientations.io_orientation(grid.affine)
-    codes = data.get("orientation") or "".join(nib.orientations.ornt2axcodes(own))
-    order = [int(np.nonzero(own[:, 0] == w)[0][0]) for w in nib.orientations.axcodes2ornt(tuple(codes))[:, 0]]
-    voxel = data.get("voxel_size_mm") or [float(grid.spacing[a]) for a in order]
-    shape = data.get("grid_shape") or [int(grid.shape[a]) for a in order]
-    return canonical_frame(grid, box, orientation=codes, voxel_size=voxel, shape=shape,
-                           fit_brain=bool(data.get("grid_shape")))

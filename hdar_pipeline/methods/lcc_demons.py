@@ -65,7 +65,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from hdar_pipeline.core.images import Grid
-from hdar_pipeline.core.runtime import configure_threads
+from hdar_pipeline.core.runtime import configure_threads, resolve_device
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods.base import MethodBase
 
@@ -158,8 +158,6 @@ class LCCDemonsMethod(MethodBase):
 
     def _register(self, fixed, moving, fixed_mask) -> Transform:
         import torch
-
-        from hdar_pipeline.hdar.train import resolve_device
 
         if fixed_mask is not None:
             warnings.warn("LCCDemonsMethod ignores fixed_mask (the local correlation is computed on the whole grid); "

@@ -3,7 +3,7 @@ as a registration method.
 
 The network (:mod:`hdar_pipeline.hdar.voxelmorph_net`) is trained with ``hdar train --network voxelmorph`` on the same
 data, augmentation, schedule and resolution as HDAR, and runs through HDAR's inference path
-(:func:`~hdar_pipeline.methods.hdar_method.register_with_model`): the same canonical frame, the same affine pre-alignment
+(:func:`~hdar_pipeline.hdar.inference.register_with_model`): the same canonical frame, the same affine pre-alignment
 and, with ``refined``, the same instance optimisation. Only the network differs, so the two are compared like for
 like.
 
