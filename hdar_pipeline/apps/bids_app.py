@@ -42,9 +42,27 @@ log = logging.getLogger("hdar_pipeline.app")
 EXIT_OK, EXIT_FAILED_SUBJECTS, EXIT_ERROR = 0, 3, 1
 
 
+def _method_preset_fields(cls: type) -> type:
+    """Give the options class a field ``<method>_preset: str = <its default preset>`` after ``methods`` for every
+    registered method with presets (the BIDS App's ``--<method>-preset``; :mod:`hdar_pipeline.methods.registry`)."""
+    from hdar_pipeline.methods.registry import specs_with_presets
+
+    annotations: dict[str, Any] = {}
+    for name, annotation in cls.__annotations__.items():
+        annotations[name] = annotation
+        if name == "methods":
+            for spec in specs_with_presets():
+                annotations[f"{spec.name}_preset"] = "str"
+                setattr(cls, f"{spec.name}_preset", spec.default_preset)
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass
+@_method_preset_fields
 class AppOptions:
-    """Everything the app's command line sets (see ``hdar-pipeline --help``)."""
+    """Everything the app's command line sets (see ``hdar-pipeline --help``); one ``<method>_preset`` field per
+    method with presets (e.g. ``syn_preset``, ``hdar_preset``) follows ``methods``."""
 
     bids_dir: Path
     output_dir: Path
@@ -59,11 +77,6 @@ class AppOptions:
     atlas_resolution: float = 1.0
     labels_dir: Path | None = None
     methods: list[str] = field(default_factory=lambda: ["hdar", "syn", "demons"])
-    syn_preset: str = "fast"
-    hdar_preset: str = "accurate"  # hdar_pipeline.methods.hdar_method.DEFAULT_PRESET (a test holds them equal)
-    lccdemons_preset: str = "default"
-    fireants_preset: str = "greedy"  # hdar_pipeline.methods.fireants.DEFAULT_PRESET
-    voxelmorph_preset: str = "refined"  # hdar_pipeline.methods.voxelmorph_method.DEFAULT_PRESET (a test holds them equal)
     device: str = "auto"
     nprocs: int | None = None
     omp_nthreads: int | None = None
@@ -1341,8 +1354,9 @@ def write_citation(out: Path, atlas: Atlas, opts: AppOptions, records: Sequence[
 
 def method_presets(opts: AppOptions) -> dict[str, str]:
     """The preset of each method that has app options for one (``--<method>-preset``)."""
-    return {"syn": opts.syn_preset, "hdar": opts.hdar_preset, "lccdemons": opts.lccdemons_preset,
-            "fireants": opts.fireants_preset, "voxelmorph": opts.voxelmorph_preset}
+    from hdar_pipeline.methods.registry import specs_with_presets
+
+    return {s.name: getattr(opts, f"{s.name}_preset") for s in specs_with_presets()}
 
 
 def _planned_parameters(opts: AppOptions) -> tuple[dict[str, dict], dict[str, str]]:

@@ -11,6 +11,7 @@ from typing import Sequence
 from hdar_pipeline._version import __version__
 from hdar_pipeline.apps.cli import (_Parser, non_negative_float, non_negative_int, one_line, positive_float,
       positive_int)
+from hdar_pipeline.methods.registry import method_names, specs_with_presets
 
 
 class _AppHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,33 +85,11 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     g.add_argument("--atlas-resolution", type=positive_float, default=1.0, metavar="MM",
                    help="voxel size of the embedded template")
     g = p.add_argument_group("registration")
-    g.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
-                   choices=["hdar", "syn", "demons", "lccdemons", "fireants", "voxelmorph", "affine"],
+    g.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"], choices=method_names(),
                    help="registration methods run on every subject")
-    g.add_argument("--syn-preset", choices=["fast", "quality"], default="fast",
-                   help="ANTs SyN: fast (antspyx's SyN defaults, Mattes MI) or quality (antsRegistrationSyN.sh's "
-                        "deformable stage, CC)")
-    g.add_argument("--lccdemons-preset", choices=["default", "fast"], default="default",
-                   help="LCC-Demons: default (the paper's parameters: 30/20/10 iterations at shrink 4/2/1, sigma_LCC 3, "
-                        "fluid 0.5, diffusion 1.0 voxels) or fast (the two coarse levels only)")
-    # the default is hdar_pipeline.methods.fireants.DEFAULT_PRESET
-    g.add_argument("--fireants-preset", choices=["greedy", "syn"], default="greedy",
-                   help="FireANTs (pip install 'hdar-pipeline[fireants]', then pip install --no-deps fireants==1.5.0): "
-                        "greedy (default: GreedyRegistration, 200/100/50 iterations at scales 4/2/1, CC window 7) or "
-                        "syn (SyNRegistration, 100/75/50 iterations, CC window 5): the settings of FireANTs' LPBA40 "
-                        "experiment")
-    # the default is hdar_pipeline.methods.hdar_method.DEFAULT_PRESET (a test holds them equal; not imported here so
-    # that `--help` does not load the library)
-    g.add_argument("--hdar-preset", choices=["fast", "full", "refined", "accurate"], default="accurate",
-                   help="HDAR: accurate (default: fast plus 30 diffeomorphic instance-optimisation steps per level "
-                        "and 2 at full resolution, the most accurate within a fifth of SyN fast's time), refined (25 "
-                        "steps per level, none at full resolution: 0.6 times as long, slightly less accurate), fast "
-                        "(the network on the hardest patches) or full (on a sliding window)")
-    # the default is hdar_pipeline.methods.voxelmorph_method.DEFAULT_PRESET (a test holds them equal)
-    g.add_argument("--voxelmorph-preset", choices=["refined", "fast"], default="refined",
-                   help="VoxelMorph: refined (default: the network, then HDAR's accurate refinement: 30 steps per "
-                        "level and 2 at full resolution) or fast (the network alone, after the same affine "
-                        "pre-alignment)")
+    for spec in specs_with_presets():  # --<method>-preset, AppOptions' <method>_preset
+        g.add_argument(f"--{spec.name}-preset", choices=list(spec.presets), default=spec.default_preset,
+                       help=spec.preset_help())
     g.add_argument("--no-preprocess", dest="preprocess", action="store_false",
                    help="skip N4, brain extraction and the affine to the atlas (the affine stage of each "
                         "method still runs)")

@@ -72,6 +72,8 @@ def non_negative_float(text: str) -> float:
 
 
 def _add_register(sub: argparse._SubParsersAction) -> None:
+    from hdar_pipeline.methods.registry import DEFAULT_METHOD, method_names, presets_help
+
     p = sub.add_parser(
         "register", help="register one moving image to a fixed image",
         description="Register MOVING onto FIXED and write the warped image, the warped labels, ITK "
@@ -79,18 +81,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed", help="fixed (atlas) image: NIfTI, MGZ or Analyze")
     p.add_argument("moving", help="moving (subject) image")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
-    p.add_argument("--method", choices=["affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"],
-                   default="syn")
-    p.add_argument("--preset", default=None,
-                   help="method preset: syn fast|quality (default fast), lccdemons default|fast (default: the LCC-Demons "
-                        "paper's parameters; fast: the two coarse levels only), fireants greedy|syn (default greedy: "
-                        "FireANTs' GreedyRegistration, syn: its SyNRegistration, both with the settings of FireANTs' "
-                        "LPBA40 experiment), hdar accurate|refined|fast|full (default "
-                        "accurate: the network then 30 diffeomorphic refinement steps per level and 2 at full "
-                        "resolution, the most accurate within a fifth of SyN fast's time; refined: 25 per level, "
-                        "none at full resolution, 0.6 times as long; fast: the network alone), voxelmorph "
-                        "refined|fast (default refined: the network then HDAR's accurate refinement; fast: the "
-                        "network alone)")
+    p.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD)
+    p.add_argument("--preset", default=None, help=presets_help())
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
     p.add_argument("--inverse", action="store_true",
@@ -139,9 +131,12 @@ def _method_options(args: argparse.Namespace) -> dict | None:
                if getattr(args, k, None) is not None}
     if "refine_levels" in options:
         options["refine_levels"] = tuple(options["refine_levels"])
-    if options and args.method not in ("hdar", "voxelmorph"):
-        raise ValueError(f"--{' and --'.join(k.replace('_', '-') for k in options)} only apply to --method hdar "
-                         "and voxelmorph")
+    from hdar_pipeline.methods.registry import method_specs
+
+    learned = [s.name for s in method_specs() if s.learned]
+    if options and args.method not in learned:
+        raise ValueError(f"--{' and --'.join(k.replace('_', '-') for k in options)} only apply to --method "
+                         f"{' and '.join(learned)}")
     return options or None
 
 
@@ -176,6 +171,8 @@ def _run_register(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from hdar_pipeline.methods.registry import method_names
+
     p = sub.add_parser("demo", help="run the BIDS App on an embedded synthetic cohort (no network)",
                        description="Write a small synthetic BIDS cohort (made from the MNI152 template nilearn "
                                    "ships), run the hdar-pipeline participant and group levels on it, and print "
@@ -184,7 +181,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="hdar-demo", help="output folder (default ./hdar-demo)")
     p.add_argument("--subjects", type=positive_int, default=3, help="number of synthetic subjects (default 3)")
     p.add_argument("--methods", nargs="+", default=["hdar", "syn", "demons"],
-                   choices=["affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"],
+                   choices=method_names(),
                    help="methods (default hdar syn demons; hdar and voxelmorph are left out, with a note, when their "
                         "weights do not ship)")
     p.add_argument("--seed", type=non_negative_int, default=0)

@@ -19,15 +19,18 @@ DEFAULT_METHODS = ("hdar", "syn", "demons")
 
 
 def available_methods(methods: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``methods`` split into those that can run here and notes on those left out (HDAR or VoxelMorph without
-    their shipped weights)."""
+    """``methods`` split into those that can run here and notes on those left out (the learned methods, HDAR and
+    VoxelMorph, without their shipped weights)."""
+    from hdar_pipeline.methods.registry import specs_by_name
+
+    specs = specs_by_name()
     keep, notes = [], []
     for m in methods:
-        if m in ("hdar", "voxelmorph"):
+        if m in specs and specs[m].learned:
             from hdar_pipeline.hdar.weights import NoWeightsError, resolve_weights
 
             try:
-                resolve_weights("default" if m == "hdar" else "voxelmorph")
+                resolve_weights(specs[m].default_weights)
             except NoWeightsError as exc:
                 notes.append(f"{m} left out: {exc}")
                 continue

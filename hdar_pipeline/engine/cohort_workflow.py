@@ -10,7 +10,8 @@ from typing import Sequence
 from fileformats.generic import File
 from pydra.compose import workflow
 
-from hdar_pipeline.methods import METHODS, model_identity
+from hdar_pipeline.methods import model_identity
+from hdar_pipeline.methods.registry import method_names
 from hdar_pipeline.engine.pydra_tasks import (
     CollectRecords,
     EvaluateSubject,
@@ -169,9 +170,10 @@ def init_cohort_wf(
     methods = [str(m) for m in methods]
     if not methods:
         raise ValueError("init_cohort_wf needs at least one method")
-    unknown = [m for m in methods if m not in METHODS]
+    known = method_names()
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     default_presets = dict(presets or {})
     default_reference = reference or ("hdar" if "hdar" in methods else methods[0])
     default_models = {m: model_identity(m) for m in methods}

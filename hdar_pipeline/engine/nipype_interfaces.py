@@ -33,6 +33,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from hdar_pipeline.methods.registry import DEFAULT_METHOD, method_names, presets_text
+
 __all__ = ["ApplyTransform", "Evaluate", "Register"]
 
 
@@ -47,10 +49,10 @@ class RegisterInputSpec(BaseInterfaceInputSpec):
     fixed_image = File(exists=True, mandatory=True, desc="fixed image (the atlas); outputs lie on its grid")
     moving_image = File(exists=True, mandatory=True, desc="moving image (the subject)")
     moving_labels = File(exists=True, desc="labels of the moving image, warped with nearest neighbour")
-    method = traits.Enum("syn", "demons", "affine", "hdar", "lccdemons", "voxelmorph", "fireants", usedefault=True,
+    # the registry's methods, its default first (an Enum's default)
+    method = traits.Enum(DEFAULT_METHOD, *[m for m in method_names() if m != DEFAULT_METHOD], usedefault=True,
                          desc="registration method")
-    preset = traits.Str(desc="method preset (syn: fast or quality; lccdemons: default or fast; fireants: greedy or "
-                             "syn; hdar: fast, full, refined or accurate; voxelmorph: refined or fast)")
+    preset = traits.Str(desc=f"method preset ({presets_text()})")
     affine = traits.Bool(True, usedefault=True, desc="run the affine stage before a deformable method")
     seed = traits.Int(desc="random seed (numpy, torch, ANTS_RANDOM_SEED)")
     num_threads = traits.Int(desc="worker threads (ITK, torch)")
@@ -68,7 +70,8 @@ class RegisterOutputSpec(TraitedSpec):
 
 
 class Register(BaseInterface):
-    """Register a moving image to a fixed image (affine, ANTs SyN, Demons or HDAR)."""
+    """Register a moving image to a fixed image with a registered method (default
+    :data:`~hdar_pipeline.methods.registry.DEFAULT_METHOD`)."""
 
     input_spec = RegisterInputSpec
     output_spec = RegisterOutputSpec

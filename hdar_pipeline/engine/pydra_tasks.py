@@ -38,6 +38,7 @@ from fileformats.generic import Directory, File
 from pydra.compose import python
 from pydra.utils.typing import MultiInputObj
 
+from hdar_pipeline.methods.registry import DEFAULT_METHOD, method_names, presets_text
 from hdar_pipeline.pipeline import subject_steps as cohort
 
 __all__ = [
@@ -58,14 +59,24 @@ def _file(path) -> File | None:
     return None if path in (None, "") else File(path)
 
 
+def _method_docs(func):
+    """Fill ``{methods}``, ``{default}`` and ``{presets}`` in a task's docstring from the method registry (before Pydra reads
+    it)."""
+    names = method_names()
+    func.__doc__ = func.__doc__.format(methods=", ".join(names[:-1]) + " or " + names[-1], presets=presets_text(),
+                                       default=DEFAULT_METHOD)
+    return func
+
+
 # ----------------------------------------------------------------------------- step tasks (raise)
 
 
 @python.define(outputs=["record", "warped", "warped_labels", "transform"])
+@_method_docs
 def Register(
     fixed: File,
     moving: File,
-    method: str = "syn",
+    method: str = DEFAULT_METHOD,
     moving_labels: File | None = None,
     preset: str | None = None,
     affine: bool = True,
@@ -78,10 +89,9 @@ def Register(
     Args:
         fixed: Fixed image (the atlas); the outputs lie on its grid.
         moving: Moving image (the subject).
-        method: Registration method: affine, syn, demons, lccdemons, fireants, hdar or voxelmorph.
+        method: Registration method: {methods} (default {default}, the registry's DEFAULT_METHOD).
         moving_labels: Label map of the moving image, warped with nearest neighbour.
-        preset: Method preset (syn: fast or quality; lccdemons: default or fast; fireants: greedy or syn; hdar:
-            fast, full, refined or accurate; voxelmorph: refined or fast).
+        preset: Method preset ({presets}).
         affine: Run the affine stage before a deformable method.
         seed: Random seed (numpy, torch, ANTS_RANDOM_SEED).
         threads: Worker threads (ITK, torch); None keeps the library defaults.
@@ -297,6 +307,7 @@ def PreprocessSubject(
 
 
 @python.define(outputs=["record", "warped", "warped_labels", "transform"])
+@_method_docs
 def RegisterSubject(
     atlas: File,
     method: str,
@@ -320,7 +331,7 @@ def RegisterSubject(
 
     Args:
         atlas: The atlas (fixed image).
-        method: Registration method: affine, syn, demons, lccdemons, fireants, hdar or voxelmorph.
+        method: Registration method: {methods}.
         subject: Subject identifier (default: preprocessed's).
         t1w: The subject's T1w image (default: preprocessed's).
         session: Session identifier (default: preprocessed's).

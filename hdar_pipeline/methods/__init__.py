@@ -2,43 +2,52 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import nibabel as nib
 
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods.base import MethodBase, RegistrationMethod
+from hdar_pipeline.methods.registry import DEFAULT_METHOD, method_names, method_spec, specs_by_name
 
-METHODS = ("affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph")
-
+#: The registered methods' names, in registry order (:mod:`.registry`); read from the registry when asked for.
+METHODS: tuple[str, ...]
 #: The learned methods: they load trained weights (a shipped name by default) and take HDAR's options.
-LEARNED_METHODS = ("hdar", "voxelmorph")
+LEARNED_METHODS: tuple[str, ...]
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # METHODS and LEARNED_METHODS: built when asked for, so that a method registered after this import is included
+    if name == "METHODS":
+        return tuple(method_names())
+    if name == "LEARNED_METHODS":
+        return tuple(s.name for s in specs_by_name().values() if s.learned)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_method(name: str, *, preset: str | None = None, seed: int | None = None, threads: int | None = None,
                device: str | None = None, options: dict[str, Any] | None = None) -> RegistrationMethod:
-    """Build a registration method by name.
+    """Build a registration method by name (from its :class:`~hdar_pipeline.methods.registry.MethodSpec`).
 
     Parameters
     ----------
-    name : {"affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"}
+    name : str
+        A registered method (:data:`METHODS`: ``"affine"``, ``"syn"``, ``"demons"``, ``"lccdemons"``,
+        ``"fireants"``, ``"hdar"``, ``"voxelmorph"``).
     preset : str, optional
-        ``syn``: ``"fast"`` (default) or ``"quality"``; ``lccdemons``: ``"default"`` (the paper's parameters) or
-        ``"fast"``; ``fireants``: ``"greedy"`` (default) or ``"syn"`` (FireANTs' LPBA40 settings); ``hdar``:
-        ``"accurate"`` (default), ``"refined"``, ``"fast"`` or ``"full"``; ``voxelmorph``:
-        ``"refined"`` (default: the network, then HDAR's ``accurate`` refinement) or ``"fast"`` (the network alone).
-        ``affine`` and ``demons`` have none (``None`` or ``"default"``).
+        One of the method's presets (``hdar register --help``), ``None`` for its default; a method without presets
+        takes ``None`` or ``"default"``.
     seed : int, optional
         Seeds the method (``ANTS_RANDOM_SEED`` for the ANTs methods; Demons is deterministic).
     threads : int, optional
         Worker threads (ITK, torch); ``None`` keeps the library defaults.
     device : str, optional
-        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; used by ``hdar``, ``voxelmorph``, ``lccdemons`` and ``fireants``
-        (PyTorch).
+        ``"auto"`` (default), ``"cpu"`` or ``"cuda[:N]"``; used by the methods that run on one (PyTorch:
+        ``hdar``, ``voxelmorph``, ``lccdemons``, ``fireants``).
     options : dict, optional
         Method-specific settings passed to the method's constructor, e.g. for ``hdar`` (and ``voxelmorph``)
-        ``{"weights": "model.pt", "refine": 50}``. An option the method does not have is an error.
+        ``{"weights": "model.pt", "refine": 50}``; ``None`` values are ignored. An option the method does not
+        have is an error.
 
     Returns
     -------
@@ -47,74 +56,13 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     Raises
     ------
     ValueError
-        Unknown method or preset.
+        Unknown method, preset or option.
     NotImplementedError
-        ``"hdar"`` while :mod:`hdar_pipeline.methods.hdar_method` is not part of the installation; ``"fireants"`` while
-        FireANTs is not installed (:class:`~hdar_pipeline.methods.fireants.FireANTsNotInstalled`, also an
-        ``ImportError``).
+        ``"fireants"`` while FireANTs is not installed (:class:`~hdar_pipeline.methods.fireants.FireANTsNotInstalled`,
+        also an ``ImportError``).
     """
-    if name in ("affine", "demons") and preset not in (None, "default"):
-        raise ValueError(f"method {name!r} has no presets (got preset {preset!r})")
     opts = {k: v for k, v in (options or {}).items() if v is not None}
-    if opts:
-        return _with_options(get_method(name, preset=preset, seed=seed, threads=threads, device=device)
-                             if name not in LEARNED_METHODS else None, name, preset, seed, threads, device, opts)
-    if name == "affine":
-        from hdar_pipeline.methods.affine import AffineMethod
-
-        return AffineMethod(seed=seed, threads=threads)
-    if name == "syn":
-        from hdar_pipeline.methods.syn import SyNMethod
-
-        return SyNMethod(preset=preset or "fast", seed=seed, threads=threads)
-    if name == "demons":
-        from hdar_pipeline.methods.demons import DemonsMethod
-
-        return DemonsMethod(threads=threads, seed=seed)
-    if name == "lccdemons":
-        from hdar_pipeline.methods.lcc_demons import DEFAULT_PRESET as LCC_DEFAULT, LCCDemonsMethod
-
-        return LCCDemonsMethod(preset=preset or LCC_DEFAULT, seed=seed, threads=threads, device=device or "auto")
-    if name == "fireants":
-        from hdar_pipeline.methods.fireants import DEFAULT_PRESET as FIREANTS_DEFAULT, FireANTsMethod
-
-        return FireANTsMethod(preset=preset or FIREANTS_DEFAULT, seed=seed, threads=threads, device=device or "auto")
-    if name == "hdar":
-        if importlib.util.find_spec(f"{__name__}.hdar_method") is None:
-            raise NotImplementedError(
-                "the HDAR method is not available in this version: the network and its trained weights "
-                "arrive with the HDAR issue; use --method syn or demons")
-        from hdar_pipeline.methods.hdar_method import DEFAULT_PRESET, HDARMethod
-
-        return HDARMethod(preset=preset or DEFAULT_PRESET, seed=seed, threads=threads, device=device or "auto")
-    if name == "voxelmorph":
-        from hdar_pipeline.methods.voxelmorph_method import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod
-
-        return VoxelMorphMethod(preset=preset or VXM_DEFAULT, seed=seed, threads=threads, device=device or "auto")
-    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-
-
-def _with_options(method, name, preset, seed, threads, device, opts: dict[str, Any]) -> RegistrationMethod:
-    """Rebuild ``name`` with extra constructor options (checked against the method's fields)."""
-    import dataclasses
-
-    if name == "hdar":
-        from hdar_pipeline.methods.hdar_method import DEFAULT_PRESET, HDARMethod as cls
-
-        base = dict(preset=preset or DEFAULT_PRESET, seed=seed, threads=threads, device=device or "auto")
-    elif name == "voxelmorph":
-        from hdar_pipeline.methods.voxelmorph_method import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod as cls  # type: ignore[assignment]
-
-        base = dict(preset=preset or VXM_DEFAULT, seed=seed, threads=threads, device=device or "auto")
-    else:
-        cls = type(method)
-        base = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(opts) - allowed)
-    if unknown:
-        raise ValueError(f"method {name!r} has no option(s) {', '.join(unknown)}; its options: "
-                         f"{', '.join(sorted(allowed))}")
-    return cls(**{**base, **opts})
+    return method_spec(name).build(preset=preset, seed=seed, threads=threads, device=device, options=opts)
 
 
 #: The affine stages :func:`register_pair` and the preprocessing can run.
@@ -206,11 +154,12 @@ def model_identity(method: str) -> str:
     shipped default weights' ``"<name>@sha256:<hex>"`` (for ``"voxelmorph"`` the shipped ``voxelmorph`` weights';
     ``""`` when none ship), ``""`` for the classical methods. Workflows pass it to registration tasks so that
     cached results follow the weights."""
-    if method not in LEARNED_METHODS:
+    spec = specs_by_name().get(method)
+    if spec is None or not spec.learned:
         return ""
     from hdar_pipeline.hdar.weights import weights_identity
 
-    return weights_identity("voxelmorph" if method == "voxelmorph" else "default")
+    return weights_identity(spec.default_weights)
 
 
 def _stage(method: MethodBase) -> dict[str, Any]:
@@ -225,5 +174,5 @@ def _same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialIm
     return Grid.of(a).same_as(Grid.of(b), atol=1e-3)
 
 
-__all__ = ["AFFINE_METHODS", "LEARNED_METHODS", "METHODS", "MethodBase", "RegistrationMethod", "affine_stage",
+__all__ = ["AFFINE_METHODS", "DEFAULT_METHOD", "LEARNED_METHODS", "METHODS", "MethodBase", "RegistrationMethod", "affine_stage",
            "get_method", "model_identity", "register_pair"]

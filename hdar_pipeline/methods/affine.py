@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import ants
+from typing import Any, ClassVar, Mapping
 
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods._ants import ants_workdir, as_ants_float, as_ants_mask, transform_from_ants
 from hdar_pipeline.methods.base import MethodBase
+from hdar_pipeline.methods.registry import BenchmarkVariant, MethodSpec
+from hdar_pipeline.methods.text import ALWAYS_SKIPPED, AVANTS2011, SentenceContext, other_parameters, value_text
 
 
 #: The fewest voxels along any axis a resolution level may keep. Below it the level has too few samples for the
@@ -77,6 +77,8 @@ class AffineMethod(MethodBase):
     threads: int | None = None
 
     def _register(self, fixed, moving, fixed_mask) -> Transform:
+        import ants  # antspyx takes seconds to import: only when a registration runs
+
         shrinks, sigmas = level_schedule(self.shrink_factors, self.smoothing_sigmas_vox,
                                          [fixed.shape, moving.shape])
         with ants_workdir(self.threads, self.seed) as prefix:
@@ -92,3 +94,29 @@ class AffineMethod(MethodBase):
             transform = transform_from_ants(affine["fwdtransforms"], fixed)
         transform.metadata["schedule"] = {"shrink_factors": list(shrinks), "smoothing_sigmas_vox": list(sigmas)}
         return transform
+
+
+def describe(params: Mapping[str, Any], preset: str, context: SentenceContext) -> str:
+    """The methods paragraph's sentence on the affine registration (see :class:`~.registry.MethodSpec`)."""
+    cite = context.cite
+    used = set(ALWAYS_SKIPPED)
+    details = []
+    for key, what in (("rigid_iterations", "rigid iterations"), ("affine_iterations", "affine iterations"),
+                      ("shrink_factors", "shrink factors"), ("smoothing_sigmas_vox", "smoothing sigmas (voxels)")):
+        if params.get(key) is not None:
+            details.append(f"{what} {value_text(params[key])}")
+            used.add(key)
+    if params.get("sampling_rate") is not None:
+        details.append(f"{100 * float(params['sampling_rate']):g} % of the voxels sampled for the metric")
+        used.add("sampling_rate")
+    text = ("Each image was aligned to the atlas with a rigid and then an affine registration, both driven by "
+            f"Mattes mutual information, with `antsRegistration` through ANTsPy{context.version('antspyx')}")
+    text += (f" ({'; '.join(details)}; {cite.inner('avants2011')})." if details else f" {cite('avants2011')}.")
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + other_parameters(params, used)
+
+
+SPEC = MethodSpec(
+    name="affine", title="Affine (ANTs)", method_class=AffineMethod, describe=describe, references=(AVANTS2011,),
+    variants=(BenchmarkVariant("affine", None, {}, "antspyx rigid + affine only", order=10),))

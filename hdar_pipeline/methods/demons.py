@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from hdar_pipeline.core.images import Grid, to_sitk
 from hdar_pipeline.core.runtime import configure_threads
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods.base import MethodBase
+from hdar_pipeline.methods.registry import BenchmarkVariant, MethodSpec
+from hdar_pipeline.methods.text import (ALWAYS_SKIPPED, Reference, SentenceContext, join, other_parameters, pick,
+                                        value_text)
 
 
 @dataclass
@@ -111,3 +114,76 @@ def _level(image, shrink: int, sigma_vox: float):
     if shrink > 1:
         image = sitk.Shrink(image, [int(shrink)] * 3)
     return image
+
+
+VERCAUTEREN2009 = Reference(
+    "vercauteren2009",
+    "Vercauteren T, Pennec X, Perchant A, Ayache N. Diffeomorphic demons: efficient "
+    "non-parametric image registration. *NeuroImage*. 2009;45(1 Suppl):S61-S72. "
+    "doi:10.1016/j.neuroimage.2008.10.040",
+    "Vercauteren et al. 2009", "article", {
+        "author": "Vercauteren, T. and Pennec, X. and Perchant, A. and Ayache, N.",
+        "title": "Diffeomorphic demons: efficient non-parametric image registration",
+        "journal": "NeuroImage", "year": "2009", "volume": "45", "number": "1 Suppl", "pages": "S61--S72",
+        "doi": "10.1016/j.neuroimage.2008.10.040"})
+
+LOWEKAMP2013 = Reference(
+    "lowekamp2013",
+    "Lowekamp BC, Chen DT, Ibáñez L, Blezek D. The design of SimpleITK. *Frontiers in "
+    "Neuroinformatics*. 2013;7:45. doi:10.3389/fninf.2013.00045",
+    "Lowekamp et al. 2013", "article", {
+        "author": "Lowekamp, B. C. and Chen, D. T. and Ib{\\'a}{\\~n}ez, L. and Blezek, D.",
+        "title": "The design of {SimpleITK}",
+        "journal": "Frontiers in Neuroinformatics", "year": "2013", "volume": "7", "pages": "45",
+        "doi": "10.3389/fninf.2013.00045"})
+
+
+def describe(params: Mapping[str, Any], preset: str, context: SentenceContext) -> str:
+    """The methods paragraph's sentence on Demons (see :class:`~.registry.MethodSpec`)."""
+    cite = context.cite
+    used = set(ALWAYS_SKIPPED)
+    text = ("Diffeomorphic Demons registration " + cite("vercauteren2009") + " used SimpleITK"
+            + context.version("SimpleITK") + "'s `DiffeomorphicDemonsRegistrationFilter` " + cite("lowekamp2013"))
+    details = []
+    shrink, iters = params.get("shrink_factors"), params.get("iterations")
+    if shrink is not None and iters is not None and np.ndim(shrink) == 1 and np.ndim(iters) == 1:
+        used |= {"shrink_factors", "iterations"}
+        details.append(f"{len(shrink)} resolution levels (shrink factors {value_text(shrink)}; "
+                       f"{value_text(iters)} iterations per level)")
+    else:
+        if shrink is not None:
+            used.add("shrink_factors")
+            details.append(f"shrink factors {value_text(shrink)}")
+        if iters is not None:
+            used.add("iterations")
+            details.append(f"{value_text(iters)} iterations per level")
+    if params.get("smoothing_sigmas_vox") is not None:
+        used.add("smoothing_sigmas_vox")
+        details.append(f"image smoothing {value_text(params['smoothing_sigmas_vox'])} voxels per level")
+    sk, sigma = pick(params, "smoothing_sigma_vox", "sigma", "field_sigma")
+    if sigma is not None:
+        used.add(sk)
+        details.append(f"the displacement field regularised after every iteration by a Gaussian of standard "
+                       f"deviation {value_text(sigma)} voxels")
+    if params.get("update_sigma_vox") is not None:
+        used.add("update_sigma_vox")
+        u = float(params["update_sigma_vox"])
+        details.append("no update-field smoothing" if u == 0 else
+                       f"update-field smoothing of {value_text(u)} voxels")
+    if params.get("max_step_length") is not None:
+        used.add("max_step_length")
+        details.append(f"a maximum step of {value_text(params['max_step_length'])} voxels per iteration")
+    text += f", with {join(details)}." if details else "."
+    if "histogram_matching" in params and params["histogram_matching"] is not None:
+        used.add("histogram_matching")
+        text += (" The moving image's histogram was matched to the atlas's first." if params["histogram_matching"]
+                 else " No histogram matching was applied.")
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + other_parameters(params, used)
+
+
+SPEC = MethodSpec(
+    name="demons", title="Diffeomorphic Demons", method_class=DemonsMethod, describe=describe,
+    references=(VERCAUTEREN2009, LOWEKAMP2013),
+    variants=(BenchmarkVariant("demons", None, {}, "SimpleITK diffeomorphic Demons, 3 levels", order=20),))

@@ -63,7 +63,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 
@@ -71,6 +71,8 @@ from hdar_pipeline.core.images import Grid, to_sitk
 from hdar_pipeline.core.runtime import configure_threads, resolve_device, seed_everything
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods.base import MethodBase
+from hdar_pipeline.methods.registry import BenchmarkVariant, MethodSpec
+from hdar_pipeline.methods.text import ALWAYS_SKIPPED, Reference, SentenceContext, other_parameters, value_text
 
 #: The FireANTs release the adapter is tested with (the install instructions pin it).
 TESTED_FIREANTS_VERSION = "1.5.0"
@@ -376,6 +378,63 @@ def _numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().float().cpu().numpy()
     return np.asarray(x)
+
+
+
+JENA2024 = Reference(
+    "jena2024",
+    "Jena R, Chaudhari P, Gee JC. FireANTs: Adaptive Riemannian Optimization for Multi-Scale "
+    "Diffeomorphic Registration. arXiv:2404.01249. 2024",
+    "Jena et al. 2024", "misc", {
+        "author": "Jena, R. and Chaudhari, P. and Gee, J. C.",
+        "title": "{FireANTs}: Adaptive {Riemannian} Optimization for Multi-Scale Diffeomorphic Registration",
+        "year": "2024", "eprint": "2404.01249", "archiveprefix": "arXiv"})
+
+
+def describe(params: Mapping[str, Any], preset: str, context: SentenceContext) -> str:
+    """The methods paragraph's sentence on FireANTs (see :class:`~.registry.MethodSpec`)."""
+    cite = context.cite
+    used = set(ALWAYS_SKIPPED) | {"device", "threads", "loss"}
+    algorithm = params.get("algorithm")
+    used.add("algorithm")
+    text = ("Deformable registration used FireANTs" + context.version("fireants") + " " + cite("jena2024") + ": "
+            + ("symmetric (SyN) " if algorithm == "syn" else "greedy " if algorithm == "greedy" else "")
+            + "diffeomorphic registration with compositive warps, adaptive Riemannian optimisation (Adam) and local "
+              "normalised cross-correlation")
+    details = []
+    if params.get("cc_kernel_size") is not None:
+        used.add("cc_kernel_size")
+        details.append(f"a correlation window of {value_text(params['cc_kernel_size'])} voxels")
+    scales, iters = params.get("scales"), params.get("iterations")
+    if scales is not None and iters is not None:
+        used |= {"scales", "iterations"}
+        details.append(f"{value_text(iters)} iterations at scales {value_text(scales)}")
+    for key, what in (("smooth_grad_sigma", "gradients smoothed by a Gaussian of {} voxels"),
+                      ("smooth_warp_sigma", "the warp by one of {} voxels"), ("optimizer_lr", "learning rate {}")):
+        if params.get(key) is not None:
+            used.add(key)
+            details.append(what.format(value_text(params[key])))
+    text += (" (" + "; ".join(details) + ")") if details else ""
+    text += "."
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + other_parameters(params, used)
+
+
+SPEC = MethodSpec(
+    name="fireants", title="FireANTs", method_class=FireANTsMethod, describe=describe, references=(JENA2024,),
+    presets={"greedy": "GreedyRegistration, 200/100/50 iterations at scales 4/2/1, CC window 7",
+             "syn": "SyNRegistration, 100/75/50 iterations, CC window 5"},
+    default_preset=DEFAULT_PRESET,
+    presets_summary="default greedy: FireANTs' GreedyRegistration, syn: its SyNRegistration, both with the settings "
+                    "of FireANTs' LPBA40 experiment",
+    presets_note="the settings of FireANTs' LPBA40 experiment",
+    install=f"pip install 'hdar-pipeline[fireants]', then pip install --no-deps fireants=={TESTED_FIREANTS_VERSION}",
+    uses_device=True,
+    variants=(BenchmarkVariant("fireants", "greedy", {}, "FireANTs greedy, its LPBA40 settings (200/100/50 at 4/2/1)",
+                               order=40),
+              BenchmarkVariant("fireants-syn", "syn", {}, "FireANTs SyN, its LPBA40 settings (100/75/50 at 4/2/1)",
+                               order=41)))
 
 
 __all__ = ["DEFAULT_PRESET", "FIREANTS_PRESETS", "FireANTsMethod", "FireANTsNotInstalled", "INSTALL_HINT",

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from hdar_pipeline.core.images import Grid, resample_to
 from hdar_pipeline.core.runtime import configure_threads, resolve_device, seed_everything
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.hdar.inference import InferenceSettings, register_with_model
 from hdar_pipeline.methods.base import MethodBase
+from hdar_pipeline.methods.registry import BenchmarkVariant, MethodSpec
+from hdar_pipeline.methods.text import (ALWAYS_SKIPPED, Reference, SentenceContext, devices_text, join,
+                                        other_parameters, pick, value_text)
 
 #: Instance-optimisation steps per refinement level of the ``refined`` preset: the most that keep it within a fifth
 #: of SyN fast's time with a margin (three tuning pairs: 20 steps 0.7316 mean Dice, 25 steps 0.7330). A level at
@@ -193,3 +196,140 @@ refine_gradient_sigma
                                                            settings=self.inference_settings, device=dev)
         return transform
 
+
+# ----------------------------------------------------------------------------- the method's registry entry
+
+HUANG2021 = Reference(
+    "huang2021",
+    "Huang Y, Ahmad S, Fan J, Shen D, Yap PT. Difficulty-aware hierarchical convolutional neural "
+    "networks for deformable registration of brain MR images. *Medical Image Analysis*. "
+    "2021;67:101817. doi:10.1016/j.media.2020.101817",
+    "Huang et al. 2021", "article", {
+        "author": "Huang, Y. and Ahmad, S. and Fan, J. and Shen, D. and Yap, P.-T.",
+        "title": "Difficulty-aware hierarchical convolutional neural networks for deformable registration of brain "
+                 "{MR} images",
+        "journal": "Medical Image Analysis", "year": "2021", "volume": "67", "pages": "101817",
+        "doi": "10.1016/j.media.2020.101817"})
+
+
+def describe(params: Mapping[str, Any], preset: str, context: SentenceContext) -> str:
+    """The methods paragraph's sentence on HDAR (see :class:`~.registry.MethodSpec`): the cascade and its mode,
+    the pre-alignment, the refinement, the weights (``params`` first, else ``context.weights``' model card) and
+    the devices."""
+    cite, weights = context.cite, context.weights
+    used = set(ALWAYS_SKIPPED) | {"weights", "weights_sha256"}
+    card_cfg: Mapping[str, Any] = {}
+    if weights and isinstance(weights.get("config"), Mapping):
+        cfg = weights["config"]
+        card_cfg = cfg.get("cascade", cfg) if isinstance(cfg.get("cascade", cfg), Mapping) else {}
+
+    def get(*keys: str) -> Any:
+        k, v = pick(params, *keys)
+        if k is not None:
+            used.add(k)
+            return v
+        k, v = pick(card_cfg, *keys)
+        return v
+
+    text = ("Deformable registration with HDAR, the hierarchical difficulty-aware registration network "
+            + cite("huang2021") + f", used the PyTorch{context.version('torch')} implementation in hdar-pipeline")
+    details = []
+    levels = get("levels", "n_levels", "num_levels")
+    if levels is not None:
+        details.append(f"{value_text(levels)} cascaded sub-network level" + ("s" if str(levels) != "1" else ""))
+    width = get("width", "widths")
+    if width is not None:
+        details.append(f"network width `{value_text(width)}`")
+    mode = get("mode")
+    mode = mode if mode is not None else (preset if preset in ("fast", "full") else None)
+    k = get("top_k", "K", "k", "patches", "n_patches")
+    if mode is not None:
+        if str(mode) == "fast":
+            details.append("*fast* mode (the first level on the whole image pair, the finer levels on the "
+                           + (f"K = {value_text(k)} " if k is not None else "")
+                           + "hardest patches selected by the difficulty-aware attention)")
+        elif str(mode) == "full":
+            details.append("*full* mode (the finer levels on a sliding window covering the brain, blended "
+                           "without seams)")
+        else:
+            details.append(f"mode `{value_text(mode)}`")
+    elif k is not None:
+        details.append(f"K = {value_text(k)} patches per level")
+    if mode is not None and str(mode) != "fast" and k is not None:
+        details.append(f"K = {value_text(k)}")
+    diffeo = get("diffeomorphic")
+    if diffeo is not None:
+        details.append("diffeomorphic (stationary velocity fields integrated by scaling and squaring)" if diffeo
+                       else "non-diffeomorphic displacement fields")
+    text += f", with {join(details)}." if details else "."
+    prealign = get("prealign")
+    if prealign:
+        text += (" Before the network, a 12-parameter affine map was fitted on local normalised cross-correlation "
+                 "at a quarter of the image resolution (Adam).")
+    refine = get("refine", "refine_steps", "refinement_steps")
+    if refine is not None:
+        if int(refine) > 0:
+            extra = []
+            lr = get("refine_lr")
+            if lr is not None:
+                extra.append(f"learning rate {value_text(lr)}")
+            levels = get("refine_levels")
+            if levels:
+                extra.append("on each of the resolutions " + ", ".join(value_text(x) for x in levels)
+                             + " times the image size, coarse to fine")
+            if get("refine_similarity") == "full":
+                extra.append("the finest level's similarity computed on the full-resolution images, linearised "
+                             "around the current warp and re-warped every few steps")
+            full_res = get("refine_full_resolution")
+            if full_res:
+                extra.append(f"then {int(full_res)} step{'s' if int(full_res) != 1 else ''} on a correction at the "
+                             "full resolution of the image, "
+                             "restricted to the brain's bounding box")
+            if get("refine_diffeomorphic"):
+                extra.append("each correction integrated from a stationary velocity field by scaling and squaring "
+                             "and composed with the field")
+            text += (f" The network's field was refined by {int(refine)} steps per level of instance optimisation (Adam on "
+                     "local normalised cross-correlation plus an anti-folding smoothness term"
+                     + (f"; {', '.join(extra)}" if extra else "") + ").")
+        else:
+            text += " No instance-optimisation refinement was applied."
+    name = params.get("weights") or (weights or {}).get("name") or (weights or {}).get("model")
+    sha = params.get("weights_sha256") or (weights or {}).get("sha256")
+    if name is not None or sha is not None:
+        text += " Network weights: " + (f"`{name}`" if name is not None else "") + (
+            f" (SHA-256 `{sha}`)" if sha is not None else "")
+        if weights and weights.get("data"):
+            text += f", trained on {weights['data']}"
+        text += "."
+    text += devices_text(get("device"), context.devices)
+    if preset and not (mode is not None and preset == str(mode)):
+        text += f" Preset: `{preset}`."
+    elif preset:
+        used.add("mode")
+    return text + other_parameters(params, used)
+
+
+def _variants(refine_steps: int) -> list[BenchmarkVariant]:
+    return [
+        BenchmarkVariant("hdar", None, {}, "HDAR with its default preset and options (what users get)", order=60),
+        BenchmarkVariant("hdar-fast", "fast", {}, "HDAR, S2/S3 on the hardest patches", order=61),
+        BenchmarkVariant("hdar-full", "full", {}, "HDAR, S2/S3 on a sliding window", order=62),
+        BenchmarkVariant("hdar-refined", "refined", {"refine": int(refine_steps)},
+                         f"HDAR fast + {int(refine_steps)} instance-optimisation steps per refinement level", order=63),
+        BenchmarkVariant("hdar-accurate", "accurate", {},
+                         "HDAR fast + 30 steps per refinement level and 3 on the full-resolution grid", order=64),
+    ]
+
+
+SPEC = MethodSpec(
+    name="hdar", title="HDAR", method_class=HDARMethod, describe=describe, references=(HUANG2021,),
+    presets={"accurate": "fast plus 30 diffeomorphic instance-optimisation steps per level and 2 at full "
+                         "resolution, the most accurate within a fifth of SyN fast's time",
+             "refined": "25 steps per level, none at full resolution: 0.6 times as long, slightly less accurate",
+             "fast": "the network on the hardest patches",
+             "full": "on a sliding window"},
+    default_preset=DEFAULT_PRESET,
+    presets_summary="default accurate: the network then 30 diffeomorphic refinement steps per level and 2 at full "
+                    "resolution, the most accurate within a fifth of SyN fast's time; refined: 25 per level, none "
+                    "at full resolution, 0.6 times as long; fast: the network alone",
+    default_weights="default", uses_device=True, variants=_variants)

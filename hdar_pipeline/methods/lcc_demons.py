@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -68,6 +68,8 @@ from hdar_pipeline.core.images import Grid
 from hdar_pipeline.core.runtime import configure_threads, resolve_device
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods.base import MethodBase
+from hdar_pipeline.methods.registry import BenchmarkVariant, MethodSpec
+from hdar_pipeline.methods.text import ALWAYS_SKIPPED, Reference, SentenceContext, other_parameters, value_text
 
 #: Parameters of each preset (see the module docstring).
 LCC_DEMONS_PRESETS: dict[str, dict[str, Any]] = {
@@ -621,6 +623,66 @@ def displacement_to_mm(displacement, grid: Grid) -> np.ndarray:
     lin = torch.as_tensor(grid.lps_affine[:3, :3], dtype=torch.float32, device=displacement.device)
     mm = torch.einsum("ca,a...->...c", lin, displacement[0].float())
     return np.ascontiguousarray(mm.cpu().numpy(), dtype=np.float32)
+
+
+
+LORENZI2013 = Reference(
+    "lorenzi2013",
+    "Lorenzi M, Ayache N, Frisoni GB, Pennec X. LCC-Demons: a robust and accurate symmetric "
+    "diffeomorphic registration algorithm. *NeuroImage*. 2013;81:470-483. "
+    "doi:10.1016/j.neuroimage.2013.04.114",
+    "Lorenzi et al. 2013", "article", {
+        "author": "Lorenzi, M. and Ayache, N. and Frisoni, G. B. and Pennec, X.",
+        "title": "{LCC-Demons}: a robust and accurate symmetric diffeomorphic registration algorithm",
+        "journal": "NeuroImage", "year": "2013", "volume": "81", "pages": "470--483",
+        "doi": "10.1016/j.neuroimage.2013.04.114"})
+
+
+def describe(params: Mapping[str, Any], preset: str, context: SentenceContext) -> str:
+    """The methods paragraph's sentence on LCC-Demons (see :class:`~.registry.MethodSpec`)."""
+    cite = context.cite
+    used = set(ALWAYS_SKIPPED) | {"device", "threads"}
+    text = ("LCC-Demons registration " + cite("lorenzi2013") + " used hdar-pipeline's PyTorch"
+            + context.version("torch")
+            + " implementation of symmetric log-domain diffeomorphic Demons with local correlation coefficient "
+              "forces")
+    details = []
+    if params.get("sigma_lcc") is not None:
+        used.add("sigma_lcc")
+        details.append(f"a Gaussian correlation window of {value_text(params['sigma_lcc'])} voxels")
+    if params.get("sigma_i") is not None:
+        used.add("sigma_i")
+        details.append(f"step trade-off sigma_i {value_text(params['sigma_i'])}")
+    if params.get("sigma_fluid") is not None:
+        used.add("sigma_fluid")
+        details.append(f"each update smoothed by a Gaussian of {value_text(params['sigma_fluid'])} voxels "
+                       "(fluid-like)")
+    if params.get("sigma_diff") is not None:
+        used.add("sigma_diff")
+        details.append(f"the stationary velocity field by one of {value_text(params['sigma_diff'])} voxels "
+                       "(diffusion-like)")
+    shrink, iters = params.get("shrink_factors"), params.get("iterations")
+    if shrink is not None and iters is not None:
+        used |= {"shrink_factors", "iterations"}
+        details.append(f"{value_text(iters)} iterations at shrink factors {value_text(shrink)}")
+    text += (" (" + "; ".join(details) + ")") if details else ""
+    text += (", the transformation being the velocity field's exponential computed by scaling and squaring, "
+             "and the inverse that of the negated velocity.")
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + other_parameters(params, used)
+
+
+SPEC = MethodSpec(
+    name="lccdemons", title="LCC-Demons", method_class=LCCDemonsMethod, describe=describe, references=(LORENZI2013,),
+    presets={"default": "the paper's parameters: 30/20/10 iterations at shrink 4/2/1, sigma_LCC 3, fluid 0.5, "
+                        "diffusion 1.0 voxels",
+             "fast": "the two coarse levels only"},
+    default_preset=DEFAULT_PRESET,
+    presets_summary="default: the LCC-Demons paper's parameters; fast: the two coarse levels only",
+    uses_device=True,
+    variants=(BenchmarkVariant("lccdemons", None, {}, "LCC-Demons (PyTorch), the paper's parameters, 3 levels",
+                               order=30),))
 
 
 __all__ = ["DEFAULT_PRESET", "GaussianBlur", "LCCDemonsMethod", "LCCLevel", "LCCWindow", "LCC_DEMONS_PRESETS",

@@ -16,14 +16,16 @@ The SyN stage runs alone (``SyNOnly``); the affine part, when wanted, is the sep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
-import ants
 import numpy as np
 
 from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods._ants import ants_workdir, as_ants_float, as_ants_mask, transform_from_ants
 from hdar_pipeline.methods.base import MethodBase
+from hdar_pipeline.methods.registry import BenchmarkVariant, MethodSpec
+from hdar_pipeline.methods.text import (ALWAYS_SKIPPED, AVANTS2011, Reference, SentenceContext, join,
+                                        other_parameters, pick, value_text)
 
 SYN_PRESETS: dict[str, dict] = {
     "fast": dict(syn_metric="mattes", syn_sampling=32, reg_iterations=(40, 20, 0), grad_step=0.2,
@@ -60,6 +62,8 @@ class SyNMethod(MethodBase):
         return {**super().parameters, **SYN_PRESETS[self.preset]}
 
     def _register(self, fixed, moving, fixed_mask) -> Transform:
+        import ants  # antspyx takes seconds to import: only when a registration runs
+
         with ants_workdir(self.threads, self.seed) as prefix:
             out = ants.registration(as_ants_float(fixed), as_ants_float(moving), type_of_transform="SyNOnly",
                                     outprefix=prefix, mask=as_ants_mask(fixed_mask),
@@ -75,3 +79,76 @@ class SyNMethod(MethodBase):
         if transform.affine is not None and np.allclose(transform.affine, np.eye(4), atol=1e-9):
             transform.affine = None  # field only, like every deformable stage
         return transform
+
+
+AVANTS2008 = Reference(
+    "avants2008",
+    "Avants BB, Epstein CL, Grossman M, Gee JC. Symmetric diffeomorphic image registration with "
+    "cross-correlation: evaluating automated labeling of elderly and neurodegenerative brain. "
+    "*Medical Image Analysis*. 2008;12(1):26-41. doi:10.1016/j.media.2007.06.004",
+    "Avants et al. 2008", "article", {
+        "author": "Avants, B. B. and Epstein, C. L. and Grossman, M. and Gee, J. C.",
+        "title": "Symmetric diffeomorphic image registration with cross-correlation: evaluating automated labeling "
+                 "of elderly and neurodegenerative brain",
+        "journal": "Medical Image Analysis", "year": "2008", "volume": "12", "number": "1", "pages": "26--41",
+        "doi": "10.1016/j.media.2007.06.004"})
+
+
+def describe(params: Mapping[str, Any], preset: str, context: SentenceContext) -> str:
+    """The methods paragraph's sentence on SyN (see :class:`~.registry.MethodSpec`)."""
+    cite = context.cite
+    used = set(ALWAYS_SKIPPED)
+    text = ("Deformable registration with symmetric image normalisation (SyN; " + cite.inner("avants2008")
+            + f") used the SyN stage of `antsRegistration` through ANTsPy{context.version('antspyx')} "
+            + cite("avants2011"))
+    details = []
+    mk, metric = pick(params, "syn_metric", "metric")
+    sk, sampling = pick(params, "syn_sampling", "sampling", "radius")
+    if metric is not None:
+        used.add(mk)
+        m = str(metric).lower()
+        if m in ("cc", "ants_cc", "neighborhood_cc"):
+            name = "local (neighbourhood) cross-correlation"
+            if sampling is not None:
+                name += f" with a radius of {value_text(sampling)} voxels"
+                used.add(sk)
+        elif m in ("mattes", "mi"):
+            name = "Mattes mutual information"
+            if sampling is not None:
+                name += f" with {value_text(sampling)} histogram bins"
+                used.add(sk)
+        else:
+            name = f"the `{metric}` metric"
+            if sampling is not None:
+                name += f" (sampling parameter {value_text(sampling)})"
+                used.add(sk)
+        details.append(f"similarity metric {name}")
+    elif sampling is not None:
+        details.append(f"metric sampling parameter {value_text(sampling)}")
+        used.add(sk)
+    ik, iterations = pick(params, "reg_iterations", "iterations")
+    if iterations is not None:
+        used.add(ik)
+        details.append(f"{value_text(iterations)} iterations (coarse to fine)")
+    if params.get("grad_step") is not None:
+        used.add("grad_step")
+        details.append(f"gradient step {value_text(params['grad_step'])}")
+    if params.get("flow_sigma") is not None:
+        used.add("flow_sigma")
+        details.append(f"update-field smoothing (flow sigma) {value_text(params['flow_sigma'])}")
+    if params.get("total_sigma") is not None:
+        used.add("total_sigma")
+        details.append(f"total-field smoothing (total sigma) {value_text(params['total_sigma'])}")
+    text += f", with {join(details)}." if details else "."
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + other_parameters(params, used)
+
+
+SPEC = MethodSpec(
+    name="syn", title="ANTs SyN", method_class=SyNMethod, describe=describe, references=(AVANTS2008, AVANTS2011),
+    presets={"fast": "antspyx's SyN defaults, Mattes MI",
+             "quality": "antsRegistrationSyN.sh's deformable stage, CC"},
+    default_preset="fast",
+    variants=(BenchmarkVariant("syn-fast", "fast", {}, "ANTs SyN, antspyx defaults", order=50),
+              BenchmarkVariant("syn-quality", "quality", {}, "ANTs SyN, antsRegistrationSyN.sh quality", order=100)))

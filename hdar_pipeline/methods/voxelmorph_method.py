@@ -28,9 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from hdar_pipeline.methods.hdar_method import ACCURATE_FULL_RESOLUTION_STEPS, ACCURATE_STEPS, HDARMethod
+from hdar_pipeline.methods.registry import BenchmarkVariant, MethodSpec
+from hdar_pipeline.methods.text import (ALWAYS_SKIPPED, Reference, SentenceContext, devices_text, other_parameters,
+                                        value_text)
 
 #: Preset name -> cascade settings (none: the network has one level and no patches).
 VOXELMORPH_PRESETS: dict[str, dict[str, Any]] = {"fast": {}, "refined": {}}
@@ -101,3 +104,89 @@ class VoxelMorphMethod(HDARMethod):
             raise missing_weights(exc, self.weights) from None
         self._diffeomorphic = bool(card.get("config", {}).get("cascade", {}).get("diffeomorphic", False))
         return card
+
+
+# ----------------------------------------------------------------------------- the method's registry entry
+
+BALAKRISHNAN2019 = Reference(
+    "balakrishnan2019",
+    "Balakrishnan G, Zhao A, Sabuncu MR, Guttag J, Dalca AV. VoxelMorph: a learning framework "
+    "for deformable medical image registration. *IEEE Transactions on Medical Imaging*. "
+    "2019;38(8):1788-1800. doi:10.1109/TMI.2019.2897538",
+    "Balakrishnan et al. 2019", "article", {
+        "author": "Balakrishnan, G. and Zhao, A. and Sabuncu, M. R. and Guttag, J. and Dalca, A. V.",
+        "title": "{VoxelMorph}: a learning framework for deformable medical image registration",
+        "journal": "IEEE Transactions on Medical Imaging", "year": "2019", "volume": "38", "number": "8",
+        "pages": "1788--1800", "doi": "10.1109/TMI.2019.2897538"})
+
+DALCA2019 = Reference(
+    "dalca2019",
+    "Dalca AV, Balakrishnan G, Guttag J, Sabuncu MR. Unsupervised learning of probabilistic "
+    "diffeomorphic registration for images and surfaces. *Medical Image Analysis*. 2019;57:226-236. "
+    "doi:10.1016/j.media.2019.07.006",
+    "Dalca et al. 2019", "article", {
+        "author": "Dalca, A. V. and Balakrishnan, G. and Guttag, J. and Sabuncu, M. R.",
+        "title": "Unsupervised learning of probabilistic diffeomorphic registration for images and surfaces",
+        "journal": "Medical Image Analysis", "year": "2019", "volume": "57", "pages": "226--236",
+        "doi": "10.1016/j.media.2019.07.006"})
+
+
+def describe(params: Mapping[str, Any], preset: str, context: SentenceContext) -> str:
+    """The VoxelMorph sentence: the network (its diffeomorphic variant), how it was trained (HDAR's pipeline), the
+    pre-alignment and the refinement it ran with, and its weights (name and SHA-256 from ``params``)."""
+    cite = context.cite
+    used = set(ALWAYS_SKIPPED) | {"weights", "weights_sha256", "device", "threads", "diffeomorphic"}
+    diffeomorphic = params.get("diffeomorphic", True)
+    text = ("Deformable registration with VoxelMorph " + cite("balakrishnan2019")
+            + (", in its diffeomorphic variant " + cite("dalca2019") if diffeomorphic else "")
+            + f", used hdar-pipeline's PyTorch{context.version('torch')} implementation of the network (a U-Net "
+            "predicting a "
+            + ("stationary velocity field, integrated by scaling and squaring" if diffeomorphic
+               else "displacement field")
+            + "), trained with the package's training pipeline on local normalised cross-correlation, diffusion "
+            "regularisation and an auxiliary Dice loss (the settings are in the weights' model card), and HDAR's "
+            "inference around it.")
+    if params.get("prealign"):
+        used.add("prealign")
+        text += (" Before the network, a 12-parameter affine map was fitted on local normalised cross-correlation "
+                 "at a quarter of the image resolution (Adam).")
+    refine = params.get("refine")
+    if refine is not None:
+        used |= {"refine", "refine_levels", "refine_lr", "refine_similarity", "refine_full_resolution",
+                 "refine_diffeomorphic", "refine_gradient_sigma", "refine_smooth_weight"}
+        if int(refine) > 0:
+            levels = params.get("refine_levels")
+            full_res = params.get("refine_full_resolution")
+            text += (f" The network's field was refined by {int(refine)} steps per level of instance optimisation "
+                     "(Adam on local normalised cross-correlation plus an anti-folding smoothness term"
+                     + (", on each of the resolutions " + ", ".join(value_text(x) for x in levels)
+                        + " times the image size" if levels else "")
+                     + (f", then {int(full_res)} step{'s' if int(full_res) != 1 else ''} at full resolution"
+                        if full_res else "")
+                     + (", each correction integrated from a stationary velocity field and composed with the field"
+                        if params.get("refine_diffeomorphic") else "") + "), as in HDAR.")
+        else:
+            text += " No instance-optimisation refinement was applied."
+    name, sha = params.get("weights"), params.get("weights_sha256")
+    if name is not None or sha is not None:
+        text += (" Network weights: " + (f"`{name}`" if name is not None else "")
+                 + (f" (SHA-256 `{sha}`)" if sha is not None else "") + ".")
+    text += devices_text(params.get("device"), context.devices)
+    if preset:
+        text += f" Preset: `{preset}`."
+    return text + other_parameters(params, used)
+
+
+SPEC = MethodSpec(
+    name="voxelmorph", title="VoxelMorph", method_class=VoxelMorphMethod, describe=describe,
+    references=(BALAKRISHNAN2019, DALCA2019),
+    presets={"refined": "the network, then HDAR's accurate refinement: 30 steps per level and 2 at full resolution",
+             "fast": "the network alone, after the same affine pre-alignment"},
+    default_preset=DEFAULT_PRESET,
+    presets_summary="default refined: the network then HDAR's accurate refinement; fast: the network alone",
+    default_weights=WEIGHTS_NAME, uses_device=True,
+    variants=(BenchmarkVariant("voxelmorph", "fast", {}, "VoxelMorph, the network alone (after the affine "
+                               "pre-alignment HDAR uses)", order=70),
+              BenchmarkVariant("voxelmorph-refined", "refined", {},
+                               "VoxelMorph + HDAR accurate's refinement (30 steps per level, 2 at full resolution)",
+                               order=71)))

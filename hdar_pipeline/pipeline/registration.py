@@ -17,6 +17,7 @@ import numpy as np
 from hdar_pipeline.core.input_guard import InputGuard
 from hdar_pipeline.core.images import check_labels_match, load_image, normalize_intensity, save_image
 from hdar_pipeline.core.provenance import json_default, library_versions
+from hdar_pipeline.methods.registry import DEFAULT_METHOD
 
 #: What :func:`register_files` may write in its output folder (nothing else is ever touched there).
 REGISTER_OUTPUTS = ("warped.nii.gz", "warped_labels.nii.gz", "transform_warp.nii.gz", "transform_affine.mat",
@@ -30,7 +31,7 @@ def register_files(
     moving: PathLike,
     out_dir: PathLike,
     *,
-    method: str = "syn",
+    method: str = DEFAULT_METHOD,
     preset: str | None = None,
     moving_labels: PathLike | None = None,
     fixed_mask: PathLike | None = None,
@@ -60,11 +61,12 @@ def register_files(
         3-D images (NIfTI, MGZ or Analyze). Intensities are rescaled to [0, 1] (robust percentiles)
         before registration unless ``normalize=False``; the warped image keeps the moving image's
         original intensities.
-    method : {"affine", "syn", "demons", "lccdemons", "fireants", "hdar", "voxelmorph"}
+    method : str
+        A registered method (:mod:`hdar_pipeline.methods.registry`: ``"affine"``, ``"syn"``, ``"demons"``,
+        ``"lccdemons"``, ``"fireants"``, ``"hdar"``, ``"voxelmorph"``); default
+        :data:`~hdar_pipeline.methods.registry.DEFAULT_METHOD` (``"hdar"``).
     preset : str, optional
-        Method preset (``syn``: ``fast`` or ``quality``; ``lccdemons``: ``default`` or ``fast``; ``fireants``:
-        ``greedy`` or ``syn``; ``hdar``: ``fast``,
-        ``full``, ``refined`` or ``accurate``; ``voxelmorph``: ``refined`` or ``fast``).
+        Method preset (``hdar register --help``; ``None``: the method's default).
     affine : bool
         Run the affine stage before a deformable method.
     affine_method : {"fast", "ants"}
@@ -343,7 +345,7 @@ def register(
     fixed,
     moving,
     *,
-    method: str = "hdar",
+    method: str = DEFAULT_METHOD,
     preset: str | None = None,
     affine: bool = True,
     fixed_mask=None,
@@ -364,10 +366,10 @@ def register(
         The fixed (atlas) image; every Transform lives on its grid.
     moving : path-like or nibabel image, or a list of them
         One moving image, or several (one Transform each, in order).
-    method : {"hdar", "syn", "demons", "lccdemons", "fireants", "voxelmorph", "affine"}
+    method : str
+        A registered method; default :data:`~hdar_pipeline.methods.registry.DEFAULT_METHOD` (``"hdar"``).
     preset : str, optional
-        ``hdar``: ``fast``/``full``/``refined``/``accurate``; ``syn``: ``fast``/``quality``; ``lccdemons``:
-        ``default``/``fast``; ``fireants``: ``greedy``/``syn``; ``voxelmorph``: ``refined``/``fast``.
+        Method preset (``hdar register --help``; ``None``: the method's default).
     affine : bool
         Run the affine stage first (skip it for images already aligned on the fixed grid).
     fixed_mask : path-like or nibabel image, optional

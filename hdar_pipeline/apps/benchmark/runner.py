@@ -61,27 +61,23 @@ class Variant:
 
 
 def default_variants(refine_steps: int = DEFAULT_REFINE_STEPS) -> dict[str, Variant]:
-    """The variants in table order (cheap first; SyN quality, the reference, last)."""
-    variants = [
-        Variant("affine", "affine", None, {}, "antspyx rigid + affine only"),
-        Variant("demons", "demons", None, {}, "SimpleITK diffeomorphic Demons, 3 levels"),
-        Variant("lccdemons", "lccdemons", None, {}, "LCC-Demons (PyTorch), the paper's parameters, 3 levels"),
-        Variant("fireants", "fireants", "greedy", {}, "FireANTs greedy, its LPBA40 settings (200/100/50 at 4/2/1)"),
-        Variant("fireants-syn", "fireants", "syn", {}, "FireANTs SyN, its LPBA40 settings (100/75/50 at 4/2/1)"),
-        Variant("syn-fast", "syn", "fast", {}, "ANTs SyN, antspyx defaults"),
-        Variant("hdar", "hdar", None, {}, "HDAR with its default preset and options (what users get)"),
-        Variant("hdar-fast", "hdar", "fast", {}, "HDAR, S2/S3 on the hardest patches"),
-        Variant("hdar-full", "hdar", "full", {}, "HDAR, S2/S3 on a sliding window"),
-        Variant("hdar-refined", "hdar", "refined", {"refine": int(refine_steps)},
-                f"HDAR fast + {int(refine_steps)} instance-optimisation steps per refinement level"),
-        Variant("hdar-accurate", "hdar", "accurate", {},
-                "HDAR fast + 30 steps per refinement level and 3 on the full-resolution grid"),
-        Variant("voxelmorph", "voxelmorph", "fast", {}, "VoxelMorph, the network alone (after the affine "
-                "pre-alignment HDAR uses)"),
-        Variant("voxelmorph-refined", "voxelmorph", "refined", {},
-                "VoxelMorph + HDAR accurate's refinement (30 steps per level, 2 at full resolution)"),
-        Variant("syn-quality", "syn", "quality", {}, "ANTs SyN, antsRegistrationSyN.sh quality"),
-    ]
+    """The variants in table order (cheap first; SyN quality, the reference, last): every registered method's
+    (:attr:`~hdar_pipeline.methods.registry.MethodSpec.variants`), ordered by their ``order``.
+
+    Parameters
+    ----------
+    refine_steps : int
+        Instance-optimisation steps per refinement level of the learned methods' refined variants
+        (``--refine-steps``).
+    """
+    from hdar_pipeline.methods.registry import method_specs
+
+    rows = [(v.order, Variant(v.name, spec.name, v.preset, dict(v.options), v.description))
+            for spec in method_specs() for v in spec.benchmark_variants(refine_steps)]
+    variants = [variant for _, variant in sorted(rows, key=lambda row: row[0])]  # stable on equal orders
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two benchmark variants share a name: {', '.join(names)}")
     return {v.name: v for v in variants}
 
 
@@ -103,8 +99,9 @@ def build_method(variant: Variant, *, seed: int | None, threads: int | None, dev
         The method cannot be built here (HDAR, VoxelMorph: no weights, unusable weights, or no HDAR module).
     """
     from hdar_pipeline.methods import get_method
+    from hdar_pipeline.methods.registry import method_spec
 
-    if variant.method not in ("hdar", "voxelmorph"):
+    if not method_spec(variant.method).learned:
         if variant.kwargs:
             raise ValueError(f"variant {variant.name}: only HDAR and VoxelMorph variants take extra arguments")
         try:
@@ -113,17 +110,15 @@ def build_method(variant: Variant, *, seed: int | None, threads: int | None, dev
             raise VariantUnavailable(str(exc)) from None
     try:
         from hdar_pipeline.hdar.weights import WeightsError
-        from hdar_pipeline.methods.hdar_method import DEFAULT_PRESET, HDARMethod
-        from hdar_pipeline.methods.voxelmorph_method import DEFAULT_PRESET as VXM_DEFAULT, VoxelMorphMethod
-    except ImportError as exc:  # the HDAR module or torch is missing
+    except ImportError as exc:  # torch is missing
         raise VariantUnavailable(f"HDAR is not available in this installation ({exc})") from None
-    cls, default, weights = ((HDARMethod, DEFAULT_PRESET, hdar_weights) if variant.method == "hdar"
-                             else (VoxelMorphMethod, VXM_DEFAULT, voxelmorph_weights))
+    weights = {"hdar": hdar_weights, "voxelmorph": voxelmorph_weights}.get(variant.method)
     kwargs = dict(variant.kwargs)
     if weights is not None:
         kwargs["weights"] = weights
     try:
-        return cls(preset=variant.preset or default, seed=seed, threads=threads, device=device or "auto", **kwargs)
+        return get_method(variant.method, preset=variant.preset, seed=seed, threads=threads, device=device,
+                          options=kwargs)
     except WeightsError as exc:  # NoWeightsError included
         raise VariantUnavailable(one_line(str(exc))) from None
 
