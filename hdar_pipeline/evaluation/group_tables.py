@@ -508,7 +508,7 @@ def write_group_html(
     tables = sorted(f for f in files if f.suffix in (".tsv", ".json", ".txt", ".csv"))
     if tables:
         parts.append("<h2>Tables</h2><p>Read a table with its types with "
-                     "<code>hdar_pipeline.evaluation.stats.read_group_table(path)</code> (the <code>.json</code> beside each "
+                     "<code>hdar_pipeline.evaluation.group_tables.read_group_table(path)</code> (the <code>.json</code> beside each "
                      "<code>.tsv</code> is its data dictionary).</p><ul>"
                      + "".join(f"<li>{_link(t, base)}</li>" for t in tables) + "</ul>")
     for note in notes or []:
