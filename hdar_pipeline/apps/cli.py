@@ -81,7 +81,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed", help="fixed (atlas) image: NIfTI, MGZ or Analyze")
     p.add_argument("moving", help="moving (subject) image")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
-    p.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD)
+    p.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD,
+                   help=f"registration method (default {DEFAULT_METHOD}, the best measured)")
     p.add_argument("--preset", default=None, help=presets_help())
     p.add_argument("--moving-labels", default=None, help="label map on the moving grid, warped with nearest neighbour")
     p.add_argument("--fixed-mask", default=None, help="mask on the fixed grid restricting the metric")
