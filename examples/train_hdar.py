@@ -13,8 +13,9 @@ the validation Dice. With four subjects or more, ``--n-val`` of them (default 2)
 
 Steps (the library API behind ``hdar train``):
 
-1. :func:`hdar_pipeline.hdar.data.collect_subjects` and :class:`~hdar_pipeline.hdar.data.PairDataset`
-   load the cohort; :class:`~hdar_pipeline.hdar.train.TrainConfig` holds the schedule.
+1. :func:`hdar_pipeline.core.subject.find_image_subjects` finds the cohort's files,
+   :class:`~hdar_pipeline.hdar.data.PairDataset` loads them; :class:`~hdar_pipeline.hdar.train.TrainConfig`
+   holds the schedule.
 2. :func:`hdar_pipeline.hdar.train.train` trains S1, then S2 (S1 frozen), then S3, ``--steps`` steps
    each, writing ``OUT/train_log.csv``, ``OUT/train_config.json`` and ``OUT/checkpoints/`` (an
    interrupted run resumes with ``--resume``).
@@ -66,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from hdar_pipeline import Transform, load_image
     from hdar_pipeline.evaluation.evaluate import evaluate
-    from hdar_pipeline.hdar.data import PairDataset, collect_subjects
+    from hdar_pipeline.core.subject import find_image_subjects
+    from hdar_pipeline.hdar.data import PairDataset
     from hdar_pipeline.hdar.train import TrainConfig, export, train
     from hdar_pipeline.core.images import normalize_intensity, save_image
     from hdar_pipeline.methods.hdar_method import HDARMethod
 
     # 1. the cohort and the settings
-    subjects = collect_subjects(images=args.images, labels=args.labels)
+    subjects = find_image_subjects(images=args.images, labels=args.labels)
     data = PairDataset.from_subjects(subjects)
     val = None
     if args.n_val >= 2 and len(data) - args.n_val >= 2:

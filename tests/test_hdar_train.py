@@ -1,5 +1,6 @@
-"""hdar/data.py and hdar/train.py: finding and loading training data, pairs and augmentation, stage-wise
-training, checkpoints and exact resumption, the CSV log, learning on a phantom, and `hdar train`.
+"""hdar/data.py and hdar/train.py: finding training data (core/subject.py's find_image_subjects) and loading
+it, pairs and augmentation, stage-wise training, checkpoints and exact resumption, the CSV log, learning on a
+phantom, and `hdar train`.
 
 Everything runs on 8^3-32^3 phantoms with tiny patch geometry, one torch thread.
 """
@@ -18,8 +19,8 @@ from scipy import ndimage
 
 from hdar_pipeline.apps.cli import main
 from hdar_pipeline.hdar.cascade import build_cascade
-from hdar_pipeline.hdar.data import (Augmentation, DataError, PairDataset, Volume, collect_subjects,
-                                     find_bids_images, match_labels)
+from hdar_pipeline.core.subject import DatasetError, find_bids_images, find_image_subjects, match_labels
+from hdar_pipeline.hdar.data import Augmentation, PairDataset, Volume
 from hdar_pipeline.hdar.layers import SpatialTransformer
 from hdar_pipeline.hdar.layers import resize_volume
 from hdar_pipeline.hdar.losses import anti_folding_loss, local_ncc_loss
@@ -82,29 +83,29 @@ def test_folder_images_and_labels_matched_by_identifier(tmp_path):
         save_image(img, tmp_path / "img" / f"{s}.skullstripped.nii.gz")
         save_image(_labels_like(img), tmp_path / "lab" / s / f"{s}.structure.label.nii.gz")
     save_image(_labels_like(_blob()), tmp_path / "img" / "S01_label.nii.gz")  # label-like: skipped
-    subjects = collect_subjects(folder=tmp_path / "img", labels=tmp_path / "lab")
+    subjects = find_image_subjects(folder=tmp_path / "img", labels=tmp_path / "lab")
     assert [s.name for s in subjects] == ["S01.skullstripped", "S02.skullstripped", "S03.skullstripped"]
     assert [s.id for s in subjects] == [s.name for s in subjects] and not any(s.entities for s in subjects)
     assert [s.labels.name for s in subjects] == [f"S0{k}.structure.label.nii.gz" for k in (1, 2, 3)]
-    assert collect_subjects(folder=tmp_path / "img", labels=None)[0].labels is None
+    assert find_image_subjects(folder=tmp_path / "img", labels=None)[0].labels is None
     # explicit files, in image order
     files = [s.labels for s in subjects]
-    assert [s.labels for s in collect_subjects(images=[s.t1w for s in subjects], labels=files)] == files
-    with pytest.raises(DataError, match="2 label files for 3 images"):
-        collect_subjects(images=[s.t1w for s in subjects], labels=files[:2])
+    assert [s.labels for s in find_image_subjects(images=[s.t1w for s in subjects], labels=files)] == files
+    with pytest.raises(DatasetError, match="2 label files for 3 images"):
+        find_image_subjects(images=[s.t1w for s in subjects], labels=files[:2])
     # a missing label map is a clear error naming the image
     (tmp_path / "lab" / "S03" / "S03.structure.label.nii.gz").unlink()
-    with pytest.raises(DataError, match=r"S03\.skullstripped\.nii\.gz: no label map"):
-        collect_subjects(folder=tmp_path / "img", labels=tmp_path / "lab")
-    with pytest.raises(DataError, match="no image files"):
-        collect_subjects(folder=tmp_path / "img", pattern="*.mgz")
-    with pytest.raises(DataError, match="exactly one"):
-        collect_subjects(folder=tmp_path / "img", bids=tmp_path)
+    with pytest.raises(DatasetError, match=r"S03\.skullstripped\.nii\.gz: no label map"):
+        find_image_subjects(folder=tmp_path / "img", labels=tmp_path / "lab")
+    with pytest.raises(DatasetError, match="no image files"):
+        find_image_subjects(folder=tmp_path / "img", pattern="*.mgz")
+    with pytest.raises(DatasetError, match="exactly one"):
+        find_image_subjects(folder=tmp_path / "img", bids=tmp_path)
 
 
 def test_ambiguous_labels_are_an_error(tmp_path):
     images = [tmp_path / "S01.nii.gz"]
-    with pytest.raises(DataError, match="several label maps"):
+    with pytest.raises(DatasetError, match="several label maps"):
         match_labels(images, [tmp_path / "a" / "S01_seg.nii.gz", tmp_path / "b" / "S01.lab.nii.gz"])
 
 
@@ -136,7 +137,7 @@ def test_bids_dataset_with_dseg_derivatives(tmp_path, monkeypatch, pybids):
     found = find_bids_images(tmp_path)
     assert [p.name for p in found] == ["sub-01_T1w.nii.gz", "sub-02_ses-1_T1w.nii.gz", "sub-02_ses-2_T1w.nii.gz"]
     with pytest.warns(UserWarning, match="1 of 3 subjects"):
-        subjects = collect_subjects(bids=tmp_path)
+        subjects = find_image_subjects(bids=tmp_path)
     assert [s.name for s in subjects] == ["sub-01", "sub-02_ses-1", "sub-02_ses-2"]
     assert [(s.id, s.session) for s in subjects] == [("01", ""), ("02", "1"), ("02", "2")]
     assert [s.labels.name if s.labels else None for s in subjects] == [

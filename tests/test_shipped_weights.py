@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdar_pipeline.hdar.data import PairDataset, collect_subjects
+from hdar_pipeline.core.subject import find_image_subjects
+from hdar_pipeline.hdar.data import PairDataset
 from hdar_pipeline.hdar.train import validate
 from hdar_pipeline.hdar.weights import available_weights, load_weights
 
@@ -35,7 +36,7 @@ def test_shipped_weights_reproduce_the_model_card_on_their_validation_pairs(lpba
     training = card["config"]["training"]
     final = card["validation"]["final"]
     names = [name.split(".")[0] for name in card["data"]["val_subjects"]]  # "S21.delineation.skullstripped"
-    subjects = collect_subjects(
+    subjects = find_image_subjects(
         images=[lpba40_dir / n / f"{n}.delineation.skullstripped.nii.gz" for n in names],
         labels=[lpba40_dir / n / f"{n}.delineation.structure.label.nii.gz" for n in names])
     data = PairDataset.from_subjects(subjects)

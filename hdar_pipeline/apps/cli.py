@@ -422,7 +422,8 @@ def _run_train(args: argparse.Namespace) -> int:
     import nibabel as nib
     import numpy as np
 
-    from hdar_pipeline.hdar.data import DataError, PairDataset, collect_subjects
+    from hdar_pipeline.core.subject import DatasetError, find_image_subjects
+    from hdar_pipeline.hdar.data import PairDataset
     from hdar_pipeline.hdar.train import TrainConfig, export, train
     from hdar_pipeline.core.images import ImageError
 
@@ -461,15 +462,15 @@ def _run_train(args: argparse.Namespace) -> int:
         return 2
     try:
         labels = None if args.no_labels else (labels_arg(args.labels) if args.labels else "auto")
-        subjects = collect_subjects(images=args.images, folder=args.folder, bids=args.bids, pattern=args.pattern,
-                                    labels=labels, labels_pattern=args.labels_pattern, labels_desc=args.labels_desc)
+        subjects = find_image_subjects(images=args.images, folder=args.folder, bids=args.bids, pattern=args.pattern,
+                                       labels=labels, labels_pattern=args.labels_pattern, labels_desc=args.labels_desc)
         data = PairDataset.from_subjects(subjects, on_grid_mismatch=args.on_grid_mismatch)
         val = None
         if args.val_images:
             val_labels = None if args.no_labels else labels_arg(args.val_labels) if args.val_labels else \
                 (labels if isinstance(labels, str) and labels != "auto" else None)
-            val = PairDataset.from_subjects(collect_subjects(images=args.val_images, labels=val_labels,
-                                                             labels_pattern=args.labels_pattern),
+            val = PairDataset.from_subjects(find_image_subjects(images=args.val_images, labels=val_labels,
+                                                                labels_pattern=args.labels_pattern),
                                             grid=data.grid, on_grid_mismatch=args.on_grid_mismatch)
         elif args.val_fraction > 0:
             n_val = max(2, int(round(args.val_fraction * len(data))))
@@ -509,7 +510,7 @@ def _run_train(args: argparse.Namespace) -> int:
             command = shlex.join(["hdar", *sys.argv[1:]] if Path(sys.argv[0]).name == "hdar" else sys.argv)
             written = export(result, args.export, args.export_dir or args.output, command=command,
                              data_description=description)
-    except (DataError, ImageError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, ImageError, ValueError, FileNotFoundError) as exc:
         print(f"hdar train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     final = result.final_validation

@@ -1,26 +1,33 @@
-"""One subject of a cohort on disk (:class:`Subject`) and the finders for the layouts public datasets ship in.
+"""One subject of a cohort on disk (:class:`Subject`) and every finder that returns subjects.
 
 A :class:`Subject` is the one record every part of the package uses for a subject's files: the BIDS App's
 cohort (:func:`hdar_pipeline.bids_io.inputs.find_bids_subjects`, pybids), HDAR training
-(:func:`hdar_pipeline.hdar.data.collect_subjects`), the benchmark (:mod:`hdar_pipeline.apps.benchmark.pairs`)
+(:func:`find_image_subjects`, what ``hdar train`` reads), the benchmark (:mod:`hdar_pipeline.apps.benchmark.pairs`)
 and the converter (:mod:`hdar_pipeline.bids_io.convert`).
 
-Finders here (no pybids):
+Finders here (all but :func:`find_bids_images` without pybids, which uses it only when it is installed):
 
 * :func:`find_dataset_subjects`: the subjects of a public labelled dataset in the layout its distribution
   ships (:data:`DATASET_LAYOUTS`: LPBA40, IBSR18, CUMC12, MGH10, Mindboggle-101) or of a folder of images and
   label maps given by glob patterns (``"folder"``); what ``hdar convert`` reads;
 * :func:`find_lpba40_subjects`: LPBA40 subjects in LONI's delineation-space folders
-  (``SNN/SNN.delineation.skullstripped.nii.gz``), what the benchmark registers.
+  (``SNN/SNN.delineation.skullstripped.nii.gz``), what the benchmark registers;
+* :func:`find_image_subjects`: subjects from their images, given as a list of files, a folder
+  (:func:`find_folder_images`) or a BIDS dataset's T1w images (:func:`find_bids_images`), each with its label
+  map from a folder, a list of files or, for BIDS, ``derivatives/**/*_dseg`` (:func:`find_bids_labels`), paired
+  by :func:`match_labels`; what ``hdar train`` reads.
+
+Every finder raises :class:`DatasetError` with a message naming the folder or file.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 PathLike = str | os.PathLike
 
@@ -377,3 +384,276 @@ def find_lpba40_subjects(data_dir: PathLike, subject_ids: Sequence[str]) -> list
         raise DatasetError(f"{Path(data_dir)}: LPBA40 files missing: {', '.join(missing[:4])}"
                            f"{' ...' if len(missing) > 4 else ''}")
     return out
+
+
+# ----------------------------------------------------------------------------- images: a list, a folder, BIDS
+
+#: File names a folder's default search skips: label maps and masks.
+_LABEL_LIKE = re.compile(r"(label|_dseg|_mask)", re.IGNORECASE)
+_ENTITY = re.compile(r"(?:^|_)(sub|ses)-([a-zA-Z0-9]+)")
+#: ``space-`` entities of a label map in the subject's own (native T1w) space.
+_NATIVE_SPACES = {"T1w", "orig", "native", "individual"}
+
+
+def _stem(path: Path) -> str:
+    """The file name without its image suffix (``.nii.gz``, ``.img``, ``.hdr``, ...), else without its last
+    suffix."""
+    base, suffix = split_suffix(path.name)
+    return base if suffix in IMAGE_SUFFIXES or suffix == ".hdr" else path.stem
+
+
+def subject_name(path: PathLike) -> str:
+    """A short name for an image file: ``sub-01[_ses-1]`` for BIDS names, else the file stem."""
+    stem = _stem(Path(path))
+    ents = dict(_ENTITY.findall(stem))
+    if "sub" in ents:
+        return f"sub-{ents['sub']}" + (f"_ses-{ents['ses']}" if "ses" in ents else "")
+    return stem
+
+
+def _match_keys(path: Path) -> tuple[str | None, str]:
+    """Matching keys of a file: its BIDS ``sub[_ses]`` key (or None) and its leading identifier."""
+    stem = _stem(path)
+    ents = dict(_ENTITY.findall(stem))
+    bids_key = None
+    if "sub" in ents:
+        bids_key = f"sub-{ents['sub']}" + (f"_ses-{ents['ses']}" if "ses" in ents else "")
+    return bids_key, re.split(r"[._]", stem, maxsplit=1)[0]
+
+
+def find_folder_images(folder: PathLike, pattern: str | None = None) -> list[Path]:
+    """Image files in ``folder`` matching ``pattern`` (a glob relative to it, ``**`` allowed).
+
+    Without ``pattern`` every image directly inside ``folder`` is returned except names that look like
+    label maps or masks (``*label*``, ``*_dseg*``, ``*_mask*``, case-insensitively). An image is a file ending
+    in one of :data:`IMAGE_SUFFIXES` (an Analyze ``.hdr`` is not: its ``.img`` is). Sorted by path.
+
+    Raises
+    ------
+    DatasetError
+        ``folder`` is not a folder, or no image matches.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder")
+    if pattern:
+        files = [p for p in folder.glob(pattern) if _is_image(p)]
+    else:
+        files = [p for p in folder.iterdir() if _is_image(p) and not _LABEL_LIKE.search(p.name)]
+    files = sorted(files)
+    if not files:
+        raise DatasetError(f"{folder}: no image files found" + (f" matching {pattern!r}" if pattern else ""))
+    return files
+
+
+def find_bids_images(root: PathLike) -> list[Path]:
+    """The T1w images of a BIDS dataset (every subject and session), sorted.
+
+    Uses pybids (``BIDSLayout(root, validate=False)``) when it can be imported and index the dataset (a
+    warning says when it cannot); otherwise globs ``sub-*/anat/*_T1w.nii[.gz]`` and
+    ``sub-*/ses-*/anat/*_T1w.nii[.gz]``.
+
+    Raises
+    ------
+    DatasetError
+        ``root`` is not a folder, or it holds no T1w image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: BIDS dataset folder not found")
+    files: list[Path] | None = None
+    try:
+        import bids  # type: ignore[import-not-found]
+    except ImportError:
+        bids = None
+    if bids is not None:
+        try:
+            layout = bids.BIDSLayout(str(root), validate=False)
+            files = [Path(f) for f in layout.get(suffix="T1w", datatype="anat", extension=[".nii.gz", ".nii"],
+                                                 return_type="filename")]
+        except Exception as exc:  # an incomplete dataset_description.json, an unreadable tree, ...
+            warnings.warn(f"pybids could not index {root} ({type(exc).__name__}: {exc}); globbing instead",
+                          stacklevel=2)
+            files = None
+    if files is None:
+        files = []
+        for pat in ("sub-*/anat/*_T1w.nii.gz", "sub-*/anat/*_T1w.nii",
+                    "sub-*/ses-*/anat/*_T1w.nii.gz", "sub-*/ses-*/anat/*_T1w.nii"):
+            files += list(root.glob(pat))
+    files = sorted(set(files))
+    if not files:
+        raise DatasetError(f"{root}: no T1w images found (expected sub-*/[ses-*/]anat/*_T1w.nii.gz)")
+    return files
+
+
+def _space(path: Path) -> str | None:
+    m = re.search(r"(?:^|_)space-([a-zA-Z0-9]+)", _stem(path))
+    return m.group(1) if m else None
+
+
+def find_bids_labels(root: PathLike, desc: str | None = None) -> list[Path]:
+    """Label maps in subject space under ``root/derivatives``: ``*_dseg.nii[.gz]`` with no ``space-``
+    entity (or a native one: T1w, orig, native, individual), optionally only those with ``desc-<desc>``.
+    Sorted; empty when there is no ``derivatives`` folder."""
+    deriv = Path(root) / "derivatives"
+    if not deriv.is_dir():
+        return []
+    out = []
+    for p in deriv.rglob("*_dseg.nii*"):
+        if not _is_image(p):
+            continue
+        space = _space(p)
+        if space is not None and space not in _NATIVE_SPACES:
+            continue
+        if desc is not None and f"_desc-{desc}_" not in f"_{_stem(p)}_":
+            continue
+        out.append(p)
+    return sorted(out)
+
+
+def match_labels(images: Sequence[Path], candidates: Sequence[Path], *, required: bool = True) -> list[Path | None]:
+    """The label file of each image among ``candidates``.
+
+    An image and a candidate match when they have the same file name, else (for a BIDS file name) the same
+    ``sub``/``ses`` entities, else (for other names) the same leading identifier: the file name up to its
+    first ``.`` or ``_`` (``S01`` for ``S01.delineation.skullstripped.nii.gz``). A candidate that is one of
+    the images is ignored.
+
+    Returns
+    -------
+    list of Path or None
+        One per image, in order; ``None`` where nothing matches (only without ``required``).
+
+    Raises
+    ------
+    DatasetError
+        An image matches several candidates, or (``required``) none; the message names the image.
+    """
+    images = [Path(p) for p in images]
+    image_set = {p.resolve() for p in images}
+    cands = [Path(c) for c in candidates if Path(c).resolve() not in image_set]
+    by_name: dict[str, list[Path]] = {}
+    by_bids: dict[str, list[Path]] = {}
+    by_lead: dict[str, list[Path]] = {}
+    for c in cands:
+        by_name.setdefault(c.name, []).append(c)
+        bk, lead = _match_keys(c)
+        if bk is not None:
+            by_bids.setdefault(bk, []).append(c)
+        by_lead.setdefault(lead, []).append(c)
+    out: list[Path | None] = []
+    for img in images:
+        bk, lead = _match_keys(img)
+        for found in (by_name.get(img.name), by_bids.get(bk) if bk else None, None if bk else by_lead.get(lead)):
+            if found:
+                break
+        else:
+            found = None
+        if not found:
+            if required:
+                raise DatasetError(f"{img}: no label map found for it (looked for the same file name, BIDS "
+                                   f"sub/ses entities or the leading identifier {lead!r})")
+            out.append(None)
+        elif len(found) > 1:
+            raise DatasetError(f"{img}: several label maps match it ({', '.join(str(f) for f in found)}); "
+                               "pass the label files explicitly or narrow the pattern/desc")
+        else:
+            out.append(found[0])
+    return out
+
+
+def find_image_subjects(
+    *,
+    images: Sequence[PathLike] | None = None,
+    folder: PathLike | None = None,
+    bids: PathLike | None = None,
+    pattern: str | None = None,
+    labels: PathLike | Sequence[PathLike] | Literal["auto"] | None = "auto",
+    labels_pattern: str | None = None,
+    labels_desc: str | None = None,
+) -> list[Subject]:
+    """Subjects from their images (exactly one source) with their label maps: what ``hdar train`` reads.
+
+    Parameters
+    ----------
+    images, folder, bids
+        Exactly one: a list of image files, a folder (with ``pattern``, see :func:`find_folder_images`) or a
+        BIDS dataset root (its T1w images, see :func:`find_bids_images`).
+    pattern : str, optional
+        Glob for ``folder`` (default: every image directly inside it that is not label-like).
+    labels : folder, list of files, "auto" or None
+        A folder of label maps (searched with ``labels_pattern``, default every image file below it, paired
+        by :func:`match_labels`), a list of label files in the order of the images, ``"auto"`` (BIDS:
+        ``derivatives/**/*_dseg`` where present (:func:`find_bids_labels`), subjects without one train
+        without Dice, with a warning; otherwise no labels), or ``None``.
+    labels_pattern : str, optional
+        Glob relative to a ``labels`` folder.
+    labels_desc : str, optional
+        BIDS: only ``*_desc-<labels_desc>_*dseg`` files.
+
+    Returns
+    -------
+    list of Subject
+        Sorted as found: ``t1w`` the image, ``labels`` its label map or None, ``name`` ``sub-01[_ses-1]`` for a
+        BIDS file name (the file stem when two images share it), else the file stem; ``id`` and ``session``
+        (and ``entities``) from the file name's ``sub-``/``ses-`` entities, else the name.
+
+    Raises
+    ------
+    DatasetError
+        Not exactly one source, a file or folder missing, an image listed twice, a label file count that
+        differs from the image count, or a label map missing or ambiguous; the message names the file.
+    """
+    given = [x is not None for x in (images, folder, bids)]
+    if sum(given) != 1:
+        raise DatasetError("give exactly one of images, folder or bids")
+    if images is not None:
+        paths = [Path(p) for p in images]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DatasetError(f"image file(s) not found: {', '.join(missing)}")
+    elif folder is not None:
+        paths = find_folder_images(folder, pattern)
+    else:
+        paths = find_bids_images(bids)  # type: ignore[arg-type]
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise DatasetError("the same image is listed more than once")
+
+    label_paths: list[Path | None]
+    if labels is None:
+        label_paths = [None] * len(paths)
+    elif isinstance(labels, str) and labels == "auto":
+        if bids is not None:
+            label_paths = match_labels(paths, find_bids_labels(bids, labels_desc), required=False)
+            missing = [subject_name(p) for p, lab in zip(paths, label_paths) if lab is None]
+            if missing and len(missing) < len(paths):
+                warnings.warn(f"no *_dseg label map for {len(missing)} of {len(paths)} subjects "
+                              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+                              "their pairs train without the Dice term", stacklevel=2)
+        else:
+            label_paths = [None] * len(paths)
+    elif isinstance(labels, (str, os.PathLike)) and Path(labels).is_dir():
+        candidates = [p for p in (Path(labels).glob(labels_pattern) if labels_pattern else Path(labels).rglob("*"))
+                      if _is_image(p)]
+        label_paths = match_labels(paths, candidates, required=True)
+    else:
+        files = [Path(labels)] if isinstance(labels, (str, os.PathLike)) else [Path(p) for p in labels]
+        if len(files) != len(paths):
+            raise DatasetError(f"{len(files)} label files for {len(paths)} images; give one per image (same order) "
+                               "or a folder")
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise DatasetError(f"label file(s) not found: {', '.join(missing)}")
+        label_paths = list(files)
+    names = [subject_name(p) for p in paths]
+    if len(set(names)) != len(names):  # e.g. two runs of one subject: fall back to full stems
+        names = [_stem(p) for p in paths]
+    return [_image_subject(p, lab, n) for p, lab, n in zip(paths, label_paths, names)]
+
+
+def _image_subject(image: Path, labels: Path | None, name: str) -> Subject:
+    ents = dict(_ENTITY.findall(_stem(image)))
+    if "sub" not in ents:
+        return Subject(name, t1w=image, labels=labels, name=name)
+    entities = {"subject": ents["sub"], **({"session": ents["ses"]} if "ses" in ents else {})}
+    return Subject(ents["sub"], session=ents.get("ses", ""), t1w=image, labels=labels, entities=entities, name=name)

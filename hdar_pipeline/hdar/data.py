@@ -1,18 +1,12 @@
-"""Training data for HDAR: find images (a list, a folder or a BIDS dataset) and their labels, load them
-onto one grid, and draw random, augmented registration pairs.
+"""Training data for HDAR: load the subjects' images and labels onto one grid, and draw random, augmented
+registration pairs.
 
-Sources
--------
-* a list of image files;
-* a folder (``pattern`` relative to it, default every image file directly inside it except names that
-  look like label maps or masks: ``*label*``, ``*_dseg*``, ``*_mask*``);
-* a BIDS dataset: the ``T1w`` images of every subject (and session), through pybids when it is
-  installed, otherwise by globbing ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``.
-
-Labels (optional) come from a folder (or a list of files in the order of the images) or, for BIDS,
-from ``derivatives/**/*_dseg.nii[.gz]`` in subject (native) space. An image and a label file match when
-they have the same file name, else the same BIDS ``sub``/``ses`` entities, else the same leading
-identifier (the file name up to its first ``.`` or ``_``: ``S01`` for ``S01.delineation.skullstripped.nii.gz``).
+Subjects
+--------
+The subjects come from :func:`hdar_pipeline.core.subject.find_image_subjects` (a list of images, a folder or a
+BIDS dataset's T1w images, with their label maps from a folder, a list of files or BIDS ``derivatives/**/*_dseg``),
+the finder ``hdar train`` uses; :mod:`hdar_pipeline.core.subject` documents how images and labels are found and
+matched. :class:`PairDataset` loads any :class:`~hdar_pipeline.core.subject.Subject` list, or in-memory images.
 
 Loading
 -------
@@ -31,8 +25,6 @@ images and both label maps. Tensors are ``(1, 1, X, Y, Z)``: float32 intensities
 
 from __future__ import annotations
 
-import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,259 +34,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from hdar_pipeline.core.images import (SUPPORTED_SUFFIXES, Grid, ImageError, check_labels_match, load_image, normalize_intensity,
-                      resample_to)
-from hdar_pipeline.core.subject import Subject
-
-PathLike = str | os.PathLike
-
-_LABEL_LIKE = re.compile(r"(label|_dseg|_mask)", re.IGNORECASE)
-_ENTITY = re.compile(r"(?:^|_)(sub|ses)-([a-zA-Z0-9]+)")
-_NATIVE_SPACES = {"T1w", "orig", "native", "individual"}
+from hdar_pipeline.core.images import (Grid, ImageError, check_labels_match, load_image, normalize_intensity,
+                                       resample_to)
+from hdar_pipeline.core.subject import DatasetError, Subject, subject_name
 
 
-class DataError(ValueError):
-    """The training data cannot be assembled (no images, unmatched labels, ...)."""
-
-
-# ------------------------------------------------------------------------------------------- discovery
-
-
-def _is_image(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and any(name.endswith(s) for s in SUPPORTED_SUFFIXES) and not name.endswith(".hdr")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def subject_name(path: PathLike) -> str:
-    """A short name for an image file: ``sub-01[_ses-1]`` for BIDS names, else the file stem."""
-    stem = _stem(Path(path))
-    ents = dict(_ENTITY.findall(stem))
-    if "sub" in ents:
-        return f"sub-{ents['sub']}" + (f"_ses-{ents['ses']}" if "ses" in ents else "")
-    return stem
-
-
-def _keys(path: Path) -> tuple[str | None, str]:
-    """Matching keys of a file: its BIDS ``sub[_ses]`` key (or None) and its leading identifier."""
-    stem = _stem(path)
-    ents = dict(_ENTITY.findall(stem))
-    bids_key = None
-    if "sub" in ents:
-        bids_key = f"sub-{ents['sub']}" + (f"_ses-{ents['ses']}" if "ses" in ents else "")
-    return bids_key, re.split(r"[._]", stem, maxsplit=1)[0]
-
-
-def find_folder_images(folder: PathLike, pattern: str | None = None) -> list[Path]:
-    """Image files in ``folder`` matching ``pattern`` (a glob relative to it, ``**`` allowed).
-
-    Without ``pattern`` every image directly inside ``folder`` is returned except names that look like
-    label maps or masks (``*label*``, ``*_dseg*``, ``*_mask*``). Sorted by path.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
-    if pattern:
-        files = [p for p in folder.glob(pattern) if _is_image(p)]
-    else:
-        files = [p for p in folder.iterdir() if _is_image(p) and not _LABEL_LIKE.search(p.name)]
-    files = sorted(files)
-    if not files:
-        raise DataError(f"{folder}: no image files found" + (f" matching {pattern!r}" if pattern else ""))
-    return files
-
-
-def find_bids_images(root: PathLike) -> list[Path]:
-    """The T1w images of a BIDS dataset (every subject and session), sorted.
-
-    Uses pybids (``BIDSLayout(root, validate=False)``) when it can be imported and index the dataset;
-    otherwise globs ``sub-*/anat/*_T1w.nii[.gz]`` and ``sub-*/ses-*/anat/*_T1w.nii[.gz]``.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: BIDS dataset folder not found")
-    files: list[Path] | None = None
-    try:
-        import bids  # type: ignore[import-not-found]
-    except ImportError:
-        bids = None
-    if bids is not None:
-        try:
-            layout = bids.BIDSLayout(str(root), validate=False)
-            files = [Path(f) for f in layout.get(suffix="T1w", datatype="anat", extension=[".nii.gz", ".nii"],
-                                                 return_type="filename")]
-        except Exception as exc:  # an incomplete dataset_description.json, an unreadable tree, ...
-            warnings.warn(f"pybids could not index {root} ({type(exc).__name__}: {exc}); globbing instead",
-                          stacklevel=2)
-            files = None
-    if files is None:
-        files = []
-        for pat in ("sub-*/anat/*_T1w.nii.gz", "sub-*/anat/*_T1w.nii",
-                    "sub-*/ses-*/anat/*_T1w.nii.gz", "sub-*/ses-*/anat/*_T1w.nii"):
-            files += list(root.glob(pat))
-    files = sorted(set(files))
-    if not files:
-        raise DataError(f"{root}: no T1w images found (expected sub-*/[ses-*/]anat/*_T1w.nii.gz)")
-    return files
-
-
-def _space(path: Path) -> str | None:
-    m = re.search(r"(?:^|_)space-([a-zA-Z0-9]+)", _stem(path))
-    return m.group(1) if m else None
-
-
-def find_bids_labels(root: PathLike, desc: str | None = None) -> list[Path]:
-    """Label maps in subject space under ``root/derivatives``: ``*_dseg.nii[.gz]`` with no ``space-``
-    entity (or a native one: T1w, orig), optionally only those with ``desc-<desc>``."""
-    deriv = Path(root) / "derivatives"
-    if not deriv.is_dir():
-        return []
-    out = []
-    for p in deriv.rglob("*_dseg.nii*"):
-        if not _is_image(p):
-            continue
-        space = _space(p)
-        if space is not None and space not in _NATIVE_SPACES:
-            continue
-        if desc is not None and f"_desc-{desc}_" not in f"_{_stem(p)}_":
-            continue
-        out.append(p)
-    return sorted(out)
-
-
-def match_labels(images: Sequence[Path], candidates: Sequence[Path], *, required: bool = True) -> list[Path | None]:
-    """The label file of each image among ``candidates`` (see the module docstring for the rules).
-
-    Raises
-    ------
-    DataError
-        An image matches several candidates, or (``required``) none.
-    """
-    images = [Path(p) for p in images]
-    image_set = {p.resolve() for p in images}
-    cands = [Path(c) for c in candidates if Path(c).resolve() not in image_set]
-    by_name: dict[str, list[Path]] = {}
-    by_bids: dict[str, list[Path]] = {}
-    by_lead: dict[str, list[Path]] = {}
-    for c in cands:
-        by_name.setdefault(c.name, []).append(c)
-        bk, lead = _keys(c)
-        if bk is not None:
-            by_bids.setdefault(bk, []).append(c)
-        by_lead.setdefault(lead, []).append(c)
-    out: list[Path | None] = []
-    for img in images:
-        bk, lead = _keys(img)
-        for found in (by_name.get(img.name), by_bids.get(bk) if bk else None, None if bk else by_lead.get(lead)):
-            if found:
-                break
-        else:
-            found = None
-        if not found:
-            if required:
-                raise DataError(f"{img}: no label map found for it (looked for the same file name, BIDS "
-                                f"sub/ses entities or the leading identifier {lead!r})")
-            out.append(None)
-        elif len(found) > 1:
-            raise DataError(f"{img}: several label maps match it ({', '.join(str(f) for f in found)}); "
-                            "pass the label files explicitly or narrow the pattern/desc")
-        else:
-            out.append(found[0])
-    return out
-
-
-def collect_subjects(
-    *,
-    images: Sequence[PathLike] | None = None,
-    folder: PathLike | None = None,
-    bids: PathLike | None = None,
-    pattern: str | None = None,
-    labels: PathLike | Sequence[PathLike] | Literal["auto"] | None = "auto",
-    labels_pattern: str | None = None,
-    labels_desc: str | None = None,
-) -> list[Subject]:
-    """The training subjects from exactly one source, with their label maps.
-
-    Parameters
-    ----------
-    images, folder, bids
-        Exactly one: a list of image files, a folder (with ``pattern``) or a BIDS dataset root.
-    pattern : str, optional
-        Glob for ``folder`` (default: every image directly inside it that is not label-like).
-    labels : folder, list of files, "auto" or None
-        A folder of label maps (searched with ``labels_pattern``, default every image file below it),
-        a list of label files in the order of the images, ``"auto"`` (BIDS: ``derivatives/**/*_dseg``
-        where present, subjects without one train without Dice; otherwise no labels), or ``None``.
-    labels_desc : str, optional
-        BIDS: only ``*_desc-<labels_desc>_*dseg`` files.
-
-    Returns
-    -------
-    list of Subject
-        Sorted as found: ``t1w`` the image, ``labels`` its label map or None, ``name`` ``sub-01[_ses-1]`` for a
-        BIDS file name (the file stem when two images share it), else the file stem; ``id`` and ``session``
-        (and ``entities``) from the file name's ``sub-``/``ses-`` entities, else the name.
-    """
-    given = [x is not None for x in (images, folder, bids)]
-    if sum(given) != 1:
-        raise DataError("give exactly one of images, folder or bids")
-    if images is not None:
-        paths = [Path(p) for p in images]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise DataError(f"image file(s) not found: {', '.join(missing)}")
-    elif folder is not None:
-        paths = find_folder_images(folder, pattern)
-    else:
-        paths = find_bids_images(bids)  # type: ignore[arg-type]
-    if len(set(p.resolve() for p in paths)) != len(paths):
-        raise DataError("the same image is listed more than once")
-
-    label_paths: list[Path | None]
-    if labels is None:
-        label_paths = [None] * len(paths)
-    elif isinstance(labels, str) and labels == "auto":
-        if bids is not None:
-            label_paths = match_labels(paths, find_bids_labels(bids, labels_desc), required=False)
-            missing = [subject_name(p) for p, lab in zip(paths, label_paths) if lab is None]
-            if missing and len(missing) < len(paths):
-                warnings.warn(f"no *_dseg label map for {len(missing)} of {len(paths)} subjects "
-                              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
-                              "their pairs train without the Dice term", stacklevel=2)
-        else:
-            label_paths = [None] * len(paths)
-    elif isinstance(labels, (str, os.PathLike)) and Path(labels).is_dir():
-        candidates = [p for p in (Path(labels).glob(labels_pattern) if labels_pattern else Path(labels).rglob("*"))
-                      if _is_image(p)]
-        label_paths = match_labels(paths, candidates, required=True)
-    else:
-        files = [Path(labels)] if isinstance(labels, (str, os.PathLike)) else [Path(p) for p in labels]
-        if len(files) != len(paths):
-            raise DataError(f"{len(files)} label files for {len(paths)} images; give one per image (same order) "
-                            "or a folder")
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise DataError(f"label file(s) not found: {', '.join(missing)}")
-        label_paths = list(files)
-    names = [subject_name(p) for p in paths]
-    if len(set(names)) != len(names):  # e.g. two runs of one subject: fall back to full stems
-        names = [_stem(p) for p in paths]
-    return [_subject(p, lab, n) for p, lab, n in zip(paths, label_paths, names)]
-
-
-def _subject(image: Path, labels: Path | None, name: str) -> Subject:
-    ents = dict(_ENTITY.findall(_stem(image)))
-    if "sub" not in ents:
-        return Subject(name, t1w=image, labels=labels, name=name)
-    entities = {"subject": ents["sub"], **({"session": ents["ses"]} if "ses" in ents else {})}
-    return Subject(ents["sub"], session=ents.get("ses", ""), t1w=image, labels=labels, entities=entities, name=name)
+class DataError(DatasetError):
+    """The training data cannot be assembled (no images to load, too few subjects, volumes of different
+    shapes, ...). Finding the subjects raises the :class:`~hdar_pipeline.core.subject.DatasetError` this derives
+    from, so ``except DatasetError`` catches both."""
 
 
 # ------------------------------------------------------------------------------------------- loading
