@@ -1,4 +1,4 @@
-"""Jobs for tests/test_isolation.py: importable by name, as a child process needs them."""
+"""Jobs for tests/pipeline/test_isolation.py: importable by name, as a child process needs them."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def build_bids_app_parser() -> argparse.ArgumentParser:
     """The ``hdar-pipeline`` command line (BIDS App conventions: BIDS_DIR OUTPUT_DIR LEVEL).
 
     Every option has a help text, and ``--help`` shows each option's default except for flags and empty
-    defaults (:class:`_AppHelpFormatter`); ``tests/test_bids_app_conventions.py`` holds both.
+    defaults (:class:`_AppHelpFormatter`); ``tests/apps/test_bids_app_conventions.py`` holds both.
     """
     p = _Parser(
         prog="hdar-pipeline",

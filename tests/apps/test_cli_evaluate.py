@@ -187,7 +187,7 @@ def test_tidy_evaluations_feed_group_statistics(files):
 
 
 def lpba40_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lpba40"
+    default = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lpba40"
     return Path(os.environ.get("HDAR_LPBA40_DIR", default))
 
 

@@ -4,7 +4,7 @@ registry entry and presets, and the BIDS App's --methods lccdemons.
 The phantom is conftest's brain-like volume on a 32^3 grid of 3 mm voxels, deformed by a smooth random
 diffeomorphism (:func:`hdar_pipeline.core.synthetic.make_subject`: mean 3.8 mm, i.e. 1.3 voxels, inside the brain).
 The ANTs round trip (``hdar register --method lccdemons`` then ``ants.apply_transforms``) is one case of
-tests/test_cli_register.py's parametrised round-trip test.
+tests/apps/test_cli_register.py's parametrised round-trip test.
 """
 
 from __future__ import annotations

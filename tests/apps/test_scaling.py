@@ -17,7 +17,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 pytest.importorskip("pydra")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scaling.py"
 SIZES = (24, 32)
 VARIANTS = ("affine", "demons", "hdar-fast")
 COHORT_SIZES = (1, 2)

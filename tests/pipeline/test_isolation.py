@@ -132,7 +132,7 @@ def test_forked_workers_use_the_fork_server_started_before_them(tmp_path):
     from pathlib import Path
 
     script = tmp_path / "forked.py"
-    script.write_text(_FORKED_WORKER.format(tests=str(Path(__file__).parent)))
+    script.write_text(_FORKED_WORKER.format(tests=str(Path(__file__).resolve().parents[1])))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
