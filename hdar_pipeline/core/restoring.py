@@ -1,7 +1,7 @@
 """Re-store an image in another frame: the same anatomy as another scanner or dataset would store it.
 
 Used to test that a method gives the same answer whatever the array orientation, field of view, voxel size and
-intensity range of its inputs (``benchmarks/frames.py``, ``tests/test_hdar_frames.py``). The world position
+intensity range of its inputs (``benchmarks/frames.py``, ``tests/hdar/test_hdar_frames_lpba40.py``). The world position
 of the anatomy never changes: only the grid it is sampled on and the stored values do.
 """
 
