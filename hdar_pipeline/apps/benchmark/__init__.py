@@ -72,22 +72,36 @@ Outputs
     Mean Dice (SD bars) against the median seconds per pair (log scale), one labelled point per variant.
 """
 
-from hdar_pipeline.apps.benchmark.pairs import (  # noqa: E402
+from hdar_pipeline.apps.benchmark.pairs import (
     LPBA40_VALIDATION, PAIR_MODES, Pair, BenchmarkInputError, default_lpba40_dir, lpba40_label,
     lpba40_files, lpba40_subjects, bids_subjects, make_pairs, parse_pair_specs, select_pairs, lpba40_pairs,
 )
-from hdar_pipeline.apps.benchmark.runner import (  # noqa: E402
+from hdar_pipeline.apps.benchmark.runner import (
     DEFAULT_OUTPUT, DEFAULT_REFINE_STEPS, DEFAULT_MAX_PAIRS, PAIR_COLUMNS, Variant, default_variants,
     VARIANT_NAMES, VariantUnavailable, build_method, parse_max_pairs, BenchmarkConfig, BenchmarkResult,
     one_line, PairImageCache, load_pair_images, evaluate_pair, RowCache, RunStamp, check_variants, progress_bar,
     measured_row, write_results, plan_jobs, run_benchmark,
 )
-from hdar_pipeline.apps.benchmark.tables import (  # noqa: E402
+from hdar_pipeline.apps.benchmark.tables import (
     REFERENCE_VARIANT, SUMMARY_COLUMNS, rows_frame, failure_notes, wall_time_note, variant_rows, summary_stat,
     variant_status, PAIRED_REFERENCE, PAIRED_HEADER, paired_against, paired_table_rows, summarise,
     format_mean_sd, TABLE_HEADER, table_rows, markdown_table, report_sections, print_table, markdown_report,
     print_summary, run_console,
 )
-from hdar_pipeline.apps.benchmark.benchmark_cli import (  # noqa: E402
+from hdar_pipeline.apps.benchmark.benchmark_cli import (
     add_benchmark_arguments, config_from_args, command_line, run_benchmark_cli, main,
 )
+
+__all__ = [
+    "BenchmarkConfig", "BenchmarkInputError", "BenchmarkResult", "DEFAULT_MAX_PAIRS", "DEFAULT_OUTPUT",
+    "DEFAULT_REFINE_STEPS", "LPBA40_VALIDATION", "PAIRED_HEADER", "PAIRED_REFERENCE", "PAIR_COLUMNS",
+    "PAIR_MODES", "Pair", "PairImageCache", "REFERENCE_VARIANT", "RowCache", "RunStamp", "SUMMARY_COLUMNS",
+    "TABLE_HEADER", "VARIANT_NAMES", "Variant", "VariantUnavailable", "add_benchmark_arguments",
+    "bids_subjects", "build_method", "check_variants", "command_line", "config_from_args", "default_lpba40_dir",
+    "default_variants", "evaluate_pair", "failure_notes", "format_mean_sd", "load_pair_images", "lpba40_files",
+    "lpba40_label", "lpba40_pairs", "lpba40_subjects", "main", "make_pairs", "markdown_report",
+    "markdown_table", "measured_row", "one_line", "paired_against", "paired_table_rows", "parse_max_pairs",
+    "parse_pair_specs", "plan_jobs", "print_summary", "print_table", "progress_bar", "report_sections",
+    "rows_frame", "run_benchmark", "run_benchmark_cli", "run_console", "select_pairs", "summarise",
+    "summary_stat", "table_rows", "variant_rows", "variant_status", "wall_time_note", "write_results",
+]
