@@ -119,4 +119,5 @@ def describe(params: Mapping[str, Any], preset: str, context: SentenceContext) -
 
 SPEC = MethodSpec(
     name="affine", title="Affine (ANTs)", method_class=AffineMethod, describe=describe, references=(AVANTS2011,),
+    inverse="exact",
     variants=(BenchmarkVariant("affine", None, {}, "antspyx rigid + affine only", order=10),))

@@ -678,7 +678,7 @@ SPEC = MethodSpec(
     presets={"default": "the paper's parameters: 30/20/10 iterations at shrink 4/2/1, sigma_LCC 3, fluid 0.5, "
                         "diffusion 1.0 voxels",
              "fast": "the two coarse levels only"},
-    default_preset=DEFAULT_PRESET,
+    default_preset=DEFAULT_PRESET, inverse="LCC-Demons' negated velocity",
     presets_summary="default: the LCC-Demons paper's parameters; fast: the two coarse levels only",
     uses_device=True,
     variants=(BenchmarkVariant("lccdemons", None, {}, "LCC-Demons (PyTorch), the paper's parameters, 3 levels",

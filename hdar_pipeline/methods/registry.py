@@ -104,6 +104,11 @@ class MethodSpec:
         shipped weights it loads by default; ``None`` for the classical methods.
     uses_device : bool
         Whether it runs on a ``device`` (``auto``, ``cpu``, ``cuda[:N]``; PyTorch).
+    inverse : str
+        How the inverse of its transform is obtained, as the methods text says it: ``"numerical"`` (the default:
+        the pipeline inverts the displacement field by Newton's method, :mod:`hdar_pipeline.core.inverse`),
+        ``"exact"`` (an affine, inverted exactly), or the words naming the method's own inverse
+        (``"SyN's own inverse"``), for a method whose transform carries it.
     variants : sequence or callable
         Its ``hdar benchmark`` variants (:class:`BenchmarkVariant`), or a function of the benchmark's
         ``refine_steps`` returning them.
@@ -121,6 +126,7 @@ class MethodSpec:
     install: str = ""
     default_weights: str | None = None
     uses_device: bool = False
+    inverse: str = "numerical"
     variants: Variants = ()
 
     def __post_init__(self) -> None:

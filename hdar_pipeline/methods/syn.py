@@ -149,6 +149,6 @@ SPEC = MethodSpec(
     name="syn", title="ANTs SyN", method_class=SyNMethod, describe=describe, references=(AVANTS2008, AVANTS2011),
     presets={"fast": "antspyx's SyN defaults, Mattes MI",
              "quality": "antsRegistrationSyN.sh's deformable stage, CC"},
-    default_preset="fast",
+    default_preset="fast", inverse="SyN's own inverse",
     variants=(BenchmarkVariant("syn-fast", "fast", {}, "ANTs SyN, antspyx defaults", order=50),
               BenchmarkVariant("syn-quality", "quality", {}, "ANTs SyN, antsRegistrationSyN.sh quality", order=100)))

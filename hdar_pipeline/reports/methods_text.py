@@ -120,11 +120,12 @@ _LIBRARY_NAMES = {"python": "Python", "antspyx": "ANTsPy (antspyx)", "SimpleITK"
 
 
 def _inverse_text(methods: Sequence[str]) -> str:
-    """How each method's inverse was obtained: its own (SyN's inverse warp, LCC-Demons' negated velocity) or the
-    displacement field inverted by Newton's method (:mod:`hdar_pipeline.core.inverse`)."""
-    own = [t for m, t in (("syn", "SyN's own inverse"), ("lccdemons", "LCC-Demons' negated velocity"))
-           if m in methods]
-    numerical = [m for m in methods if m not in ("syn", "lccdemons", "affine")]
+    """How each method's inverse was obtained (its spec's ``inverse``): its own (SyN's inverse warp, LCC-Demons'
+    negated velocity), the affine's exact inverse, or the displacement field inverted by Newton's method
+    (:mod:`hdar_pipeline.core.inverse`; also for a method the registry does not know)."""
+    specs = specs_by_name()
+    own = [s.inverse for s in method_specs() if s.name in methods and s.inverse not in ("numerical", "exact")]
+    numerical = [m for m in methods if (specs[m].inverse if m in specs else "numerical") == "numerical"]
     parts = list(own)
     if numerical:
         parts.append(("for the other methods " if own else "") + "the displacement field inverted by Newton's method")

@@ -50,7 +50,7 @@ def describe(params, preset, context):
 
 SPEC = MethodSpec(name="toyidentity", title="Toy Identity", method_class=IdentityMethod, describe=describe,
                   references=(TOY2024,), presets={"still": "no motion at all", "stiller": "even less"},
-                  default_preset="still",
+                  default_preset="still", inverse="the identity's own inverse, itself",
                   variants=(BenchmarkVariant("toyidentity", "stiller", {}, "the identity, a floor", order=5),))
 '''
 
@@ -107,6 +107,8 @@ def test_a_method_is_one_module_and_one_registry_line(toy_registered, tmp_path, 
     assert "using Toy Identity and Diffeomorphic Demons." in text
     assert "Nothing moved: the identity transform (Toy 2024). Preset: `stiller`. Other settings: `stillness=0.5`" in text
     assert "1. Toy T. Doing nothing, exactly." in text
+    assert ("the identity's own inverse, itself and for the other methods the displacement field inverted by "
+            "Newton's method") in text
     assert cited_keys(text)[0] == "toy2024" and "toy2024" in REFERENCES
     assert "@article{toy2024," in bibtex(cited_keys(text))
 
