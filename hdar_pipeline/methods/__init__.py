@@ -10,21 +10,6 @@ from hdar_pipeline.core.transforms import Transform
 from hdar_pipeline.methods.base import MethodBase, RegistrationMethod
 from hdar_pipeline.methods.registry import DEFAULT_METHOD, method_names, method_spec, specs_by_name
 
-#: The registered methods' names, in registry order (:mod:`.registry`); read from the registry when asked for.
-METHODS: tuple[str, ...]
-#: The learned methods: they load trained weights (a shipped name by default) and take HDAR's options.
-LEARNED_METHODS: tuple[str, ...]
-
-
-def __getattr__(name: str) -> tuple[str, ...]:
-    # METHODS and LEARNED_METHODS: built when asked for, so that a method registered after this import is included
-    if name == "METHODS":
-        return tuple(method_names())
-    if name == "LEARNED_METHODS":
-        return tuple(s.name for s in specs_by_name().values() if s.learned)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def get_method(name: str, *, preset: str | None = None, seed: int | None = None, threads: int | None = None,
                device: str | None = None, options: dict[str, Any] | None = None) -> RegistrationMethod:
     """Build a registration method by name (from its :class:`~hdar_pipeline.methods.registry.MethodSpec`).
@@ -32,7 +17,7 @@ def get_method(name: str, *, preset: str | None = None, seed: int | None = None,
     Parameters
     ----------
     name : str
-        A registered method (:data:`METHODS`: ``"affine"``, ``"syn"``, ``"demons"``, ``"lccdemons"``,
+        A registered method (:func:`~.registry.method_names`: ``"affine"``, ``"syn"``, ``"demons"``, ``"lccdemons"``,
         ``"fireants"``, ``"hdar"``, ``"voxelmorph"``).
     preset : str, optional
         One of the method's presets (``hdar register --help``), ``None`` for its default; a method without presets
@@ -174,5 +159,5 @@ def _same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialIm
     return Grid.of(a).same_as(Grid.of(b), atol=1e-3)
 
 
-__all__ = ["AFFINE_METHODS", "DEFAULT_METHOD", "LEARNED_METHODS", "METHODS", "MethodBase", "RegistrationMethod", "affine_stage",
-           "get_method", "model_identity", "register_pair"]
+__all__ = ["AFFINE_METHODS", "DEFAULT_METHOD", "MethodBase", "RegistrationMethod", "affine_stage", "get_method",
+           "method_names", "model_identity", "register_pair"]

@@ -22,23 +22,7 @@ from hdar_pipeline.methods.text import (ALWAYS_SKIPPED, AVANTS2011, Citer, Refer
 
 PathLike = str | os.PathLike
 
-__all__ = ["METHOD_TITLES", "REFERENCES", "bibtex", "cited_keys", "method_title", "methods_paragraph", "references",
-           "write_methods"]
-
-
-#: How the text and the reports name each method (name -> title); read from the registry when asked for.
-METHOD_TITLES: dict[str, str]
-#: Full citations, keyed by the short key the text cites them by (:func:`references`); read when asked for.
-REFERENCES: dict[str, str]
-
-
-def __getattr__(name: str) -> dict[str, str]:
-    # METHOD_TITLES and REFERENCES: built when asked for, so that a method registered after this import is included
-    if name == "METHOD_TITLES":
-        return {s.name: s.title for s in method_specs()}
-    if name == "REFERENCES":
-        return {key: ref.text for key, ref in references().items()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["bibtex", "cited_keys", "method_title", "methods_paragraph", "references", "write_methods"]
 
 
 def method_title(method: str) -> str:
@@ -393,14 +377,14 @@ def _markdown_to_html(text: str, title: str = "Methods") -> str:
 
 
 def cited_keys(text: str) -> list[str]:
-    """The keys of :data:`REFERENCES` that a methods text (:func:`methods_paragraph`) cites, in order of first
+    """The keys of :func:`references` that a methods text (:func:`methods_paragraph`) cites, in order of first
     citation."""
     found = [(text.find(ref.cite), key) for key, ref in references().items() if ref.cite in text]
     return [key for _, key in sorted(found)]
 
 
 def bibtex(keys: Sequence[str]) -> str:
-    """BibTeX entries of the given :data:`REFERENCES` keys (the same references, the same keys)."""
+    """BibTeX entries of the given :func:`references` keys (the same references, the same keys)."""
     entries = []
     for key in keys:
         ref = references()[key]
@@ -412,7 +396,7 @@ def bibtex(keys: Sequence[str]) -> str:
 
 def write_methods(out_dir: PathLike, **kwargs: Any) -> list[Path]:
     """Write :func:`methods_paragraph` ``(**kwargs)`` as ``CITATION.md``, ``CITATION.html`` and ``CITATION.bib``
-    (BibTeX entries of every reference the text cites, keyed as :data:`REFERENCES`) in ``out_dir``.
+    (BibTeX entries of every reference the text cites, keyed as :func:`references`) in ``out_dir``.
 
     Returns
     -------

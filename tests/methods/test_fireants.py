@@ -268,9 +268,9 @@ def test_cuda_gives_the_cpu_result(phantom, subject, greedy):
 
 
 def test_registry_builds_fireants_with_presets_and_options():
-    from hdar_pipeline.methods import METHODS, get_method
+    from hdar_pipeline.methods import get_method, method_names
 
-    assert "fireants" in METHODS
+    assert "fireants" in method_names()
     method = get_method("fireants", seed=3, threads=1)
     assert isinstance(method, FireANTsMethod) and method.name == "fireants" and method.preset == "greedy"
     assert method.device == "auto" and method.seed == 3 and method.threads == 1

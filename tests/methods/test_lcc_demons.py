@@ -174,10 +174,10 @@ def test_exponential_of_a_velocity_and_its_negative_compose_to_the_identity():
 
 
 def test_registry_presets_and_options():
-    from hdar_pipeline.methods import METHODS
+    from hdar_pipeline.methods import method_names
     from hdar_pipeline.methods.lcc_demons import LCC_DEMONS_PRESETS, LCCDemonsMethod
 
-    assert "lccdemons" in METHODS
+    assert "lccdemons" in method_names()
     method = get_method("lccdemons", seed=3, threads=1)
     assert isinstance(method, LCCDemonsMethod) and method.name == "lccdemons" and method.device == "auto"
     params = method.parameters

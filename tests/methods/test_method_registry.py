@@ -69,10 +69,10 @@ def test_a_method_is_one_module_and_one_registry_line(toy_registered, tmp_path, 
     from hdar_pipeline.apps.benchmark.runner import build_method, default_variants
     from hdar_pipeline.apps.bids_app_cli import build_bids_app_parser
     from hdar_pipeline.apps.cli import build_parser
-    from hdar_pipeline.methods import METHODS, get_method
-    from hdar_pipeline.reports.methods_text import METHOD_TITLES, REFERENCES, bibtex, cited_keys, methods_paragraph
+    from hdar_pipeline.methods import get_method, method_names
+    from hdar_pipeline.reports.methods_text import bibtex, cited_keys, method_title, methods_paragraph, references
 
-    assert "toyidentity" in METHODS and METHOD_TITLES["toyidentity"] == "Toy Identity"
+    assert "toyidentity" in method_names() and method_title("toyidentity") == "Toy Identity"
     # hdar register: --method and --preset
     args = build_parser().parse_args(["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path), "--method",
                                       "toyidentity", "--preset", "stiller"])
@@ -109,7 +109,7 @@ def test_a_method_is_one_module_and_one_registry_line(toy_registered, tmp_path, 
     assert "1. Toy T. Doing nothing, exactly." in text
     assert ("the identity's own inverse, itself and for the other methods the displacement field inverted by "
             "Newton's method") in text
-    assert cited_keys(text)[0] == "toy2024" and "toy2024" in REFERENCES
+    assert cited_keys(text)[0] == "toy2024" and "toy2024" in references()
     assert "@article{toy2024," in bibtex(cited_keys(text))
 
 

@@ -307,10 +307,10 @@ def test_the_default_preset_and_wiring_are_the_same_everywhere():
     from hdar_pipeline.apps.benchmark.runner import default_variants
     from hdar_pipeline.apps.bids_app_cli import build_bids_app_parser
     from hdar_pipeline.engine.nipype_interfaces import RegisterInputSpec
-    from hdar_pipeline.methods import METHODS
+    from hdar_pipeline.methods import method_names
     from hdar_pipeline.apps.bids_app import AppOptions, method_presets
 
-    assert "voxelmorph" in METHODS
+    assert "voxelmorph" in method_names()
     args = build_bids_app_parser().parse_args(["in", "out", "participant", "--methods", "voxelmorph"])
     assert args.voxelmorph_preset == DEFAULT_PRESET and args.methods == ["voxelmorph"]
     opts = AppOptions(bids_dir="in", output_dir="out", analysis_level="participant")
@@ -322,7 +322,7 @@ def test_the_default_preset_and_wiring_are_the_same_everywhere():
 
 
 def test_methods_text_cites_voxelmorph_with_bibtex():
-    from hdar_pipeline.reports.methods_text import METHOD_TITLES, bibtex, cited_keys, methods_paragraph
+    from hdar_pipeline.reports.methods_text import bibtex, cited_keys, method_title, methods_paragraph
 
     params = {"preset": "refined", "prealign": True, "refine": 30, "refine_levels": (0.25, 0.5),
               "refine_full_resolution": 2, "refine_diffeomorphic": True, "weights": "voxelmorph",
@@ -330,7 +330,7 @@ def test_methods_text_cites_voxelmorph_with_bibtex():
     text = methods_paragraph(methods=["voxelmorph"], parameters={"voxelmorph": params},
                              presets={"voxelmorph": "refined"}, atlas_description="a phantom",
                              devices={"voxelmorph": ["cpu"]})
-    assert METHOD_TITLES["voxelmorph"] == "VoxelMorph"
+    assert method_title("voxelmorph") == "VoxelMorph"
     assert "VoxelMorph (Balakrishnan et al. 2019)" in text and "(Dalca et al. 2019)" in text
     assert "30 steps per level" in text and "`voxelmorph` (SHA-256 `ab12`)" in text and "`cpu`" in text
     assert "Other settings" not in text  # every parameter is described

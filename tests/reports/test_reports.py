@@ -19,7 +19,7 @@ from matplotlib.image import imread
 from hdar_pipeline import __version__
 from hdar_pipeline.core.images import Grid, new_image
 from hdar_pipeline.evaluation.metrics import jacobian_statistics
-from hdar_pipeline.reports.methods_text import REFERENCES, cited_keys, methods_paragraph, write_methods
+from hdar_pipeline.reports.methods_text import cited_keys, methods_paragraph, references, write_methods
 from hdar_pipeline.reports.subject_report import METRIC_LABELS, N_CUTS, ReportEntry, write_subject_report
 from hdar_pipeline.core.transforms import Transform
 
@@ -465,11 +465,11 @@ def test_write_methods_writes_markdown_html_and_bibtex(tmp_path):
     assert "<em>NeuroImage</em>" in page and "<code>" in page
     # one BibTeX entry for every reference the text cites, under the reference's key, with its DOI
     keys = cited_keys(md)
-    assert len(keys) == n_refs and set(keys) <= set(REFERENCES)
+    assert len(keys) == n_refs and set(keys) <= set(references())
     entries = re.findall(r"^@(\w+)\{(\w+),$", bib, flags=re.M)
     assert [k for _, k in entries] == keys
     for key in keys:
-        doi = re.search(r"doi:(\S+)$", REFERENCES[key])
+        doi = re.search(r"doi:(\S+)$", references()[key].text)
         block = bib.split(f"{{{key},", 1)[1].split("\n}", 1)[0]
         if doi:
             assert f"doi = {{{doi.group(1)}}}" in block, key
