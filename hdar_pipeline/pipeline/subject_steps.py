@@ -298,16 +298,6 @@ def count_failed(records: Iterable[PathLike | Mapping[str, Any] | SubjectRecord]
 # ----------------------------------------------------------------------------- records
 
 
-def read_record(record: PathLike | Mapping[str, Any] | SubjectRecord | None) -> SubjectRecord | None:
-    """A record (:func:`~hdar_pipeline.core.subject_record.as_record`); ``None`` stays ``None``."""
-    return None if record is None else as_record(record)
-
-
-def is_ok(record: SubjectRecord | None) -> bool:
-    """True when ``record`` is absent or its ``status`` is ``"ok"``."""
-    return record is None or record.ok
-
-
 def error_message(exc: BaseException) -> str:
     """One line for a table: ``"<ExceptionType>: <message>"`` (the message names the file where the
     library raised :class:`~hdar_pipeline.core.images.ImageError`)."""
@@ -473,7 +463,7 @@ def register_subject(
         consistency in mm) and ``atlas_labels_native`` (when ``atlas_labels``).
     """
     out = Path(out_dir)
-    upstream = read_record(preprocessed)
+    upstream = None if preprocessed is None else as_record(preprocessed)
     if upstream is not None:  # identifiers and native inputs travel with the preprocessing record
         subject = subject or upstream.subject
         session = session or upstream.session
@@ -856,10 +846,8 @@ __all__ = [
     "error_message",
     "evaluate_subject",
     "group_statistics_files",
-    "is_ok",
     "preprocess_files",
     "preprocess_subject",
-    "read_record",
     "register_subject",
     "report_subject",
     "ATLAS_MARGIN_MM",
